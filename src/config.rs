@@ -1,0 +1,459 @@
+//! The configuration file: TOML in, a validated [`Config`] out.
+//!
+//! Parsing happens in two steps ("parse, don't validate"): serde reads the
+//! file into raw structs that reject unknown keys (a typo must never silently
+//! disable a security setting), then [`Config::from_raw`] checks every value
+//! and produces typed settings the rest of the proxy can trust. Every error
+//! names the file, the key and the reason.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::protocol::{Protocol, TlsMode};
+
+/// A configuration that cannot be used; the message names file, key, reason.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read the configuration: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("{path}: {key}: {reason}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    hostname: Option<String>,
+    #[serde(default, rename = "certificate")]
+    certificates: Vec<RawCertificate>,
+    metrics: Option<RawMetrics>,
+    #[serde(default, rename = "listener")]
+    listeners: Vec<RawListener>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCertificate {
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    name: String,
+    protocol: RawProtocol,
+    tls: RawTlsMode,
+    listen: String,
+    backend: String,
+    /// Seconds a client may take from accept to an established TLS session.
+    handshake_timeout: Option<u64>,
+    /// Seconds allowed for the backend's TCP connect.
+    backend_connect_timeout: Option<u64>,
+    /// Seconds of silence tolerated while the proxy inspects the dialogue.
+    idle_timeout: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawProtocol {
+    Smtp,
+    Imap,
+    Pop3,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawTlsMode {
+    Implicit,
+    Starttls,
+}
+
+/// A certificate chain and its private key, as files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateFiles {
+    /// PEM chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key: PKCS#8, PKCS#1 or SEC1.
+    pub key: PathBuf,
+}
+
+/// One listening socket and the backend it fronts.
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    /// Unique; the `listener` label in logs and metrics.
+    pub name: String,
+    pub protocol: Protocol,
+    pub tls: TlsMode,
+    pub listen: SocketAddr,
+    /// `host:port`; resolved at each connect so a backend's DNS name may change.
+    pub backend: String,
+    pub handshake_timeout: Duration,
+    pub backend_connect_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the configuration was read from (relative paths resolve against its folder).
+    pub source: PathBuf,
+    /// The name a generated self-signed certificate is issued for.
+    pub hostname: String,
+    /// The first is the default certificate. Empty: a self-signed one is generated.
+    pub certificates: Vec<CertificateFiles>,
+    pub metrics_listen: Option<SocketAddr>,
+    pub listeners: Vec<ListenerConfig>,
+}
+
+/// RFC 8314 and common practice: a TLS handshake finishes in seconds.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_BACKEND_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The protocols' own idle limits: RFC 5321 section 4.5.3.2.7 (5 minutes for
+/// the server), RFC 9051 section 5.4 (at least 30 minutes), RFC 1939 section 3
+/// (at least 10 minutes).
+pub fn default_idle_timeout(protocol: Protocol) -> Duration {
+    match protocol {
+        Protocol::Smtp => Duration::from_secs(5 * 60),
+        Protocol::Imap => Duration::from_secs(30 * 60),
+        Protocol::Pop3 => Duration::from_secs(10 * 60),
+    }
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates configuration text that was read from `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|error| ConfigError::Syntax {
+            path: path.to_path_buf(),
+            message: error.to_string().trim_end().to_string(),
+        })?;
+        Config::from_raw(raw, path)
+    }
+
+    fn from_raw(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
+        let invalid = |key: String, reason: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            reason,
+        };
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
+
+        let hostname = match raw.hostname {
+            Some(name) => {
+                if !is_dns_name(&name) {
+                    return Err(invalid(
+                        "hostname".into(),
+                        format!("{name:?} is not a DNS host name"),
+                    ));
+                }
+                name
+            }
+            None => machine_hostname(),
+        };
+
+        let certificates = raw
+            .certificates
+            .into_iter()
+            .map(|raw| CertificateFiles {
+                cert: base.join(raw.cert),
+                key: base.join(raw.key),
+            })
+            .collect();
+
+        let metrics_listen = match raw.metrics {
+            Some(metrics) => Some(metrics.listen.parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    "metrics.listen".into(),
+                    format!(
+                        "{:?} is not an address and port (e.g. 127.0.0.1:9464 or [::1]:9464)",
+                        metrics.listen
+                    ),
+                )
+            })?),
+            None => None,
+        };
+
+        if raw.listeners.is_empty() {
+            return Err(invalid(
+                "listener".into(),
+                "at least one [[listener]] is required".into(),
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut addresses = HashSet::new();
+        let mut listeners = Vec::with_capacity(raw.listeners.len());
+        for (index, raw) in raw.listeners.into_iter().enumerate() {
+            let key = |field: &str| format!("listener[{index}].{field}");
+            if raw.name.is_empty()
+                || !raw
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err(invalid(
+                    key("name"),
+                    format!(
+                        "{:?} must be non-empty letters, digits, '-' or '_'",
+                        raw.name
+                    ),
+                ));
+            }
+            if !names.insert(raw.name.clone()) {
+                return Err(invalid(
+                    key("name"),
+                    format!("{:?} is used by another listener", raw.name),
+                ));
+            }
+            let listen = raw.listen.parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    key("listen"),
+                    format!(
+                        "{:?} is not an address and port (e.g. 0.0.0.0:993 or [::]:993)",
+                        raw.listen
+                    ),
+                )
+            })?;
+            if listen.port() != 0 && !addresses.insert(listen) {
+                return Err(invalid(
+                    key("listen"),
+                    format!("{listen} is used by another listener"),
+                ));
+            }
+            if !is_host_and_port(&raw.backend) {
+                return Err(invalid(
+                    key("backend"),
+                    format!(
+                        "{:?} is not host:port (e.g. 127.0.0.1:143 or mail.internal:143)",
+                        raw.backend
+                    ),
+                ));
+            }
+            let protocol = match raw.protocol {
+                RawProtocol::Smtp => Protocol::Smtp,
+                RawProtocol::Imap => Protocol::Imap,
+                RawProtocol::Pop3 => Protocol::Pop3,
+            };
+            let seconds = |value: Option<u64>, field: &str, default: Duration| match value {
+                Some(0) => Err(invalid(key(field), "must be at least 1 second".into())),
+                Some(secs) => Ok(Duration::from_secs(secs)),
+                None => Ok(default),
+            };
+            listeners.push(ListenerConfig {
+                name: raw.name,
+                protocol,
+                tls: match raw.tls {
+                    RawTlsMode::Implicit => TlsMode::Implicit,
+                    RawTlsMode::Starttls => TlsMode::StartTls,
+                },
+                listen,
+                backend: raw.backend,
+                handshake_timeout: seconds(
+                    raw.handshake_timeout,
+                    "handshake_timeout",
+                    DEFAULT_HANDSHAKE_TIMEOUT,
+                )?,
+                backend_connect_timeout: seconds(
+                    raw.backend_connect_timeout,
+                    "backend_connect_timeout",
+                    DEFAULT_BACKEND_CONNECT_TIMEOUT,
+                )?,
+                idle_timeout: seconds(
+                    raw.idle_timeout,
+                    "idle_timeout",
+                    default_idle_timeout(protocol),
+                )?,
+            });
+        }
+
+        Ok(Config {
+            source: path.to_path_buf(),
+            hostname,
+            certificates,
+            metrics_listen,
+            listeners,
+        })
+    }
+}
+
+/// `host:port` with a non-empty host (name, IPv4, or `[IPv6]`) and a port 1..=65535.
+fn is_host_and_port(value: &str) -> bool {
+    if value.parse::<SocketAddr>().is_ok() {
+        return !value.ends_with(":0");
+    }
+    match value.rsplit_once(':') {
+        Some((host, port)) => {
+            is_dns_name(host) && port.parse::<u16>().map(|port| port != 0).unwrap_or(false)
+        }
+        None => false,
+    }
+}
+
+fn is_dns_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+/// The machine's host name, for the generated certificate; `localhost` if unknown.
+fn machine_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .ok()
+        .map(|name| name.trim().to_string())
+        .filter(|name| is_dns_name(name))
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[[certificate]]
+cert = "certs/fullchain.pem"
+key = "certs/privkey.pem"
+
+[metrics]
+listen = "127.0.0.1:9464"
+
+[[listener]]
+name = "imaps"
+protocol = "imap"
+tls = "implicit"
+listen = "0.0.0.0:993"
+backend = "127.0.0.1:143"
+
+[[listener]]
+name = "submission"
+protocol = "smtp"
+tls = "starttls"
+listen = "[::]:587"
+backend = "legacy-mail:25"
+idle_timeout = 60
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/mail-tls-proxy/config.toml"))
+    }
+
+    fn error_of(text: &str) -> String {
+        match parse(text) {
+            Ok(_) => panic!("expected an error"),
+            Err(error) => error.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_full_config_is_read_with_paths_relative_to_the_file() {
+        let config = parse(MINIMAL).expect("valid");
+        assert_eq!(
+            config.certificates,
+            vec![CertificateFiles {
+                cert: "/etc/mail-tls-proxy/certs/fullchain.pem".into(),
+                key: "/etc/mail-tls-proxy/certs/privkey.pem".into(),
+            }]
+        );
+        assert_eq!(config.metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(config.listeners.len(), 2);
+        let imaps = &config.listeners[0];
+        assert_eq!(
+            (imaps.name.as_str(), imaps.protocol, imaps.tls),
+            ("imaps", Protocol::Imap, TlsMode::Implicit)
+        );
+        assert_eq!(imaps.idle_timeout, Duration::from_secs(1800));
+        assert_eq!(imaps.handshake_timeout, DEFAULT_HANDSHAKE_TIMEOUT);
+        let submission = &config.listeners[1];
+        assert_eq!(submission.listen, "[::]:587".parse().unwrap());
+        assert_eq!(submission.backend, "legacy-mail:25");
+        assert_eq!(submission.tls, TlsMode::StartTls);
+        assert_eq!(submission.idle_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_the_key() {
+        let message = error_of(&MINIMAL.replace("backend = \"127.0.0.1:143\"", "backend = \"127.0.0.1:143\"\nrequire_tsl = \"all\""));
+        assert!(message.contains("/etc/mail-tls-proxy/config.toml"), "{message}");
+        assert!(message.contains("require_tsl"), "{message}");
+    }
+
+    #[test]
+    fn invalid_values_name_file_key_and_reason() {
+        let cases = [
+            ("protocol = \"imap\"", "protocol = \"nntp\"", "nntp"),
+            ("tls = \"implicit\"", "tls = \"always\"", "always"),
+            ("listen = \"0.0.0.0:993\"", "listen = \"993\"", "listener[0].listen"),
+            ("backend = \"127.0.0.1:143\"", "backend = \"127.0.0.1\"", "listener[0].backend"),
+            ("name = \"imaps\"", "name = \"submission\"", "listener[1].name: \"submission\" is used by another listener"),
+            ("name = \"imaps\"", "name = \"im aps\"", "listener[0].name"),
+            ("listen = \"127.0.0.1:9464\"", "listen = \"localhost\"", "metrics.listen"),
+            ("idle_timeout = 60", "idle_timeout = 0", "listener[1].idle_timeout: must be at least 1 second"),
+        ];
+        for (from, to, expected) in cases {
+            let message = error_of(&MINIMAL.replacen(from, to, 1));
+            assert!(message.starts_with("/etc/mail-tls-proxy/config.toml"), "{message}");
+            assert!(message.contains(expected), "{to}: {message}");
+        }
+    }
+
+    #[test]
+    fn no_listener_is_an_error() {
+        let message = error_of("hostname = \"mx.example\"\n");
+        assert!(message.contains("at least one [[listener]]"), "{message}");
+    }
+
+    #[test]
+    fn no_certificate_means_a_generated_one_for_the_hostname() {
+        let text = "hostname = \"mx.example.org\"\n[[listener]]\nname = \"a\"\nprotocol = \"pop3\"\ntls = \"starttls\"\nlisten = \"127.0.0.1:0\"\nbackend = \"127.0.0.1:110\"\n";
+        let config = parse(text).expect("valid");
+        assert!(config.certificates.is_empty());
+        assert_eq!(config.hostname, "mx.example.org");
+        assert_eq!(config.metrics_listen, None);
+    }
+
+    #[test]
+    fn host_and_port_forms() {
+        assert!(is_host_and_port("127.0.0.1:143"));
+        assert!(is_host_and_port("[::1]:143"));
+        assert!(is_host_and_port("mail.internal:25"));
+        assert!(!is_host_and_port("mail.internal"));
+        assert!(!is_host_and_port("mail.internal:0"));
+        assert!(!is_host_and_port(":25"));
+        assert!(!is_host_and_port("bad host:25"));
+    }
+}

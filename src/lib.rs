@@ -1,0 +1,20 @@
+//! mail-tls-proxy: a TLS front door for plaintext-only SMTP, IMAP and POP3
+//! servers.
+//!
+//! Layout, one concept per module:
+//! - [`config`]: the TOML file, validated into typed settings.
+//! - [`protocol`]: sans-IO inspection machines (SMTP, IMAP, POP3) and the
+//!   bounded line buffer they are fed from. No sockets, no async.
+//! - [`session`]: one connection's I/O: TLS, backend connect, driving the
+//!   machine, then unparsed copying.
+//! - [`server`]: start-up, listeners and accept loops.
+//! - [`tls`]: crypto provider, certificate loading, the swappable store.
+//! - [`metrics`]: every metric name; [`admin`]: `/metrics`, `/healthz`, `/readyz`.
+
+pub mod admin;
+pub mod config;
+pub mod metrics;
+pub mod protocol;
+pub mod server;
+pub mod session;
+pub mod tls;

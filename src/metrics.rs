@@ -1,0 +1,130 @@
+//! Every metric the proxy exports: names, labels and help texts, in one place.
+//!
+//! All names carry the `mail_tls_proxy_` prefix and the `listener` label (the
+//! listener's configured name). Per-connection code gets pre-resolved handles
+//! from [`ListenerMetrics`] so the hot path does no name lookups.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+pub const CONNECTIONS_TOTAL: &str = "mail_tls_proxy_connections_total";
+pub const ACTIVE_CONNECTIONS: &str = "mail_tls_proxy_active_connections";
+pub const TLS_HANDSHAKES_TOTAL: &str = "mail_tls_proxy_tls_handshakes_total";
+pub const TLS_HANDSHAKE_DURATION_SECONDS: &str = "mail_tls_proxy_tls_handshake_duration_seconds";
+pub const STARTTLS_TOTAL: &str = "mail_tls_proxy_starttls_total";
+pub const BACKEND_CONNECT_ERRORS_TOTAL: &str = "mail_tls_proxy_backend_connect_errors_total";
+pub const BYTES_TOTAL: &str = "mail_tls_proxy_bytes_total";
+
+/// Handshakes take milliseconds; the buckets resolve 1 ms to 10 s.
+const HANDSHAKE_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder (once; later calls, e.g.
+/// from tests that start several proxies in one process, share it) and
+/// returns the handle that renders `/metrics`.
+pub fn install() -> Result<PrometheusHandle, String> {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full(
+                        TLS_HANDSHAKE_DURATION_SECONDS.to_string(),
+                    ),
+                    HANDSHAKE_BUCKETS,
+                )
+                .map_err(|error| error.to_string())?
+                .build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder)
+                .map_err(|_| "another metrics recorder is already installed".to_string())?;
+            describe();
+            Ok(handle)
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(CONNECTIONS_TOTAL, "Client connections accepted.");
+    describe_gauge!(ACTIVE_CONNECTIONS, "Client connections open now.");
+    describe_counter!(
+        TLS_HANDSHAKES_TOTAL,
+        "TLS handshakes with clients, by result (ok, error)."
+    );
+    describe_histogram!(
+        TLS_HANDSHAKE_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time from the start of a TLS handshake to its end."
+    );
+    describe_counter!(STARTTLS_TOTAL, "STARTTLS/STLS upgrades completed.");
+    describe_counter!(
+        BACKEND_CONNECT_ERRORS_TOTAL,
+        "Connections to the backend that failed or timed out."
+    );
+    describe_counter!(
+        BYTES_TOTAL,
+        Unit::Bytes,
+        "Plaintext bytes relayed, by direction (client_to_backend, backend_to_client)."
+    );
+}
+
+/// Handles for one listener's metrics, resolved once at start-up.
+#[derive(Clone)]
+pub struct ListenerMetrics {
+    pub connections: Counter,
+    pub active: Gauge,
+    pub handshakes_ok: Counter,
+    pub handshakes_error: Counter,
+    pub handshake_duration: Histogram,
+    pub starttls: Counter,
+    pub backend_connect_errors: Counter,
+    pub bytes_to_backend: Counter,
+    pub bytes_to_client: Counter,
+}
+
+impl ListenerMetrics {
+    pub fn new(listener: &str) -> Self {
+        let name = listener.to_string();
+        let metrics = Self {
+            connections: metrics::counter!(CONNECTIONS_TOTAL, "listener" => name.clone()),
+            active: metrics::gauge!(ACTIVE_CONNECTIONS, "listener" => name.clone()),
+            handshakes_ok: metrics::counter!(TLS_HANDSHAKES_TOTAL, "listener" => name.clone(), "result" => "ok"),
+            handshakes_error: metrics::counter!(TLS_HANDSHAKES_TOTAL, "listener" => name.clone(), "result" => "error"),
+            handshake_duration: metrics::histogram!(TLS_HANDSHAKE_DURATION_SECONDS, "listener" => name.clone()),
+            starttls: metrics::counter!(STARTTLS_TOTAL, "listener" => name.clone()),
+            backend_connect_errors: metrics::counter!(BACKEND_CONNECT_ERRORS_TOTAL, "listener" => name.clone()),
+            bytes_to_backend: metrics::counter!(BYTES_TOTAL, "listener" => name.clone(), "direction" => "client_to_backend"),
+            bytes_to_client: metrics::counter!(BYTES_TOTAL, "listener" => name, "direction" => "backend_to_client"),
+        };
+        // Export every series from the start (at zero), so dashboards and
+        // alerts see the listener before its first connection.
+        for counter in [
+            &metrics.connections,
+            &metrics.handshakes_ok,
+            &metrics.handshakes_error,
+            &metrics.starttls,
+            &metrics.backend_connect_errors,
+            &metrics.bytes_to_backend,
+            &metrics.bytes_to_client,
+        ] {
+            counter.increment(0);
+        }
+        metrics.active.increment(0.0);
+        metrics
+    }
+
+    pub fn handshake_finished(&self, ok: bool, took: Duration) {
+        if ok {
+            self.handshakes_ok.increment(1);
+        } else {
+            self.handshakes_error.increment(1);
+        }
+        self.handshake_duration.record(took.as_secs_f64());
+    }
+}

@@ -1,0 +1,187 @@
+//! Sans-IO protocol inspection: one state machine per mail protocol.
+//!
+//! The machines own every decision about *what* crosses the proxy during the
+//! short plaintext (or freshly encrypted) dialogue before a session is handed to
+//! unparsed copying; the session driver (`crate::session`) owns *how*: sockets,
+//! TLS and timers. A machine is fed one complete line at a time, from either
+//! side, writes the bytes that must go out into an [`Output`], and returns a
+//! [`Next`] telling the driver what to do once those bytes are written.
+//!
+//! Nothing here performs I/O, allocates per line on the steady path (the
+//! output buffers are reused), or panics on any byte input: the machines are
+//! unit-tested with exact bytes, property-tested and fuzzed.
+
+pub mod imap;
+pub mod line;
+pub mod pop3;
+pub mod smtp;
+
+use std::fmt;
+
+/// Which mail protocol a listener speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Smtp,
+    Imap,
+    Pop3,
+}
+
+impl Protocol {
+    /// The name used in configuration files, logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Smtp => "smtp",
+            Protocol::Imap => "imap",
+            Protocol::Pop3 => "pop3",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a listener gets to TLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TlsMode {
+    /// TLS first, then the protocol (SMTPS 465, IMAPS 993, POP3S 995).
+    Implicit,
+    /// Plaintext first; the proxy offers and answers STARTTLS/STLS itself.
+    StartTls,
+}
+
+impl TlsMode {
+    /// The name used in configuration files, logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::Implicit => "implicit",
+            TlsMode::StartTls => "starttls",
+        }
+    }
+}
+
+impl fmt::Display for TlsMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Bytes a machine wants sent, filled by each call and drained by the driver.
+///
+/// The driver writes `to_backend` first, then `to_client`, and clears both
+/// (keeping their capacity) before the next call.
+#[derive(Debug, Default)]
+pub struct Output {
+    pub to_client: Vec<u8>,
+    pub to_backend: Vec<u8>,
+}
+
+impl Output {
+    pub fn clear(&mut self) {
+        self.to_client.clear();
+        self.to_backend.clear();
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.to_client.is_empty() && self.to_backend.is_empty()
+    }
+}
+
+/// What the driver does after writing the [`Output`] of a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Keep feeding lines.
+    Continue,
+    /// Upgrade the client connection to TLS now. Bytes the client sent after
+    /// the upgrade command are never commands: they are the first bytes of the
+    /// TLS handshake. Backend bytes still buffered are discarded. After the
+    /// handshake the driver calls [`Inspector::tls_established`].
+    StartTls,
+    /// Inspection is over: copy bytes in both directions without parsing,
+    /// starting with whatever either side has already sent.
+    Passthrough,
+    /// Close both connections.
+    Close,
+}
+
+/// Why the session cannot reach its backend; picks the wording of the reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendFailure {
+    /// Connecting failed or timed out.
+    Unreachable,
+    /// The backend closed the connection in the middle of the dialogue.
+    Closed,
+    /// The backend sent a line longer than the proxy accepts.
+    LineTooLong,
+}
+
+/// One protocol's inspection state machine, as the session driver sees it.
+pub trait Inspector: Send {
+    /// Whether the machine is ready for the next client line. While it waits
+    /// for a backend reply, client lines stay buffered (pipelined commands are
+    /// handled one by one, which also keeps a command sent behind STARTTLS
+    /// from ever being read as a command).
+    fn wants_client_line(&self) -> bool;
+
+    /// A complete client line, terminator included.
+    fn client_line(&mut self, line: &[u8], out: &mut Output) -> Next;
+
+    /// A complete backend line, terminator included.
+    fn backend_line(&mut self, line: &[u8], out: &mut Output) -> Next;
+
+    /// The client finished the TLS handshake that [`Next::StartTls`] asked for.
+    fn tls_established(&mut self);
+
+    /// The client sent a line longer than the cap; the reply is the
+    /// protocol's error and the driver closes afterwards.
+    fn client_line_too_long(&mut self, out: &mut Output);
+
+    /// The backend cannot be used; the reply is the protocol's temporary
+    /// failure, sent only if the client still expects an answer.
+    fn backend_failed(&mut self, failure: BackendFailure, out: &mut Output);
+}
+
+/// The reply a client gets when its backend cannot be reached at all, before
+/// any machine exists (e.g. the connect after an implicit TLS handshake).
+pub fn backend_unavailable_reply(protocol: Protocol) -> &'static [u8] {
+    match protocol {
+        Protocol::Smtp => smtp::SERVICE_UNAVAILABLE,
+        Protocol::Imap => imap::SERVICE_UNAVAILABLE,
+        Protocol::Pop3 => pop3::SERVICE_UNAVAILABLE,
+    }
+}
+
+/// Builds the inspector for a listener.
+pub fn new_inspector(protocol: Protocol, mode: TlsMode) -> Box<dyn Inspector> {
+    match protocol {
+        Protocol::Smtp => Box::new(smtp::SmtpInspector::new(mode)),
+        Protocol::Imap => Box::new(imap::ImapInspector::new(mode)),
+        Protocol::Pop3 => Box::new(pop3::Pop3Inspector::new(mode)),
+    }
+}
+
+/// A line without its trailing CRLF or bare LF.
+pub(crate) fn trim_eol(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+/// The line's terminator as the peer sent it (CRLF, LF, or none).
+pub(crate) fn eol_of(line: &[u8]) -> &[u8] {
+    &line[trim_eol(line).len()..]
+}
+
+/// Splits off the first space-separated word; the rest has its leading spaces
+/// removed. Works on bytes: mail lines are not guaranteed UTF-8.
+pub(crate) fn split_word(text: &[u8]) -> (&[u8], &[u8]) {
+    match text.iter().position(|&b| b == b' ') {
+        Some(i) => {
+            let rest = &text[i + 1..];
+            let skip = rest.iter().take_while(|&&b| b == b' ').count();
+            (&text[..i], &rest[skip..])
+        }
+        None => (text, &[]),
+    }
+}

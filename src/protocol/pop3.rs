@@ -1,0 +1,577 @@
+//! POP3 inspection (RFC 1939, CAPA per RFC 2449, STLS per RFC 2595).
+//!
+//! Life of a session:
+//! 1. `ExpectGreeting`: the backend's one-line greeting is relayed; `+OK`
+//!    starts the dialogue, anything else is relayed and the machine waits for
+//!    the backend to close.
+//! 2. `Idle`: the machine reads one client command. CAPA is forwarded and its
+//!    multi-line reply rewritten (`ExpectCapaStatus`, then `CapaBody`); QUIT
+//!    is forwarded and its reply relayed (`ExpectStatus`); STLS is answered by
+//!    the proxy and the session upgrades; any other command (USER, APOP,
+//!    AUTH, garbage) is forwarded and ends inspection (`Passthrough`).
+//! 3. The CAPA reply loses the backend's own STLS line, and before TLS on a
+//!    STARTTLS listener gains the proxy's `STLS` right before the terminating
+//!    `.`. A backend that predates CAPA (RFC 1939 only) answers `-ERR`; before
+//!    TLS the client gets a capability list holding just STLS instead, so it
+//!    can still find the upgrade.
+//!
+//! After STLS there is no new greeting; the client may send CAPA again, and
+//! the answer no longer offers STLS.
+
+use super::{split_word, trim_eol, BackendFailure, Inspector, Next, Output, TlsMode};
+
+/// Reply to a client whose backend cannot be reached (RFC 3206 response code).
+pub const SERVICE_UNAVAILABLE: &[u8] = b"-ERR [SYS/TEMP] Backend server not available\r\n";
+/// Reply to a client line over the cap, before the connection is closed.
+pub const LINE_TOO_LONG: &[u8] = b"-ERR Line too long\r\n";
+/// Reply to STLS; the handshake starts right after it.
+pub const BEGIN_TLS: &[u8] = b"+OK Begin TLS negotiation\r\n";
+/// Reply to STLS once TLS is already active (RFC 2595 section 4 wording).
+pub const TLS_ALREADY_ACTIVE: &[u8] = b"-ERR Command not permitted when TLS active\r\n";
+/// Reply to STLS with arguments.
+pub const STLS_SYNTAX: &[u8] = b"-ERR STLS takes no arguments\r\n";
+/// The capability line the proxy adds to CAPA replies before TLS.
+pub const STLS_CAPABILITY: &[u8] = b"STLS\r\n";
+/// The CAPA reply served before TLS when the backend does not know CAPA.
+pub const SYNTHESIZED_CAPA: &[u8] = b"+OK Capability list follows\r\nSTLS\r\n.\r\n";
+
+/// What the machine waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// The backend's greeting.
+    ExpectGreeting,
+    /// A client command.
+    Idle,
+    /// The single-line reply to QUIT.
+    ExpectStatus,
+    /// The status line of the reply to CAPA.
+    ExpectCapaStatus,
+    /// The capability lines after `+OK`, up to the terminating `.`.
+    CapaBody,
+    /// The `+OK` to STLS is out; the handshake runs in the driver.
+    AwaitTlsHandshake,
+    /// Inspection is over or the session is closing; no more lines expected.
+    Done,
+}
+
+/// The POP3 inspection state machine.
+#[derive(Debug)]
+pub struct Pop3Inspector {
+    mode: TlsMode,
+    tls_active: bool,
+    state: State,
+}
+
+impl Pop3Inspector {
+    pub fn new(mode: TlsMode) -> Self {
+        Self {
+            mode,
+            tls_active: mode == TlsMode::Implicit,
+            state: State::ExpectGreeting,
+        }
+    }
+
+    /// Whether CAPA replies must offer the proxy's STLS right now.
+    fn offers_starttls(&self) -> bool {
+        self.mode == TlsMode::StartTls && !self.tls_active
+    }
+
+    fn command(&mut self, line: &[u8], out: &mut Output) -> Next {
+        let (keyword, argument) = split_word(trim_eol(line));
+        if keyword.eq_ignore_ascii_case(b"STLS") {
+            if !argument.is_empty() {
+                out.to_client.extend_from_slice(STLS_SYNTAX);
+                Next::Continue
+            } else if self.tls_active {
+                out.to_client.extend_from_slice(TLS_ALREADY_ACTIVE);
+                Next::Continue
+            } else {
+                out.to_client.extend_from_slice(BEGIN_TLS);
+                self.state = State::AwaitTlsHandshake;
+                Next::StartTls
+            }
+        } else if keyword.eq_ignore_ascii_case(b"CAPA") {
+            out.to_backend.extend_from_slice(line);
+            self.state = State::ExpectCapaStatus;
+            Next::Continue
+        } else if keyword.eq_ignore_ascii_case(b"QUIT") {
+            out.to_backend.extend_from_slice(line);
+            self.state = State::ExpectStatus;
+            Next::Continue
+        } else {
+            // USER, APOP, AUTH, unknown words, garbage: the backend judges
+            // them, and nothing after them is parsed.
+            out.to_backend.extend_from_slice(line);
+            self.state = State::Done;
+            Next::Passthrough
+        }
+    }
+
+    fn capa_status(&mut self, line: &[u8], out: &mut Output) {
+        if is_ok(line) {
+            out.to_client.extend_from_slice(line);
+            self.state = State::CapaBody;
+            return;
+        }
+        // `-ERR` (or anything that is not `+OK`): a backend without CAPA.
+        if self.offers_starttls() {
+            out.to_client.extend_from_slice(SYNTHESIZED_CAPA);
+        } else {
+            out.to_client.extend_from_slice(line);
+        }
+        self.state = State::Idle;
+    }
+
+    fn capa_body(&mut self, line: &[u8], out: &mut Output) {
+        let text = trim_eol(line);
+        if text == b"." {
+            if self.offers_starttls() {
+                out.to_client.extend_from_slice(STLS_CAPABILITY);
+            }
+            out.to_client.extend_from_slice(line);
+            self.state = State::Idle;
+        } else if !split_word(text).0.eq_ignore_ascii_case(b"STLS") {
+            // Dot-stuffed lines (`..`) are data and relayed as they are.
+            out.to_client.extend_from_slice(line);
+        }
+    }
+}
+
+impl Inspector for Pop3Inspector {
+    fn wants_client_line(&self) -> bool {
+        self.state == State::Idle
+    }
+
+    fn client_line(&mut self, line: &[u8], out: &mut Output) -> Next {
+        match self.state {
+            State::Idle => self.command(line, out),
+            // The driver only feeds client lines when asked; a line in any
+            // other state is not a command the machine may act on.
+            _ => Next::Continue,
+        }
+    }
+
+    fn backend_line(&mut self, line: &[u8], out: &mut Output) -> Next {
+        match self.state {
+            State::ExpectGreeting => {
+                out.to_client.extend_from_slice(line);
+                self.state = if is_ok(line) {
+                    State::Idle
+                } else {
+                    State::Done
+                };
+            }
+            State::ExpectStatus => {
+                // Only QUIT gets here: the backend closes after its reply,
+                // and the client expects nothing more.
+                out.to_client.extend_from_slice(line);
+                self.state = State::Done;
+            }
+            State::ExpectCapaStatus => self.capa_status(line, out),
+            State::CapaBody => self.capa_body(line, out),
+            // Unsolicited (a backend timing out, say): relay.
+            State::Idle => out.to_client.extend_from_slice(line),
+            // After the `+OK` to STLS nothing from the backend may reach the
+            // client: it would be read as a reply inside TLS.
+            State::AwaitTlsHandshake | State::Done => {}
+        }
+        Next::Continue
+    }
+
+    fn tls_established(&mut self) {
+        self.tls_active = true;
+        self.state = State::Idle;
+    }
+
+    fn client_line_too_long(&mut self, out: &mut Output) {
+        out.to_client.extend_from_slice(LINE_TOO_LONG);
+        self.state = State::Done;
+    }
+
+    fn backend_failed(&mut self, _failure: BackendFailure, out: &mut Output) {
+        if matches!(self.state, State::Done | State::AwaitTlsHandshake) {
+            return;
+        }
+        out.to_client.extend_from_slice(SERVICE_UNAVAILABLE);
+        self.state = State::Done;
+    }
+}
+
+/// Whether a status line is positive: it starts with `+OK`
+/// (case-insensitive, as lenient clients read it).
+fn is_ok(line: &[u8]) -> bool {
+    line.get(..3)
+        .is_some_and(|status| status.eq_ignore_ascii_case(b"+OK"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds one side's bytes line by line and returns what came out and the
+    /// last `Next`.
+    fn backend(machine: &mut Pop3Inspector, bytes: &[u8]) -> (Vec<u8>, Vec<u8>, Next) {
+        feed(machine, bytes, false)
+    }
+
+    fn client(machine: &mut Pop3Inspector, bytes: &[u8]) -> (Vec<u8>, Vec<u8>, Next) {
+        feed(machine, bytes, true)
+    }
+
+    fn feed(machine: &mut Pop3Inspector, bytes: &[u8], from_client: bool) -> (Vec<u8>, Vec<u8>, Next) {
+        let mut out = Output::default();
+        let mut next = Next::Continue;
+        for line in bytes.split_inclusive(|&b| b == b'\n') {
+            next = if from_client {
+                machine.client_line(line, &mut out)
+            } else {
+                machine.backend_line(line, &mut out)
+            };
+        }
+        (out.to_client, out.to_backend, next)
+    }
+
+    fn greeted(mode: TlsMode) -> Pop3Inspector {
+        let mut machine = Pop3Inspector::new(mode);
+        assert!(!machine.wants_client_line());
+        let (to_client, _, next) = backend(&mut machine, b"+OK POP3 server ready <1896.697170952@dbc.mtview.ca.us>\r\n");
+        assert_eq!((to_client.as_slice(), next), (&b"+OK POP3 server ready <1896.697170952@dbc.mtview.ca.us>\r\n"[..], Next::Continue));
+        assert!(machine.wants_client_line());
+        machine
+    }
+
+    /// A greeted STARTTLS-mode machine after STLS and the handshake.
+    fn upgraded() -> Pop3Inspector {
+        let mut machine = greeted(TlsMode::StartTls);
+        let (_, _, next) = client(&mut machine, b"STLS\r\n");
+        assert_eq!(next, Next::StartTls);
+        machine.tls_established();
+        machine
+    }
+
+    /// Sends CAPA and the backend's reply; returns what the client got.
+    fn capa(machine: &mut Pop3Inspector, reply: &[u8]) -> Vec<u8> {
+        let (to_client, to_backend, next) = client(machine, b"CAPA\r\n");
+        assert_eq!((to_client.as_slice(), to_backend.as_slice(), next), (&b""[..], &b"CAPA\r\n"[..], Next::Continue));
+        assert!(!machine.wants_client_line());
+        let (to_client, to_backend, next) = backend(machine, reply);
+        assert_eq!((to_backend.as_slice(), next), (&b""[..], Next::Continue));
+        assert!(machine.wants_client_line());
+        to_client
+    }
+
+    #[test]
+    fn capa_reply_gains_stls_before_its_terminator() {
+        let mut machine = greeted(TlsMode::StartTls);
+        let to_client = capa(&mut machine, b"+OK Capability list follows\r\nTOP\r\nUSER\r\nSASL PLAIN\r\nUIDL\r\n.\r\n");
+        assert_eq!(to_client, b"+OK Capability list follows\r\nTOP\r\nUSER\r\nSASL PLAIN\r\nUIDL\r\nSTLS\r\n.\r\n");
+    }
+
+    #[test]
+    fn backend_stls_is_replaced_by_the_proxys_own() {
+        let mut machine = greeted(TlsMode::StartTls);
+        let to_client = capa(&mut machine, b"+OK\r\nstls\r\nTOP\r\nSTLS extra\r\n.\r\n");
+        assert_eq!(to_client, b"+OK\r\nTOP\r\nSTLS\r\n.\r\n");
+    }
+
+    #[test]
+    fn implicit_tls_strips_backend_stls() {
+        let mut machine = greeted(TlsMode::Implicit);
+        let to_client = capa(&mut machine, b"+OK\nTOP\nSTLS\nUIDL\n.\n");
+        assert_eq!(to_client, b"+OK\nTOP\nUIDL\n.\n");
+    }
+
+    #[test]
+    fn dot_stuffed_lines_are_data_and_relayed() {
+        let mut machine = greeted(TlsMode::StartTls);
+        let (_, _, _) = client(&mut machine, b"capa\r\n");
+        let (to_client, _, _) = backend(&mut machine, b"+OK\r\n..\r\n..STLS\r\n. \r\n");
+        assert_eq!(to_client, b"+OK\r\n..\r\n..STLS\r\n. \r\n");
+        assert!(!machine.wants_client_line());
+        let (to_client, _, _) = backend(&mut machine, b".\r\n");
+        assert_eq!(to_client, b"STLS\r\n.\r\n");
+        assert!(machine.wants_client_line());
+    }
+
+    #[test]
+    fn capa_error_before_tls_becomes_a_list_offering_stls() {
+        let mut machine = greeted(TlsMode::StartTls);
+        let to_client = capa(&mut machine, b"-ERR unknown command\r\n");
+        assert_eq!(to_client, b"+OK Capability list follows\r\nSTLS\r\n.\r\n");
+    }
+
+    #[test]
+    fn capa_error_after_tls_and_on_implicit_is_relayed() {
+        let mut machine = upgraded();
+        let to_client = capa(&mut machine, b"-ERR unknown command\r\n");
+        assert_eq!(to_client, b"-ERR unknown command\r\n");
+
+        let mut machine = greeted(TlsMode::Implicit);
+        let to_client = capa(&mut machine, b"-ERR what?\n");
+        assert_eq!(to_client, b"-ERR what?\n");
+    }
+
+    #[test]
+    fn after_tls_capa_has_no_stls() {
+        let mut machine = upgraded();
+        assert!(machine.wants_client_line());
+        let to_client = capa(&mut machine, b"+OK\r\nSTLS\r\nUSER\r\n.\r\n");
+        assert_eq!(to_client, b"+OK\r\nUSER\r\n.\r\n");
+    }
+
+    #[test]
+    fn stls_is_answered_locally_and_never_forwarded() {
+        let mut machine = greeted(TlsMode::StartTls);
+        let (to_client, to_backend, next) = client(&mut machine, b"stls\r\n");
+        assert_eq!((to_client.as_slice(), to_backend.as_slice(), next), (&b"+OK Begin TLS negotiation\r\n"[..], &b""[..], Next::StartTls));
+        assert!(!machine.wants_client_line());
+    }
+
+    #[test]
+    fn backend_lines_after_the_stls_reply_are_dropped() {
+        let mut machine = greeted(TlsMode::StartTls);
+        client(&mut machine, b"STLS\r\n");
+        let (to_client, _, _) = backend(&mut machine, b"+OK injected\r\n");
+        assert_eq!(to_client, b"");
+        let mut out = Output::default();
+        machine.backend_failed(BackendFailure::Closed, &mut out);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn second_stls_and_stls_on_implicit_are_refused() {
+        let mut machine = upgraded();
+        let (to_client, to_backend, next) = client(&mut machine, b"STLS\r\n");
+        assert_eq!((to_client.as_slice(), to_backend.as_slice(), next), (&b"-ERR Command not permitted when TLS active\r\n"[..], &b""[..], Next::Continue));
+        assert!(machine.wants_client_line());
+
+        let mut machine = greeted(TlsMode::Implicit);
+        let (to_client, _, next) = client(&mut machine, b"Stls\n");
+        assert_eq!((to_client.as_slice(), next), (TLS_ALREADY_ACTIVE, Next::Continue));
+    }
+
+    #[test]
+    fn stls_with_arguments_is_refused() {
+        let mut machine = greeted(TlsMode::StartTls);
+        let (to_client, to_backend, next) = client(&mut machine, b"STLS now\r\n");
+        assert_eq!((to_client.as_slice(), to_backend.as_slice(), next), (&b"-ERR STLS takes no arguments\r\n"[..], &b""[..], Next::Continue));
+        assert!(machine.wants_client_line());
+    }
+
+    #[test]
+    fn other_commands_are_forwarded_verbatim_and_end_inspection() {
+        for command in [
+            &b"USER joe\r\n"[..],
+            b"APOP mrose c4c9334bac560ecc979e58001b3e22fb\r\n",
+            b"AUTH PLAIN\r\n",
+            b"garbage \xff\r\n",
+            b"\r\n",
+        ] {
+            let mut machine = greeted(TlsMode::StartTls);
+            let (to_client, to_backend, next) = client(&mut machine, command);
+            assert_eq!((to_client.as_slice(), to_backend.as_slice(), next), (&b""[..], command, Next::Passthrough));
+            assert!(!machine.wants_client_line());
+            let (to_client, _, _) = backend(&mut machine, b"+OK\r\n");
+            assert_eq!(to_client, b"");
+        }
+    }
+
+    #[test]
+    fn quit_is_relayed_and_the_backend_closing_gets_no_error() {
+        let mut machine = greeted(TlsMode::StartTls);
+        let (to_client, to_backend, next) = client(&mut machine, b"QUIT\r\n");
+        assert_eq!((to_client.as_slice(), to_backend.as_slice(), next), (&b""[..], &b"QUIT\r\n"[..], Next::Continue));
+        assert!(!machine.wants_client_line());
+        let (to_client, _, _) = backend(&mut machine, b"+OK dewey POP3 server signing off\r\n");
+        assert_eq!(to_client, b"+OK dewey POP3 server signing off\r\n");
+        let mut out = Output::default();
+        machine.backend_failed(BackendFailure::Closed, &mut out);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn unsolicited_lines_in_idle_are_relayed() {
+        let mut machine = greeted(TlsMode::StartTls);
+        let (to_client, _, _) = backend(&mut machine, b"-ERR autologout\r\n");
+        assert_eq!(to_client, b"-ERR autologout\r\n");
+        assert!(machine.wants_client_line());
+    }
+
+    #[test]
+    fn negative_greeting_is_relayed_and_nothing_more() {
+        let mut machine = Pop3Inspector::new(TlsMode::StartTls);
+        let (to_client, _, next) = backend(&mut machine, b"-ERR too many connections\r\n");
+        assert_eq!((to_client.as_slice(), next), (&b"-ERR too many connections\r\n"[..], Next::Continue));
+        assert!(!machine.wants_client_line());
+        let (to_client, _, _) = backend(&mut machine, b"+OK late\r\n");
+        assert_eq!(to_client, b"");
+    }
+
+    #[test]
+    fn overlong_client_line_gets_an_error() {
+        let mut machine = greeted(TlsMode::StartTls);
+        let mut out = Output::default();
+        machine.client_line_too_long(&mut out);
+        assert_eq!(out.to_client, b"-ERR Line too long\r\n");
+        assert!(!machine.wants_client_line());
+    }
+
+    #[test]
+    fn backend_failure_gets_sys_temp_unless_inspection_is_over() {
+        let mut machine = Pop3Inspector::new(TlsMode::StartTls);
+        let mut out = Output::default();
+        machine.backend_failed(BackendFailure::Unreachable, &mut out);
+        assert_eq!(out.to_client, b"-ERR [SYS/TEMP] Backend server not available\r\n");
+
+        let mut machine = greeted(TlsMode::StartTls);
+        client(&mut machine, b"CAPA\r\n");
+        backend(&mut machine, b"+OK\r\nTOP\r\n");
+        let mut out = Output::default();
+        machine.backend_failed(BackendFailure::Closed, &mut out);
+        assert_eq!(out.to_client, SERVICE_UNAVAILABLE);
+        assert!(!machine.wants_client_line());
+
+        let mut machine = greeted(TlsMode::StartTls);
+        client(&mut machine, b"USER joe\r\n");
+        let mut out = Output::default();
+        machine.backend_failed(BackendFailure::Closed, &mut out);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn client_lines_are_ignored_unless_idle() {
+        let mut machine = greeted(TlsMode::StartTls);
+        client(&mut machine, b"CAPA\r\n");
+        let (to_client, to_backend, next) = client(&mut machine, b"STLS\r\n");
+        assert_eq!((to_client.as_slice(), to_backend.as_slice(), next), (&b""[..], &b""[..], Next::Continue));
+    }
+
+    /// Collects what the client gets for each CAPA and checks the finished
+    /// list: it offers STLS exactly once, last, when the machine offers it
+    /// and the list is the backend's or the synthesized one; it never
+    /// contains STLS otherwise.
+    #[derive(Default)]
+    struct CapaChecker {
+        reply: Vec<u8>,
+        /// The offer in force when the reply started; `None` when no reply
+        /// is being collected or TLS came up in its middle.
+        offer: Option<bool>,
+    }
+
+    impl CapaChecker {
+        fn observe(&mut self, before: State, after: State, offer: bool, to_client: &[u8]) -> Result<(), String> {
+            if !matches!(before, State::ExpectCapaStatus | State::CapaBody) {
+                return Ok(());
+            }
+            if before == State::ExpectCapaStatus {
+                self.reply.clear();
+                self.offer = Some(offer);
+            }
+            self.reply.extend_from_slice(to_client);
+            if after != State::Idle {
+                return Ok(());
+            }
+            let Some(offer) = self.offer.take() else {
+                return Ok(());
+            };
+            let lines: Vec<&[u8]> = self.reply.split_inclusive(|&b| b == b'\n').collect();
+            let Some((status, body)) = lines.split_first() else {
+                return Err(format!("offer={offer}: empty CAPA reply"));
+            };
+            let stls: Vec<usize> = body
+                .iter()
+                .enumerate()
+                .filter(|(_, line)| split_word(trim_eol(line)).0.eq_ignore_ascii_case(b"STLS"))
+                .map(|(index, _)| index)
+                .collect();
+            eprintln!("CHECK offer={offer} {:?}", String::from_utf8_lossy(&self.reply));
+            let ok = match (offer, is_ok(status)) {
+                (true, true) => stls.len() == 1 && stls[0] + 2 == body.len() && body[stls[0]] == STLS_CAPABILITY,
+                (true, false) => false,
+                (false, _) => stls.is_empty(),
+            };
+            if ok {
+                Ok(())
+            } else {
+                Err(format!("offer={offer} reply={:?}", String::from_utf8_lossy(&self.reply)))
+            }
+        }
+    }
+
+    /// A line made of protocol pieces (mostly) or of random bytes.
+    fn line_from(pieces: Vec<&'static [u8]>) -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        let words = pieces.clone();
+        prop_oneof![
+            4 => prop::sample::select(pieces).prop_map(<[u8]>::to_vec),
+            1 => proptest::collection::vec(prop::sample::select(words), 0..4).prop_map(|words| words.join(&b' ')),
+            1 => proptest::collection::vec(any::<u8>(), 0..40),
+        ]
+    }
+
+    /// One step of a random dialogue: whether it feeds what the machine
+    /// waits for (else the side picked by `from_client`), a client line, a
+    /// backend status line, a capability line, and the terminator.
+    #[allow(clippy::type_complexity)]
+    fn step() -> impl proptest::strategy::Strategy<Value = (bool, bool, Vec<u8>, Vec<u8>, Vec<u8>, bool)> {
+        use proptest::prelude::*;
+        let client = line_from(vec![b"CAPA", b"capa", b"CAPA x", b"STLS", b"stls", b"STLS x", b"QUIT", b"USER joe", b""]);
+        let status = line_from(vec![b"+OK", b"+OK ready", b"+ok", b"+OK", b"-ERR no"]);
+        let capability = line_from(vec![
+            b".", b".", b"STLS", b"stls", b"STLS x", b"..", b"..STLS", b". ", b"TOP", b"SASL PLAIN", b"", b"\xff",
+        ]);
+        (prop::bool::weighted(0.8), any::<bool>(), client, status, capability, any::<bool>())
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn no_byte_input_panics_and_stls_is_offered_only_before_tls(
+            implicit in proptest::prelude::any::<bool>(),
+            steps in proptest::collection::vec(step(), 0..48),
+        ) {
+            let mode = if implicit { TlsMode::Implicit } else { TlsMode::StartTls };
+            let mut machine = Pop3Inspector::new(mode);
+            let mut checker = CapaChecker::default();
+            let mut out = Output::default();
+            let mut upgraded = false;
+            for (index, (follow, from_client, client_line, status_line, capability_line, crlf)) in
+                steps.into_iter().enumerate()
+            {
+                let from_client = if follow { machine.wants_client_line() } else { from_client };
+                let mut line = if from_client {
+                    client_line
+                } else if machine.state == State::CapaBody || (!follow && crlf) {
+                    capability_line
+                } else {
+                    status_line
+                };
+                // The driver hands out LF-terminated lines with no LF inside.
+                line.retain(|&b| b != b'\n');
+                line.extend_from_slice(if crlf { &b"\r\n"[..] } else { b"\n" });
+                // Tracked here, not asked of the machine.
+                let offer = !implicit && !upgraded;
+                let before = machine.state;
+                out.clear();
+                let next = if from_client {
+                    machine.client_line(&line, &mut out)
+                } else {
+                    let next = machine.backend_line(&line, &mut out);
+                    proptest::prop_assert!(out.to_backend.is_empty());
+                    if let Err(message) = checker.observe(before, machine.state, offer, &out.to_client) {
+                        proptest::prop_assert!(false, "{}", message);
+                    }
+                    next
+                };
+                // Upgrades when asked to, and once more at an arbitrary point.
+                if next == Next::StartTls || index == 24 {
+                    machine.tls_established();
+                    upgraded = true;
+                    checker.offer = None;
+                }
+            }
+            out.clear();
+            machine.client_line_too_long(&mut out);
+            machine.backend_failed(BackendFailure::Closed, &mut out);
+        }
+    }
+}

@@ -1,0 +1,319 @@
+//! One client connection, from accept to close: the only place that does a
+//! connection's I/O.
+//!
+//! Implicit TLS: handshake first, and only then connect to the backend, so a
+//! port scan or a failed handshake costs the backend nothing. STARTTLS:
+//! connect to the backend at accept and relay its greeting. Either way the
+//! protocol's inspection machine ([`crate::protocol`]) then judges every line
+//! until it hands the session to [`splice`], which copies bytes in both
+//! directions without looking at them.
+
+mod dialogue;
+mod streams;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::metrics::ListenerMetrics;
+use crate::protocol::{self, Protocol, TlsMode};
+
+use dialogue::{Dialogue, Inspected};
+pub use streams::{Counted, Prefixed};
+
+/// The most a client line may hold before TLS or during inspection (RFC
+/// 5321's command line limit is 512; IMAP commands before login are short).
+pub const MAX_CLIENT_LINE: usize = 8 * 1024;
+/// The most a backend line may hold during inspection (capability lists and
+/// EHLO replies are far shorter).
+pub const MAX_BACKEND_LINE: usize = 64 * 1024;
+
+/// What every connection of one listener shares.
+pub struct ListenerContext {
+    pub name: String,
+    pub protocol: Protocol,
+    pub mode: TlsMode,
+    pub backend: String,
+    pub acceptor: TlsAcceptor,
+    pub metrics: ListenerMetrics,
+    pub handshake_timeout: Duration,
+    pub backend_connect_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// Which side ended a session abnormally; a log field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Backend,
+}
+
+impl Side {
+    fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Backend => "backend",
+        }
+    }
+}
+
+/// Why a session ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("TLS handshake failed: {0}")]
+    Handshake(std::io::Error),
+    #[error("TLS handshake did not finish within {0:?}")]
+    HandshakeTimeout(Duration),
+    #[error("cannot connect to backend {backend}: {reason}")]
+    BackendUnreachable { backend: String, reason: String },
+    #[error("client connection failed: {0}")]
+    Client(std::io::Error),
+    #[error("backend connection failed: {0}")]
+    Backend(std::io::Error),
+    #[error("client sent a line longer than {0} bytes")]
+    ClientLineTooLong(usize),
+    #[error("backend sent a line longer than {0} bytes")]
+    BackendLineTooLong(usize),
+    #[error("no data for {0:?} before the dialogue was handed over")]
+    IdleTimeout(Duration),
+    #[error("relaying failed: {0}")]
+    Relay(std::io::Error),
+}
+
+impl SessionError {
+    /// The side at fault, for the log line.
+    pub fn side(&self) -> Side {
+        match self {
+            SessionError::BackendUnreachable { .. }
+            | SessionError::Backend(_)
+            | SessionError::BackendLineTooLong(_) => Side::Backend,
+            _ => Side::Client,
+        }
+    }
+}
+
+/// Keeps the active-connections gauge right however the session ends.
+struct ActiveGuard<'a>(&'a ListenerMetrics);
+
+impl<'a> ActiveGuard<'a> {
+    fn new(metrics: &'a ListenerMetrics) -> Self {
+        metrics.connections.increment(1);
+        metrics.active.increment(1.0);
+        Self(metrics)
+    }
+}
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.active.decrement(1.0);
+    }
+}
+
+/// Serves one accepted connection to its end, logging the outcome once.
+pub async fn serve(context: Arc<ListenerContext>, client: TcpStream, peer: SocketAddr, id: u64) {
+    let span = tracing::info_span!(
+        "connection",
+        listener = %context.name,
+        peer = %peer,
+        id = id
+    );
+    async move {
+        let _active = ActiveGuard::new(&context.metrics);
+        let started = Instant::now();
+        // Mail dialogue is small request/response lines: send each at once.
+        let _ = client.set_nodelay(true);
+        let result = match context.mode {
+            TlsMode::Implicit => serve_implicit(&context, client).await,
+            TlsMode::StartTls => serve_starttls(&context, client).await,
+        };
+        let seconds = started.elapsed().as_secs_f64();
+        match result {
+            Ok(()) => debug!(seconds, "session closed"),
+            Err(error) => match error.side() {
+                Side::Backend => warn!(side = error.side().as_str(), seconds, %error, "session failed"),
+                Side::Client => info!(side = error.side().as_str(), seconds, %error, "session failed"),
+            },
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn serve_implicit(context: &ListenerContext, client: TcpStream) -> Result<(), SessionError> {
+    let mut client = handshake(context, client).await?;
+    let mut backend = match connect_backend(context).await {
+        Ok(backend) => backend,
+        Err(error) => {
+            say_goodbye(&mut client, protocol::backend_unavailable_reply(context.protocol)).await;
+            return Err(error);
+        }
+    };
+    let mut dialogue = Dialogue::new(context, protocol::new_inspector(context.protocol, TlsMode::Implicit));
+    match dialogue.run(&mut client, &mut backend).await? {
+        Inspected::Passthrough => splice(context, dialogue, client, backend).await,
+        // An implicit-TLS machine never asks for STARTTLS; treat it as the end.
+        Inspected::StartTls | Inspected::Closed => {
+            close(&mut client).await;
+            Ok(())
+        }
+    }
+}
+
+async fn serve_starttls(context: &ListenerContext, mut client: TcpStream) -> Result<(), SessionError> {
+    let mut backend = match connect_backend(context).await {
+        Ok(backend) => backend,
+        Err(error) => {
+            say_goodbye(&mut client, protocol::backend_unavailable_reply(context.protocol)).await;
+            return Err(error);
+        }
+    };
+    let mut dialogue = Dialogue::new(context, protocol::new_inspector(context.protocol, TlsMode::StartTls));
+    match dialogue.run(&mut client, &mut backend).await? {
+        Inspected::Passthrough => return splice(context, dialogue, client, backend).await,
+        Inspected::Closed => {
+            close(&mut client).await;
+            return Ok(());
+        }
+        Inspected::StartTls => {}
+    }
+
+    // Whatever the client sent behind STARTTLS is the start of its TLS
+    // handshake, never a command; whatever the backend sent meanwhile would
+    // be read as a reply inside TLS, so it is dropped.
+    let early_client_bytes = dialogue.take_client_pending();
+    let mut dropped = dialogue.discard_backend_pending();
+    let mut client = handshake(context, Prefixed::new(early_client_bytes, client)).await?;
+    dropped += drain_ready(&backend);
+    if dropped > 0 {
+        warn!(bytes = dropped, "backend sent data around STARTTLS; dropped it");
+    }
+    context.metrics.starttls.increment(1);
+    dialogue.tls_established();
+    match dialogue.run(&mut client, &mut backend).await? {
+        Inspected::Passthrough => splice(context, dialogue, client, backend).await,
+        Inspected::StartTls | Inspected::Closed => {
+            close(&mut client).await;
+            Ok(())
+        }
+    }
+}
+
+/// Runs the TLS handshake with the client, within the listener's time limit.
+async fn handshake<IO>(context: &ListenerContext, io: IO) -> Result<TlsStream<IO>, SessionError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let started = Instant::now();
+    let result = tokio::time::timeout(context.handshake_timeout, context.acceptor.accept(io)).await;
+    let took = started.elapsed();
+    match result {
+        Ok(Ok(stream)) => {
+            context.metrics.handshake_finished(true, took);
+            Ok(stream)
+        }
+        Ok(Err(error)) => {
+            context.metrics.handshake_finished(false, took);
+            Err(SessionError::Handshake(error))
+        }
+        Err(_) => {
+            context.metrics.handshake_finished(false, took);
+            Err(SessionError::HandshakeTimeout(context.handshake_timeout))
+        }
+    }
+}
+
+async fn connect_backend(context: &ListenerContext) -> Result<TcpStream, SessionError> {
+    let unreachable = |reason: String| {
+        context.metrics.backend_connect_errors.increment(1);
+        SessionError::BackendUnreachable {
+            backend: context.backend.clone(),
+            reason,
+        }
+    };
+    match tokio::time::timeout(
+        context.backend_connect_timeout,
+        TcpStream::connect(context.backend.as_str()),
+    )
+    .await
+    {
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+        Ok(Err(error)) => Err(unreachable(error.to_string())),
+        Err(_) => Err(unreachable(format!(
+            "no answer within {:?}",
+            context.backend_connect_timeout
+        ))),
+    }
+}
+
+/// Reads and drops whatever the backend has already sent, without waiting.
+fn drain_ready(backend: &TcpStream) -> usize {
+    let mut scratch = [0u8; 1024];
+    let mut dropped = 0;
+    // Bounded: a backend streaming data is not drained forever.
+    for _ in 0..64 {
+        match backend.try_read(&mut scratch) {
+            Ok(0) | Err(_) => break,
+            Ok(read) => dropped += read,
+        }
+    }
+    dropped
+}
+
+/// Hands the session over to unparsed copying, starting with the bytes
+/// either side sent that inspection did not consume.
+async fn splice<C>(
+    context: &ListenerContext,
+    dialogue: Dialogue<'_>,
+    mut client: C,
+    mut backend: TcpStream,
+) -> Result<(), SessionError>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let (client_pending, backend_pending) = dialogue.into_pending();
+    if !client_pending.is_empty() {
+        backend
+            .write_all(&client_pending)
+            .await
+            .map_err(SessionError::Backend)?;
+        context.metrics.bytes_to_backend.increment(client_pending.len() as u64);
+    }
+    if !backend_pending.is_empty() {
+        client
+            .write_all(&backend_pending)
+            .await
+            .map_err(SessionError::Client)?;
+        client.flush().await.map_err(SessionError::Client)?;
+        context.metrics.bytes_to_client.increment(backend_pending.len() as u64);
+    }
+    drop((client_pending, backend_pending));
+    let mut backend = Counted::new(
+        backend,
+        context.metrics.bytes_to_client.clone(),
+        context.metrics.bytes_to_backend.clone(),
+    );
+    match tokio::io::copy_bidirectional(&mut client, &mut backend).await {
+        Ok(_) => Ok(()),
+        Err(error) => Err(SessionError::Relay(error)),
+    }
+}
+
+/// Sends a last line and closes; the peer may already be gone.
+async fn say_goodbye<C: AsyncWrite + Unpin>(client: &mut C, line: &[u8]) {
+    let _ = client.write_all(line).await;
+    close(client).await;
+}
+
+/// Closes the client side cleanly (TLS close_notify where there is TLS).
+async fn close<C: AsyncWrite + Unpin>(client: &mut C) {
+    let _ = tokio::time::timeout(Duration::from_secs(5), client.shutdown()).await;
+}

@@ -1,0 +1,152 @@
+//! Stream adapters the session driver needs around its sockets.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use metrics::Counter;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// A stream that first yields bytes already received, then reads from the
+/// socket. After STARTTLS the bytes the client sent behind the command are
+/// handed to the TLS handshake this way: a client that pipelines its
+/// ClientHello still works, and injected plaintext only fails the handshake.
+pub struct Prefixed<S> {
+    prefix: Vec<u8>,
+    position: usize,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    pub fn new(prefix: Vec<u8>, inner: S) -> Self {
+        Self {
+            prefix,
+            position: 0,
+            inner,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.position < this.prefix.len() {
+            let rest = &this.prefix[this.position..];
+            let take = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..take]);
+            this.position += take;
+            if this.position == this.prefix.len() {
+                // Give the memory back; the prefix is never read again.
+                this.prefix = Vec::new();
+                this.position = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// The backend socket during pass-through, counting the plaintext bytes that
+/// cross it (one atomic add per read or write, no per-byte work).
+pub struct Counted<S> {
+    inner: S,
+    read: Counter,
+    written: Counter,
+}
+
+impl<S> Counted<S> {
+    pub fn new(inner: S, read: Counter, written: Counter) -> Self {
+        Self {
+            inner,
+            read,
+            written,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let added = buf.filled().len().saturating_sub(before);
+        if added > 0 {
+            self.read.increment(added as u64);
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(written)) = polled {
+            self.written.increment(written as u64);
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn prefixed_yields_the_prefix_then_the_stream() {
+        let inner: &[u8] = b" world";
+        let mut stream = Prefixed::new(b"hello".to_vec(), inner);
+        let mut all = Vec::new();
+        stream.read_to_end(&mut all).await.expect("read");
+        assert_eq!(all, b"hello world");
+    }
+}

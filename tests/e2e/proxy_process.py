@@ -1,0 +1,164 @@
+"""Running the mail-tls-proxy binary for the end-to-end tests: where it is,
+the config it gets, and starting/stopping it."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from servers import MailServerEndpoints, pick_free_loopback_port, tail_of_file
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PROXY_STARTUP_TIMEOUT_SECONDS = 30
+RUNNING_IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def unavailable(reason: str) -> None:
+    """Missing prerequisites fail under CI=true and skip elsewhere."""
+    if RUNNING_IN_CI:
+        pytest.fail(f"{reason} (CI=true, so this is a failure, not a skip)", pytrace=False)
+    pytest.skip(reason)
+
+
+@dataclasses.dataclass(frozen=True)
+class ListenerSpec:
+    name: str
+    protocol: str   # smtp | imap | pop3
+    tls: str        # implicit | starttls
+
+
+# The six listeners of the one proxy process, named after the classic ports.
+LISTENERS = (
+    ListenerSpec("submission", "smtp", "starttls"),  # 587-style
+    ListenerSpec("smtps", "smtp", "implicit"),       # 465-style
+    ListenerSpec("imap", "imap", "starttls"),
+    ListenerSpec("imaps", "imap", "implicit"),
+    ListenerSpec("pop3", "pop3", "starttls"),
+    ListenerSpec("pop3s", "pop3", "implicit"),
+)
+
+
+@dataclasses.dataclass
+class RunningProxy:
+    ports: dict[str, int]          # listener name -> proxy port
+    metrics_port: int
+    ca_file: Path                  # what clients trust (the self-signed leaf)
+    hostname: str                  # name in the certificate; clients use it
+    config_file: Path
+    log_file: Path
+    process: subprocess.Popen
+
+    def port(self, protocol: str, tls: str) -> int:
+        for spec in LISTENERS:
+            if spec.protocol == protocol and spec.tls == tls:
+                return self.ports[spec.name]
+        raise KeyError((protocol, tls))
+
+
+def proxy_binary_path() -> Path:
+    configured = os.environ.get("MAIL_TLS_PROXY_BIN")
+    if configured:
+        return Path(configured).resolve()
+    target_dir = Path(os.environ.get("CARGO_TARGET_DIR", REPO_ROOT / "target"))
+    if not target_dir.is_absolute():
+        target_dir = REPO_ROOT / target_dir
+    return target_dir / "debug" / "mail-tls-proxy"
+
+
+def write_proxy_config(path: Path, backends: MailServerEndpoints, ports: dict[str, int], metrics_port: int) -> None:
+    backend_port = {"smtp": backends.smtp_port, "imap": backends.imap_port, "pop3": backends.pop3_port}
+    # Certificate paths are relative on purpose: the format says they resolve
+    # against the config file's directory, and the proxy runs from elsewhere.
+    lines = [
+        "[[certificate]]",
+        'cert = "fullchain.pem"',
+        'key  = "privkey.pem"',
+        "",
+        "[metrics]",
+        f'listen = "127.0.0.1:{metrics_port}"',
+    ]
+    for spec in LISTENERS:
+        lines += [
+            "",
+            "[[listener]]",
+            f'name     = "{spec.name}"',
+            f'protocol = "{spec.protocol}"',
+            f'tls      = "{spec.tls}"',
+            f'listen   = "127.0.0.1:{ports[spec.name]}"',
+            f'backend  = "127.0.0.1:{backend_port[spec.protocol]}"',
+        ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def port_accepts_connections(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def start_proxy(binary: Path, backends: MailServerEndpoints, certificate_dir: Path, hostname: str,
+                working_dir: Path) -> RunningProxy:
+    """Writes the config next to fullchain.pem/privkey.pem in certificate_dir,
+    starts the proxy and waits until every port accepts connections."""
+    ports = {spec.name: pick_free_loopback_port() for spec in LISTENERS}
+    metrics_port = pick_free_loopback_port()
+    config_file = certificate_dir / "mail-tls-proxy.toml"
+    write_proxy_config(config_file, backends, ports, metrics_port)
+    log_file = certificate_dir / "proxy.log"
+
+    environment = dict(os.environ)
+    environment.setdefault("RUST_LOG", "info")
+    with open(log_file, "ab") as log:
+        # working_dir is not the config's directory, so relative certificate
+        # paths only work if the proxy resolves them against the config file.
+        process = subprocess.Popen(
+            [str(binary), "run", "--config", str(config_file)],
+            cwd=working_dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            env=environment,
+        )
+    running = RunningProxy(ports=ports, metrics_port=metrics_port, ca_file=certificate_dir / "fullchain.pem",
+                           hostname=hostname, config_file=config_file, log_file=log_file, process=process)
+    try:
+        wait_for_proxy_ports(running)
+    except BaseException:
+        stop_proxy(running)
+        raise
+    return running
+
+
+def wait_for_proxy_ports(running: RunningProxy) -> None:
+    waiting_for = set(running.ports.values()) | {running.metrics_port}
+    deadline = time.monotonic() + PROXY_STARTUP_TIMEOUT_SECONDS
+    while waiting_for:
+        exit_code = running.process.poll()
+        if exit_code is not None:
+            pytest.fail(f"mail-tls-proxy exited with code {exit_code} during start-up; log:\n"
+                        f"{tail_of_file(running.log_file)}", pytrace=False)
+        waiting_for = {port for port in waiting_for if not port_accepts_connections(port)}
+        if waiting_for and time.monotonic() > deadline:
+            pytest.fail(f"mail-tls-proxy did not listen on {sorted(waiting_for)} within "
+                        f"{PROXY_STARTUP_TIMEOUT_SECONDS}s; log:\n{tail_of_file(running.log_file)}",
+                        pytrace=False)
+        if waiting_for:
+            time.sleep(0.1)
+
+
+def stop_proxy(running: RunningProxy) -> None:
+    process = running.process
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)

@@ -36,6 +36,7 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, ready: Arc<A
                 async move { Ok::<_, Infallible>(response) }
             });
             let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             if let Err(error) = connection.await {

@@ -356,7 +356,11 @@ mod tests {
         feed(machine, bytes, true)
     }
 
-    fn feed(machine: &mut ImapInspector, bytes: &[u8], from_client: bool) -> (Vec<u8>, Vec<u8>, Next) {
+    fn feed(
+        machine: &mut ImapInspector,
+        bytes: &[u8],
+        from_client: bool,
+    ) -> (Vec<u8>, Vec<u8>, Next) {
         let mut out = Output::default();
         let mut next = Next::Continue;
         for line in bytes.split_inclusive(|&b| b == b'\n') {
@@ -372,7 +376,10 @@ mod tests {
     fn greeted(mode: TlsMode) -> ImapInspector {
         let mut machine = ImapInspector::new(mode);
         let (to_client, _, next) = backend(&mut machine, b"* OK IMAP4rev1 server ready\r\n");
-        assert_eq!((to_client.as_slice(), next), (&b"* OK IMAP4rev1 server ready\r\n"[..], Next::Continue));
+        assert_eq!(
+            (to_client.as_slice(), next),
+            (&b"* OK IMAP4rev1 server ready\r\n"[..], Next::Continue)
+        );
         assert!(machine.wants_client_line());
         machine
     }
@@ -396,9 +403,14 @@ mod tests {
     fn greeting_capability_code_gains_starttls_before_tls() {
         let mut machine = ImapInspector::new(TlsMode::StartTls);
         assert!(!machine.wants_client_line());
-        let (to_client, to_backend, next) =
-            backend(&mut machine, b"* OK [CAPABILITY IMAP4rev1 LITERAL+ AUTH=PLAIN] Dovecot ready.\r\n");
-        assert_eq!(to_client, b"* OK [CAPABILITY IMAP4rev1 LITERAL+ AUTH=PLAIN STARTTLS] Dovecot ready.\r\n");
+        let (to_client, to_backend, next) = backend(
+            &mut machine,
+            b"* OK [CAPABILITY IMAP4rev1 LITERAL+ AUTH=PLAIN] Dovecot ready.\r\n",
+        );
+        assert_eq!(
+            to_client,
+            b"* OK [CAPABILITY IMAP4rev1 LITERAL+ AUTH=PLAIN STARTTLS] Dovecot ready.\r\n"
+        );
         assert_eq!((to_backend.as_slice(), next), (&b""[..], Next::Continue));
         assert!(machine.wants_client_line());
     }
@@ -406,17 +418,27 @@ mod tests {
     #[test]
     fn backend_starttls_in_the_greeting_is_moved_to_the_end() {
         let mut machine = ImapInspector::new(TlsMode::StartTls);
-        let (to_client, _, _) =
-            backend(&mut machine, b"* OK [CAPABILITY IMAP4rev1 LITERAL+ STARTTLS AUTH=PLAIN] Dovecot ready.\r\n");
-        assert_eq!(to_client, b"* OK [CAPABILITY IMAP4rev1 LITERAL+ AUTH=PLAIN STARTTLS] Dovecot ready.\r\n");
+        let (to_client, _, _) = backend(
+            &mut machine,
+            b"* OK [CAPABILITY IMAP4rev1 LITERAL+ STARTTLS AUTH=PLAIN] Dovecot ready.\r\n",
+        );
+        assert_eq!(
+            to_client,
+            b"* OK [CAPABILITY IMAP4rev1 LITERAL+ AUTH=PLAIN STARTTLS] Dovecot ready.\r\n"
+        );
     }
 
     #[test]
     fn implicit_tls_strips_starttls_from_the_greeting() {
         let mut machine = ImapInspector::new(TlsMode::Implicit);
-        let (to_client, _, _) =
-            backend(&mut machine, b"* ok [capability IMAP4rev1 starttls LOGINDISABLED] ready\n");
-        assert_eq!(to_client, b"* ok [capability IMAP4rev1 LOGINDISABLED] ready\n");
+        let (to_client, _, _) = backend(
+            &mut machine,
+            b"* ok [capability IMAP4rev1 starttls LOGINDISABLED] ready\n",
+        );
+        assert_eq!(
+            to_client,
+            b"* ok [capability IMAP4rev1 LOGINDISABLED] ready\n"
+        );
         assert!(machine.wants_client_line());
     }
 
@@ -437,15 +459,39 @@ mod tests {
 
     #[test]
     fn rewriting_keeps_spacing_terminators_and_edge_lists_valid() {
-        assert_eq!(rewritten(b"* CAPABILITY\r\n", true), b"* CAPABILITY STARTTLS\r\n");
-        assert_eq!(rewritten(b"* CAPABILITY STARTTLS\n", false), b"* CAPABILITY\n");
-        assert_eq!(rewritten(b"* CAPABILITY STARTTLS IMAP4rev1", true), b"* CAPABILITY IMAP4rev1 STARTTLS");
-        assert_eq!(rewritten(b"* OK [CAPABILITY] hi\r\n", true), b"* OK [CAPABILITY STARTTLS] hi\r\n");
-        assert_eq!(rewritten(b"* OK [CAPABILITY STARTTLS] hi\r\n", false), b"* OK [CAPABILITY] hi\r\n");
-        assert_eq!(rewritten(b"*  capability  A  B \r\n", true), b"*  capability  A  B STARTTLS \r\n");
-        assert_eq!(rewritten(b"* OK [CAPABILITY A STARTTLS\r\n", false), b"* OK [CAPABILITY A\r\n");
         assert_eq!(
-            rewritten(b"* OK [CAPABILITY StartTLS STARTTLS A] x [CAPABILITY STARTTLS]\r\n", false),
+            rewritten(b"* CAPABILITY\r\n", true),
+            b"* CAPABILITY STARTTLS\r\n"
+        );
+        assert_eq!(
+            rewritten(b"* CAPABILITY STARTTLS\n", false),
+            b"* CAPABILITY\n"
+        );
+        assert_eq!(
+            rewritten(b"* CAPABILITY STARTTLS IMAP4rev1", true),
+            b"* CAPABILITY IMAP4rev1 STARTTLS"
+        );
+        assert_eq!(
+            rewritten(b"* OK [CAPABILITY] hi\r\n", true),
+            b"* OK [CAPABILITY STARTTLS] hi\r\n"
+        );
+        assert_eq!(
+            rewritten(b"* OK [CAPABILITY STARTTLS] hi\r\n", false),
+            b"* OK [CAPABILITY] hi\r\n"
+        );
+        assert_eq!(
+            rewritten(b"*  capability  A  B \r\n", true),
+            b"*  capability  A  B STARTTLS \r\n"
+        );
+        assert_eq!(
+            rewritten(b"* OK [CAPABILITY A STARTTLS\r\n", false),
+            b"* OK [CAPABILITY A\r\n"
+        );
+        assert_eq!(
+            rewritten(
+                b"* OK [CAPABILITY StartTLS STARTTLS A] x [CAPABILITY STARTTLS]\r\n",
+                false
+            ),
             b"* OK [CAPABILITY A] x [CAPABILITY STARTTLS]\r\n"
         );
     }
@@ -454,13 +500,25 @@ mod tests {
     fn untagged_capability_reply_to_a_lowercase_command_gains_starttls() {
         let mut machine = greeted(TlsMode::StartTls);
         let (to_client, to_backend, next) = client(&mut machine, b"a1 capability\r\n");
-        assert_eq!((to_client.as_slice(), to_backend.as_slice(), next), (&b""[..], &b"a1 capability\r\n"[..], Next::Continue));
+        assert_eq!(
+            (to_client.as_slice(), to_backend.as_slice(), next),
+            (&b""[..], &b"a1 capability\r\n"[..], Next::Continue)
+        );
         assert!(!machine.wants_client_line());
-        let (to_client, _, _) = backend(&mut machine, b"* CAPABILITY IMAP4rev1 STARTTLS AUTH=PLAIN\r\n");
+        let (to_client, _, _) = backend(
+            &mut machine,
+            b"* CAPABILITY IMAP4rev1 STARTTLS AUTH=PLAIN\r\n",
+        );
         assert_eq!(to_client, b"* CAPABILITY IMAP4rev1 AUTH=PLAIN STARTTLS\r\n");
         assert!(!machine.wants_client_line());
-        let (to_client, _, _) = backend(&mut machine, b"a1 OK Pre-login capabilities listed, post-login capabilities have more.\r\n");
-        assert_eq!(to_client, b"a1 OK Pre-login capabilities listed, post-login capabilities have more.\r\n");
+        let (to_client, _, _) = backend(
+            &mut machine,
+            b"a1 OK Pre-login capabilities listed, post-login capabilities have more.\r\n",
+        );
+        assert_eq!(
+            to_client,
+            b"a1 OK Pre-login capabilities listed, post-login capabilities have more.\r\n"
+        );
         assert!(machine.wants_client_line());
     }
 
@@ -468,8 +526,14 @@ mod tests {
     fn tagged_capability_code_is_rewritten_and_completes_the_command() {
         let mut machine = greeted(TlsMode::StartTls);
         client(&mut machine, b"x NOOP\r\n");
-        let (to_client, _, _) = backend(&mut machine, b"x OK [CAPABILITY IMAP4rev1 ID] NOOP completed\r\n");
-        assert_eq!(to_client, b"x OK [CAPABILITY IMAP4rev1 ID STARTTLS] NOOP completed\r\n");
+        let (to_client, _, _) = backend(
+            &mut machine,
+            b"x OK [CAPABILITY IMAP4rev1 ID] NOOP completed\r\n",
+        );
+        assert_eq!(
+            to_client,
+            b"x OK [CAPABILITY IMAP4rev1 ID STARTTLS] NOOP completed\r\n"
+        );
         assert!(machine.wants_client_line());
     }
 
@@ -477,7 +541,12 @@ mod tests {
     fn only_the_matching_tag_completes_the_command() {
         let mut machine = greeted(TlsMode::StartTls);
         client(&mut machine, b"A2 ID NIL\r\n");
-        for line in [&b"* ID NIL\r\n"[..], b"+ go on\r\n", b"a2 OK case differs\r\n", b"A1 OK other tag\r\n"] {
+        for line in [
+            &b"* ID NIL\r\n"[..],
+            b"+ go on\r\n",
+            b"a2 OK case differs\r\n",
+            b"A1 OK other tag\r\n",
+        ] {
             let (to_client, _, _) = backend(&mut machine, line);
             assert_eq!(to_client, line);
             assert!(!machine.wants_client_line());
@@ -490,12 +559,23 @@ mod tests {
     #[test]
     fn dovecot_waiting_line_then_the_real_greeting_later() {
         let mut machine = ImapInspector::new(TlsMode::StartTls);
-        let (to_client, _, _) = backend(&mut machine, b"* OK Waiting for authentication process to respond..\r\n");
-        assert_eq!(to_client, b"* OK Waiting for authentication process to respond..\r\n");
+        let (to_client, _, _) = backend(
+            &mut machine,
+            b"* OK Waiting for authentication process to respond..\r\n",
+        );
+        assert_eq!(
+            to_client,
+            b"* OK Waiting for authentication process to respond..\r\n"
+        );
         assert!(machine.wants_client_line());
-        let (to_client, _, _) =
-            backend(&mut machine, b"* OK [CAPABILITY IMAP4rev1 SASL-IR STARTTLS AUTH=PLAIN] Dovecot ready.\r\n");
-        assert_eq!(to_client, b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN STARTTLS] Dovecot ready.\r\n");
+        let (to_client, _, _) = backend(
+            &mut machine,
+            b"* OK [CAPABILITY IMAP4rev1 SASL-IR STARTTLS AUTH=PLAIN] Dovecot ready.\r\n",
+        );
+        assert_eq!(
+            to_client,
+            b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN STARTTLS] Dovecot ready.\r\n"
+        );
         assert!(machine.wants_client_line());
     }
 
@@ -513,8 +593,14 @@ mod tests {
     fn backend_lines_after_the_starttls_reply_are_dropped() {
         let mut machine = greeted(TlsMode::StartTls);
         client(&mut machine, b"a STARTTLS\r\n");
-        let (to_client, to_backend, next) = backend(&mut machine, b"* OK [CAPABILITY IMAP4rev1] injected\r\n* BYE\r\n");
-        assert_eq!((to_client.as_slice(), to_backend.as_slice(), next), (&b""[..], &b""[..], Next::Continue));
+        let (to_client, to_backend, next) = backend(
+            &mut machine,
+            b"* OK [CAPABILITY IMAP4rev1] injected\r\n* BYE\r\n",
+        );
+        assert_eq!(
+            (to_client.as_slice(), to_backend.as_slice(), next),
+            (&b""[..], &b""[..], Next::Continue)
+        );
         let mut out = Output::default();
         machine.backend_failed(BackendFailure::Closed, &mut out);
         assert!(out.is_empty());
@@ -525,9 +611,15 @@ mod tests {
         let mut machine = upgraded();
         assert!(machine.wants_client_line());
         let (_, to_backend, next) = client(&mut machine, b"b CAPABILITY\r\n");
-        assert_eq!((to_backend.as_slice(), next), (&b"b CAPABILITY\r\n"[..], Next::Continue));
+        assert_eq!(
+            (to_backend.as_slice(), next),
+            (&b"b CAPABILITY\r\n"[..], Next::Continue)
+        );
         let (to_client, _, _) = backend(&mut machine, b"* CAPABILITY IMAP4rev1 STARTTLS AUTH=PLAIN\r\nb OK [CAPABILITY IMAP4rev1 STARTTLS] done\r\n");
-        assert_eq!(to_client, b"* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\nb OK [CAPABILITY IMAP4rev1] done\r\n");
+        assert_eq!(
+            to_client,
+            b"* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\nb OK [CAPABILITY IMAP4rev1] done\r\n"
+        );
         assert!(machine.wants_client_line());
     }
 
@@ -535,28 +627,57 @@ mod tests {
     fn second_starttls_and_starttls_on_implicit_get_bad() {
         let mut machine = upgraded();
         let (to_client, to_backend, next) = client(&mut machine, b"c STARTTLS\r\n");
-        assert_eq!((to_client.as_slice(), to_backend.as_slice(), next), (&b"c BAD TLS is already active\r\n"[..], &b""[..], Next::Continue));
+        assert_eq!(
+            (to_client.as_slice(), to_backend.as_slice(), next),
+            (
+                &b"c BAD TLS is already active\r\n"[..],
+                &b""[..],
+                Next::Continue
+            )
+        );
         assert!(machine.wants_client_line());
 
         let mut machine = greeted(TlsMode::Implicit);
         let (to_client, to_backend, next) = client(&mut machine, b"a StartTLS\n");
-        assert_eq!((to_client.as_slice(), to_backend.as_slice(), next), (&b"a BAD TLS is already active\r\n"[..], &b""[..], Next::Continue));
+        assert_eq!(
+            (to_client.as_slice(), to_backend.as_slice(), next),
+            (
+                &b"a BAD TLS is already active\r\n"[..],
+                &b""[..],
+                Next::Continue
+            )
+        );
     }
 
     #[test]
     fn starttls_with_arguments_is_bad() {
         let mut machine = greeted(TlsMode::StartTls);
         let (to_client, to_backend, next) = client(&mut machine, b"a STARTTLS now\r\n");
-        assert_eq!((to_client.as_slice(), to_backend.as_slice(), next), (&b"a BAD STARTTLS takes no arguments\r\n"[..], &b""[..], Next::Continue));
+        assert_eq!(
+            (to_client.as_slice(), to_backend.as_slice(), next),
+            (
+                &b"a BAD STARTTLS takes no arguments\r\n"[..],
+                &b""[..],
+                Next::Continue
+            )
+        );
         assert!(machine.wants_client_line());
     }
 
     #[test]
     fn commands_with_literals_end_inspection() {
-        for command in [&b"a LOGIN {5}\r\n"[..], b"a LOGIN {5+}\r\n", b"a STARTTLS {5}\r\n", b"a CAPABILITY {0}\n"] {
+        for command in [
+            &b"a LOGIN {5}\r\n"[..],
+            b"a LOGIN {5+}\r\n",
+            b"a STARTTLS {5}\r\n",
+            b"a CAPABILITY {0}\n",
+        ] {
             let mut machine = greeted(TlsMode::StartTls);
             let (to_client, to_backend, next) = client(&mut machine, command);
-            assert_eq!((to_client.as_slice(), to_backend.as_slice(), next), (&b""[..], command, Next::Passthrough));
+            assert_eq!(
+                (to_client.as_slice(), to_backend.as_slice(), next),
+                (&b""[..], command, Next::Passthrough)
+            );
             assert!(!machine.wants_client_line());
         }
         assert!(!ends_with_literal(b"a LOGIN {}"));
@@ -580,7 +701,10 @@ mod tests {
         ] {
             let mut machine = greeted(TlsMode::StartTls);
             let (to_client, to_backend, next) = client(&mut machine, command);
-            assert_eq!((to_client.as_slice(), to_backend.as_slice(), next), (&b""[..], command, Next::Passthrough));
+            assert_eq!(
+                (to_client.as_slice(), to_backend.as_slice(), next),
+                (&b""[..], command, Next::Passthrough)
+            );
             assert!(!machine.wants_client_line());
             let (to_client, _, _) = backend(&mut machine, b"a OK\r\n");
             assert_eq!(to_client, b"");
@@ -592,8 +716,14 @@ mod tests {
         let mut machine = greeted(TlsMode::StartTls);
         let (_, to_backend, _) = client(&mut machine, b"z LOGOUT\r\n");
         assert_eq!(to_backend, b"z LOGOUT\r\n");
-        let (to_client, _, _) = backend(&mut machine, b"* BYE Logging out\r\nz OK Logout completed.\r\n");
-        assert_eq!(to_client, b"* BYE Logging out\r\nz OK Logout completed.\r\n");
+        let (to_client, _, _) = backend(
+            &mut machine,
+            b"* BYE Logging out\r\nz OK Logout completed.\r\n",
+        );
+        assert_eq!(
+            to_client,
+            b"* BYE Logging out\r\nz OK Logout completed.\r\n"
+        );
         let mut out = Output::default();
         machine.backend_failed(BackendFailure::Closed, &mut out);
         assert!(out.is_empty());
@@ -611,9 +741,14 @@ mod tests {
     #[test]
     fn preauth_greeting_ends_inspection_without_offering_starttls() {
         let mut machine = ImapInspector::new(TlsMode::StartTls);
-        let (to_client, to_backend, next) =
-            backend(&mut machine, b"* PREAUTH [CAPABILITY IMAP4rev1 STARTTLS] Logged in as joe\r\n");
-        assert_eq!(to_client, b"* PREAUTH [CAPABILITY IMAP4rev1] Logged in as joe\r\n");
+        let (to_client, to_backend, next) = backend(
+            &mut machine,
+            b"* PREAUTH [CAPABILITY IMAP4rev1 STARTTLS] Logged in as joe\r\n",
+        );
+        assert_eq!(
+            to_client,
+            b"* PREAUTH [CAPABILITY IMAP4rev1] Logged in as joe\r\n"
+        );
         assert_eq!((to_backend.as_slice(), next), (&b""[..], Next::Passthrough));
         assert!(!machine.wants_client_line());
     }
@@ -622,7 +757,10 @@ mod tests {
     fn bye_greeting_is_relayed_and_nothing_more() {
         let mut machine = ImapInspector::new(TlsMode::StartTls);
         let (to_client, _, next) = backend(&mut machine, b"* BYE Too many connections\r\n");
-        assert_eq!((to_client.as_slice(), next), (&b"* BYE Too many connections\r\n"[..], Next::Continue));
+        assert_eq!(
+            (to_client.as_slice(), next),
+            (&b"* BYE Too many connections\r\n"[..], Next::Continue)
+        );
         assert!(!machine.wants_client_line());
         let mut out = Output::default();
         machine.backend_failed(BackendFailure::Closed, &mut out);
@@ -653,7 +791,10 @@ mod tests {
         let mut machine = ImapInspector::new(TlsMode::StartTls);
         let mut out = Output::default();
         machine.backend_failed(BackendFailure::Unreachable, &mut out);
-        assert_eq!(out.to_client, b"* BYE [UNAVAILABLE] Backend server not available\r\n");
+        assert_eq!(
+            out.to_client,
+            b"* BYE [UNAVAILABLE] Backend server not available\r\n"
+        );
 
         let mut machine = greeted(TlsMode::StartTls);
         client(&mut machine, b"a CAPABILITY\r\n");
@@ -679,7 +820,10 @@ mod tests {
         assert!(!machine.wants_client_line());
         // A client line fed anyway is ignored.
         let (to_client, to_backend, next) = client(&mut machine, b"b STARTTLS\r\n");
-        assert_eq!((to_client.as_slice(), to_backend.as_slice(), next), (&b""[..], &b""[..], Next::Continue));
+        assert_eq!(
+            (to_client.as_slice(), to_backend.as_slice(), next),
+            (&b""[..], &b""[..], Next::Continue)
+        );
         backend(&mut machine, b"a OK NOOP completed\r\n");
         assert!(machine.wants_client_line());
         client(&mut machine, b"a STARTTLS\r\n");
@@ -701,11 +845,21 @@ mod tests {
                 .split(|&b| b == b' ')
                 .filter(|atom| !atom.is_empty())
                 .collect();
-            let count = atoms.iter().filter(|atom| atom.eq_ignore_ascii_case(STARTTLS)).count();
+            let count = atoms
+                .iter()
+                .filter(|atom| atom.eq_ignore_ascii_case(STARTTLS))
+                .count();
             let expect = offer && !(greeting && is_untagged(text, b"PREAUTH"));
-            let ok = if expect { count == 1 && atoms.last() == Some(&STARTTLS) } else { count == 0 };
+            let ok = if expect {
+                count == 1 && atoms.last() == Some(&STARTTLS)
+            } else {
+                count == 0
+            };
             if !ok {
-                return Err(format!("offer={offer} line={:?}", String::from_utf8_lossy(line)));
+                return Err(format!(
+                    "offer={offer} line={:?}",
+                    String::from_utf8_lossy(line)
+                ));
             }
         }
         Ok(())
@@ -714,7 +868,10 @@ mod tests {
     /// A line made of protocol pieces (mostly) or of random bytes.
     fn line_from(pieces: Vec<&'static [u8]>) -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
         use proptest::prelude::*;
-        let words: Vec<&'static [u8]> = pieces.iter().flat_map(|piece| piece.split(|&b| b == b' ')).collect();
+        let words: Vec<&'static [u8]> = pieces
+            .iter()
+            .flat_map(|piece| piece.split(|&b| b == b' '))
+            .collect();
         prop_oneof![
             3 => prop::sample::select(pieces).prop_map(<[u8]>::to_vec),
             2 => proptest::collection::vec(prop::sample::select(words), 0..8).prop_map(|words| words.join(&b' ')),
@@ -728,17 +885,42 @@ mod tests {
     fn step() -> impl proptest::strategy::Strategy<Value = (bool, bool, Vec<u8>, Vec<u8>, u8)> {
         use proptest::prelude::*;
         let client = line_from(vec![
-            b"a1 CAPABILITY", b"a1 capability", b"A1 NOOP", b"a1 ID NIL", b"a1 LOGOUT", b"a1 STARTTLS",
-            b"a1 starttls x", b"a1 LOGIN {5}", b"a1 LOGIN {5+}", b"a1 SELECT INBOX", b"* STARTTLS", b"",
+            b"a1 CAPABILITY",
+            b"a1 capability",
+            b"A1 NOOP",
+            b"a1 ID NIL",
+            b"a1 LOGOUT",
+            b"a1 STARTTLS",
+            b"a1 starttls x",
+            b"a1 LOGIN {5}",
+            b"a1 LOGIN {5+}",
+            b"a1 SELECT INBOX",
+            b"* STARTTLS",
+            b"",
         ]);
         let backend = line_from(vec![
-            b"* OK [CAPABILITY IMAP4rev1 STARTTLS AUTH=PLAIN] ready", b"* OK Waiting for authentication",
-            b"* CAPABILITY IMAP4rev1 starttls", b"* capability", b"a1 OK [CAPABILITY STARTTLS] done",
-            b"a1 OK done", b"A1 NO [CAPABILITY]", b"* PREAUTH [CAPABILITY IMAP4rev1 STARTTLS] hi",
-            b"* BYE [CAPABILITY STARTTLS", b"+ [CAPABILITY STARTTLS]", b"* OK [ALERT] STARTTLS", b"]", b"[",
+            b"* OK [CAPABILITY IMAP4rev1 STARTTLS AUTH=PLAIN] ready",
+            b"* OK Waiting for authentication",
+            b"* CAPABILITY IMAP4rev1 starttls",
+            b"* capability",
+            b"a1 OK [CAPABILITY STARTTLS] done",
+            b"a1 OK done",
+            b"A1 NO [CAPABILITY]",
+            b"* PREAUTH [CAPABILITY IMAP4rev1 STARTTLS] hi",
+            b"* BYE [CAPABILITY STARTTLS",
+            b"+ [CAPABILITY STARTTLS]",
+            b"* OK [ALERT] STARTTLS",
+            b"]",
+            b"[",
             b"\xff",
         ]);
-        (prop::bool::weighted(0.8), any::<bool>(), client, backend, any::<u8>())
+        (
+            prop::bool::weighted(0.8),
+            any::<bool>(),
+            client,
+            backend,
+            any::<u8>(),
+        )
     }
 
     proptest::proptest! {

@@ -218,7 +218,11 @@ mod tests {
         feed(machine, bytes, true)
     }
 
-    fn feed(machine: &mut Pop3Inspector, bytes: &[u8], from_client: bool) -> (Vec<u8>, Vec<u8>, Next) {
+    fn feed(
+        machine: &mut Pop3Inspector,
+        bytes: &[u8],
+        from_client: bool,
+    ) -> (Vec<u8>, Vec<u8>, Next) {
         let mut out = Output::default();
         let mut next = Next::Continue;
         for line in bytes.split_inclusive(|&b| b == b'\n') {
@@ -234,8 +238,17 @@ mod tests {
     fn greeted(mode: TlsMode) -> Pop3Inspector {
         let mut machine = Pop3Inspector::new(mode);
         assert!(!machine.wants_client_line());
-        let (to_client, _, next) = backend(&mut machine, b"+OK POP3 server ready <1896.697170952@dbc.mtview.ca.us>\r\n");
-        assert_eq!((to_client.as_slice(), next), (&b"+OK POP3 server ready <1896.697170952@dbc.mtview.ca.us>\r\n"[..], Next::Continue));
+        let (to_client, _, next) = backend(
+            &mut machine,
+            b"+OK POP3 server ready <1896.697170952@dbc.mtview.ca.us>\r\n",
+        );
+        assert_eq!(
+            (to_client.as_slice(), next),
+            (
+                &b"+OK POP3 server ready <1896.697170952@dbc.mtview.ca.us>\r\n"[..],
+                Next::Continue
+            )
+        );
         assert!(machine.wants_client_line());
         machine
     }
@@ -252,7 +265,10 @@ mod tests {
     /// Sends CAPA and the backend's reply; returns what the client got.
     fn capa(machine: &mut Pop3Inspector, reply: &[u8]) -> Vec<u8> {
         let (to_client, to_backend, next) = client(machine, b"CAPA\r\n");
-        assert_eq!((to_client.as_slice(), to_backend.as_slice(), next), (&b""[..], &b"CAPA\r\n"[..], Next::Continue));
+        assert_eq!(
+            (to_client.as_slice(), to_backend.as_slice(), next),
+            (&b""[..], &b"CAPA\r\n"[..], Next::Continue)
+        );
         assert!(!machine.wants_client_line());
         let (to_client, to_backend, next) = backend(machine, reply);
         assert_eq!((to_backend.as_slice(), next), (&b""[..], Next::Continue));
@@ -263,8 +279,14 @@ mod tests {
     #[test]
     fn capa_reply_gains_stls_before_its_terminator() {
         let mut machine = greeted(TlsMode::StartTls);
-        let to_client = capa(&mut machine, b"+OK Capability list follows\r\nTOP\r\nUSER\r\nSASL PLAIN\r\nUIDL\r\n.\r\n");
-        assert_eq!(to_client, b"+OK Capability list follows\r\nTOP\r\nUSER\r\nSASL PLAIN\r\nUIDL\r\nSTLS\r\n.\r\n");
+        let to_client = capa(
+            &mut machine,
+            b"+OK Capability list follows\r\nTOP\r\nUSER\r\nSASL PLAIN\r\nUIDL\r\n.\r\n",
+        );
+        assert_eq!(
+            to_client,
+            b"+OK Capability list follows\r\nTOP\r\nUSER\r\nSASL PLAIN\r\nUIDL\r\nSTLS\r\n.\r\n"
+        );
     }
 
     #[test]
@@ -323,7 +345,14 @@ mod tests {
     fn stls_is_answered_locally_and_never_forwarded() {
         let mut machine = greeted(TlsMode::StartTls);
         let (to_client, to_backend, next) = client(&mut machine, b"stls\r\n");
-        assert_eq!((to_client.as_slice(), to_backend.as_slice(), next), (&b"+OK Begin TLS negotiation\r\n"[..], &b""[..], Next::StartTls));
+        assert_eq!(
+            (to_client.as_slice(), to_backend.as_slice(), next),
+            (
+                &b"+OK Begin TLS negotiation\r\n"[..],
+                &b""[..],
+                Next::StartTls
+            )
+        );
         assert!(!machine.wants_client_line());
     }
 
@@ -342,19 +371,36 @@ mod tests {
     fn second_stls_and_stls_on_implicit_are_refused() {
         let mut machine = upgraded();
         let (to_client, to_backend, next) = client(&mut machine, b"STLS\r\n");
-        assert_eq!((to_client.as_slice(), to_backend.as_slice(), next), (&b"-ERR Command not permitted when TLS active\r\n"[..], &b""[..], Next::Continue));
+        assert_eq!(
+            (to_client.as_slice(), to_backend.as_slice(), next),
+            (
+                &b"-ERR Command not permitted when TLS active\r\n"[..],
+                &b""[..],
+                Next::Continue
+            )
+        );
         assert!(machine.wants_client_line());
 
         let mut machine = greeted(TlsMode::Implicit);
         let (to_client, _, next) = client(&mut machine, b"Stls\n");
-        assert_eq!((to_client.as_slice(), next), (TLS_ALREADY_ACTIVE, Next::Continue));
+        assert_eq!(
+            (to_client.as_slice(), next),
+            (TLS_ALREADY_ACTIVE, Next::Continue)
+        );
     }
 
     #[test]
     fn stls_with_arguments_is_refused() {
         let mut machine = greeted(TlsMode::StartTls);
         let (to_client, to_backend, next) = client(&mut machine, b"STLS now\r\n");
-        assert_eq!((to_client.as_slice(), to_backend.as_slice(), next), (&b"-ERR STLS takes no arguments\r\n"[..], &b""[..], Next::Continue));
+        assert_eq!(
+            (to_client.as_slice(), to_backend.as_slice(), next),
+            (
+                &b"-ERR STLS takes no arguments\r\n"[..],
+                &b""[..],
+                Next::Continue
+            )
+        );
         assert!(machine.wants_client_line());
     }
 
@@ -369,7 +415,10 @@ mod tests {
         ] {
             let mut machine = greeted(TlsMode::StartTls);
             let (to_client, to_backend, next) = client(&mut machine, command);
-            assert_eq!((to_client.as_slice(), to_backend.as_slice(), next), (&b""[..], command, Next::Passthrough));
+            assert_eq!(
+                (to_client.as_slice(), to_backend.as_slice(), next),
+                (&b""[..], command, Next::Passthrough)
+            );
             assert!(!machine.wants_client_line());
             let (to_client, _, _) = backend(&mut machine, b"+OK\r\n");
             assert_eq!(to_client, b"");
@@ -380,7 +429,10 @@ mod tests {
     fn quit_is_relayed_and_the_backend_closing_gets_no_error() {
         let mut machine = greeted(TlsMode::StartTls);
         let (to_client, to_backend, next) = client(&mut machine, b"QUIT\r\n");
-        assert_eq!((to_client.as_slice(), to_backend.as_slice(), next), (&b""[..], &b"QUIT\r\n"[..], Next::Continue));
+        assert_eq!(
+            (to_client.as_slice(), to_backend.as_slice(), next),
+            (&b""[..], &b"QUIT\r\n"[..], Next::Continue)
+        );
         assert!(!machine.wants_client_line());
         let (to_client, _, _) = backend(&mut machine, b"+OK dewey POP3 server signing off\r\n");
         assert_eq!(to_client, b"+OK dewey POP3 server signing off\r\n");
@@ -401,7 +453,10 @@ mod tests {
     fn negative_greeting_is_relayed_and_nothing_more() {
         let mut machine = Pop3Inspector::new(TlsMode::StartTls);
         let (to_client, _, next) = backend(&mut machine, b"-ERR too many connections\r\n");
-        assert_eq!((to_client.as_slice(), next), (&b"-ERR too many connections\r\n"[..], Next::Continue));
+        assert_eq!(
+            (to_client.as_slice(), next),
+            (&b"-ERR too many connections\r\n"[..], Next::Continue)
+        );
         assert!(!machine.wants_client_line());
         let (to_client, _, _) = backend(&mut machine, b"+OK late\r\n");
         assert_eq!(to_client, b"");
@@ -421,7 +476,10 @@ mod tests {
         let mut machine = Pop3Inspector::new(TlsMode::StartTls);
         let mut out = Output::default();
         machine.backend_failed(BackendFailure::Unreachable, &mut out);
-        assert_eq!(out.to_client, b"-ERR [SYS/TEMP] Backend server not available\r\n");
+        assert_eq!(
+            out.to_client,
+            b"-ERR [SYS/TEMP] Backend server not available\r\n"
+        );
 
         let mut machine = greeted(TlsMode::StartTls);
         client(&mut machine, b"CAPA\r\n");
@@ -443,7 +501,10 @@ mod tests {
         let mut machine = greeted(TlsMode::StartTls);
         client(&mut machine, b"CAPA\r\n");
         let (to_client, to_backend, next) = client(&mut machine, b"STLS\r\n");
-        assert_eq!((to_client.as_slice(), to_backend.as_slice(), next), (&b""[..], &b""[..], Next::Continue));
+        assert_eq!(
+            (to_client.as_slice(), to_backend.as_slice(), next),
+            (&b""[..], &b""[..], Next::Continue)
+        );
     }
 
     /// Collects what the client gets for each CAPA and checks the finished
@@ -459,7 +520,13 @@ mod tests {
     }
 
     impl CapaChecker {
-        fn observe(&mut self, before: State, after: State, offer: bool, to_client: &[u8]) -> Result<(), String> {
+        fn observe(
+            &mut self,
+            before: State,
+            after: State,
+            offer: bool,
+            to_client: &[u8],
+        ) -> Result<(), String> {
             if !matches!(before, State::ExpectCapaStatus | State::CapaBody) {
                 return Ok(());
             }
@@ -484,16 +551,20 @@ mod tests {
                 .filter(|(_, line)| split_word(trim_eol(line)).0.eq_ignore_ascii_case(b"STLS"))
                 .map(|(index, _)| index)
                 .collect();
-            eprintln!("CHECK offer={offer} {:?}", String::from_utf8_lossy(&self.reply));
             let ok = match (offer, is_ok(status)) {
-                (true, true) => stls.len() == 1 && stls[0] + 2 == body.len() && body[stls[0]] == STLS_CAPABILITY,
+                (true, true) => {
+                    stls.len() == 1 && stls[0] + 2 == body.len() && body[stls[0]] == STLS_CAPABILITY
+                }
                 (true, false) => false,
                 (false, _) => stls.is_empty(),
             };
             if ok {
                 Ok(())
             } else {
-                Err(format!("offer={offer} reply={:?}", String::from_utf8_lossy(&self.reply)))
+                Err(format!(
+                    "offer={offer} reply={:?}",
+                    String::from_utf8_lossy(&self.reply)
+                ))
             }
         }
     }
@@ -513,14 +584,44 @@ mod tests {
     /// waits for (else the side picked by `from_client`), a client line, a
     /// backend status line, a capability line, and the terminator.
     #[allow(clippy::type_complexity)]
-    fn step() -> impl proptest::strategy::Strategy<Value = (bool, bool, Vec<u8>, Vec<u8>, Vec<u8>, bool)> {
+    fn step(
+    ) -> impl proptest::strategy::Strategy<Value = (bool, bool, Vec<u8>, Vec<u8>, Vec<u8>, bool)>
+    {
         use proptest::prelude::*;
-        let client = line_from(vec![b"CAPA", b"capa", b"CAPA x", b"STLS", b"stls", b"STLS x", b"QUIT", b"USER joe", b""]);
+        let client = line_from(vec![
+            b"CAPA",
+            b"capa",
+            b"CAPA x",
+            b"STLS",
+            b"stls",
+            b"STLS x",
+            b"QUIT",
+            b"USER joe",
+            b"",
+        ]);
         let status = line_from(vec![b"+OK", b"+OK ready", b"+ok", b"+OK", b"-ERR no"]);
         let capability = line_from(vec![
-            b".", b".", b"STLS", b"stls", b"STLS x", b"..", b"..STLS", b". ", b"TOP", b"SASL PLAIN", b"", b"\xff",
+            b".",
+            b".",
+            b"STLS",
+            b"stls",
+            b"STLS x",
+            b"..",
+            b"..STLS",
+            b". ",
+            b"TOP",
+            b"SASL PLAIN",
+            b"",
+            b"\xff",
         ]);
-        (prop::bool::weighted(0.8), any::<bool>(), client, status, capability, any::<bool>())
+        (
+            prop::bool::weighted(0.8),
+            any::<bool>(),
+            client,
+            status,
+            capability,
+            any::<bool>(),
+        )
     }
 
     proptest::proptest! {

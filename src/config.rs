@@ -389,7 +389,10 @@ idle_timeout = 60
                 key: "/etc/mail-tls-proxy/certs/privkey.pem".into(),
             }]
         );
-        assert_eq!(config.metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(
+            config.metrics_listen,
+            Some("127.0.0.1:9464".parse().unwrap())
+        );
         assert_eq!(config.listeners.len(), 2);
         let imaps = &config.listeners[0];
         assert_eq!(
@@ -407,8 +410,14 @@ idle_timeout = 60
 
     #[test]
     fn unknown_keys_are_errors_naming_the_key() {
-        let message = error_of(&MINIMAL.replace("backend = \"127.0.0.1:143\"", "backend = \"127.0.0.1:143\"\nrequire_tsl = \"all\""));
-        assert!(message.contains("/etc/mail-tls-proxy/config.toml"), "{message}");
+        let message = error_of(&MINIMAL.replace(
+            "backend = \"127.0.0.1:143\"",
+            "backend = \"127.0.0.1:143\"\nrequire_tsl = \"all\"",
+        ));
+        assert!(
+            message.contains("/etc/mail-tls-proxy/config.toml"),
+            "{message}"
+        );
         assert!(message.contains("require_tsl"), "{message}");
     }
 
@@ -417,16 +426,39 @@ idle_timeout = 60
         let cases = [
             ("protocol = \"imap\"", "protocol = \"nntp\"", "nntp"),
             ("tls = \"implicit\"", "tls = \"always\"", "always"),
-            ("listen = \"0.0.0.0:993\"", "listen = \"993\"", "listener[0].listen"),
-            ("backend = \"127.0.0.1:143\"", "backend = \"127.0.0.1\"", "listener[0].backend"),
-            ("name = \"imaps\"", "name = \"submission\"", "listener[1].name: \"submission\" is used by another listener"),
+            (
+                "listen = \"0.0.0.0:993\"",
+                "listen = \"993\"",
+                "listener[0].listen",
+            ),
+            (
+                "backend = \"127.0.0.1:143\"",
+                "backend = \"127.0.0.1\"",
+                "listener[0].backend",
+            ),
+            (
+                "name = \"imaps\"",
+                "name = \"submission\"",
+                "listener[1].name: \"submission\" is used by another listener",
+            ),
             ("name = \"imaps\"", "name = \"im aps\"", "listener[0].name"),
-            ("listen = \"127.0.0.1:9464\"", "listen = \"localhost\"", "metrics.listen"),
-            ("idle_timeout = 60", "idle_timeout = 0", "listener[1].idle_timeout: must be at least 1 second"),
+            (
+                "listen = \"127.0.0.1:9464\"",
+                "listen = \"localhost\"",
+                "metrics.listen",
+            ),
+            (
+                "idle_timeout = 60",
+                "idle_timeout = 0",
+                "listener[1].idle_timeout: must be at least 1 second",
+            ),
         ];
         for (from, to, expected) in cases {
             let message = error_of(&MINIMAL.replacen(from, to, 1));
-            assert!(message.starts_with("/etc/mail-tls-proxy/config.toml"), "{message}");
+            assert!(
+                message.starts_with("/etc/mail-tls-proxy/config.toml"),
+                "{message}"
+            );
             assert!(message.contains(expected), "{to}: {message}");
         }
     }

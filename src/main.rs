@@ -11,7 +11,11 @@ use mail_tls_proxy::tls::certs::generate_pair;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "mail-tls-proxy", version, about = "TLS front door for plaintext SMTP, IMAP and POP3 servers")]
+#[command(
+    name = "mail-tls-proxy",
+    version,
+    about = "TLS front door for plaintext SMTP, IMAP and POP3 servers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -71,8 +75,8 @@ fn main() -> ExitCode {
 }
 
 fn init_logging() {
-    let filter = EnvFilter::try_from_env("MAIL_TLS_PROXY_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_env("MAIL_TLS_PROXY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -143,7 +147,8 @@ fn write_self_signed(names: &[String], out: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let cert = out.join("fullchain.pem");
     let key = out.join("privkey.pem");
-    std::fs::write(&cert, pair.cert_pem).with_context(|| format!("cannot write {}", cert.display()))?;
+    std::fs::write(&cert, pair.cert_pem)
+        .with_context(|| format!("cannot write {}", cert.display()))?;
     write_private(&key, pair.key_pem.as_bytes())?;
     println!("wrote {} and {}", cert.display(), key.display());
     Ok(())

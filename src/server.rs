@@ -71,13 +71,14 @@ impl Proxy {
 
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for listener in &config.listeners {
-            let socket = TcpListener::bind(listener.listen)
-                .await
-                .map_err(|source| StartError::Bind {
-                    name: listener.name.clone(),
-                    address: listener.listen,
-                    source,
-                })?;
+            let socket =
+                TcpListener::bind(listener.listen)
+                    .await
+                    .map_err(|source| StartError::Bind {
+                        name: listener.name.clone(),
+                        address: listener.listen,
+                        source,
+                    })?;
             let context = ListenerContext {
                 name: listener.name.clone(),
                 protocol: listener.protocol,
@@ -92,13 +93,17 @@ impl Proxy {
             listeners.push((socket, Arc::new(context)));
         }
         let admin = match config.metrics_listen {
-            Some(address) => Some(TcpListener::bind(address).await.map_err(|source| {
-                StartError::Bind {
-                    name: "metrics".into(),
-                    address,
-                    source,
-                }
-            })?),
+            Some(address) => {
+                Some(
+                    TcpListener::bind(address)
+                        .await
+                        .map_err(|source| StartError::Bind {
+                            name: "metrics".into(),
+                            address,
+                            source,
+                        })?,
+                )
+            }
             None => None,
         };
         Ok(Proxy {
@@ -126,7 +131,9 @@ impl Proxy {
 
     /// The bound address of the metrics endpoint, if configured.
     pub fn metrics_address(&self) -> Option<SocketAddr> {
-        self.admin.as_ref().and_then(|socket| socket.local_addr().ok())
+        self.admin
+            .as_ref()
+            .and_then(|socket| socket.local_addr().ok())
     }
 
     /// The certificate store, for reloads.
@@ -154,7 +161,11 @@ impl Proxy {
                 address = %admin.local_addr().map(|a| a.to_string()).unwrap_or_default(),
                 "serving /metrics, /healthz and /readyz"
             );
-            tasks.spawn(crate::admin::serve(admin, self.metrics_handle, self.ready.clone()));
+            tasks.spawn(crate::admin::serve(
+                admin,
+                self.metrics_handle,
+                self.ready.clone(),
+            ));
         }
         self.ready.store(true, Ordering::Release);
         shutdown.await;

@@ -8,8 +8,14 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
 const UNAVAILABLE: [(&str, &[u8]); 3] = [
-    ("smtp", b"421 4.3.2 Service not available, closing transmission channel\r\n"),
-    ("imap", b"* BYE [UNAVAILABLE] Backend server not available\r\n"),
+    (
+        "smtp",
+        b"421 4.3.2 Service not available, closing transmission channel\r\n",
+    ),
+    (
+        "imap",
+        b"* BYE [UNAVAILABLE] Backend server not available\r\n",
+    ),
     ("pop3", b"-ERR [SYS/TEMP] Backend server not available\r\n"),
 ];
 
@@ -19,7 +25,11 @@ async fn unreachable_backend_gets_a_temporary_failure_on_starttls_listeners() {
     for (protocol, reply) in UNAVAILABLE {
         let proxy = TestProxy::start(&[listener("plain", protocol, "starttls", dead)]).await;
         let mut client = proxy.connect("plain").await;
-        assert_eq!(text(&read_to_close(&mut client).await), text(reply), "{protocol}");
+        assert_eq!(
+            text(&read_to_close(&mut client).await),
+            text(reply),
+            "{protocol}"
+        );
     }
 }
 
@@ -29,7 +39,11 @@ async fn unreachable_backend_gets_a_temporary_failure_inside_tls_on_implicit_lis
     for (protocol, reply) in UNAVAILABLE {
         let proxy = TestProxy::start(&[listener("tls", protocol, "implicit", dead)]).await;
         let mut client = proxy.connect_tls("tls").await;
-        assert_eq!(text(&read_to_close(&mut client).await), text(reply), "{protocol}");
+        assert_eq!(
+            text(&read_to_close(&mut client).await),
+            text(reply),
+            "{protocol}"
+        );
     }
 }
 
@@ -45,7 +59,11 @@ async fn a_backend_that_closes_before_greeting_gets_a_temporary_failure() {
     for (protocol, reply) in UNAVAILABLE {
         let proxy = TestProxy::start(&[listener("plain", protocol, "starttls", address)]).await;
         let mut client = proxy.connect("plain").await;
-        assert_eq!(text(&read_to_close(&mut client).await), text(reply), "{protocol}");
+        assert_eq!(
+            text(&read_to_close(&mut client).await),
+            text(reply),
+            "{protocol}"
+        );
     }
 }
 

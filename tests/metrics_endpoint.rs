@@ -10,7 +10,9 @@ use tokio::net::TcpStream;
 async fn http_get(address: std::net::SocketAddr, path: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(address).await.expect("connect");
     stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
         .await
         .expect("write");
     let mut response = String::new();
@@ -20,7 +22,11 @@ async fn http_get(address: std::net::SocketAddr, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|code| code.parse().ok())
         .expect("status code");
-    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+    let body = response
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
     (status, body)
 }
 
@@ -59,23 +65,84 @@ async fn metrics_count_connections_handshakes_upgrades_and_bytes() {
     assert_eq!(status, 200);
     let pop3 = "listener=\"metrics-pop3\"";
     let dead = "listener=\"metrics-dead\"";
-    assert_eq!(value(&metrics, &format!("mail_tls_proxy_connections_total{{{pop3}}}")), 1.0);
-    assert_eq!(value(&metrics, &format!("mail_tls_proxy_starttls_total{{{pop3}}}")), 1.0);
-    assert_eq!(value(&metrics, &format!("mail_tls_proxy_tls_handshakes_total{{{pop3},result=\"ok\"}}")), 1.0);
-    assert_eq!(value(&metrics, &format!("mail_tls_proxy_active_connections{{{pop3}}}")), 1.0);
-    assert_eq!(value(&metrics, &format!("mail_tls_proxy_connections_total{{{dead}}}")), 2.0);
-    assert_eq!(value(&metrics, &format!("mail_tls_proxy_backend_connect_errors_total{{{dead}}}")), 1.0);
-    assert_eq!(value(&metrics, &format!("mail_tls_proxy_tls_handshakes_total{{{dead},result=\"error\"}}")), 1.0);
+    assert_eq!(
+        value(
+            &metrics,
+            &format!("mail_tls_proxy_connections_total{{{pop3}}}")
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &metrics,
+            &format!("mail_tls_proxy_starttls_total{{{pop3}}}")
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &metrics,
+            &format!("mail_tls_proxy_tls_handshakes_total{{{pop3},result=\"ok\"}}")
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &metrics,
+            &format!("mail_tls_proxy_active_connections{{{pop3}}}")
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &metrics,
+            &format!("mail_tls_proxy_connections_total{{{dead}}}")
+        ),
+        2.0
+    );
+    assert_eq!(
+        value(
+            &metrics,
+            &format!("mail_tls_proxy_backend_connect_errors_total{{{dead}}}")
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &metrics,
+            &format!("mail_tls_proxy_tls_handshakes_total{{{dead},result=\"error\"}}")
+        ),
+        1.0
+    );
     // "USER alice\r\n" went to the backend after inspection ended.
     assert_eq!(
-        value(&metrics, &format!("mail_tls_proxy_bytes_total{{{pop3},direction=\"client_to_backend\"}}")),
+        value(
+            &metrics,
+            &format!("mail_tls_proxy_bytes_total{{{pop3},direction=\"client_to_backend\"}}")
+        ),
         12.0
     );
-    assert!(value(&metrics, &format!("mail_tls_proxy_bytes_total{{{pop3},direction=\"backend_to_client\"}}")) > 0.0);
-    assert!(metrics.contains(&format!("mail_tls_proxy_tls_handshake_duration_seconds_bucket{{{pop3},le=\"0.01\"}}")), "{metrics}");
+    assert!(
+        value(
+            &metrics,
+            &format!("mail_tls_proxy_bytes_total{{{pop3},direction=\"backend_to_client\"}}")
+        ) > 0.0
+    );
+    assert!(
+        metrics.contains(&format!(
+            "mail_tls_proxy_tls_handshake_duration_seconds_bucket{{{pop3},le=\"0.01\"}}"
+        )),
+        "{metrics}"
+    );
     drop(tls);
 
-    assert_eq!(http_get(address, "/healthz").await, (200, "ok\n".to_string()));
-    assert_eq!(http_get(address, "/readyz").await, (200, "ready\n".to_string()));
+    assert_eq!(
+        http_get(address, "/healthz").await,
+        (200, "ok\n".to_string())
+    );
+    assert_eq!(
+        http_get(address, "/readyz").await,
+        (200, "ready\n".to_string())
+    );
     assert_eq!(http_get(address, "/nothing").await.0, 404);
 }

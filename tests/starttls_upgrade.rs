@@ -10,25 +10,38 @@ use tokio::io::AsyncWriteExt;
 #[tokio::test]
 async fn smtp_starttls_offers_answers_and_upgrades() {
     let backend = FakeBackend::start(Script::smtp()).await;
-    let proxy = TestProxy::start(&[listener("submission", "smtp", "starttls", backend.address)]).await;
+    let proxy =
+        TestProxy::start(&[listener("submission", "smtp", "starttls", backend.address)]).await;
     let mut client = proxy.connect("submission").await;
 
-    assert_eq!(read_until(&mut client, b"\r\n").await, b"220 fake.example ESMTP\r\n");
+    assert_eq!(
+        read_until(&mut client, b"\r\n").await,
+        b"220 fake.example ESMTP\r\n"
+    );
     let reply = exchange(&mut client, b"EHLO client.example\r\n", b"250 STARTTLS\r\n").await;
-    assert_eq!(text(&reply), "250-fake.example\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 STARTTLS\r\n");
+    assert_eq!(
+        text(&reply),
+        "250-fake.example\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 STARTTLS\r\n"
+    );
     let reply = exchange(&mut client, b"STARTTLS\r\n", b"\r\n").await;
     assert_eq!(reply, b"220 2.0.0 Ready to start TLS\r\n");
 
     let mut tls = proxy.upgrade(client).await;
     let reply = exchange(&mut tls, b"EHLO client.example\r\n", b"250 8BITMIME\r\n").await;
-    assert_eq!(text(&reply), "250-fake.example\r\n250-PIPELINING\r\n250 8BITMIME\r\n");
+    assert_eq!(
+        text(&reply),
+        "250-fake.example\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
+    );
     let reply = exchange(&mut tls, b"MAIL FROM:<a@example.org>\r\n", b"\r\n").await;
     assert_eq!(reply, b"250 2.1.0 Ok\r\n");
     let reply = exchange(&mut tls, b"QUIT\r\n", b"\r\n").await;
     assert_eq!(reply, b"221 2.0.0 Bye\r\n");
 
     backend
-        .assert_received(0, b"EHLO client.example\r\nEHLO client.example\r\nMAIL FROM:<a@example.org>\r\nQUIT\r\n")
+        .assert_received(
+            0,
+            b"EHLO client.example\r\nEHLO client.example\r\nMAIL FROM:<a@example.org>\r\nQUIT\r\n",
+        )
         .await;
 }
 
@@ -42,7 +55,12 @@ async fn imap_starttls_offers_answers_and_upgrades() {
         text(&read_until(&mut client, b"\r\n").await),
         "* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN STARTTLS] fake ready\r\n"
     );
-    let reply = exchange(&mut client, b"a CAPABILITY\r\n", b"a OK Capability completed.\r\n").await;
+    let reply = exchange(
+        &mut client,
+        b"a CAPABILITY\r\n",
+        b"a OK Capability completed.\r\n",
+    )
+    .await;
     assert_eq!(
         text(&reply),
         "* CAPABILITY IMAP4rev1 AUTH=PLAIN STARTTLS\r\na OK Capability completed.\r\n"
@@ -51,13 +69,24 @@ async fn imap_starttls_offers_answers_and_upgrades() {
     assert_eq!(reply, b"s OK Begin TLS negotiation now\r\n");
 
     let mut tls = proxy.upgrade(client).await;
-    let reply = exchange(&mut tls, b"b CAPABILITY\r\n", b"b OK Capability completed.\r\n").await;
-    assert_eq!(text(&reply), "* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\nb OK Capability completed.\r\n");
+    let reply = exchange(
+        &mut tls,
+        b"b CAPABILITY\r\n",
+        b"b OK Capability completed.\r\n",
+    )
+    .await;
+    assert_eq!(
+        text(&reply),
+        "* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\nb OK Capability completed.\r\n"
+    );
     let reply = exchange(&mut tls, b"l LOGIN alice secret\r\n", b"\r\n").await;
     assert_eq!(reply, b"l OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n");
 
     backend
-        .assert_received(0, b"a CAPABILITY\r\nb CAPABILITY\r\nl LOGIN alice secret\r\n")
+        .assert_received(
+            0,
+            b"a CAPABILITY\r\nb CAPABILITY\r\nl LOGIN alice secret\r\n",
+        )
         .await;
 }
 
@@ -67,7 +96,10 @@ async fn pop3_stls_offers_answers_and_upgrades() {
     let proxy = TestProxy::start(&[listener("pop3", "pop3", "starttls", backend.address)]).await;
     let mut client = proxy.connect("pop3").await;
 
-    assert_eq!(read_until(&mut client, b"\r\n").await, b"+OK fake POP3 ready\r\n");
+    assert_eq!(
+        read_until(&mut client, b"\r\n").await,
+        b"+OK fake POP3 ready\r\n"
+    );
     let reply = exchange(&mut client, b"CAPA\r\n", b"\r\n.\r\n").await;
     assert_eq!(text(&reply), "+OK\r\nTOP\r\nUSER\r\nSTLS\r\n.\r\n");
     let reply = exchange(&mut client, b"STLS\r\n", b"\r\n").await;
@@ -79,7 +111,9 @@ async fn pop3_stls_offers_answers_and_upgrades() {
     let reply = exchange(&mut tls, b"USER alice\r\n", b"\r\n").await;
     assert_eq!(reply, b"+OK\r\n");
 
-    backend.assert_received(0, b"CAPA\r\nCAPA\r\nUSER alice\r\n").await;
+    backend
+        .assert_received(0, b"CAPA\r\nCAPA\r\nUSER alice\r\n")
+        .await;
 }
 
 /// A client that writes its ClientHello right behind STARTTLS (in the same
@@ -88,7 +122,8 @@ async fn pop3_stls_offers_answers_and_upgrades() {
 #[tokio::test]
 async fn a_client_hello_pipelined_behind_starttls_still_works() {
     let backend = FakeBackend::start(Script::smtp()).await;
-    let proxy = TestProxy::start(&[listener("submission", "smtp", "starttls", backend.address)]).await;
+    let proxy =
+        TestProxy::start(&[listener("submission", "smtp", "starttls", backend.address)]).await;
     let mut client = proxy.connect("submission").await;
     read_until(&mut client, b"\r\n").await;
 
@@ -98,11 +133,16 @@ async fn a_client_hello_pipelined_behind_starttls_still_works() {
     let connector = proxy.pki.connector.clone();
     let handshake = tokio::spawn(async move {
         connector
-            .connect(rustls::pki_types::ServerName::try_from("localhost").expect("name"), theirs)
+            .connect(
+                rustls::pki_types::ServerName::try_from("localhost").expect("name"),
+                theirs,
+            )
             .await
     });
     let mut hello = vec![0u8; 64 * 1024];
-    let read = tokio::io::AsyncReadExt::read(&mut ours, &mut hello).await.expect("client hello");
+    let read = tokio::io::AsyncReadExt::read(&mut ours, &mut hello)
+        .await
+        .expect("client hello");
     hello.truncate(read);
 
     let mut first_write = b"STARTTLS\r\n".to_vec();
@@ -110,7 +150,9 @@ async fn a_client_hello_pipelined_behind_starttls_still_works() {
     client.write_all(&first_write).await.expect("write");
     // The ServerHello follows the reply at once: read exactly the reply.
     let mut reply = [0u8; 30];
-    tokio::io::AsyncReadExt::read_exact(&mut client, &mut reply).await.expect("reply");
+    tokio::io::AsyncReadExt::read_exact(&mut client, &mut reply)
+        .await
+        .expect("reply");
     assert_eq!(&reply, b"220 2.0.0 Ready to start TLS\r\n");
 
     // Relay the rest of the handshake between the TLS client and the proxy.
@@ -124,7 +166,10 @@ async fn a_client_hello_pipelined_behind_starttls_still_works() {
         .expect("task")
         .expect("handshake with pipelined ClientHello succeeds");
     let reply = exchange(&mut tls, b"EHLO c\r\n", b"250 8BITMIME\r\n").await;
-    assert_eq!(text(&reply), "250-fake.example\r\n250-PIPELINING\r\n250 8BITMIME\r\n");
+    assert_eq!(
+        text(&reply),
+        "250-fake.example\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
+    );
     backend.assert_received(0, b"EHLO c\r\n").await;
 }
 
@@ -133,7 +178,11 @@ async fn a_client_hello_pipelined_behind_starttls_still_works() {
 #[tokio::test]
 async fn plaintext_injected_behind_starttls_never_reaches_the_backend() {
     for (protocol, greeting_end, command) in [
-        ("smtp", &b"\r\n"[..], &b"STARTTLS\r\nMAIL FROM:<evil@example.org>\r\n"[..]),
+        (
+            "smtp",
+            &b"\r\n"[..],
+            &b"STARTTLS\r\nMAIL FROM:<evil@example.org>\r\n"[..],
+        ),
         ("imap", b"\r\n", b"s STARTTLS\r\nl LOGIN evil evil\r\n"),
         ("pop3", b"\r\n", b"STLS\r\nUSER evil\r\n"),
     ] {
@@ -143,7 +192,8 @@ async fn plaintext_injected_behind_starttls_never_reaches_the_backend() {
             _ => Script::pop3(),
         };
         let backend = FakeBackend::start(script).await;
-        let proxy = TestProxy::start(&[listener("plain", protocol, "starttls", backend.address)]).await;
+        let proxy =
+            TestProxy::start(&[listener("plain", protocol, "starttls", backend.address)]).await;
         let mut client = proxy.connect("plain").await;
         read_until(&mut client, greeting_end).await;
         client.write_all(command).await.expect("write");
@@ -155,7 +205,11 @@ async fn plaintext_injected_behind_starttls_never_reaches_the_backend() {
             "imap" => b"s OK Begin TLS negotiation now\r\n",
             _ => b"+OK Begin TLS negotiation\r\n",
         };
-        assert!(rest.starts_with(expected_reply), "{protocol}: {:?}", text(&rest));
+        assert!(
+            rest.starts_with(expected_reply),
+            "{protocol}: {:?}",
+            text(&rest)
+        );
         // At most a TLS alert record (7 bytes) follows; no reply line.
         let tail = &rest[expected_reply.len()..];
         assert!(
@@ -164,7 +218,11 @@ async fn plaintext_injected_behind_starttls_never_reaches_the_backend() {
             text(&rest)
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        assert_eq!(backend.received(0), b"", "{protocol}: backend received injected bytes");
+        assert_eq!(
+            backend.received(0),
+            b"",
+            "{protocol}: backend received injected bytes"
+        );
     }
 }
 
@@ -175,7 +233,12 @@ async fn a_plaintext_session_that_never_upgrades_works_as_without_the_proxy() {
     let mut client = proxy.connect("mx").await;
     read_until(&mut client, b"\r\n").await;
     exchange(&mut client, b"EHLO relay.example\r\n", b"250 STARTTLS\r\n").await;
-    let reply = exchange(&mut client, b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n", b"250 2.1.5 Ok\r\n").await;
+    let reply = exchange(
+        &mut client,
+        b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n",
+        b"250 2.1.5 Ok\r\n",
+    )
+    .await;
     assert_eq!(reply, b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n");
     // After inspection everything is copied, even a later STARTTLS.
     let reply = exchange(&mut client, b"STARTTLS\r\n", b"\r\n").await;

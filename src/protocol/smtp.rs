@@ -346,7 +346,11 @@ mod tests {
         feed(machine, bytes, true)
     }
 
-    fn feed(machine: &mut SmtpInspector, bytes: &[u8], from_client: bool) -> (Vec<u8>, Vec<u8>, Next) {
+    fn feed(
+        machine: &mut SmtpInspector,
+        bytes: &[u8],
+        from_client: bool,
+    ) -> (Vec<u8>, Vec<u8>, Next) {
         let mut out = Output::default();
         let mut next = Next::Continue;
         for line in bytes.split_inclusive(|&b| b == b'\n') {
@@ -382,7 +386,10 @@ mod tests {
     fn multi_line_ehlo_reply_gains_starttls_as_its_last_line() {
         let mut machine = greeted(TlsMode::StartTls);
         let (to_client, to_backend, next) = client(&mut machine, b"EHLO client.example\r\n");
-        assert_eq!((to_client.as_slice(), to_backend.as_slice(), next), (&b""[..], &b"EHLO client.example\r\n"[..], Next::Continue));
+        assert_eq!(
+            (to_client.as_slice(), to_backend.as_slice(), next),
+            (&b""[..], &b"EHLO client.example\r\n"[..], Next::Continue)
+        );
         let (to_client, _, _) = backend(
             &mut machine,
             b"250-mx.example\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250 8BITMIME\r\n",
@@ -410,14 +417,20 @@ mod tests {
             &mut machine,
             b"250-mx.example\r\n250-starttls\r\n250 SIZE 100\r\n",
         );
-        assert_eq!(to_client, b"250-mx.example\r\n250-SIZE 100\r\n250 STARTTLS\r\n");
+        assert_eq!(
+            to_client,
+            b"250-mx.example\r\n250-SIZE 100\r\n250 STARTTLS\r\n"
+        );
     }
 
     #[test]
     fn implicit_tls_strips_backend_starttls_even_when_it_is_the_last_line() {
         let mut machine = greeted(TlsMode::Implicit);
         client(&mut machine, b"EHLO c\r\n");
-        let (to_client, _, _) = backend(&mut machine, b"250-mx.example\r\n250-SIZE 100\r\n250 STARTTLS\r\n");
+        let (to_client, _, _) = backend(
+            &mut machine,
+            b"250-mx.example\r\n250-SIZE 100\r\n250 STARTTLS\r\n",
+        );
         assert_eq!(to_client, b"250-mx.example\r\n250 SIZE 100\r\n");
     }
 
@@ -448,7 +461,10 @@ mod tests {
     fn a_backend_refusing_the_second_ehlo_still_gives_a_valid_reply_after_tls() {
         let mut machine = greeted(TlsMode::StartTls);
         client(&mut machine, b"EHLO c\r\n");
-        backend(&mut machine, b"250-mx.example\r\n250-STARTTLS\r\n250 SIZE 5\r\n");
+        backend(
+            &mut machine,
+            b"250-mx.example\r\n250-STARTTLS\r\n250 SIZE 5\r\n",
+        );
         client(&mut machine, b"STARTTLS\r\n");
         machine.tls_established();
         client(&mut machine, b"EHLO c\r\n");
@@ -462,20 +478,29 @@ mod tests {
     fn second_starttls_and_starttls_on_implicit_get_503() {
         let mut machine = greeted(TlsMode::Implicit);
         let (to_client, to_backend, next) = client(&mut machine, b"STARTTLS\r\n");
-        assert_eq!((to_client.as_slice(), to_backend.as_slice(), next), (TLS_ALREADY_ACTIVE, &b""[..], Next::Continue));
+        assert_eq!(
+            (to_client.as_slice(), to_backend.as_slice(), next),
+            (TLS_ALREADY_ACTIVE, &b""[..], Next::Continue)
+        );
 
         let mut machine = greeted(TlsMode::StartTls);
         client(&mut machine, b"STARTTLS\r\n");
         machine.tls_established();
         let (to_client, _, next) = client(&mut machine, b"starttls\r\n");
-        assert_eq!((to_client.as_slice(), next), (TLS_ALREADY_ACTIVE, Next::Continue));
+        assert_eq!(
+            (to_client.as_slice(), next),
+            (TLS_ALREADY_ACTIVE, Next::Continue)
+        );
     }
 
     #[test]
     fn starttls_with_parameters_is_a_syntax_error() {
         let mut machine = greeted(TlsMode::StartTls);
         let (to_client, to_backend, next) = client(&mut machine, b"STARTTLS now\r\n");
-        assert_eq!((to_client.as_slice(), to_backend.as_slice(), next), (STARTTLS_SYNTAX, &b""[..], Next::Continue));
+        assert_eq!(
+            (to_client.as_slice(), to_backend.as_slice(), next),
+            (STARTTLS_SYNTAX, &b""[..], Next::Continue)
+        );
     }
 
     #[test]
@@ -515,7 +540,8 @@ mod tests {
     fn other_ehlo_errors_are_relayed_verbatim() {
         let mut machine = greeted(TlsMode::StartTls);
         client(&mut machine, b"EHLO\r\n");
-        let (to_client, to_backend, _) = backend(&mut machine, b"501 5.5.4 Syntax: EHLO hostname\r\n");
+        let (to_client, to_backend, _) =
+            backend(&mut machine, b"501 5.5.4 Syntax: EHLO hostname\r\n");
         assert_eq!(to_client, b"501 5.5.4 Syntax: EHLO hostname\r\n");
         assert_eq!(to_backend, b"");
     }
@@ -535,10 +561,19 @@ mod tests {
 
     #[test]
     fn the_first_other_command_ends_inspection() {
-        for command in [&b"MAIL FROM:<a@b>\r\n"[..], b"AUTH PLAIN AGFAYg==\r\n", b"DATA\r\n", b"garbage\r\n", b"\r\n"] {
+        for command in [
+            &b"MAIL FROM:<a@b>\r\n"[..],
+            b"AUTH PLAIN AGFAYg==\r\n",
+            b"DATA\r\n",
+            b"garbage\r\n",
+            b"\r\n",
+        ] {
             let mut machine = greeted(TlsMode::StartTls);
             let (to_client, to_backend, next) = client(&mut machine, command);
-            assert_eq!((to_client.as_slice(), to_backend.as_slice(), next), (&b""[..], command, Next::Passthrough));
+            assert_eq!(
+                (to_client.as_slice(), to_backend.as_slice(), next),
+                (&b""[..], command, Next::Passthrough)
+            );
         }
     }
 

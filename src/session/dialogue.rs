@@ -122,7 +122,11 @@ impl<'a> Dialogue<'a> {
     }
 
     /// Writes what the machine produced: backend first, then the client.
-    async fn flush<C>(&mut self, client: &mut C, backend: &mut TcpStream) -> Result<(), SessionError>
+    async fn flush<C>(
+        &mut self,
+        client: &mut C,
+        backend: &mut TcpStream,
+    ) -> Result<(), SessionError>
     where
         C: AsyncWrite + Unpin,
     {

@@ -136,8 +136,12 @@ pub async fn serve(context: Arc<ListenerContext>, client: TcpStream, peer: Socke
         match result {
             Ok(()) => debug!(seconds, "session closed"),
             Err(error) => match error.side() {
-                Side::Backend => warn!(side = error.side().as_str(), seconds, %error, "session failed"),
-                Side::Client => info!(side = error.side().as_str(), seconds, %error, "session failed"),
+                Side::Backend => {
+                    warn!(side = error.side().as_str(), seconds, %error, "session failed")
+                }
+                Side::Client => {
+                    info!(side = error.side().as_str(), seconds, %error, "session failed")
+                }
             },
         }
     }
@@ -150,11 +154,18 @@ async fn serve_implicit(context: &ListenerContext, client: TcpStream) -> Result<
     let mut backend = match connect_backend(context).await {
         Ok(backend) => backend,
         Err(error) => {
-            say_goodbye(&mut client, protocol::backend_unavailable_reply(context.protocol)).await;
+            say_goodbye(
+                &mut client,
+                protocol::backend_unavailable_reply(context.protocol),
+            )
+            .await;
             return Err(error);
         }
     };
-    let mut dialogue = Dialogue::new(context, protocol::new_inspector(context.protocol, TlsMode::Implicit));
+    let mut dialogue = Dialogue::new(
+        context,
+        protocol::new_inspector(context.protocol, TlsMode::Implicit),
+    );
     match dialogue.run(&mut client, &mut backend).await? {
         Inspected::Passthrough => splice(context, dialogue, client, backend).await,
         // An implicit-TLS machine never asks for STARTTLS; treat it as the end.
@@ -165,15 +176,25 @@ async fn serve_implicit(context: &ListenerContext, client: TcpStream) -> Result<
     }
 }
 
-async fn serve_starttls(context: &ListenerContext, mut client: TcpStream) -> Result<(), SessionError> {
+async fn serve_starttls(
+    context: &ListenerContext,
+    mut client: TcpStream,
+) -> Result<(), SessionError> {
     let mut backend = match connect_backend(context).await {
         Ok(backend) => backend,
         Err(error) => {
-            say_goodbye(&mut client, protocol::backend_unavailable_reply(context.protocol)).await;
+            say_goodbye(
+                &mut client,
+                protocol::backend_unavailable_reply(context.protocol),
+            )
+            .await;
             return Err(error);
         }
     };
-    let mut dialogue = Dialogue::new(context, protocol::new_inspector(context.protocol, TlsMode::StartTls));
+    let mut dialogue = Dialogue::new(
+        context,
+        protocol::new_inspector(context.protocol, TlsMode::StartTls),
+    );
     match dialogue.run(&mut client, &mut backend).await? {
         Inspected::Passthrough => return splice(context, dialogue, client, backend).await,
         Inspected::Closed => {
@@ -191,7 +212,10 @@ async fn serve_starttls(context: &ListenerContext, mut client: TcpStream) -> Res
     let mut client = handshake(context, Prefixed::new(early_client_bytes, client)).await?;
     dropped += drain_ready(&backend);
     if dropped > 0 {
-        warn!(bytes = dropped, "backend sent data around STARTTLS; dropped it");
+        warn!(
+            bytes = dropped,
+            "backend sent data around STARTTLS; dropped it"
+        );
     }
     context.metrics.starttls.increment(1);
     dialogue.tls_established();
@@ -285,7 +309,10 @@ where
             .write_all(&client_pending)
             .await
             .map_err(SessionError::Backend)?;
-        context.metrics.bytes_to_backend.increment(client_pending.len() as u64);
+        context
+            .metrics
+            .bytes_to_backend
+            .increment(client_pending.len() as u64);
     }
     if !backend_pending.is_empty() {
         client
@@ -293,7 +320,10 @@ where
             .await
             .map_err(SessionError::Client)?;
         client.flush().await.map_err(SessionError::Client)?;
-        context.metrics.bytes_to_client.increment(backend_pending.len() as u64);
+        context
+            .metrics
+            .bytes_to_client
+            .increment(backend_pending.len() as u64);
     }
     drop((client_pending, backend_pending));
     let mut backend = Counted::new(

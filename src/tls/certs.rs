@@ -89,14 +89,13 @@ pub fn load_certified_key(
 ) -> Result<LoadedCertificate, CertificateError> {
     let chain = read_chain(&files.cert)?;
     let key = read_key(&files.key)?;
-    let signing_key =
-        provider
-            .key_provider
-            .load_private_key(key)
-            .map_err(|error| CertificateError::BadKey {
-                path: files.key.clone(),
-                reason: error.to_string(),
-            })?;
+    let signing_key = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|error| CertificateError::BadKey {
+            path: files.key.clone(),
+            reason: error.to_string(),
+        })?;
     let certified_key = CertifiedKey::new(chain, signing_key);
     certified_key
         .keys_match()
@@ -148,12 +147,13 @@ pub fn self_signed(
     }
     let pair = generate_pair(&names)?;
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pair.key_der));
-    let signing_key = provider.key_provider.load_private_key(key).map_err(|error| {
-        CertificateError::Generate {
+    let signing_key = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|error| CertificateError::Generate {
             name: hostname.to_string(),
             reason: error.to_string(),
-        }
-    })?;
+        })?;
     Ok(LoadedCertificate {
         certified_key: Arc::new(CertifiedKey::new(vec![pair.cert_der], signing_key)),
         files: None,
@@ -199,9 +199,15 @@ mod tests {
         let second = generate_pair(&["b.example".into()]).expect("generate");
         let files = write_pair(&dir, "mismatch", &first.cert_pem, &second.key_pem);
         let error = load_certified_key(&files, &provider()).expect_err("mismatch");
-        assert!(matches!(error, CertificateError::Mismatch { .. }), "{error}");
+        assert!(
+            matches!(error, CertificateError::Mismatch { .. }),
+            "{error}"
+        );
         let message = error.to_string();
-        assert!(message.contains("mismatch.key") && message.contains("mismatch.crt"), "{message}");
+        assert!(
+            message.contains("mismatch.key") && message.contains("mismatch.crt"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -230,6 +236,9 @@ mod tests {
         let loaded = self_signed("mx.example.org", &provider()).expect("generate");
         assert!(loaded.files.is_none());
         assert_eq!(loaded.certified_key.cert.len(), 1);
-        loaded.certified_key.keys_match().expect("generated key matches");
+        loaded
+            .certified_key
+            .keys_match()
+            .expect("generated key matches");
     }
 }

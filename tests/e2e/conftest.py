@@ -21,10 +21,25 @@ import pytest
 # The helper modules sit next to this file.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from proxy_process import RunningProxy, proxy_binary_path, start_proxy, stop_proxy, unavailable  # noqa: E402
-from servers import MailServerEndpoints, MailServers, ServerSetupError, missing_programs, tail_of_file  # noqa: E402
+from proxy_process import (  # noqa: E402
+    RunningProxy,
+    proxy_binary_path,
+    start_proxy,
+    stop_abandoned_proxy,
+    stop_proxy,
+    unavailable,
+)
+from servers import (  # noqa: E402
+    MailServerEndpoints,
+    MailServers,
+    ServerSetupError,
+    missing_programs,
+    stop_abandoned_instances,
+    tail_of_file,
+)
 
 CERTIFICATE_HOSTNAME = "localhost"
+SCRATCH_DIR_PREFIX = "mail-e2e-"
 
 # Log files worth showing when a test fails; filled in by the fixtures.
 _logs_to_show_on_failure: dict[str, Path] = {}
@@ -49,7 +64,7 @@ def pytest_runtest_makereport(item, call):
 def scratch_dir():
     # Short path under /tmp: Dovecot's unix sockets live below it (108-byte
     # limit), and the daemons' unprivileged uids must be able to traverse it.
-    path = Path(tempfile.mkdtemp(prefix="mail-e2e-", dir="/tmp"))
+    path = Path(tempfile.mkdtemp(prefix=SCRATCH_DIR_PREFIX, dir="/tmp"))
     path.chmod(0o755)
     yield path
     if os.environ.get("E2E_KEEP_DIR") == "1":
@@ -65,7 +80,11 @@ def mail_servers(scratch_dir) -> MailServerEndpoints:
     missing = missing_programs()
     if missing:
         unavailable(f"{', '.join(missing)} not installed; run tests/e2e/install-deps.sh")
-    servers = MailServers(scratch_dir / "servers")
+    # Daemons of an earlier run that was killed before its teardown.
+    for abandoned in stop_abandoned_instances(f"/tmp/{SCRATCH_DIR_PREFIX}*/servers"):
+        stop_abandoned_proxy(abandoned.parent / "proxy")
+        shutil.rmtree(abandoned.parent, ignore_errors=True)
+    servers = MailServers(scratch_dir / "servers", owner_pid=os.getpid())
     _logs_to_show_on_failure["Postfix maillog"] = servers.postfix_log
     _logs_to_show_on_failure["Dovecot log"] = servers.dovecot_log
     try:

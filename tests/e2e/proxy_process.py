@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from servers import MailServerEndpoints, pick_free_loopback_port, tail_of_file
+from servers import MailServerEndpoints, pick_free_loopback_port, tail_of_file, terminate_pid
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROXY_STARTUP_TIMEOUT_SECONDS = 30
@@ -125,6 +125,9 @@ def start_proxy(binary: Path, backends: MailServerEndpoints, certificate_dir: Pa
             cwd=working_dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             env=environment,
         )
+    # Lets a later run stop this proxy if the test process dies without
+    # tearing down (see stop_abandoned_proxy).
+    (certificate_dir / "proxy.pid").write_text(f"{process.pid}\n")
     running = RunningProxy(ports=ports, metrics_port=metrics_port, ca_file=certificate_dir / "fullchain.pem",
                            hostname=hostname, config_file=config_file, log_file=log_file, process=process)
     try:
@@ -150,6 +153,18 @@ def wait_for_proxy_ports(running: RunningProxy) -> None:
                         pytrace=False)
         if waiting_for:
             time.sleep(0.1)
+
+
+def stop_abandoned_proxy(certificate_dir: Path) -> None:
+    pid_file = certificate_dir / "proxy.pid"
+    try:
+        pid = int(pid_file.read_text())
+        command_line = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return
+    # Only if that pid still runs *this* config (pids get reused).
+    if str(certificate_dir / "mail-tls-proxy.toml").encode() in command_line:
+        terminate_pid(pid)
 
 
 def stop_proxy(running: RunningProxy) -> None:

@@ -183,6 +183,9 @@ class MailServerEndpoints:
     domain: str = TEST_DOMAIN
     dovecot_pid: int | None = None
     postfix_master_pid: int | None = None
+    # The test process that owns these servers; None for ones started by
+    # hand with the CLI, which are never cleaned up automatically.
+    owner_pid: int | None = None
 
     @property
     def maildir(self) -> Path:
@@ -192,8 +195,10 @@ class MailServerEndpoints:
 class MailServers:
     """Owns one Dovecot and one Postfix instance rooted at base_dir."""
 
-    def __init__(self, base_dir: str | os.PathLike, mail_storage_user: str = DEFAULT_MAIL_STORAGE_USER):
+    def __init__(self, base_dir: str | os.PathLike, mail_storage_user: str = DEFAULT_MAIL_STORAGE_USER,
+                 owner_pid: int | None = None):
         self.base_dir = Path(base_dir).resolve()
+        self.owner_pid = owner_pid
         storage_account = pwd.getpwnam(mail_storage_user)
         self.mail_uid = storage_account.pw_uid
         self.mail_gid = storage_account.pw_gid
@@ -264,6 +269,7 @@ class MailServers:
             smtp_port=pick_free_loopback_port(),
             imap_port=pick_free_loopback_port(),
             pop3_port=pick_free_loopback_port(),
+            owner_pid=self.owner_pid,
         )
         try:
             self._start_dovecot()
@@ -575,6 +581,23 @@ postlog   unix-dgram n  -       n       -       1       postlogd
             return program_name in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
         except OSError:
             return False
+
+
+def stop_abandoned_instances(scratch_dir_pattern: str) -> list[Path]:
+    """Stop servers left behind by test runs that died without cleaning up
+    (e.g. killed by a timeout), found by their state files.  Instances whose
+    owner is still alive, or that were started by hand, are left alone."""
+    stopped = []
+    for state_file in sorted(Path("/").glob(scratch_dir_pattern.lstrip("/") + "/" + STATE_FILE_NAME)):
+        try:
+            owner_pid = json.loads(state_file.read_text()).get("owner_pid")
+        except (OSError, ValueError):
+            continue
+        if owner_pid is None or process_is_alive(owner_pid):
+            continue
+        MailServers(state_file.parent).stop()
+        stopped.append(state_file.parent)
+    return stopped
 
 
 def main(argv: list[str]) -> int:

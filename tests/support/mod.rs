@@ -79,7 +79,12 @@ pub struct ListenerSpec {
     pub backend: String,
 }
 
-pub fn listener(name: &'static str, protocol: &'static str, tls: &'static str, backend: SocketAddr) -> ListenerSpec {
+pub fn listener(
+    name: &'static str,
+    protocol: &'static str,
+    tls: &'static str,
+    backend: SocketAddr,
+) -> ListenerSpec {
     ListenerSpec {
         name,
         protocol,
@@ -104,8 +109,8 @@ impl TestProxy {
     /// Starts a proxy; `extra` is appended to each listener's table.
     pub async fn start_with(listeners: &[ListenerSpec], extra: &str) -> TestProxy {
         let pki = test_pki();
-        let mut text = format!(
-            "[[certificate]]\ncert = \"fullchain.pem\"\nkey = \"privkey.pem\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n"
+        let mut text = String::from(
+            "[[certificate]]\ncert = \"fullchain.pem\"\nkey = \"privkey.pem\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
         );
         for spec in listeners {
             text.push_str(&format!(
@@ -177,6 +182,8 @@ impl Drop for TestProxy {
 pub struct Script {
     pub greeting: Vec<u8>,
     pub rules: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Rules that answer only the first matching line (checked before `rules`).
+    pub once: Vec<(Vec<u8>, Vec<u8>)>,
     /// Reply to lines no rule matches.
     pub fallback: Vec<u8>,
 }
@@ -186,12 +193,18 @@ impl Script {
         Self {
             greeting: greeting.to_vec(),
             rules: Vec::new(),
+            once: Vec::new(),
             fallback: Vec::new(),
         }
     }
 
     pub fn on(mut self, prefix: &[u8], reply: &[u8]) -> Self {
         self.rules.push((prefix.to_vec(), reply.to_vec()));
+        self
+    }
+
+    pub fn once(mut self, prefix: &[u8], reply: &[u8]) -> Self {
+        self.once.push((prefix.to_vec(), reply.to_vec()));
         self
     }
 
@@ -202,7 +215,10 @@ impl Script {
 
     pub fn smtp() -> Self {
         Script::new(b"220 fake.example ESMTP\r\n")
-            .on(b"EHLO", b"250-fake.example\r\n250-PIPELINING\r\n250-STARTTLS\r\n250 8BITMIME\r\n")
+            .on(
+                b"EHLO",
+                b"250-fake.example\r\n250-PIPELINING\r\n250-STARTTLS\r\n250 8BITMIME\r\n",
+            )
             .on(b"HELO", b"250 fake.example\r\n")
             .on(b"NOOP", b"250 2.0.0 Ok\r\n")
             .on(b"MAIL FROM", b"250 2.1.0 Ok\r\n")
@@ -213,11 +229,23 @@ impl Script {
 
     pub fn imap() -> Self {
         Script::new(b"* OK [CAPABILITY IMAP4rev1 STARTTLS AUTH=PLAIN] fake ready\r\n")
-            .on(b"a CAPABILITY", b"* CAPABILITY IMAP4rev1 STARTTLS AUTH=PLAIN\r\na OK Capability completed.\r\n")
-            .on(b"b CAPABILITY", b"* CAPABILITY IMAP4rev1 STARTTLS AUTH=PLAIN\r\nb OK Capability completed.\r\n")
+            .on(
+                b"a CAPABILITY",
+                b"* CAPABILITY IMAP4rev1 STARTTLS AUTH=PLAIN\r\na OK Capability completed.\r\n",
+            )
+            .on(
+                b"b CAPABILITY",
+                b"* CAPABILITY IMAP4rev1 STARTTLS AUTH=PLAIN\r\nb OK Capability completed.\r\n",
+            )
             .on(b"n NOOP", b"n OK NOOP completed.\r\n")
-            .on(b"l LOGIN", b"l OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n")
-            .on(b"z LOGOUT", b"* BYE Logging out\r\nz OK Logout completed.\r\n")
+            .on(
+                b"l LOGIN",
+                b"l OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n",
+            )
+            .on(
+                b"z LOGOUT",
+                b"* BYE Logging out\r\nz OK Logout completed.\r\n",
+            )
             .otherwise(b"* BAD unknown\r\n")
     }
 
@@ -232,18 +260,23 @@ impl Script {
     }
 }
 
+/// What each connection to a fake backend received, in accept order.
+type Recordings = Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>>;
+
 /// A plaintext backend on 127.0.0.1 that follows a [`Script`] and records
 /// everything each connection sent it.
 pub struct FakeBackend {
     pub address: SocketAddr,
-    received: Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>>,
+    received: Recordings,
 }
 
 impl FakeBackend {
     pub async fn start(script: Script) -> FakeBackend {
-        let socket = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
+        let socket = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind backend");
         let address = socket.local_addr().expect("backend address");
-        let received: Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>> = Arc::default();
+        let received: Recordings = Arc::default();
         let connections = received.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = socket.accept().await {
@@ -275,7 +308,11 @@ impl FakeBackend {
                 return;
             }
             if tokio::time::Instant::now() > deadline {
-                let got = if self.connections() > index { self.received(index) } else { Vec::new() };
+                let got = if self.connections() > index {
+                    self.received(index)
+                } else {
+                    Vec::new()
+                };
                 panic!(
                     "backend connection {index} received {:?}, expected {:?}",
                     String::from_utf8_lossy(&got),
@@ -287,7 +324,7 @@ impl FakeBackend {
     }
 }
 
-async fn serve_script(mut stream: TcpStream, script: Script, record: Arc<Mutex<Vec<u8>>>) {
+async fn serve_script(mut stream: TcpStream, mut script: Script, record: Arc<Mutex<Vec<u8>>>) {
     if stream.write_all(&script.greeting).await.is_err() {
         return;
     }
@@ -298,22 +335,31 @@ async fn serve_script(mut stream: TcpStream, script: Script, record: Arc<Mutex<V
             Ok(0) | Err(_) => return,
             Ok(read) => read,
         };
-        record.lock().expect("lock").extend_from_slice(&chunk[..read]);
+        record
+            .lock()
+            .expect("lock")
+            .extend_from_slice(&chunk[..read]);
         pending.extend_from_slice(&chunk[..read]);
         while let Some(end) = pending.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = pending.drain(..=end).collect();
-            let reply = script
-                .rules
-                .iter()
-                .find(|(prefix, _)| {
-                    line.len() >= prefix.len() && line[..prefix.len()].eq_ignore_ascii_case(prefix)
-                })
-                .map(|(_, reply)| reply.clone())
-                .unwrap_or_else(|| script.fallback.clone());
+            let matches = |(prefix, _): &(Vec<u8>, Vec<u8>)| {
+                line.len() >= prefix.len() && line[..prefix.len()].eq_ignore_ascii_case(prefix)
+            };
+            let reply = match script.once.iter().position(matches) {
+                Some(index) => script.once.remove(index).1,
+                None => script
+                    .rules
+                    .iter()
+                    .find(|rule| matches(rule))
+                    .map(|(_, reply)| reply.clone())
+                    .unwrap_or_else(|| script.fallback.clone()),
+            };
             if stream.write_all(&reply).await.is_err() {
                 return;
             }
-            if line.to_ascii_uppercase().starts_with(b"QUIT") || line.to_ascii_uppercase().starts_with(b"Z LOGOUT") {
+            if line.to_ascii_uppercase().starts_with(b"QUIT")
+                || line.to_ascii_uppercase().starts_with(b"Z LOGOUT")
+            {
                 return;
             }
         }
@@ -344,7 +390,11 @@ pub async fn read_until<S: AsyncRead + Unpin>(stream: &mut S, ending: &[u8]) -> 
 }
 
 /// Sends `command` and returns the reply, read until it ends with `ending`.
-pub async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, command: &[u8], ending: &[u8]) -> Vec<u8> {
+pub async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    command: &[u8],
+    ending: &[u8],
+) -> Vec<u8> {
     stream.write_all(command).await.expect("write");
     stream.flush().await.expect("flush");
     read_until(stream, ending).await
@@ -363,7 +413,11 @@ pub async fn read_to_close<S: AsyncRead + Unpin>(stream: &mut S) -> Vec<u8> {
         }
     })
     .await;
-    assert!(result.is_ok(), "connection was not closed; got {:?}", String::from_utf8_lossy(&got));
+    assert!(
+        result.is_ok(),
+        "connection was not closed; got {:?}",
+        String::from_utf8_lossy(&got)
+    );
     got
 }
 

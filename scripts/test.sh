@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Runs every test of mail-tls-proxy: unit, property and integration tests
+# (cargo), then the end-to-end suite against real Dovecot and Postfix, which
+# installs what it needs first (tests/e2e/install-deps.sh).
+# With CI=true a missing server or tool fails the run instead of skipping.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+echo "== cargo test (unit, property, integration)"
+cargo test --locked --all-targets
+
+echo "== end-to-end against real Dovecot and Postfix"
+bash tests/e2e/run.sh

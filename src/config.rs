@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::protocol::{Protocol, TlsMode};
+use crate::protocol::{Protocol, RequireTls, TlsMode};
 
 /// A configuration that cannot be used; the message names file, key, reason.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +38,10 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     hostname: Option<String>,
+    /// Connections open at once, across all listeners.
+    max_connections: Option<usize>,
+    /// Seconds pass-through sessions get to finish after SIGTERM/SIGINT.
+    shutdown_grace: Option<u64>,
     #[serde(default, rename = "certificate")]
     certificates: Vec<RawCertificate>,
     metrics: Option<RawMetrics>,
@@ -70,8 +74,24 @@ struct RawListener {
     handshake_timeout: Option<u64>,
     /// Seconds allowed for the backend's TCP connect.
     backend_connect_timeout: Option<u64>,
-    /// Seconds of silence tolerated while the proxy inspects the dialogue.
+    /// Seconds of silence tolerated, in inspection and in pass-through.
     idle_timeout: Option<u64>,
+    /// STARTTLS listeners: what may happen before TLS (auth | all | none).
+    require_tls: Option<RawRequireTls>,
+    /// The lowest TLS version accepted ("1.2" or "1.3").
+    min_tls_version: Option<String>,
+    /// Connections open at once from one client IP address.
+    max_connections_per_ip: Option<usize>,
+    /// Commands the proxy reads before it hands the session over.
+    max_inspected_commands: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawRequireTls {
+    Auth,
+    All,
+    None,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -111,6 +131,17 @@ pub struct ListenerConfig {
     pub handshake_timeout: Duration,
     pub backend_connect_timeout: Duration,
     pub idle_timeout: Duration,
+    pub require_tls: RequireTls,
+    pub min_tls_version: TlsVersion,
+    pub max_connections_per_ip: usize,
+    pub max_inspected_commands: usize,
+}
+
+/// The lowest TLS version a listener accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersion {
+    Tls12,
+    Tls13,
 }
 
 /// The validated configuration.
@@ -124,11 +155,22 @@ pub struct Config {
     pub certificates: Vec<CertificateFiles>,
     pub metrics_listen: Option<SocketAddr>,
     pub listeners: Vec<ListenerConfig>,
+    pub max_connections: usize,
+    pub shutdown_grace: Duration,
 }
 
 /// RFC 8314 and common practice: a TLS handshake finishes in seconds.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_BACKEND_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Enough for a busy small-site mail server; each idle TLS session costs
+/// tens of KiB, so this bounds memory too.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// One address rarely needs more; NAT gateways may, so it is configurable.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 100;
+/// Real clients need a handful of commands before TLS or login; a loop of
+/// NOOPs is cut off here.
+pub const DEFAULT_MAX_INSPECTED_COMMANDS: usize = 50;
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// The protocols' own idle limits: RFC 5321 section 4.5.3.2.7 (5 minutes for
 /// the server), RFC 9051 section 5.4 (at least 30 minutes), RFC 1939 section 3
@@ -263,6 +305,47 @@ impl Config {
                 RawProtocol::Imap => Protocol::Imap,
                 RawProtocol::Pop3 => Protocol::Pop3,
             };
+            let tls = match raw.tls {
+                RawTlsMode::Implicit => TlsMode::Implicit,
+                RawTlsMode::Starttls => TlsMode::StartTls,
+            };
+            let require_tls = match (raw.require_tls, tls) {
+                (Some(_), TlsMode::Implicit) => {
+                    return Err(invalid(
+                        key("require_tls"),
+                        "applies to starttls listeners only (implicit listeners are always TLS)"
+                            .into(),
+                    ))
+                }
+                (Some(RawRequireTls::Auth) | None, _) => RequireTls::Auth,
+                (Some(RawRequireTls::All), _) => RequireTls::All,
+                (Some(RawRequireTls::None), _) => RequireTls::None,
+            };
+            let min_tls_version = match raw.min_tls_version.as_deref() {
+                None | Some("1.2") => TlsVersion::Tls12,
+                Some("1.3") => TlsVersion::Tls13,
+                Some(other) => {
+                    return Err(invalid(
+                        key("min_tls_version"),
+                        format!("{other:?} is not \"1.2\" or \"1.3\" (older versions are not supported: RFC 8996)"),
+                    ))
+                }
+            };
+            let at_least_one = |value: Option<usize>, field: &str, default: usize| match value {
+                Some(0) => Err(invalid(key(field), "must be at least 1".into())),
+                Some(count) => Ok(count),
+                None => Ok(default),
+            };
+            let max_connections_per_ip = at_least_one(
+                raw.max_connections_per_ip,
+                "max_connections_per_ip",
+                DEFAULT_MAX_CONNECTIONS_PER_IP,
+            )?;
+            let max_inspected_commands = at_least_one(
+                raw.max_inspected_commands,
+                "max_inspected_commands",
+                DEFAULT_MAX_INSPECTED_COMMANDS,
+            )?;
             let seconds = |value: Option<u64>, field: &str, default: Duration| match value {
                 Some(0) => Err(invalid(key(field), "must be at least 1 second".into())),
                 Some(secs) => Ok(Duration::from_secs(secs)),
@@ -271,10 +354,7 @@ impl Config {
             listeners.push(ListenerConfig {
                 name: raw.name,
                 protocol,
-                tls: match raw.tls {
-                    RawTlsMode::Implicit => TlsMode::Implicit,
-                    RawTlsMode::Starttls => TlsMode::StartTls,
-                },
+                tls,
                 listen,
                 backend: raw.backend,
                 handshake_timeout: seconds(
@@ -292,8 +372,27 @@ impl Config {
                     "idle_timeout",
                     default_idle_timeout(protocol),
                 )?,
+                require_tls,
+                min_tls_version,
+                max_connections_per_ip,
+                max_inspected_commands,
             });
         }
+
+        let max_connections = match raw.max_connections {
+            Some(0) => {
+                return Err(invalid(
+                    "max_connections".into(),
+                    "must be at least 1".into(),
+                ))
+            }
+            Some(count) => count,
+            None => DEFAULT_MAX_CONNECTIONS,
+        };
+        let shutdown_grace = raw
+            .shutdown_grace
+            .map(Duration::from_secs)
+            .unwrap_or(DEFAULT_SHUTDOWN_GRACE);
 
         Ok(Config {
             source: path.to_path_buf(),
@@ -301,6 +400,8 @@ impl Config {
             certificates,
             metrics_listen,
             listeners,
+            max_connections,
+            shutdown_grace,
         })
     }
 }
@@ -406,6 +507,32 @@ idle_timeout = 60
         assert_eq!(submission.backend, "legacy-mail:25");
         assert_eq!(submission.tls, TlsMode::StartTls);
         assert_eq!(submission.idle_timeout, Duration::from_secs(60));
+        assert_eq!(submission.require_tls, RequireTls::Auth);
+        assert_eq!(submission.min_tls_version, TlsVersion::Tls12);
+        assert_eq!(submission.max_connections_per_ip, DEFAULT_MAX_CONNECTIONS_PER_IP);
+        assert_eq!(config.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(config.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
+    }
+
+    #[test]
+    fn security_settings_are_read_and_checked() {
+        let text = MINIMAL
+            .replace("idle_timeout = 60", "idle_timeout = 60\nrequire_tls = \"all\"\nmin_tls_version = \"1.3\"\nmax_connections_per_ip = 5")
+            .replace("\n[[certificate]]", "max_connections = 7\nshutdown_grace = 3\n\n[[certificate]]");
+        let config = parse(&text).expect("valid");
+        assert_eq!(config.max_connections, 7);
+        assert_eq!(config.shutdown_grace, Duration::from_secs(3));
+        let submission = &config.listeners[1];
+        assert_eq!(submission.require_tls, RequireTls::All);
+        assert_eq!(submission.min_tls_version, TlsVersion::Tls13);
+        assert_eq!(submission.max_connections_per_ip, 5);
+
+        let message = error_of(&MINIMAL.replace("backend = \"127.0.0.1:143\"", "backend = \"127.0.0.1:143\"\nrequire_tls = \"all\""));
+        assert!(message.contains("listener[0].require_tls: applies to starttls listeners only"), "{message}");
+        let message = error_of(&MINIMAL.replace("idle_timeout = 60", "min_tls_version = \"1.1\""));
+        assert!(message.contains("listener[1].min_tls_version") && message.contains("RFC 8996"), "{message}");
+        let message = error_of(&MINIMAL.replace("idle_timeout = 60", "require_tls = \"maybe\""));
+        assert!(message.contains("maybe"), "{message}");
     }
 
     #[test]

@@ -13,6 +13,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod limits;
 pub mod metrics;
 pub mod protocol;
 pub mod server;

@@ -17,6 +17,10 @@ pub const TLS_HANDSHAKE_DURATION_SECONDS: &str = "mail_tls_proxy_tls_handshake_d
 pub const STARTTLS_TOTAL: &str = "mail_tls_proxy_starttls_total";
 pub const BACKEND_CONNECT_ERRORS_TOTAL: &str = "mail_tls_proxy_backend_connect_errors_total";
 pub const BYTES_TOTAL: &str = "mail_tls_proxy_bytes_total";
+pub const TLS_HANDSHAKE_ERRORS_TOTAL: &str = "mail_tls_proxy_tls_handshake_errors_total";
+pub const REJECTED_CONNECTIONS_TOTAL: &str = "mail_tls_proxy_rejected_connections_total";
+pub const TIMEOUTS_TOTAL: &str = "mail_tls_proxy_timeouts_total";
+pub const POLICY_REFUSALS_TOTAL: &str = "mail_tls_proxy_policy_refusals_total";
 
 /// Handshakes take milliseconds; the buckets resolve 1 ms to 10 s.
 const HANDSHAKE_BUCKETS: &[f64] = &[
@@ -72,11 +76,28 @@ fn describe() {
         Unit::Bytes,
         "Plaintext bytes relayed, by direction (client_to_backend, backend_to_client)."
     );
+    describe_counter!(
+        TLS_HANDSHAKE_ERRORS_TOTAL,
+        "Failed TLS handshakes by reason (protocol_version, no_application_protocol, unrecognized_name, timeout, eof, other)."
+    );
+    describe_counter!(
+        REJECTED_CONNECTIONS_TOTAL,
+        "Connections turned away by a limit (max_connections, max_connections_per_ip)."
+    );
+    describe_counter!(
+        TIMEOUTS_TOTAL,
+        "Sessions ended by a timeout, by phase (handshake, backend_connect, idle)."
+    );
+    describe_counter!(
+        POLICY_REFUSALS_TOTAL,
+        "Commands refused by the listener's TLS policy, by command (e.g. AUTH before STARTTLS)."
+    );
 }
 
 /// Handles for one listener's metrics, resolved once at start-up.
 #[derive(Clone)]
 pub struct ListenerMetrics {
+    listener: String,
     pub connections: Counter,
     pub active: Gauge,
     pub handshakes_ok: Counter,
@@ -92,6 +113,7 @@ impl ListenerMetrics {
     pub fn new(listener: &str) -> Self {
         let name = listener.to_string();
         let metrics = Self {
+            listener: name.clone(),
             connections: metrics::counter!(CONNECTIONS_TOTAL, "listener" => name.clone()),
             active: metrics::gauge!(ACTIVE_CONNECTIONS, "listener" => name.clone()),
             handshakes_ok: metrics::counter!(TLS_HANDSHAKES_TOTAL, "listener" => name.clone(), "result" => "ok"),
@@ -117,6 +139,30 @@ impl ListenerMetrics {
         }
         metrics.active.increment(0.0);
         metrics
+    }
+
+    /// A connection turned away by `limit` (see [`crate::limits`]).
+    pub fn rejected(&self, reason: &'static str) {
+        metrics::counter!(REJECTED_CONNECTIONS_TOTAL, "listener" => self.listener.clone(), "reason" => reason)
+            .increment(1);
+    }
+
+    /// A session ended by a timeout in `phase`.
+    pub fn timed_out(&self, phase: &'static str) {
+        metrics::counter!(TIMEOUTS_TOTAL, "listener" => self.listener.clone(), "phase" => phase)
+            .increment(1);
+    }
+
+    /// A command refused by the listener's TLS policy.
+    pub fn policy_refusal(&self, command: &'static str) {
+        metrics::counter!(POLICY_REFUSALS_TOTAL, "listener" => self.listener.clone(), "command" => command)
+            .increment(1);
+    }
+
+    /// A failed handshake, by reason.
+    pub fn handshake_error(&self, reason: &'static str) {
+        metrics::counter!(TLS_HANDSHAKE_ERRORS_TOTAL, "listener" => self.listener.clone(), "reason" => reason)
+            .increment(1);
     }
 
     pub fn handshake_finished(&self, ok: bool, took: Duration) {

@@ -3,17 +3,19 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::limits::{GlobalLimit, PerIpLimit};
 use crate::metrics::{self, ListenerMetrics};
 use crate::session::{self, ListenerContext};
 use crate::tls::{self, CertificateError, CertificateStore, LoadedCertificate};
@@ -59,6 +61,8 @@ pub struct Proxy {
     metrics_handle: PrometheusHandle,
     certificates: Arc<CertificateStore>,
     ready: Arc<AtomicBool>,
+    shutdown: watch::Sender<bool>,
+    shutdown_grace: Duration,
 }
 
 impl Proxy {
@@ -67,7 +71,8 @@ impl Proxy {
         let metrics_handle = metrics::install().map_err(StartError::Metrics)?;
         let certificate = load_certificate(config)?;
         let certificates = Arc::new(CertificateStore::new(certificate.certified_key));
-        let acceptor = TlsAcceptor::from(tls::server_config(certificates.clone())?);
+        let global_limit = GlobalLimit::new(config.max_connections);
+        let (shutdown, shutdown_receiver) = watch::channel(false);
 
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for listener in &config.listeners {
@@ -79,16 +84,26 @@ impl Proxy {
                         address: listener.listen,
                         source,
                     })?;
+            let acceptor = TlsAcceptor::from(tls::server_config(
+                certificates.clone(),
+                listener.min_tls_version,
+                listener.protocol,
+            )?);
             let context = ListenerContext {
                 name: listener.name.clone(),
                 protocol: listener.protocol,
                 mode: listener.tls,
                 backend: listener.backend.clone(),
-                acceptor: acceptor.clone(),
+                acceptor,
                 metrics: ListenerMetrics::new(&listener.name),
                 handshake_timeout: listener.handshake_timeout,
                 backend_connect_timeout: listener.backend_connect_timeout,
                 idle_timeout: listener.idle_timeout,
+                require_tls: listener.require_tls,
+                max_inspected_commands: listener.max_inspected_commands,
+                global_limit: global_limit.clone(),
+                per_ip_limit: PerIpLimit::new(listener.max_connections_per_ip),
+                shutdown: shutdown_receiver.clone(),
             };
             listeners.push((socket, Arc::new(context)));
         }
@@ -112,6 +127,8 @@ impl Proxy {
             metrics_handle,
             certificates,
             ready: Arc::new(AtomicBool::new(false)),
+            shutdown,
+            shutdown_grace: config.shutdown_grace,
         })
     }
 
@@ -141,27 +158,38 @@ impl Proxy {
         self.certificates.clone()
     }
 
-    /// Serves until `shutdown` completes, then stops accepting.
+    /// Serves until `shutdown` completes, then drains: readiness turns false
+    /// at once, listeners stop accepting, sessions still in inspection get
+    /// the protocol's goodbye, and sessions in pass-through get up to
+    /// `shutdown_grace` to finish (an SMTP DATA transfer in flight completes).
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
-        let mut tasks = JoinSet::new();
+        let mut accept_tasks = JoinSet::new();
+        let sessions = SessionTracker::default();
         let connection_ids = Arc::new(AtomicU64::new(1));
         for (socket, context) in self.listeners {
             info!(
                 listener = %context.name,
                 protocol = %context.protocol,
                 tls = %context.mode,
+                require_tls = context.require_tls.as_str(),
                 address = %socket.local_addr().map(|a| a.to_string()).unwrap_or_default(),
                 backend = %context.backend,
                 "listening"
             );
-            tasks.spawn(accept_loop(socket, context, connection_ids.clone()));
+            accept_tasks.spawn(accept_loop(
+                socket,
+                context,
+                connection_ids.clone(),
+                sessions.clone(),
+            ));
         }
+        let mut admin_task = JoinSet::new();
         if let Some(admin) = self.admin {
             info!(
                 address = %admin.local_addr().map(|a| a.to_string()).unwrap_or_default(),
                 "serving /metrics, /healthz and /readyz"
             );
-            tasks.spawn(crate::admin::serve(
+            admin_task.spawn(crate::admin::serve(
                 admin,
                 self.metrics_handle,
                 self.ready.clone(),
@@ -169,18 +197,90 @@ impl Proxy {
         }
         self.ready.store(true, Ordering::Release);
         shutdown.await;
+
         self.ready.store(false, Ordering::Release);
-        info!("shutting down: no longer accepting connections");
-        tasks.shutdown().await;
+        accept_tasks.shutdown().await;
+        let _ = self.shutdown.send(true);
+        info!(
+            open_sessions = sessions.open(),
+            grace_seconds = self.shutdown_grace.as_secs(),
+            "shutting down: stopped accepting; waiting for open sessions"
+        );
+        if tokio::time::timeout(self.shutdown_grace, sessions.all_closed())
+            .await
+            .is_err()
+        {
+            warn!(
+                open_sessions = sessions.open(),
+                "shutdown grace period over; closing the remaining sessions"
+            );
+        } else {
+            info!("all sessions closed");
+        }
+        admin_task.shutdown().await;
     }
 }
 
-async fn accept_loop(socket: TcpListener, context: Arc<ListenerContext>, ids: Arc<AtomicU64>) {
+/// Counts open sessions so shutdown can wait for them.
+#[derive(Clone, Default)]
+struct SessionTracker {
+    inner: Arc<TrackerInner>,
+}
+
+#[derive(Default)]
+struct TrackerInner {
+    open: AtomicUsize,
+    all_closed: Notify,
+}
+
+/// Held by a session's task; dropping it counts the session as closed.
+struct TrackedSession(SessionTracker);
+
+impl SessionTracker {
+    fn start(&self) -> TrackedSession {
+        self.inner.open.fetch_add(1, Ordering::AcqRel);
+        TrackedSession(self.clone())
+    }
+
+    fn open(&self) -> usize {
+        self.inner.open.load(Ordering::Acquire)
+    }
+
+    async fn all_closed(&self) {
+        loop {
+            let notified = self.inner.all_closed.notified();
+            if self.open() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for TrackedSession {
+    fn drop(&mut self) {
+        if self.0.inner.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.inner.all_closed.notify_waiters();
+        }
+    }
+}
+
+async fn accept_loop(
+    socket: TcpListener,
+    context: Arc<ListenerContext>,
+    ids: Arc<AtomicU64>,
+    sessions: SessionTracker,
+) {
     loop {
         match socket.accept().await {
             Ok((stream, peer)) => {
                 let id = ids.fetch_add(1, Ordering::Relaxed);
-                tokio::spawn(session::serve(context.clone(), stream, peer, id));
+                let tracked = sessions.start();
+                let context = context.clone();
+                tokio::spawn(async move {
+                    session::serve(context, stream, peer, id).await;
+                    drop(tracked);
+                });
             }
             Err(error) => {
                 // Typically out of file descriptors: back off instead of

@@ -23,12 +23,16 @@
 //! After STARTTLS, IMAP sends no new greeting: the client asks CAPABILITY
 //! again, and the answer no longer offers STARTTLS.
 
-use super::{eol_of, split_word, trim_eol, BackendFailure, Inspector, Next, Output, TlsMode};
+use super::{eol_of, split_word, trim_eol, BackendFailure, Inspector, Next, Output, TlsMode, Goodbye, RequireTls};
 
 /// Reply to a client whose backend cannot be reached (RFC 5530 response code).
 pub const SERVICE_UNAVAILABLE: &[u8] = b"* BYE [UNAVAILABLE] Backend server not available\r\n";
 /// Reply to a client line over the cap, before the connection is closed.
 pub const LINE_TOO_LONG: &[u8] = b"* BYE Line too long\r\n";
+/// Goodbyes for sessions the proxy ends during inspection.
+pub const TOO_MANY_COMMANDS: &[u8] = b"* BYE Too many commands\r\n";
+pub const IDLE_TIMEOUT: &[u8] = b"* BYE Autologout; idle for too long\r\n";
+pub const SHUTTING_DOWN: &[u8] = b"* BYE [UNAVAILABLE] Server shutting down\r\n";
 /// Tagged reply to STARTTLS (after `tag SP`); the handshake starts right after it.
 pub const BEGIN_TLS: &[u8] = b"OK Begin TLS negotiation now\r\n";
 /// Tagged reply to STARTTLS (after `tag SP`) once TLS is already active
@@ -62,6 +66,9 @@ enum State {
 #[derive(Debug)]
 pub struct ImapInspector {
     mode: TlsMode,
+    /// The listener's policy for commands before TLS.
+    #[allow(dead_code)]
+    require_tls: RequireTls,
     tls_active: bool,
     state: State,
     /// The tag of the command whose completion is awaited (reused buffer).
@@ -72,9 +79,10 @@ pub struct ImapInspector {
 }
 
 impl ImapInspector {
-    pub fn new(mode: TlsMode) -> Self {
+    pub fn new(mode: TlsMode, require_tls: RequireTls) -> Self {
         Self {
             mode,
+            require_tls,
             tls_active: mode == TlsMode::Implicit,
             state: State::ExpectGreeting,
             tag: Vec::with_capacity(16),
@@ -205,8 +213,15 @@ impl Inspector for ImapInspector {
         self.state = State::Idle;
     }
 
-    fn client_line_too_long(&mut self, out: &mut Output) {
-        out.to_client.extend_from_slice(LINE_TOO_LONG);
+    fn goodbye(&mut self, reason: Goodbye, out: &mut Output) {
+        if self.state != State::AwaitTlsHandshake {
+            out.to_client.extend_from_slice(match reason {
+                Goodbye::LineTooLong => LINE_TOO_LONG,
+                Goodbye::TooManyCommands => TOO_MANY_COMMANDS,
+                Goodbye::IdleTimeout => IDLE_TIMEOUT,
+                Goodbye::ShuttingDown => SHUTTING_DOWN,
+            });
+        }
         self.state = State::Done;
     }
 
@@ -374,7 +389,7 @@ mod tests {
     }
 
     fn greeted(mode: TlsMode) -> ImapInspector {
-        let mut machine = ImapInspector::new(mode);
+        let mut machine = ImapInspector::new(mode, RequireTls::None);
         let (to_client, _, next) = backend(&mut machine, b"* OK IMAP4rev1 server ready\r\n");
         assert_eq!(
             (to_client.as_slice(), next),
@@ -401,7 +416,7 @@ mod tests {
 
     #[test]
     fn greeting_capability_code_gains_starttls_before_tls() {
-        let mut machine = ImapInspector::new(TlsMode::StartTls);
+        let mut machine = ImapInspector::new(TlsMode::StartTls, RequireTls::None);
         assert!(!machine.wants_client_line());
         let (to_client, to_backend, next) = backend(
             &mut machine,
@@ -417,7 +432,7 @@ mod tests {
 
     #[test]
     fn backend_starttls_in_the_greeting_is_moved_to_the_end() {
-        let mut machine = ImapInspector::new(TlsMode::StartTls);
+        let mut machine = ImapInspector::new(TlsMode::StartTls, RequireTls::None);
         let (to_client, _, _) = backend(
             &mut machine,
             b"* OK [CAPABILITY IMAP4rev1 LITERAL+ STARTTLS AUTH=PLAIN] Dovecot ready.\r\n",
@@ -430,7 +445,7 @@ mod tests {
 
     #[test]
     fn implicit_tls_strips_starttls_from_the_greeting() {
-        let mut machine = ImapInspector::new(TlsMode::Implicit);
+        let mut machine = ImapInspector::new(TlsMode::Implicit, RequireTls::None);
         let (to_client, _, _) = backend(
             &mut machine,
             b"* ok [capability IMAP4rev1 starttls LOGINDISABLED] ready\n",
@@ -558,7 +573,7 @@ mod tests {
 
     #[test]
     fn dovecot_waiting_line_then_the_real_greeting_later() {
-        let mut machine = ImapInspector::new(TlsMode::StartTls);
+        let mut machine = ImapInspector::new(TlsMode::StartTls, RequireTls::None);
         let (to_client, _, _) = backend(
             &mut machine,
             b"* OK Waiting for authentication process to respond..\r\n",
@@ -740,7 +755,7 @@ mod tests {
 
     #[test]
     fn preauth_greeting_ends_inspection_without_offering_starttls() {
-        let mut machine = ImapInspector::new(TlsMode::StartTls);
+        let mut machine = ImapInspector::new(TlsMode::StartTls, RequireTls::None);
         let (to_client, to_backend, next) = backend(
             &mut machine,
             b"* PREAUTH [CAPABILITY IMAP4rev1 STARTTLS] Logged in as joe\r\n",
@@ -755,7 +770,7 @@ mod tests {
 
     #[test]
     fn bye_greeting_is_relayed_and_nothing_more() {
-        let mut machine = ImapInspector::new(TlsMode::StartTls);
+        let mut machine = ImapInspector::new(TlsMode::StartTls, RequireTls::None);
         let (to_client, _, next) = backend(&mut machine, b"* BYE Too many connections\r\n");
         assert_eq!(
             (to_client.as_slice(), next),
@@ -769,7 +784,7 @@ mod tests {
 
     #[test]
     fn a_line_that_is_not_a_greeting_is_relayed_and_the_greeting_still_awaited() {
-        let mut machine = ImapInspector::new(TlsMode::StartTls);
+        let mut machine = ImapInspector::new(TlsMode::StartTls, RequireTls::None);
         let (to_client, _, _) = backend(&mut machine, b"hello?\r\n");
         assert_eq!(to_client, b"hello?\r\n");
         assert!(!machine.wants_client_line());
@@ -781,14 +796,14 @@ mod tests {
     fn overlong_client_line_gets_bye() {
         let mut machine = greeted(TlsMode::StartTls);
         let mut out = Output::default();
-        machine.client_line_too_long(&mut out);
+        machine.goodbye(Goodbye::LineTooLong, &mut out);
         assert_eq!(out.to_client, b"* BYE Line too long\r\n");
         assert!(!machine.wants_client_line());
     }
 
     #[test]
     fn backend_failure_gets_bye_unavailable_unless_inspection_is_over() {
-        let mut machine = ImapInspector::new(TlsMode::StartTls);
+        let mut machine = ImapInspector::new(TlsMode::StartTls, RequireTls::None);
         let mut out = Output::default();
         machine.backend_failed(BackendFailure::Unreachable, &mut out);
         assert_eq!(
@@ -812,7 +827,7 @@ mod tests {
 
     #[test]
     fn wants_client_line_only_while_idle() {
-        let mut machine = ImapInspector::new(TlsMode::StartTls);
+        let mut machine = ImapInspector::new(TlsMode::StartTls, RequireTls::None);
         assert!(!machine.wants_client_line());
         backend(&mut machine, b"* OK hi\r\n");
         assert!(machine.wants_client_line());
@@ -930,7 +945,7 @@ mod tests {
             steps in proptest::collection::vec(step(), 0..32),
         ) {
             let mode = if implicit { TlsMode::Implicit } else { TlsMode::StartTls };
-            let mut machine = ImapInspector::new(mode);
+            let mut machine = ImapInspector::new(mode, RequireTls::None);
             let mut out = Output::default();
             let mut upgraded = false;
             for (index, (follow, from_client, client_line, backend_line, terminator)) in steps.into_iter().enumerate() {
@@ -964,7 +979,7 @@ mod tests {
                 }
             }
             out.clear();
-            machine.client_line_too_long(&mut out);
+            machine.goodbye(Goodbye::LineTooLong, &mut out);
             machine.backend_failed(BackendFailure::Closed, &mut out);
         }
     }

@@ -82,6 +82,17 @@ impl LineBuffer {
         self.read_target().extend_from_slice(bytes);
     }
 
+    /// Discards up to `count` received bytes that are not lines (an IMAP
+    /// literal's body); returns how many are still to come.
+    pub fn skip(&mut self, count: u64) -> u64 {
+        let available = (self.buf.len() - self.start) as u64;
+        let skipped = available.min(count);
+        // `skipped` fits in usize: it is at most `available`.
+        self.start += skipped as usize;
+        self.scanned = self.scanned.max(self.start);
+        count - skipped
+    }
+
     /// Bytes received but not handed out as lines.
     pub fn pending(&self) -> &[u8] {
         &self.buf[self.start..]
@@ -181,6 +192,17 @@ mod tests {
         assert_eq!(buffer.take_pending(), b"\x16\x03\x01\x00\x05hello".to_vec());
         assert!(buffer.is_empty());
         assert_eq!(buffer.next_line(), Ok(None));
+    }
+
+    #[test]
+    fn skipping_discards_literal_bodies_even_with_line_ends_inside() {
+        let mut buffer = LineBuffer::new(100);
+        buffer.extend(b"a\r\nb");
+        assert_eq!(buffer.skip(5), 1);
+        assert!(buffer.is_empty());
+        buffer.extend(b"c rest\r\n");
+        assert_eq!(buffer.skip(1), 0);
+        assert_eq!(buffer.next_line(), Ok(Some(&b" rest\r\n"[..])));
     }
 
     #[test]

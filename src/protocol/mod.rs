@@ -68,6 +68,44 @@ impl fmt::Display for TlsMode {
     }
 }
 
+/// What a STARTTLS listener lets through before the client has TLS.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum RequireTls {
+    /// Credentials never cross in clear: AUTH/LOGIN/USER and friends are
+    /// refused and not advertised before TLS; unauthenticated mail still
+    /// flows (port 25).
+    #[default]
+    Auth,
+    /// Only the commands that lead to TLS are served before it.
+    All,
+    /// Opportunistic: everything the backend offers, TLS if the client asks.
+    None,
+}
+
+impl RequireTls {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequireTls::Auth => "auth",
+            RequireTls::All => "all",
+            RequireTls::None => "none",
+        }
+    }
+}
+
+/// Why the proxy ends a session that is still in inspection; picks the
+/// protocol's wording.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Goodbye {
+    /// A client line exceeded the cap.
+    LineTooLong,
+    /// More commands before TLS or login than any real client needs.
+    TooManyCommands,
+    /// The client was silent for the listener's idle timeout.
+    IdleTimeout,
+    /// The proxy is shutting down.
+    ShuttingDown,
+}
+
 /// Bytes a machine wants sent, filled by each call and drained by the driver.
 ///
 /// The driver writes `to_backend` first, then `to_client`, and clears both
@@ -76,12 +114,19 @@ impl fmt::Display for TlsMode {
 pub struct Output {
     pub to_client: Vec<u8>,
     pub to_backend: Vec<u8>,
+    /// Set when the machine refused a command by policy (the metric label).
+    pub refused: Option<&'static str>,
+    /// Client bytes to discard, unread, before the next client line (the
+    /// body of a refused non-synchronizing IMAP literal).
+    pub skip_client_bytes: u64,
 }
 
 impl Output {
     pub fn clear(&mut self) {
         self.to_client.clear();
         self.to_backend.clear();
+        self.refused = None;
+        self.skip_client_bytes = 0;
     }
 
     pub fn is_empty(&self) -> bool {
@@ -134,32 +179,69 @@ pub trait Inspector: Send {
     /// The client finished the TLS handshake that [`Next::StartTls`] asked for.
     fn tls_established(&mut self);
 
-    /// The client sent a line longer than the cap; the reply is the
-    /// protocol's error and the driver closes afterwards.
-    fn client_line_too_long(&mut self, out: &mut Output);
+    /// The proxy ends the session; the reply is the protocol's goodbye
+    /// (nothing while a TLS handshake is pending) and the driver closes.
+    fn goodbye(&mut self, reason: Goodbye, out: &mut Output);
 
     /// The backend cannot be used; the reply is the protocol's temporary
     /// failure, sent only if the client still expects an answer.
     fn backend_failed(&mut self, failure: BackendFailure, out: &mut Output);
 }
 
-/// The reply a client gets when its backend cannot be reached at all, before
-/// any machine exists (e.g. the connect after an implicit TLS handshake).
-pub fn backend_unavailable_reply(protocol: Protocol) -> &'static [u8] {
-    match protocol {
-        Protocol::Smtp => smtp::SERVICE_UNAVAILABLE,
-        Protocol::Imap => imap::SERVICE_UNAVAILABLE,
-        Protocol::Pop3 => pop3::SERVICE_UNAVAILABLE,
+/// Why a connection is turned away before any dialogue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The backend cannot be reached.
+    BackendUnavailable,
+    /// A connection limit is reached.
+    TooManyConnections,
+}
+
+/// The reply a client gets when it is turned away before any machine exists
+/// (backend unreachable, connection limits).
+pub fn refusal_reply(protocol: Protocol, refusal: Refusal) -> &'static [u8] {
+    match (protocol, refusal) {
+        (Protocol::Smtp, Refusal::BackendUnavailable) => smtp::SERVICE_UNAVAILABLE,
+        (Protocol::Imap, Refusal::BackendUnavailable) => imap::SERVICE_UNAVAILABLE,
+        (Protocol::Pop3, Refusal::BackendUnavailable) => pop3::SERVICE_UNAVAILABLE,
+        (Protocol::Smtp, Refusal::TooManyConnections) => {
+            b"421 4.7.0 Too many connections, try again later\r\n"
+        }
+        (Protocol::Imap, Refusal::TooManyConnections) => {
+            b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n"
+        }
+        (Protocol::Pop3, Refusal::TooManyConnections) => {
+            b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"
+        }
     }
 }
 
 /// Builds the inspector for a listener.
-pub fn new_inspector(protocol: Protocol, mode: TlsMode) -> Box<dyn Inspector> {
+pub fn new_inspector(
+    protocol: Protocol,
+    mode: TlsMode,
+    require_tls: RequireTls,
+) -> Box<dyn Inspector> {
     match protocol {
-        Protocol::Smtp => Box::new(smtp::SmtpInspector::new(mode)),
-        Protocol::Imap => Box::new(imap::ImapInspector::new(mode)),
-        Protocol::Pop3 => Box::new(pop3::Pop3Inspector::new(mode)),
+        Protocol::Smtp => Box::new(smtp::SmtpInspector::new(mode, require_tls)),
+        Protocol::Imap => Box::new(imap::ImapInspector::new(mode, require_tls)),
+        Protocol::Pop3 => Box::new(pop3::Pop3Inspector::new(mode, require_tls)),
     }
+}
+
+/// A fixed label for a refused command (metrics must not take arbitrary
+/// client bytes as label values).
+pub(crate) fn command_label(verb: &[u8]) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "AUTH", "MAIL", "RCPT", "DATA", "BDAT", "VRFY", "EXPN", "HELP", "ETRN", "TURN", "LOGIN",
+        "AUTHENTICATE", "ID", "SELECT", "EXAMINE", "LIST", "USER", "PASS", "APOP", "RETR", "STAT",
+        "TOP", "UIDL", "DELE", "XCLIENT", "XFORWARD",
+    ];
+    KNOWN
+        .iter()
+        .find(|known| verb.eq_ignore_ascii_case(known.as_bytes()))
+        .copied()
+        .unwrap_or("other")
 }
 
 /// A line without its trailing CRLF or bare LF.

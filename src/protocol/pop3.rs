@@ -18,12 +18,16 @@
 //! After STLS there is no new greeting; the client may send CAPA again, and
 //! the answer no longer offers STLS.
 
-use super::{split_word, trim_eol, BackendFailure, Inspector, Next, Output, TlsMode};
+use super::{split_word, trim_eol, BackendFailure, Inspector, Next, Output, TlsMode, Goodbye, RequireTls};
 
 /// Reply to a client whose backend cannot be reached (RFC 3206 response code).
 pub const SERVICE_UNAVAILABLE: &[u8] = b"-ERR [SYS/TEMP] Backend server not available\r\n";
 /// Reply to a client line over the cap, before the connection is closed.
 pub const LINE_TOO_LONG: &[u8] = b"-ERR Line too long\r\n";
+/// Goodbyes for sessions the proxy ends during inspection.
+pub const TOO_MANY_COMMANDS: &[u8] = b"-ERR Too many commands\r\n";
+pub const IDLE_TIMEOUT: &[u8] = b"-ERR Idle timeout\r\n";
+pub const SHUTTING_DOWN: &[u8] = b"-ERR [SYS/TEMP] Server shutting down\r\n";
 /// Reply to STLS; the handshake starts right after it.
 pub const BEGIN_TLS: &[u8] = b"+OK Begin TLS negotiation\r\n";
 /// Reply to STLS once TLS is already active (RFC 2595 section 4 wording).
@@ -58,14 +62,18 @@ enum State {
 #[derive(Debug)]
 pub struct Pop3Inspector {
     mode: TlsMode,
+    /// The listener's policy for commands before TLS.
+    #[allow(dead_code)]
+    require_tls: RequireTls,
     tls_active: bool,
     state: State,
 }
 
 impl Pop3Inspector {
-    pub fn new(mode: TlsMode) -> Self {
+    pub fn new(mode: TlsMode, require_tls: RequireTls) -> Self {
         Self {
             mode,
+            require_tls,
             tls_active: mode == TlsMode::Implicit,
             state: State::ExpectGreeting,
         }
@@ -183,8 +191,15 @@ impl Inspector for Pop3Inspector {
         self.state = State::Idle;
     }
 
-    fn client_line_too_long(&mut self, out: &mut Output) {
-        out.to_client.extend_from_slice(LINE_TOO_LONG);
+    fn goodbye(&mut self, reason: Goodbye, out: &mut Output) {
+        if self.state != State::AwaitTlsHandshake {
+            out.to_client.extend_from_slice(match reason {
+                Goodbye::LineTooLong => LINE_TOO_LONG,
+                Goodbye::TooManyCommands => TOO_MANY_COMMANDS,
+                Goodbye::IdleTimeout => IDLE_TIMEOUT,
+                Goodbye::ShuttingDown => SHUTTING_DOWN,
+            });
+        }
         self.state = State::Done;
     }
 
@@ -236,7 +251,7 @@ mod tests {
     }
 
     fn greeted(mode: TlsMode) -> Pop3Inspector {
-        let mut machine = Pop3Inspector::new(mode);
+        let mut machine = Pop3Inspector::new(mode, RequireTls::None);
         assert!(!machine.wants_client_line());
         let (to_client, _, next) = backend(
             &mut machine,
@@ -451,7 +466,7 @@ mod tests {
 
     #[test]
     fn negative_greeting_is_relayed_and_nothing_more() {
-        let mut machine = Pop3Inspector::new(TlsMode::StartTls);
+        let mut machine = Pop3Inspector::new(TlsMode::StartTls, RequireTls::None);
         let (to_client, _, next) = backend(&mut machine, b"-ERR too many connections\r\n");
         assert_eq!(
             (to_client.as_slice(), next),
@@ -466,14 +481,14 @@ mod tests {
     fn overlong_client_line_gets_an_error() {
         let mut machine = greeted(TlsMode::StartTls);
         let mut out = Output::default();
-        machine.client_line_too_long(&mut out);
+        machine.goodbye(Goodbye::LineTooLong, &mut out);
         assert_eq!(out.to_client, b"-ERR Line too long\r\n");
         assert!(!machine.wants_client_line());
     }
 
     #[test]
     fn backend_failure_gets_sys_temp_unless_inspection_is_over() {
-        let mut machine = Pop3Inspector::new(TlsMode::StartTls);
+        let mut machine = Pop3Inspector::new(TlsMode::StartTls, RequireTls::None);
         let mut out = Output::default();
         machine.backend_failed(BackendFailure::Unreachable, &mut out);
         assert_eq!(
@@ -631,7 +646,7 @@ mod tests {
             steps in proptest::collection::vec(step(), 0..48),
         ) {
             let mode = if implicit { TlsMode::Implicit } else { TlsMode::StartTls };
-            let mut machine = Pop3Inspector::new(mode);
+            let mut machine = Pop3Inspector::new(mode, RequireTls::None);
             let mut checker = CapaChecker::default();
             let mut out = Output::default();
             let mut upgraded = false;
@@ -671,7 +686,7 @@ mod tests {
                 }
             }
             out.clear();
-            machine.client_line_too_long(&mut out);
+            machine.goodbye(Goodbye::LineTooLong, &mut out);
             machine.backend_failed(BackendFailure::Closed, &mut out);
         }
     }

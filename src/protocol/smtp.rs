@@ -17,7 +17,10 @@
 //! before TLS (minus STARTTLS), so the client always gets a valid post-TLS
 //! EHLO reply.
 
-use super::{split_word, trim_eol, BackendFailure, Inspector, Next, Output, TlsMode};
+use super::{
+    command_label, split_word, trim_eol, BackendFailure, Goodbye, Inspector, Next, Output,
+    RequireTls, TlsMode,
+};
 
 /// Reply to a client whose backend cannot be reached.
 pub const SERVICE_UNAVAILABLE: &[u8] =
@@ -30,6 +33,12 @@ pub const TLS_ALREADY_ACTIVE: &[u8] = b"503 5.5.1 TLS already active\r\n";
 pub const STARTTLS_SYNTAX: &[u8] = b"501 5.5.4 Syntax error (no parameters allowed)\r\n";
 /// Reply to a client line over the cap, before the connection is closed.
 pub const LINE_TOO_LONG: &[u8] = b"421 4.7.0 Line too long, closing connection\r\n";
+/// Reply to commands the listener's TLS policy refuses before STARTTLS (RFC 3207).
+pub const MUST_STARTTLS: &[u8] = b"530 5.7.0 Must issue a STARTTLS command first\r\n";
+/// Goodbyes for sessions the proxy ends during inspection.
+pub const TOO_MANY_COMMANDS: &[u8] = b"421 4.7.0 Too many commands, closing connection\r\n";
+pub const IDLE_TIMEOUT: &[u8] = b"421 4.4.2 Idle timeout, closing connection\r\n";
+pub const SHUTTING_DOWN: &[u8] = b"421 4.3.2 Service shutting down, closing connection\r\n";
 
 /// What the machine waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +71,7 @@ enum Pending {
 #[derive(Debug)]
 pub struct SmtpInspector {
     mode: TlsMode,
+    require_tls: RequireTls,
     tls_active: bool,
     state: State,
     /// The lines of the reply being collected (EHLO and HELO fallback).
@@ -77,9 +87,10 @@ pub struct SmtpInspector {
 }
 
 impl SmtpInspector {
-    pub fn new(mode: TlsMode) -> Self {
+    pub fn new(mode: TlsMode, require_tls: RequireTls) -> Self {
         Self {
             mode,
+            require_tls,
             tls_active: mode == TlsMode::Implicit,
             state: State::ExpectGreeting,
             reply: Vec::new(),
@@ -94,9 +105,34 @@ impl SmtpInspector {
         self.mode == TlsMode::StartTls && !self.tls_active
     }
 
+    /// Whether AUTH must be hidden and refused right now.
+    fn hides_auth(&self) -> bool {
+        self.offers_starttls() && self.require_tls != RequireTls::None
+    }
+
+    /// Whether the listener's policy lets `verb` through before TLS.
+    fn allowed_before_tls(&self, verb: &[u8]) -> bool {
+        if !self.offers_starttls() {
+            return true;
+        }
+        match self.require_tls {
+            RequireTls::None => true,
+            RequireTls::Auth => verb != b"AUTH",
+            RequireTls::All => matches!(
+                verb,
+                b"EHLO" | b"HELO" | b"NOOP" | b"RSET" | b"QUIT" | b"STARTTLS"
+            ),
+        }
+    }
+
     fn command(&mut self, line: &[u8], out: &mut Output) -> Next {
         let (verb, argument) = split_word(trim_eol(line));
         let verb = verb.to_ascii_uppercase();
+        if !self.allowed_before_tls(&verb) {
+            out.to_client.extend_from_slice(MUST_STARTTLS);
+            out.refused = Some(command_label(&verb));
+            return Next::Continue;
+        }
         match verb.as_slice() {
             b"STARTTLS" => {
                 if !argument.is_empty() {
@@ -162,7 +198,7 @@ impl SmtpInspector {
             if !self.tls_active {
                 self.capabilities_before_tls = Some(texts.clone());
             }
-            write_ehlo_reply(&texts, self.offers_starttls(), out);
+            write_ehlo_reply(&texts, self.offers_starttls(), self.hides_auth(), out);
             self.state = State::Idle;
             return Next::Continue;
         }
@@ -172,7 +208,7 @@ impl SmtpInspector {
                 // RFC 3207 wants a fresh EHLO after TLS; a backend that does
                 // not allow a second one still has the session it greeted,
                 // so its earlier answer stands (STARTTLS already removed).
-                write_ehlo_reply(texts, false, out);
+                write_ehlo_reply(texts, false, false, out);
                 self.state = State::Idle;
                 return Next::Continue;
             }
@@ -198,7 +234,7 @@ impl SmtpInspector {
                 texts.extend_from_slice(reply_text(first));
             }
             texts.extend_from_slice(b"\r\n");
-            write_ehlo_reply(&texts, self.offers_starttls(), out);
+            write_ehlo_reply(&texts, self.offers_starttls(), false, out);
         } else {
             self.relay_collected(out);
         }
@@ -271,8 +307,15 @@ impl Inspector for SmtpInspector {
         self.state = State::Idle;
     }
 
-    fn client_line_too_long(&mut self, out: &mut Output) {
-        out.to_client.extend_from_slice(LINE_TOO_LONG);
+    fn goodbye(&mut self, reason: Goodbye, out: &mut Output) {
+        if self.state != State::AwaitTlsHandshake {
+            out.to_client.extend_from_slice(match reason {
+                Goodbye::LineTooLong => LINE_TOO_LONG,
+                Goodbye::TooManyCommands => TOO_MANY_COMMANDS,
+                Goodbye::IdleTimeout => IDLE_TIMEOUT,
+                Goodbye::ShuttingDown => SHUTTING_DOWN,
+            });
+        }
         self.state = State::Done;
     }
 
@@ -305,17 +348,29 @@ fn reply_text(line: &[u8]) -> &[u8] {
     trim_eol(line).get(4..).unwrap_or_default()
 }
 
+/// `AUTH mechanisms` or the pre-RFC 4954 `AUTH=mechanisms` form.
+fn is_auth_extension(text: &[u8]) -> bool {
+    is_keyword(text, b"AUTH")
+        || text
+            .get(..5)
+            .is_some_and(|start| start.eq_ignore_ascii_case(b"AUTH="))
+}
+
 /// Whether an EHLO extension line names `keyword` (case-insensitive).
 fn is_keyword(text: &[u8], keyword: &[u8]) -> bool {
     split_word(text).0.eq_ignore_ascii_case(keyword)
 }
 
 /// Writes a 250 EHLO reply from `\r\n`-terminated line texts, adding STARTTLS
-/// last when asked, with `250-` on every line but the last.
-fn write_ehlo_reply(texts: &[u8], with_starttls: bool, out: &mut Output) {
+/// last when asked and leaving out AUTH extensions when asked, with `250-` on
+/// every line but the last.
+fn write_ehlo_reply(texts: &[u8], with_starttls: bool, hide_auth: bool, out: &mut Output) {
     let mut lines: Vec<&[u8]> = texts
         .split_inclusive(|&b| b == b'\n')
         .map(trim_eol)
+        .enumerate()
+        .filter(|(index, text)| !(hide_auth && *index > 0 && is_auth_extension(text)))
+        .map(|(_, text)| text)
         .collect();
     if lines.is_empty() {
         lines.push(b"");
@@ -364,7 +419,7 @@ mod tests {
     }
 
     fn greeted(mode: TlsMode) -> SmtpInspector {
-        let mut machine = SmtpInspector::new(mode);
+        let mut machine = SmtpInspector::new(mode, RequireTls::None);
         let (to_client, _, _) = backend(&mut machine, b"220 mx.example ESMTP\r\n");
         assert_eq!(to_client, b"220 mx.example ESMTP\r\n");
         assert!(machine.wants_client_line());
@@ -373,7 +428,7 @@ mod tests {
 
     #[test]
     fn multi_line_greeting_is_relayed_and_waits_for_its_last_line() {
-        let mut machine = SmtpInspector::new(TlsMode::StartTls);
+        let mut machine = SmtpInspector::new(TlsMode::StartTls, RequireTls::None);
         let (to_client, _, _) = backend(&mut machine, b"220-mx.example\r\n");
         assert_eq!(to_client, b"220-mx.example\r\n");
         assert!(!machine.wants_client_line());
@@ -505,7 +560,7 @@ mod tests {
 
     #[test]
     fn helo_only_backend_gets_helo_and_the_client_a_synthesized_ehlo_reply() {
-        let mut machine = SmtpInspector::new(TlsMode::StartTls);
+        let mut machine = SmtpInspector::new(TlsMode::StartTls, RequireTls::None);
         backend(&mut machine, b"220 old.example SMTP\r\n");
         let (_, to_backend, _) = client(&mut machine, b"EHLO client.example\r\n");
         assert_eq!(to_backend, b"EHLO client.example\r\n");
@@ -589,7 +644,7 @@ mod tests {
     fn overlong_client_line_gets_421() {
         let mut machine = greeted(TlsMode::StartTls);
         let mut out = Output::default();
-        machine.client_line_too_long(&mut out);
+        machine.goodbye(Goodbye::LineTooLong, &mut out);
         assert_eq!(out.to_client, LINE_TOO_LONG);
     }
 
@@ -619,6 +674,87 @@ mod tests {
         assert_eq!(out.to_client, b"");
     }
 
+    fn with_policy(require_tls: RequireTls) -> SmtpInspector {
+        let mut machine = SmtpInspector::new(TlsMode::StartTls, require_tls);
+        backend(&mut machine, b"220 mx.example ESMTP\r\n");
+        machine
+    }
+
+    const EHLO_WITH_AUTH: &[u8] =
+        b"250-mx.example\r\n250-AUTH PLAIN LOGIN\r\n250-AUTH=PLAIN LOGIN\r\n250 SIZE 10\r\n";
+
+    #[test]
+    fn require_tls_auth_hides_and_refuses_auth_before_tls_only() {
+        let mut machine = with_policy(RequireTls::Auth);
+        client(&mut machine, b"EHLO c\r\n");
+        let (to_client, _, _) = backend(&mut machine, EHLO_WITH_AUTH);
+        assert_eq!(to_client, b"250-mx.example\r\n250-SIZE 10\r\n250 STARTTLS\r\n");
+        let mut out = Output::default();
+        let next = machine.client_line(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n", &mut out);
+        assert_eq!((out.to_client.as_slice(), out.to_backend.as_slice(), next), (MUST_STARTTLS, &b""[..], Next::Continue));
+        assert_eq!(out.refused, Some("AUTH"));
+        // Mail without authentication still flows (port 25).
+        let (_, to_backend, next) = client(&mut machine, b"MAIL FROM:<a@b.example>\r\n");
+        assert_eq!((to_backend.as_slice(), next), (&b"MAIL FROM:<a@b.example>\r\n"[..], Next::Passthrough));
+
+        let mut machine = with_policy(RequireTls::Auth);
+        client(&mut machine, b"STARTTLS\r\n");
+        machine.tls_established();
+        client(&mut machine, b"EHLO c\r\n");
+        let (to_client, _, _) = backend(&mut machine, EHLO_WITH_AUTH);
+        assert_eq!(to_client, EHLO_WITH_AUTH);
+        let (_, to_backend, next) = client(&mut machine, b"AUTH PLAIN x\r\n");
+        assert_eq!((to_backend.as_slice(), next), (&b"AUTH PLAIN x\r\n"[..], Next::Passthrough));
+    }
+
+    #[test]
+    fn require_tls_all_serves_only_the_road_to_tls() {
+        let mut machine = with_policy(RequireTls::All);
+        for command in [&b"MAIL FROM:<a@b>\r\n"[..], b"HELP\r\n", b"VRFY root\r\n", b"AUTH LOGIN\r\n", b"DATA\r\n"] {
+            let mut out = Output::default();
+            let next = machine.client_line(command, &mut out);
+            assert_eq!((out.to_client.as_slice(), out.to_backend.as_slice(), next), (MUST_STARTTLS, &b""[..], Next::Continue));
+        }
+        for command in [&b"EHLO c\r\n"[..], b"NOOP\r\n", b"RSET\r\n", b"HELO c\r\n"] {
+            let (_, to_backend, _) = client(&mut machine, command);
+            assert_eq!(to_backend, command);
+            backend(&mut machine, b"250 ok\r\n");
+        }
+        let (to_client, _, next) = client(&mut machine, b"STARTTLS\r\n");
+        assert_eq!((to_client.as_slice(), next), (READY_TO_START_TLS, Next::StartTls));
+        machine.tls_established();
+        let (_, to_backend, next) = client(&mut machine, b"MAIL FROM:<a@b>\r\n");
+        assert_eq!((to_backend.as_slice(), next), (&b"MAIL FROM:<a@b>\r\n"[..], Next::Passthrough));
+    }
+
+    #[test]
+    fn implicit_listeners_ignore_the_starttls_policy() {
+        let mut machine = SmtpInspector::new(TlsMode::Implicit, RequireTls::All);
+        backend(&mut machine, b"220 mx\r\n");
+        client(&mut machine, b"EHLO c\r\n");
+        let (to_client, _, _) = backend(&mut machine, EHLO_WITH_AUTH);
+        assert_eq!(to_client, EHLO_WITH_AUTH);
+    }
+
+    #[test]
+    fn goodbyes_name_their_reason_and_nothing_is_said_during_a_handshake() {
+        for (reason, text) in [
+            (Goodbye::TooManyCommands, TOO_MANY_COMMANDS),
+            (Goodbye::IdleTimeout, IDLE_TIMEOUT),
+            (Goodbye::ShuttingDown, SHUTTING_DOWN),
+        ] {
+            let mut machine = greeted(TlsMode::StartTls);
+            let mut out = Output::default();
+            machine.goodbye(reason, &mut out);
+            assert_eq!(out.to_client, text);
+        }
+        let mut machine = greeted(TlsMode::StartTls);
+        client(&mut machine, b"STARTTLS\r\n");
+        let mut out = Output::default();
+        machine.goodbye(Goodbye::ShuttingDown, &mut out);
+        assert_eq!(out.to_client, b"");
+    }
+
     #[test]
     fn malformed_reply_lines_end_the_reply() {
         assert_eq!(parse_reply_line(b"250-x\r\n"), (250, false));
@@ -633,7 +769,7 @@ mod tests {
             lines in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40), 0..20),
             from_client in proptest::collection::vec(proptest::prelude::any::<bool>(), 20),
         ) {
-            let mut machine = SmtpInspector::new(TlsMode::StartTls);
+            let mut machine = SmtpInspector::new(TlsMode::StartTls, RequireTls::None);
             let mut out = Output::default();
             for (index, mut line) in lines.into_iter().enumerate() {
                 line.extend_from_slice(b"\r\n");

@@ -8,7 +8,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::protocol::line::LineBuffer;
-use crate::protocol::{BackendFailure, Inspector, Next, Output};
+use crate::protocol::{BackendFailure, Goodbye, Inspector, Next, Output};
 
 use super::{ListenerContext, SessionError, MAX_BACKEND_LINE, MAX_CLIENT_LINE};
 
@@ -30,6 +30,11 @@ pub struct Dialogue<'a> {
     backend_lines: LineBuffer,
     out: Output,
     idle_timeout: Duration,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Client lines read so far, against the listener's cap.
+    commands: usize,
+    /// Client bytes still to discard (a refused literal's body).
+    skip_client_bytes: u64,
 }
 
 impl<'a> Dialogue<'a> {
@@ -41,6 +46,9 @@ impl<'a> Dialogue<'a> {
             backend_lines: LineBuffer::new(MAX_BACKEND_LINE),
             out: Output::default(),
             idle_timeout: context.idle_timeout,
+            shutdown: context.shutdown.clone(),
+            commands: 0,
+            skip_client_bytes: 0,
         }
     }
 
@@ -75,17 +83,42 @@ impl<'a> Dialogue<'a> {
 
             // One client command at a time: the rest stays buffered until the
             // machine has its reply, so nothing behind STARTTLS is ever parsed.
-            if self.inspector.wants_client_line() {
+            if self.skip_client_bytes > 0 {
+                self.skip_client_bytes = self.client_lines.skip(self.skip_client_bytes);
+            }
+            if self.inspector.wants_client_line() && self.skip_client_bytes == 0 {
                 let next = match self.client_lines.next_line() {
-                    Ok(Some(line)) => Some(self.inspector.client_line(line, &mut self.out)),
+                    Ok(Some(line)) => {
+                        self.commands += 1;
+                        if self.commands > self.context.max_inspected_commands {
+                            return self
+                                .say_goodbye(
+                                    client,
+                                    Goodbye::TooManyCommands,
+                                    SessionError::TooManyCommands(
+                                        self.context.max_inspected_commands,
+                                    ),
+                                )
+                                .await;
+                        }
+                        Some(self.inspector.client_line(line, &mut self.out))
+                    }
                     Ok(None) => None,
                     Err(too_long) => {
-                        self.inspector.client_line_too_long(&mut self.out);
-                        self.flush_to_client(client).await?;
-                        return Err(SessionError::ClientLineTooLong(too_long.max));
+                        return self
+                            .say_goodbye(
+                                client,
+                                Goodbye::LineTooLong,
+                                SessionError::ClientLineTooLong(too_long.max),
+                            )
+                            .await;
                     }
                 };
                 if let Some(next) = next {
+                    if let Some(command) = self.out.refused {
+                        self.context.metrics.policy_refusal(command);
+                    }
+                    self.skip_client_bytes = self.out.skip_client_bytes;
                     self.flush(client, backend).await?;
                     if let Some(ended) = ended(next) {
                         return Ok(ended);
@@ -94,7 +127,12 @@ impl<'a> Dialogue<'a> {
                 }
             }
 
-            let read_client = self.inspector.wants_client_line();
+            if *self.shutdown.borrow() {
+                self.inspector.goodbye(Goodbye::ShuttingDown, &mut self.out);
+                self.flush_to_client(client).await?;
+                return Ok(Inspected::Closed);
+            }
+            let read_client = self.inspector.wants_client_line() || self.skip_client_bytes > 0;
             tokio::select! {
                 read = backend.read_buf(self.backend_lines.read_target()) => match read {
                     Ok(0) => {
@@ -114,11 +152,29 @@ impl<'a> Dialogue<'a> {
                     Ok(_) => {}
                     Err(error) => return Err(SessionError::Client(error)),
                 },
+                _ = self.shutdown.changed() => {}
                 _ = tokio::time::sleep(self.idle_timeout) => {
-                    return Err(SessionError::IdleTimeout(self.idle_timeout));
+                    return self
+                        .say_goodbye(client, Goodbye::IdleTimeout, SessionError::IdleTimeout(self.idle_timeout))
+                        .await;
                 }
             }
         }
+    }
+
+    /// Ends the session with the protocol's goodbye for `reason`.
+    async fn say_goodbye<C>(
+        &mut self,
+        client: &mut C,
+        reason: Goodbye,
+        error: SessionError,
+    ) -> Result<Inspected, SessionError>
+    where
+        C: AsyncWrite + Unpin,
+    {
+        self.inspector.goodbye(reason, &mut self.out);
+        self.flush_to_client(client).await?;
+        Err(error)
     }
 
     /// Writes what the machine produced: backend first, then the client.

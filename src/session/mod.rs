@@ -17,15 +17,17 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::limits::{self, GlobalLimit, PerIpLimit};
 use crate::metrics::ListenerMetrics;
-use crate::protocol::{self, Protocol, TlsMode};
+use crate::protocol::{self, Protocol, Refusal, RequireTls, TlsMode};
 
 use dialogue::{Dialogue, Inspected};
-pub use streams::{Counted, Prefixed};
+pub use streams::{ActivityFlag, Counted, Prefixed};
 
 /// The most a client line may hold before TLS or during inspection (RFC
 /// 5321's command line limit is 512; IMAP commands before login are short).
@@ -45,6 +47,12 @@ pub struct ListenerContext {
     pub handshake_timeout: Duration,
     pub backend_connect_timeout: Duration,
     pub idle_timeout: Duration,
+    pub require_tls: RequireTls,
+    pub max_inspected_commands: usize,
+    pub global_limit: Arc<GlobalLimit>,
+    pub per_ip_limit: Arc<PerIpLimit>,
+    /// Turns true when the proxy starts shutting down.
+    pub shutdown: watch::Receiver<bool>,
 }
 
 /// Which side ended a session abnormally; a log field.
@@ -71,7 +79,11 @@ pub enum SessionError {
     #[error("TLS handshake did not finish within {0:?}")]
     HandshakeTimeout(Duration),
     #[error("cannot connect to backend {backend}: {reason}")]
-    BackendUnreachable { backend: String, reason: String },
+    BackendUnreachable {
+        backend: String,
+        reason: String,
+        timed_out: bool,
+    },
     #[error("client connection failed: {0}")]
     Client(std::io::Error),
     #[error("backend connection failed: {0}")]
@@ -80,8 +92,10 @@ pub enum SessionError {
     ClientLineTooLong(usize),
     #[error("backend sent a line longer than {0} bytes")]
     BackendLineTooLong(usize),
-    #[error("no data for {0:?} before the dialogue was handed over")]
+    #[error("no data for {0:?}")]
     IdleTimeout(Duration),
+    #[error("more than {0} commands before the dialogue was handed over")]
+    TooManyCommands(usize),
     #[error("relaying failed: {0}")]
     Relay(std::io::Error),
 }
@@ -128,6 +142,15 @@ pub async fn serve(context: Arc<ListenerContext>, client: TcpStream, peer: Socke
         let started = Instant::now();
         // Mail dialogue is small request/response lines: send each at once.
         let _ = client.set_nodelay(true);
+        let _slot = match limits::acquire(&context.global_limit, &context.per_ip_limit, peer.ip()) {
+            Ok(slot) => slot,
+            Err(limit) => {
+                context.metrics.rejected(limit.as_str());
+                info!(limit = limit.as_str(), "connection refused: limit reached");
+                refuse(&context, client, Refusal::TooManyConnections).await;
+                return;
+            }
+        };
         let result = match context.mode {
             TlsMode::Implicit => serve_implicit(&context, client).await,
             TlsMode::StartTls => serve_starttls(&context, client).await,
@@ -135,18 +158,45 @@ pub async fn serve(context: Arc<ListenerContext>, client: TcpStream, peer: Socke
         let seconds = started.elapsed().as_secs_f64();
         match result {
             Ok(()) => debug!(seconds, "session closed"),
-            Err(error) => match error.side() {
-                Side::Backend => {
-                    warn!(side = error.side().as_str(), seconds, %error, "session failed")
+            Err(error) => {
+                match &error {
+                    SessionError::HandshakeTimeout(_) => context.metrics.timed_out("handshake"),
+                    SessionError::IdleTimeout(_) => context.metrics.timed_out("idle"),
+                    SessionError::BackendUnreachable { timed_out: true, .. } => {
+                        context.metrics.timed_out("backend_connect")
+                    }
+                    _ => {}
                 }
-                Side::Client => {
-                    info!(side = error.side().as_str(), seconds, %error, "session failed")
+                match error.side() {
+                    Side::Backend => {
+                        warn!(side = error.side().as_str(), seconds, %error, "session failed")
+                    }
+                    Side::Client => {
+                        info!(side = error.side().as_str(), seconds, %error, "session failed")
+                    }
                 }
-            },
+            }
         }
     }
     .instrument(span)
     .await
+}
+
+/// Turns a connection away with the protocol's own temporary error; on an
+/// implicit listener the reply needs TLS first.
+async fn refuse(context: &ListenerContext, client: TcpStream, refusal: Refusal) {
+    let reply = protocol::refusal_reply(context.protocol, refusal);
+    match context.mode {
+        TlsMode::StartTls => {
+            let mut client = client;
+            say_goodbye(&mut client, reply).await;
+        }
+        TlsMode::Implicit => {
+            if let Ok(mut client) = handshake(context, client).await {
+                say_goodbye(&mut client, reply).await;
+            }
+        }
+    }
 }
 
 async fn serve_implicit(context: &ListenerContext, client: TcpStream) -> Result<(), SessionError> {
@@ -156,7 +206,7 @@ async fn serve_implicit(context: &ListenerContext, client: TcpStream) -> Result<
         Err(error) => {
             say_goodbye(
                 &mut client,
-                protocol::backend_unavailable_reply(context.protocol),
+                protocol::refusal_reply(context.protocol, Refusal::BackendUnavailable),
             )
             .await;
             return Err(error);
@@ -164,7 +214,7 @@ async fn serve_implicit(context: &ListenerContext, client: TcpStream) -> Result<
     };
     let mut dialogue = Dialogue::new(
         context,
-        protocol::new_inspector(context.protocol, TlsMode::Implicit),
+        protocol::new_inspector(context.protocol, TlsMode::Implicit, context.require_tls),
     );
     match dialogue.run(&mut client, &mut backend).await? {
         Inspected::Passthrough => splice(context, dialogue, client, backend).await,
@@ -185,7 +235,7 @@ async fn serve_starttls(
         Err(error) => {
             say_goodbye(
                 &mut client,
-                protocol::backend_unavailable_reply(context.protocol),
+                protocol::refusal_reply(context.protocol, Refusal::BackendUnavailable),
             )
             .await;
             return Err(error);
@@ -193,7 +243,7 @@ async fn serve_starttls(
     };
     let mut dialogue = Dialogue::new(
         context,
-        protocol::new_inspector(context.protocol, TlsMode::StartTls),
+        protocol::new_inspector(context.protocol, TlsMode::StartTls, context.require_tls),
     );
     match dialogue.run(&mut client, &mut backend).await? {
         Inspected::Passthrough => return splice(context, dialogue, client, backend).await,
@@ -243,21 +293,54 @@ where
         }
         Ok(Err(error)) => {
             context.metrics.handshake_finished(false, took);
+            let reason = handshake_error_reason(&error);
+            context.metrics.handshake_error(reason);
+            if reason == "protocol_version" {
+                info!(
+                    %error,
+                    "refused a client without TLS 1.2 or 1.3 (TLS 1.0/1.1 are not supported, RFC 8996)"
+                );
+            }
             Err(SessionError::Handshake(error))
         }
         Err(_) => {
             context.metrics.handshake_finished(false, took);
+            context.metrics.handshake_error("timeout");
             Err(SessionError::HandshakeTimeout(context.handshake_timeout))
         }
     }
 }
 
+/// A short, fixed label for why a handshake failed (a metric label).
+fn handshake_error_reason(error: &std::io::Error) -> &'static str {
+    use rustls::PeerIncompatible;
+    if error.kind() == std::io::ErrorKind::UnexpectedEof {
+        return "eof";
+    }
+    match error.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::PeerIncompatible(
+            PeerIncompatible::Tls12NotOffered
+            | PeerIncompatible::Tls12NotOfferedOrEnabled
+            | PeerIncompatible::SupportedVersionsExtensionRequired,
+        )) => "protocol_version",
+        Some(rustls::Error::PeerIncompatible(_)) => "incompatible",
+        Some(rustls::Error::NoApplicationProtocol) => "no_application_protocol",
+        Some(rustls::Error::General(message)) if message.contains("certificate") => {
+            "unrecognized_name"
+        }
+        Some(rustls::Error::InvalidMessage(_)) => "invalid_message",
+        Some(_) => "other",
+        None => "io",
+    }
+}
+
 async fn connect_backend(context: &ListenerContext) -> Result<TcpStream, SessionError> {
-    let unreachable = |reason: String| {
+    let unreachable = |reason: String, timed_out: bool| {
         context.metrics.backend_connect_errors.increment(1);
         SessionError::BackendUnreachable {
             backend: context.backend.clone(),
             reason,
+            timed_out,
         }
     };
     match tokio::time::timeout(
@@ -270,11 +353,11 @@ async fn connect_backend(context: &ListenerContext) -> Result<TcpStream, Session
             let _ = stream.set_nodelay(true);
             Ok(stream)
         }
-        Ok(Err(error)) => Err(unreachable(error.to_string())),
-        Err(_) => Err(unreachable(format!(
-            "no answer within {:?}",
-            context.backend_connect_timeout
-        ))),
+        Ok(Err(error)) => Err(unreachable(error.to_string(), false)),
+        Err(_) => Err(unreachable(
+            format!("no answer within {:?}", context.backend_connect_timeout),
+            true,
+        )),
     }
 }
 
@@ -293,7 +376,8 @@ fn drain_ready(backend: &TcpStream) -> usize {
 }
 
 /// Hands the session over to unparsed copying, starting with the bytes
-/// either side sent that inspection did not consume.
+/// either side sent that inspection did not consume. The copy ends when both
+/// sides are done, or after `idle_timeout` without a byte either way.
 async fn splice<C>(
     context: &ListenerContext,
     dialogue: Dialogue<'_>,
@@ -326,14 +410,21 @@ where
             .increment(backend_pending.len() as u64);
     }
     drop((client_pending, backend_pending));
+    let activity = ActivityFlag::default();
     let mut backend = Counted::new(
         backend,
         context.metrics.bytes_to_client.clone(),
         context.metrics.bytes_to_backend.clone(),
+        activity.clone(),
     );
-    match tokio::io::copy_bidirectional(&mut client, &mut backend).await {
-        Ok(_) => Ok(()),
-        Err(error) => Err(SessionError::Relay(error)),
+    tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut client, &mut backend) => match copied {
+            Ok(_) => Ok(()),
+            Err(error) => Err(SessionError::Relay(error)),
+        },
+        () = activity.idle_for(context.idle_timeout) => {
+            Err(SessionError::IdleTimeout(context.idle_timeout))
+        }
     }
 }
 

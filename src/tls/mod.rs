@@ -13,16 +13,34 @@ use std::sync::Arc;
 
 use rustls::ServerConfig;
 
+use crate::config::TlsVersion;
+use crate::protocol::Protocol;
+
 pub use certs::{load_certified_key, self_signed, CertificateError, LoadedCertificate};
 pub use resolver::CertificateStore;
 
-/// The server configuration shared by every listener: TLS 1.2 and 1.3 only,
-/// the provider's AEAD, forward-secret suites, certificates from `store`.
-pub fn server_config(store: Arc<CertificateStore>) -> Result<Arc<ServerConfig>, rustls::Error> {
+/// One listener's server configuration: TLS 1.2 and 1.3 only (or 1.3 only),
+/// the provider's AEAD, forward-secret suites, certificates from `store`, and
+/// ALPN restricted to the listener's protocol.
+///
+/// ALPN defends against cross-protocol attacks (ALPACA): a client that offers
+/// ALPN must offer this listener's protocol id, or rustls refuses the
+/// handshake with the no_application_protocol alert. A client offering no
+/// ALPN at all (most mail clients) is served.
+pub fn server_config(
+    store: Arc<CertificateStore>,
+    min_version: TlsVersion,
+    protocol: Protocol,
+) -> Result<Arc<ServerConfig>, rustls::Error> {
+    let versions = match min_version {
+        TlsVersion::Tls12 => provider::PROTOCOL_VERSIONS,
+        TlsVersion::Tls13 => provider::TLS13_ONLY,
+    };
     let mut config = ServerConfig::builder_with_provider(provider::provider())
-        .with_protocol_versions(provider::PROTOCOL_VERSIONS)?
+        .with_protocol_versions(versions)?
         .with_no_client_auth()
         .with_cert_resolver(store);
+    config.alpn_protocols = vec![protocol.as_str().as_bytes().to_vec()];
     // Mail clients keep long sessions; resumption mostly helps reconnect
     // storms. Stateless tickets keep no per-client memory on the proxy.
     config.ticketer = provider::ticketer()?;

@@ -15,6 +15,9 @@ use rustls::SupportedProtocolVersion;
 pub const PROTOCOL_VERSIONS: &[&SupportedProtocolVersion] =
     &[&rustls::version::TLS13, &rustls::version::TLS12];
 
+/// For listeners configured with `min_tls_version = "1.3"`.
+pub const TLS13_ONLY: &[&SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
 /// aws-lc-rs with its default suites: all AEAD (AES-GCM, ChaCha20-Poly1305)
 /// with ephemeral key exchange, i.e. forward secrecy.
 pub fn provider() -> Arc<CryptoProvider> {

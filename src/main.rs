@@ -90,45 +90,55 @@ fn run(path: &Path) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
+        // Handlers first: a signal that arrives once the ports are open must
+        // start a drain, never kill the process outright.
+        let mut signals = ShutdownSignals::new().context("cannot listen for SIGTERM and SIGINT")?;
         let proxy = Proxy::bind(&config).await?;
-        proxy.run(shutdown_signal()).await;
+        let (first_signal, first_signal_received) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            signals.next().await;
+            let _ = first_signal.send(());
+            signals.next().await;
+            tracing::warn!("second signal: exiting at once without draining");
+            std::process::exit(1);
+        });
+        proxy
+            .run(async move {
+                let _ = first_signal_received.await;
+            })
+            .await;
         Ok(())
     })
 }
 
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut terminate = match signal(SignalKind::terminate()) {
-        Ok(stream) => stream,
-        Err(error) => {
-            tracing::error!(%error, "cannot listen for SIGTERM; stop with SIGINT");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// SIGTERM and SIGINT, as one stream of shutdown requests.
+struct ShutdownSignals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => tracing::info!("SIGTERM received"),
+            _ = self.interrupt.recv() => tracing::info!("SIGINT received"),
         }
-    };
-    tokio::select! {
-        _ = terminate.recv() => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
     }
 }
 
 fn check(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
-    let certificate = server::load_certificate(&config)?;
+    let certificates = server::load_certificates(&config)?;
     println!("configuration {}: OK", path.display());
-    match &certificate.files {
-        Some(files) => println!(
-            "certificate: {} (chain of {}), key {}",
-            files.cert.display(),
-            certificate.certified_key.cert.len(),
-            files.key.display()
-        ),
-        None => println!(
-            "certificate: none configured; a self-signed one for {:?} is generated at start-up (clients will not trust it)",
-            config.hostname
-        ),
-    }
+    print_certificates(&config, &certificates.certificates());
     for listener in &config.listeners {
         println!(
             "listener {}: {} with {} TLS on {} -> backend {}",
@@ -140,6 +150,63 @@ fn check(path: &Path) -> anyhow::Result<()> {
         None => println!("metrics: not served (no [metrics] listen)"),
     }
     Ok(())
+}
+
+/// One block per certificate: what it is for, until when, from where.
+fn print_certificates(
+    config: &Config,
+    certificates: &[std::sync::Arc<mail_tls_proxy::tls::LoadedCertificate>],
+) {
+    use mail_tls_proxy::tls::certs::{format_unix_time, unix_now, Expiry};
+    let now = unix_now();
+    for (index, certificate) in certificates.iter().enumerate() {
+        let role = if index == 0 { " (default)" } else { "" };
+        match &certificate.files {
+            Some(files) => println!(
+                "certificate {}{role}: {} (chain of {}), key {}",
+                index + 1,
+                files.cert.display(),
+                certificate.certified_key.cert.len(),
+                files.key.display()
+            ),
+            None => println!(
+                "certificate: none configured; a self-signed one for {:?} is generated at start-up (clients will not trust it)",
+                config.hostname
+            ),
+        }
+        let names = if certificate.names.is_empty() {
+            "(no DNS names: served only as the default)".to_string()
+        } else {
+            certificate.names.join(", ")
+        };
+        println!("  names: {names}");
+        let state = match certificate.expiry(now) {
+            Expiry::Valid { days_left } => format!("valid, {days_left} days left"),
+            Expiry::ExpiresSoon { days_left } => {
+                format!("EXPIRES SOON: {days_left} days left, renew it")
+            }
+            Expiry::Expired { days_ago } => {
+                format!("EXPIRED {days_ago} days ago: served anyway, but clients will refuse it")
+            }
+            Expiry::NotYetValid { days_until } => format!("NOT VALID YET for {days_until} days"),
+        };
+        println!(
+            "  not after: {} ({state})",
+            format_unix_time(certificate.not_after)
+        );
+    }
+    let strict: Vec<&str> = config
+        .listeners
+        .iter()
+        .filter(|listener| listener.sni_strict)
+        .map(|listener| listener.name.as_str())
+        .collect();
+    if !strict.is_empty() {
+        println!(
+            "sni_strict: {} refuse handshakes for names no certificate covers",
+            strict.join(", ")
+        );
+    }
 }
 
 fn write_self_signed(names: &[String], out: &Path) -> anyhow::Result<()> {

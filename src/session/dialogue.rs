@@ -61,12 +61,18 @@ impl<'a> Dialogue<'a> {
     where
         C: AsyncRead + AsyncWrite + Unpin,
     {
+        // Silence is measured in complete lines, not bytes: a client that
+        // trickles one byte at a time (slowloris) is cut off like a silent one.
+        let mut deadline = tokio::time::Instant::now() + self.idle_timeout;
         loop {
             // Backend lines are always taken: replies, and unsolicited lines
             // the machine decides about.
             loop {
                 let next = match self.backend_lines.next_line() {
-                    Ok(Some(line)) => self.inspector.backend_line(line, &mut self.out),
+                    Ok(Some(line)) => {
+                        deadline = tokio::time::Instant::now() + self.idle_timeout;
+                        self.inspector.backend_line(line, &mut self.out)
+                    }
                     Ok(None) => break,
                     Err(too_long) => {
                         self.inspector
@@ -89,6 +95,7 @@ impl<'a> Dialogue<'a> {
             if self.inspector.wants_client_line() && self.skip_client_bytes == 0 {
                 let next = match self.client_lines.next_line() {
                     Ok(Some(line)) => {
+                        deadline = tokio::time::Instant::now() + self.idle_timeout;
                         self.commands += 1;
                         if self.commands > self.context.max_inspected_commands {
                             return self
@@ -153,7 +160,7 @@ impl<'a> Dialogue<'a> {
                     Err(error) => return Err(SessionError::Client(error)),
                 },
                 _ = self.shutdown.changed() => {}
-                _ = tokio::time::sleep(self.idle_timeout) => {
+                _ = tokio::time::sleep_until(deadline) => {
                     return self
                         .say_goodbye(client, Goodbye::IdleTimeout, SessionError::IdleTimeout(self.idle_timeout))
                         .await;

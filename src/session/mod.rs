@@ -19,7 +19,6 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
-use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::limits::{self, GlobalLimit, PerIpLimit};
@@ -42,7 +41,8 @@ pub struct ListenerContext {
     pub protocol: Protocol,
     pub mode: TlsMode,
     pub backend: String,
-    pub acceptor: TlsAcceptor,
+    /// TLS for this listener, with its SNI policy (`sni_strict`).
+    pub acceptor: crate::tls::Acceptor,
     pub metrics: ListenerMetrics,
     pub handshake_timeout: Duration,
     pub backend_connect_timeout: Duration,
@@ -162,9 +162,9 @@ pub async fn serve(context: Arc<ListenerContext>, client: TcpStream, peer: Socke
                 match &error {
                     SessionError::HandshakeTimeout(_) => context.metrics.timed_out("handshake"),
                     SessionError::IdleTimeout(_) => context.metrics.timed_out("idle"),
-                    SessionError::BackendUnreachable { timed_out: true, .. } => {
-                        context.metrics.timed_out("backend_connect")
-                    }
+                    SessionError::BackendUnreachable {
+                        timed_out: true, ..
+                    } => context.metrics.timed_out("backend_connect"),
                     _ => {}
                 }
                 match error.side() {
@@ -317,11 +317,20 @@ fn handshake_error_reason(error: &std::io::Error) -> &'static str {
     if error.kind() == std::io::ErrorKind::UnexpectedEof {
         return "eof";
     }
-    match error.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+    if crate::tls::UnrecognizedName::is(error) {
+        return "unrecognized_name";
+    }
+    match error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        // TLS 1.0/1.1 clients send no signature_algorithms extension (it
+        // came with TLS 1.2), which rustls checks before the version itself.
         Some(rustls::Error::PeerIncompatible(
             PeerIncompatible::Tls12NotOffered
             | PeerIncompatible::Tls12NotOfferedOrEnabled
-            | PeerIncompatible::SupportedVersionsExtensionRequired,
+            | PeerIncompatible::SupportedVersionsExtensionRequired
+            | PeerIncompatible::SignatureAlgorithmsExtensionRequired,
         )) => "protocol_version",
         Some(rustls::Error::PeerIncompatible(_)) => "incompatible",
         Some(rustls::Error::NoApplicationProtocol) => "no_application_protocol",

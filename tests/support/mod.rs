@@ -99,6 +99,7 @@ pub struct TestProxy {
     addresses: std::collections::HashMap<String, SocketAddr>,
     pub metrics: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
+    running: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl TestProxy {
@@ -108,8 +109,20 @@ impl TestProxy {
 
     /// Starts a proxy; `extra` is appended to each listener's table.
     pub async fn start_with(listeners: &[ListenerSpec], extra: &str) -> TestProxy {
+        Self::start_configured(listeners, "", extra).await
+    }
+
+    /// Starts a proxy with `top_level` settings (e.g. `max_connections = 1`)
+    /// and `per_listener` settings appended to each listener's table.
+    pub async fn start_configured(
+        listeners: &[ListenerSpec],
+        top_level: &str,
+        per_listener: &str,
+    ) -> TestProxy {
+        let extra = per_listener;
         let pki = test_pki();
-        let mut text = String::from(
+        let mut text = format!("{top_level}\n");
+        text.push_str(
             "[[certificate]]\ncert = \"fullchain.pem\"\nkey = \"privkey.pem\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
         );
         for spec in listeners {
@@ -125,7 +138,7 @@ impl TestProxy {
         let addresses = proxy.listener_addresses();
         let metrics = proxy.metrics_address();
         let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(proxy.run(async move {
+        let running = tokio::spawn(proxy.run(async move {
             let _ = stopped.await;
         }));
         TestProxy {
@@ -133,7 +146,17 @@ impl TestProxy {
             addresses,
             metrics,
             stop: Some(stop),
+            running: Some(running),
         }
+    }
+
+    /// Starts the graceful shutdown (as SIGTERM does) and returns the task
+    /// that completes when the proxy has drained.
+    pub fn begin_shutdown(&mut self) -> tokio::task::JoinHandle<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.running.take().expect("proxy is running")
     }
 
     pub fn address(&self, name: &str) -> SocketAddr {
@@ -223,6 +246,7 @@ impl Script {
             .on(b"NOOP", b"250 2.0.0 Ok\r\n")
             .on(b"MAIL FROM", b"250 2.1.0 Ok\r\n")
             .on(b"RCPT TO", b"250 2.1.5 Ok\r\n")
+            .on(b"DATA", b"354 End data with <CR><LF>.<CR><LF>\r\n")
             .on(b"QUIT", b"221 2.0.0 Bye\r\n")
             .otherwise(b"502 5.5.2 Error: command not recognized\r\n")
     }
@@ -357,6 +381,32 @@ async fn serve_script(mut stream: TcpStream, mut script: Script, record: Arc<Mut
             if stream.write_all(&reply).await.is_err() {
                 return;
             }
+            if reply.starts_with(b"354") {
+                // SMTP DATA: the body runs to a line holding a single dot.
+                loop {
+                    let body_end = if pending.starts_with(b".\r\n") {
+                        Some(3)
+                    } else {
+                        find_subslice(&pending, b"\r\n.\r\n").map(|at| at + 5)
+                    };
+                    if let Some(consumed) = body_end {
+                        pending.drain(..consumed);
+                        break;
+                    }
+                    let read = match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(read) => read,
+                    };
+                    record
+                        .lock()
+                        .expect("lock")
+                        .extend_from_slice(&chunk[..read]);
+                    pending.extend_from_slice(&chunk[..read]);
+                }
+                if stream.write_all(b"250 2.0.0 Ok: queued\r\n").await.is_err() {
+                    return;
+                }
+            }
             if line.to_ascii_uppercase().starts_with(b"QUIT")
                 || line.to_ascii_uppercase().starts_with(b"Z LOGOUT")
             {
@@ -364,6 +414,12 @@ async fn serve_script(mut stream: TcpStream, mut script: Script, record: Arc<Mut
             }
         }
     }
+}
+
+fn find_subslice(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack
+        .windows(needle.len())
+        .position(|window| window == needle)
 }
 
 /// Reads until the received bytes end with `ending`; returns them all.
@@ -431,4 +487,38 @@ pub async fn dead_address() -> SocketAddr {
     let address = socket.local_addr().expect("address");
     drop(socket);
     address
+}
+
+/// Fetches `/metrics` from a test proxy.
+pub async fn http_get_metrics(proxy: &TestProxy) -> String {
+    http_get(proxy.metrics.expect("metrics address"), "/metrics")
+        .await
+        .1
+}
+
+/// A minimal HTTP/1.1 GET; returns (status, body).
+pub async fn http_get(address: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(address).await.expect("connect");
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("write");
+    let mut response = String::new();
+    tokio::time::timeout(STEP, stream.read_to_string(&mut response))
+        .await
+        .expect("response in time")
+        .expect("read");
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("status code");
+    let body = response
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    (status, body)
 }

@@ -1,0 +1,98 @@
+//! Connection limits: past `max_connections_per_ip` or `max_connections`, the
+//! client gets its protocol's temporary error and a close; the slot comes back
+//! when a session ends.
+
+mod support;
+
+use support::*;
+
+#[tokio::test]
+async fn past_the_per_ip_limit_the_client_gets_421_and_a_close() {
+    let backend = FakeBackend::start(Script::smtp()).await;
+    let proxy = TestProxy::start_with(
+        &[listener("mx", "smtp", "starttls", backend.address)],
+        "max_connections_per_ip = 2",
+    )
+    .await;
+    let mut first = proxy.connect("mx").await;
+    read_until(&mut first, b"\r\n").await;
+    let mut second = proxy.connect("mx").await;
+    read_until(&mut second, b"\r\n").await;
+    let mut third = proxy.connect("mx").await;
+    assert_eq!(
+        text(&read_to_close(&mut third).await),
+        "421 4.7.0 Too many connections, try again later\r\n"
+    );
+    assert_eq!(
+        backend.connections(),
+        2,
+        "a refused client costs the backend nothing"
+    );
+
+    drop(first);
+    // The slot is given back once the proxy notices the close.
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let mut again = proxy.connect("mx").await;
+        let got = read_until_any_line(&mut again).await;
+        if got == b"220 fake.example ESMTP\r\n" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "slot never came back: {}",
+            text(&got)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn past_the_global_limit_every_listener_refuses_in_its_own_protocol() {
+    let smtp = FakeBackend::start(Script::smtp()).await;
+    let imap = FakeBackend::start(Script::imap()).await;
+    let pop3 = FakeBackend::start(Script::pop3()).await;
+    let proxy = TestProxy::start_configured(
+        &[
+            listener("mx", "smtp", "starttls", smtp.address),
+            listener("imaps", "imap", "implicit", imap.address),
+            listener("pop3", "pop3", "starttls", pop3.address),
+        ],
+        "max_connections = 1",
+        "",
+    )
+    .await;
+    let mut holder = proxy.connect("mx").await;
+    read_until(&mut holder, b"\r\n").await;
+
+    let mut imaps = proxy.connect_tls("imaps").await;
+    assert_eq!(
+        text(&read_to_close(&mut imaps).await),
+        "* BYE [UNAVAILABLE] Too many connections, try again later\r\n"
+    );
+    let mut pop3_client = proxy.connect("pop3").await;
+    assert_eq!(
+        text(&read_to_close(&mut pop3_client).await),
+        "-ERR [SYS/TEMP] Too many connections, try again later\r\n"
+    );
+    assert_eq!((imap.connections(), pop3.connections()), (0, 0));
+
+    let metrics = http_get_metrics(&proxy).await;
+    assert!(
+        metrics.contains("mail_tls_proxy_rejected_connections_total{listener=\"imaps\",reason=\"max_connections\"} 1"),
+        "{metrics}"
+    );
+}
+
+async fn read_until_any_line(stream: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 512];
+    while !got.ends_with(b"\n") {
+        match tokio::time::timeout(STEP, stream.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(read)) => got.extend_from_slice(&chunk[..read]),
+        }
+    }
+    got
+}

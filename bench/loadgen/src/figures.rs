@@ -1,0 +1,559 @@
+//! One function per figure. Each runs against one target for a bounded time
+//! and returns its [`Record`]s; none asserts anything about speed.
+//!
+//! CPU figures come from `/proc`: the proxy's CPU time over the measured
+//! window (after a warm-up), and the "client core" (this process plus the
+//! backend) so a reader can tell when the load generator was the bottleneck.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsConnector;
+
+use crate::client::{self, Lines, Mode, Protocol};
+use crate::procstat;
+use crate::record::{Labels, Record};
+
+/// What every figure needs besides its own parameters.
+#[derive(Clone)]
+pub struct Context {
+    pub connector: TlsConnector,
+    pub labels: Labels,
+    /// The proxy under test (CPU time, RSS). `None` for direct runs.
+    pub proxy_pid: Option<u32>,
+    /// The backend, which shares the load generator's core.
+    pub backend_pid: Option<u32>,
+}
+
+/// Warm-up, then the measured window.
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    pub warmup: Duration,
+    pub measure: Duration,
+}
+
+/// CPU counters at one instant.
+struct Snapshot {
+    at: Instant,
+    proxy: Option<Duration>,
+    client: Duration,
+}
+
+impl Context {
+    fn snapshot(&self) -> Snapshot {
+        let backend: Vec<u32> = self.backend_pid.into_iter().collect();
+        Snapshot {
+            at: Instant::now(),
+            proxy: self.proxy_pid.and_then(|pid| procstat::cpu_time(pid).ok()),
+            client: procstat::own_cpu_time() + procstat::cpu_time_of(&backend),
+        }
+    }
+
+    fn record(&self, figure: &str, variant: &str, metric: &str, value: f64) -> Record {
+        Record::new(&self.labels, figure, variant, metric, value)
+    }
+}
+
+/// CPU used between two snapshots: (proxy seconds, proxy %, client core %).
+fn cpu_between(start: &Snapshot, end: &Snapshot) -> (Option<f64>, Option<f64>, f64) {
+    let wall = end.at.duration_since(start.at).as_secs_f64();
+    let proxy = match (start.proxy, end.proxy) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a).as_secs_f64()),
+        _ => None,
+    };
+    let client = end.client.saturating_sub(start.client).as_secs_f64();
+    (
+        proxy,
+        proxy.map(|seconds| 100.0 * seconds / wall),
+        100.0 * client / wall,
+    )
+}
+
+/// Keeps the first few error messages for the log.
+#[derive(Default)]
+struct Errors {
+    count: AtomicU64,
+    first: Mutex<Vec<String>>,
+}
+
+impl Errors {
+    fn add(&self, error: &anyhow::Error) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let mut first = self.first.lock().expect("errors lock");
+        if first.len() < 5 {
+            first.push(format!("{error:#}"));
+        }
+    }
+
+    fn report(&self, what: &str) {
+        let count = self.count.load(Ordering::Relaxed);
+        if count > 0 {
+            eprintln!("  {what}: {count} errors, first:");
+            for message in self.first.lock().expect("errors lock").iter() {
+                eprintln!("    {message}");
+            }
+        }
+    }
+}
+
+/// Figures 1 and 2: full-handshake sessions per second and the proxy's CPU
+/// time per session. `concurrency` sessions run at once, each: connect, TLS
+/// (implicit or STARTTLS), greeting, the capability command, close.
+pub async fn sessions(
+    context: &Context,
+    target: SocketAddr,
+    mode: Mode,
+    protocol: Protocol,
+    concurrency: usize,
+    window: Window,
+    session_timeout: Duration,
+) -> Result<Vec<Record>> {
+    if mode == Mode::Plain {
+        bail!("the session figures need TLS");
+    }
+    let completed = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(Errors::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = JoinSet::new();
+    for _ in 0..concurrency {
+        let (completed, errors, stop) = (completed.clone(), errors.clone(), stop.clone());
+        let connector = context.connector.clone();
+        workers.spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let session = client::one_session(&connector, target, mode, protocol);
+                match tokio::time::timeout(session_timeout, session).await {
+                    Ok(Ok(())) => {
+                        completed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(Err(error)) => {
+                        errors.add(&error);
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    Err(_) => errors.add(&anyhow::anyhow!("session timed out")),
+                }
+            }
+        });
+    }
+    tokio::time::sleep(window.warmup).await;
+    let (start, done_before, errors_before) = (
+        context.snapshot(),
+        completed.load(Ordering::Relaxed),
+        errors.count.load(Ordering::Relaxed),
+    );
+    tokio::time::sleep(window.measure).await;
+    let (end, done_after, errors_after) = (
+        context.snapshot(),
+        completed.load(Ordering::Relaxed),
+        errors.count.load(Ordering::Relaxed),
+    );
+    stop.store(true, Ordering::Relaxed);
+    drain(workers, session_timeout + Duration::from_secs(1)).await;
+
+    let wall = end.at.duration_since(start.at).as_secs_f64();
+    let done = done_after - done_before;
+    let (proxy_seconds, proxy_pct, client_pct) = cpu_between(&start, &end);
+    let figure = match mode {
+        Mode::Implicit => "implicit",
+        _ => "starttls",
+    };
+    let variant = protocol.name();
+    let rate = done as f64 / wall;
+    let mut records = vec![
+        context.record(figure, variant, "sessions_per_s", rate),
+        context.record(figure, variant, "client_cpu_pct", client_pct),
+        context.record(
+            figure,
+            variant,
+            "errors",
+            (errors_after - errors_before) as f64,
+        ),
+    ];
+    if let (Some(seconds), Some(pct)) = (proxy_seconds, proxy_pct) {
+        if done > 0 {
+            records.push(context.record(
+                figure,
+                variant,
+                "cpu_us_per_session",
+                seconds * 1e6 / done as f64,
+            ));
+        }
+        records.push(context.record(figure, variant, "proxy_cpu_pct", pct));
+    }
+    eprintln!(
+        "  {figure} {variant} via {}: {rate:.0} sessions/s, proxy CPU {}, client core {client_pct:.0}%",
+        context.labels.proxy,
+        match (proxy_seconds, proxy_pct) {
+            (Some(s), Some(p)) if done > 0 =>
+                format!("{:.0} µs/session ({p:.0}%)", s * 1e6 / done as f64),
+            _ => "n/a".into(),
+        }
+    );
+    errors.report("sessions");
+    Ok(records)
+}
+
+/// Waits for workers to finish, aborting what is still running at `limit`.
+async fn drain(mut workers: JoinSet<()>, limit: Duration) {
+    let deadline = tokio::time::sleep(limit);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            next = workers.join_next() => if next.is_none() { return },
+            _ = &mut deadline => {
+                workers.abort_all();
+                while workers.join_next().await.is_some() {}
+                return;
+            }
+        }
+    }
+}
+
+/// Figure 3: the round trip of `NOOP` on an established IMAP session (after
+/// LOGIN, so every proxy is copying without parsing). `Mode::Plain` talks to
+/// the backend directly: the baseline the others are compared with.
+pub async fn latency(
+    context: &Context,
+    target: SocketAddr,
+    mode: Mode,
+    samples: usize,
+    limit: Duration,
+) -> Result<Vec<Record>> {
+    let timings = match mode {
+        Mode::Plain => {
+            let mut lines = Lines::new(client::connect(target).await?);
+            lines.imap_greeting().await?;
+            noop_round_trips(&mut lines, samples, limit).await?
+        }
+        Mode::Implicit => {
+            let mut lines =
+                client::open_tls(&context.connector, target, Mode::Implicit, Protocol::Imap)
+                    .await?;
+            let timings = noop_round_trips(&mut lines, samples, limit).await?;
+            client::close_tls(lines.stream).await;
+            timings
+        }
+        Mode::Starttls => bail!("the latency figure uses implicit TLS or plain"),
+    };
+    let percentile = |p: f64| -> f64 {
+        let index = ((timings.len() as f64 * p) as usize).min(timings.len() - 1);
+        timings[index] as f64 / 1000.0
+    };
+    let mean = timings.iter().sum::<u64>() as f64 / timings.len() as f64 / 1000.0;
+    eprintln!(
+        "  NOOP round trip via {}: p50 {:.1} µs, p99 {:.1} µs, mean {mean:.1} µs ({} samples)",
+        context.labels.proxy,
+        percentile(0.50),
+        percentile(0.99),
+        timings.len()
+    );
+    Ok(vec![
+        context.record("latency", "noop", "p50_us", percentile(0.50)),
+        context.record("latency", "noop", "p99_us", percentile(0.99)),
+        context.record("latency", "noop", "mean_us", mean),
+        context.record("latency", "noop", "samples", timings.len() as f64),
+    ])
+}
+
+/// LOGIN, a warm-up, then `samples` NOOPs (or until `limit`); sorted
+/// round-trip times in nanoseconds.
+async fn noop_round_trips<S: AsyncRead + AsyncWrite + Unpin>(
+    lines: &mut Lines<S>,
+    samples: usize,
+    limit: Duration,
+) -> Result<Vec<u64>> {
+    lines.send(b"l LOGIN bench bench\r\n").await?;
+    lines.imap_tagged("l").await?;
+    for _ in 0..(samples / 10).clamp(10, 1000) {
+        lines.send(b"a NOOP\r\n").await?;
+        lines.imap_tagged("a").await?;
+    }
+    let deadline = Instant::now() + limit;
+    let mut timings = Vec::with_capacity(samples);
+    while timings.len() < samples && Instant::now() < deadline {
+        let started = Instant::now();
+        lines.send(b"a NOOP\r\n").await?;
+        lines.imap_tagged("a").await?;
+        timings.push(started.elapsed().as_nanos() as u64);
+    }
+    if timings.is_empty() {
+        bail!("no NOOP completed");
+    }
+    timings.sort_unstable();
+    Ok(timings)
+}
+
+/// What a bulk connection carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Bulk {
+    /// Data sent and echoed back at once: the figure is bytes each way.
+    Echo,
+    /// SMTP DATA to the sink, one way.
+    Data,
+}
+
+/// Bytes in one SMTP message of the DATA figure.
+pub const MESSAGE_BYTES: usize = 8 * 1024 * 1024;
+
+/// A block of 78-byte text lines (no line starts with a dot).
+fn data_block() -> Vec<u8> {
+    let mut line = vec![b'x'; 76];
+    line.extend_from_slice(b"\r\n");
+    line.repeat(840)
+}
+
+/// Figure 4: bulk throughput on `connections` connections (MB/s, 10^6 bytes),
+/// with the proxy's CPU %.
+pub async fn bulk(
+    context: &Context,
+    target: SocketAddr,
+    mode: Mode,
+    kind: Bulk,
+    connections: usize,
+    window: Window,
+) -> Result<Vec<Record>> {
+    let moved = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(Errors::default());
+    let mut tasks = JoinSet::new();
+    for _ in 0..connections {
+        let (moved, stop, errors) = (moved.clone(), stop.clone(), errors.clone());
+        match mode {
+            Mode::Plain => {
+                let stream = client::connect(target).await?;
+                tasks.spawn(bulk_connection(stream, kind, moved, stop, errors));
+            }
+            Mode::Implicit => {
+                let tcp = client::connect(target).await?;
+                let stream = client::tls_handshake(&context.connector, tcp).await?;
+                tasks.spawn(bulk_connection(stream, kind, moved, stop, errors));
+            }
+            Mode::Starttls => bail!("the bulk figure uses implicit TLS or plain"),
+        }
+    }
+    tokio::time::sleep(window.warmup).await;
+    let (start, before) = (context.snapshot(), moved.load(Ordering::Relaxed));
+    tokio::time::sleep(window.measure).await;
+    let (end, after) = (context.snapshot(), moved.load(Ordering::Relaxed));
+    stop.store(true, Ordering::Relaxed);
+    // Readers would wait for data forever: end every connection now.
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+
+    let wall = end.at.duration_since(start.at).as_secs_f64();
+    let rate = (after - before) as f64 / wall / 1e6;
+    let (_, proxy_pct, client_pct) = cpu_between(&start, &end);
+    let variant = format!(
+        "{}-{connections}",
+        match kind {
+            Bulk::Echo => "echo",
+            Bulk::Data => "data",
+        }
+    );
+    eprintln!(
+        "  bulk {variant} via {}: {rate:.0} MB/s, proxy CPU {}, client core {client_pct:.0}%",
+        context.labels.proxy,
+        proxy_pct.map_or("n/a".into(), |p| format!("{p:.0}%"))
+    );
+    errors.report("bulk");
+    let mut records = vec![
+        context.record("bulk", &variant, "mb_per_s", rate),
+        context.record("bulk", &variant, "client_cpu_pct", client_pct),
+        context.record(
+            "bulk",
+            &variant,
+            "errors",
+            errors.count.load(Ordering::Relaxed) as f64,
+        ),
+    ];
+    if let Some(pct) = proxy_pct {
+        records.push(context.record("bulk", &variant, "proxy_cpu_pct", pct));
+    }
+    Ok(records)
+}
+
+async fn bulk_connection<S>(
+    stream: S,
+    kind: Bulk,
+    moved: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    errors: Arc<Errors>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let result = match kind {
+        Bulk::Echo => echo_connection(stream, &moved, &stop).await,
+        Bulk::Data => data_connection(stream, &moved, &stop).await,
+    };
+    if let Err(error) = result {
+        if !stop.load(Ordering::Relaxed) {
+            errors.add(&error);
+        }
+    }
+}
+
+async fn echo_connection<S>(stream: S, moved: &AtomicU64, stop: &AtomicBool) -> Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut lines = Lines::new(stream);
+    lines.imap_greeting().await?;
+    // An unknown command ends every proxy's inspection; the echo returns it.
+    lines.send(b"a ECHO\r\n").await?;
+    let echoed = lines.line().await?.to_vec();
+    if echoed != b"a ECHO\r\n" || !lines.buffered().is_empty() {
+        bail!("echo: unexpected {:?}", String::from_utf8_lossy(&echoed));
+    }
+    let (mut reader, mut writer) = tokio::io::split(lines.into_stream()?);
+    let block = data_block();
+    let write = async {
+        while !stop.load(Ordering::Relaxed) {
+            writer.write_all(&block).await?;
+        }
+        anyhow::Ok(())
+    };
+    let read = async {
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            let read = reader.read(&mut buffer).await?;
+            if read == 0 {
+                bail!("echo: closed by the server");
+            }
+            moved.fetch_add(read as u64, Ordering::Relaxed);
+        }
+        #[allow(unreachable_code)]
+        anyhow::Ok(())
+    };
+    tokio::try_join!(write, read).map(|_| ())
+}
+
+async fn data_connection<S>(stream: S, moved: &AtomicU64, stop: &AtomicBool) -> Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut lines = Lines::new(stream);
+    lines.smtp_reply("220").await?;
+    lines.send(b"EHLO bench.client\r\n").await?;
+    lines.smtp_reply("250").await?;
+    let block = data_block();
+    let blocks = MESSAGE_BYTES / block.len();
+    while !stop.load(Ordering::Relaxed) {
+        lines
+            .send(b"MAIL FROM:<bench@client.test>\r\nRCPT TO:<sink@backend.test>\r\nDATA\r\n")
+            .await?;
+        lines.smtp_reply("250").await?;
+        lines.smtp_reply("250").await?;
+        lines.smtp_reply("354").await?;
+        for _ in 0..blocks {
+            lines.stream.write_all(&block).await?;
+            moved.fetch_add(block.len() as u64, Ordering::Relaxed);
+        }
+        lines.send(b".\r\n").await?;
+        lines.smtp_reply("250").await?;
+    }
+    Ok(())
+}
+
+/// Which point of the dialogue an idle session waits in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum IdleState {
+    /// After the greeting (our proxy is still inspecting lines).
+    Greeting,
+    /// After LOGIN (every proxy copies without parsing), like a logged-in
+    /// IMAP client waiting in IDLE.
+    Login,
+}
+
+/// Figure 5: the proxy's RSS with 0 and then each of `counts` idle implicit
+/// TLS IMAP sessions open; KiB per session from the first to the last point.
+pub async fn idle(
+    context: &Context,
+    target: SocketAddr,
+    counts: &[usize],
+    state: IdleState,
+    open_concurrency: usize,
+    settle: Duration,
+    limit: Duration,
+) -> Result<Vec<Record>> {
+    let pid = context
+        .proxy_pid
+        .context("the memory figure needs the proxy's pid")?;
+    let variant = match state {
+        IdleState::Greeting => "idle-greeting",
+        IdleState::Login => "idle-login",
+    };
+    let deadline = Instant::now() + limit;
+    let mut held: Vec<client::TlsLines> = Vec::new();
+    let mut points = vec![(0usize, procstat::rss_kib(pid)?)];
+    let errors = Errors::default();
+    for &count in counts {
+        while held.len() < count {
+            if Instant::now() > deadline {
+                bail!("only {} sessions open after {limit:?}", held.len());
+            }
+            let batch = (count - held.len()).min(open_concurrency);
+            let mut opening = JoinSet::new();
+            for _ in 0..batch {
+                let connector = context.connector.clone();
+                opening.spawn(async move {
+                    let open = async {
+                        let mut lines =
+                            client::open_tls(&connector, target, Mode::Implicit, Protocol::Imap)
+                                .await?;
+                        if state == IdleState::Login {
+                            lines.send(b"l LOGIN bench bench\r\n").await?;
+                            lines.imap_tagged("l").await?;
+                        }
+                        anyhow::Ok(lines)
+                    };
+                    tokio::time::timeout(Duration::from_secs(10), open)
+                        .await
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("open timed out")))
+                });
+            }
+            while let Some(opened) = opening.join_next().await {
+                match opened? {
+                    Ok(lines) => held.push(lines),
+                    Err(error) => errors.add(&error),
+                }
+            }
+            if errors.count.load(Ordering::Relaxed) > 0 {
+                errors.report("idle sessions");
+                bail!(
+                    "opening idle sessions failed after {} were open",
+                    held.len()
+                );
+            }
+        }
+        tokio::time::sleep(settle).await;
+        let rss = procstat::rss_kib(pid)?;
+        eprintln!(
+            "  {} idle TLS sessions via {}: RSS {rss} KiB",
+            held.len(),
+            context.labels.proxy
+        );
+        points.push((count, rss));
+    }
+    // Everything still open and answering: one NOOP on a sample of them.
+    for lines in held.iter_mut().step_by(997) {
+        lines.send(b"a NOOP\r\n").await?;
+        lines.imap_tagged("a").await?;
+    }
+    let mut records = Vec::new();
+    for (count, rss) in &points {
+        records.push(context.record("memory", variant, &format!("rss_kib_{count}"), *rss as f64));
+    }
+    let (first, last) = (points[0], points[points.len() - 1]);
+    if last.0 > first.0 {
+        let per_session = (last.1 as f64 - first.1 as f64) / (last.0 - first.0) as f64;
+        eprintln!("  {per_session:.1} KiB per idle TLS session");
+        records.push(context.record("memory", variant, "kib_per_session", per_session));
+    }
+    records.push(context.record("memory", variant, "sessions_held", held.len() as f64));
+    drop(held);
+    Ok(records)
+}

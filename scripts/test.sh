@@ -6,8 +6,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-echo "== cargo test (unit, property, integration)"
-cargo test --locked --all-targets
+echo "== cargo test (unit, property, integration, benchmark harness smoke run)"
+cargo test --locked --workspace --all-targets
 
 echo "== end-to-end against real Dovecot and Postfix"
 bash tests/e2e/run.sh

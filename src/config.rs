@@ -42,6 +42,9 @@ struct RawConfig {
     max_connections: Option<usize>,
     /// Seconds pass-through sessions get to finish after SIGTERM/SIGINT.
     shutdown_grace: Option<u64>,
+    /// Seconds between checks of the certificate files (a fallback for
+    /// filesystems without change notification).
+    certificate_poll_interval: Option<u64>,
     #[serde(default, rename = "certificate")]
     certificates: Vec<RawCertificate>,
     metrics: Option<RawMetrics>,
@@ -84,6 +87,8 @@ struct RawListener {
     max_connections_per_ip: Option<usize>,
     /// Commands the proxy reads before it hands the session over.
     max_inspected_commands: Option<usize>,
+    /// Refuse (unrecognized_name) a handshake whose SNI no certificate names.
+    sni_strict: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -135,6 +140,9 @@ pub struct ListenerConfig {
     pub min_tls_version: TlsVersion,
     pub max_connections_per_ip: usize,
     pub max_inspected_commands: usize,
+    /// Refuse a handshake whose SNI names a host no certificate covers,
+    /// instead of serving the default certificate.
+    pub sni_strict: bool,
 }
 
 /// The lowest TLS version a listener accepts.
@@ -157,6 +165,8 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     pub max_connections: usize,
     pub shutdown_grace: Duration,
+    /// How often certificate files are re-read even without a change event.
+    pub certificate_poll_interval: Duration,
 }
 
 /// RFC 8314 and common practice: a TLS handshake finishes in seconds.
@@ -171,6 +181,8 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 100;
 /// NOOPs is cut off here.
 pub const DEFAULT_MAX_INSPECTED_COMMANDS: usize = 50;
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Certificate files are watched; this poll only catches what a watch misses.
+pub const DEFAULT_CERTIFICATE_POLL_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The protocols' own idle limits: RFC 5321 section 4.5.3.2.7 (5 minutes for
 /// the server), RFC 9051 section 5.4 (at least 30 minutes), RFC 1939 section 3
@@ -309,18 +321,17 @@ impl Config {
                 RawTlsMode::Implicit => TlsMode::Implicit,
                 RawTlsMode::Starttls => TlsMode::StartTls,
             };
-            let require_tls = match (raw.require_tls, tls) {
-                (Some(_), TlsMode::Implicit) => {
-                    return Err(invalid(
+            let require_tls =
+                match (raw.require_tls, tls) {
+                    (Some(_), TlsMode::Implicit) => return Err(invalid(
                         key("require_tls"),
                         "applies to starttls listeners only (implicit listeners are always TLS)"
                             .into(),
-                    ))
-                }
-                (Some(RawRequireTls::Auth) | None, _) => RequireTls::Auth,
-                (Some(RawRequireTls::All), _) => RequireTls::All,
-                (Some(RawRequireTls::None), _) => RequireTls::None,
-            };
+                    )),
+                    (Some(RawRequireTls::Auth) | None, _) => RequireTls::Auth,
+                    (Some(RawRequireTls::All), _) => RequireTls::All,
+                    (Some(RawRequireTls::None), _) => RequireTls::None,
+                };
             let min_tls_version = match raw.min_tls_version.as_deref() {
                 None | Some("1.2") => TlsVersion::Tls12,
                 Some("1.3") => TlsVersion::Tls13,
@@ -376,6 +387,7 @@ impl Config {
                 min_tls_version,
                 max_connections_per_ip,
                 max_inspected_commands,
+                sni_strict: raw.sni_strict.unwrap_or(false),
             });
         }
 
@@ -394,6 +406,17 @@ impl Config {
             .map(Duration::from_secs)
             .unwrap_or(DEFAULT_SHUTDOWN_GRACE);
 
+        let certificate_poll_interval = match raw.certificate_poll_interval {
+            Some(0) => {
+                return Err(invalid(
+                    "certificate_poll_interval".into(),
+                    "must be at least 1 second".into(),
+                ))
+            }
+            Some(secs) => Duration::from_secs(secs),
+            None => DEFAULT_CERTIFICATE_POLL_INTERVAL,
+        };
+
         Ok(Config {
             source: path.to_path_buf(),
             hostname,
@@ -402,6 +425,7 @@ impl Config {
             listeners,
             max_connections,
             shutdown_grace,
+            certificate_poll_interval,
         })
     }
 }
@@ -509,7 +533,10 @@ idle_timeout = 60
         assert_eq!(submission.idle_timeout, Duration::from_secs(60));
         assert_eq!(submission.require_tls, RequireTls::Auth);
         assert_eq!(submission.min_tls_version, TlsVersion::Tls12);
-        assert_eq!(submission.max_connections_per_ip, DEFAULT_MAX_CONNECTIONS_PER_IP);
+        assert_eq!(
+            submission.max_connections_per_ip,
+            DEFAULT_MAX_CONNECTIONS_PER_IP
+        );
         assert_eq!(config.max_connections, DEFAULT_MAX_CONNECTIONS);
         assert_eq!(config.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
     }
@@ -527,10 +554,19 @@ idle_timeout = 60
         assert_eq!(submission.min_tls_version, TlsVersion::Tls13);
         assert_eq!(submission.max_connections_per_ip, 5);
 
-        let message = error_of(&MINIMAL.replace("backend = \"127.0.0.1:143\"", "backend = \"127.0.0.1:143\"\nrequire_tls = \"all\""));
-        assert!(message.contains("listener[0].require_tls: applies to starttls listeners only"), "{message}");
+        let message = error_of(&MINIMAL.replace(
+            "backend = \"127.0.0.1:143\"",
+            "backend = \"127.0.0.1:143\"\nrequire_tls = \"all\"",
+        ));
+        assert!(
+            message.contains("listener[0].require_tls: applies to starttls listeners only"),
+            "{message}"
+        );
         let message = error_of(&MINIMAL.replace("idle_timeout = 60", "min_tls_version = \"1.1\""));
-        assert!(message.contains("listener[1].min_tls_version") && message.contains("RFC 8996"), "{message}");
+        assert!(
+            message.contains("listener[1].min_tls_version") && message.contains("RFC 8996"),
+            "{message}"
+        );
         let message = error_of(&MINIMAL.replace("idle_timeout = 60", "require_tls = \"maybe\""));
         assert!(message.contains("maybe"), "{message}");
     }
@@ -614,5 +650,28 @@ idle_timeout = 60
         assert!(!is_host_and_port("mail.internal:0"));
         assert!(!is_host_and_port(":25"));
         assert!(!is_host_and_port("bad host:25"));
+    }
+
+    #[test]
+    fn certificate_polling_and_strict_sni() {
+        let config = parse(MINIMAL).expect("valid");
+        assert_eq!(
+            config.certificate_poll_interval,
+            DEFAULT_CERTIFICATE_POLL_INTERVAL
+        );
+        assert!(config.listeners.iter().all(|listener| !listener.sni_strict));
+        let text = format!("certificate_poll_interval = 5\n{MINIMAL}")
+            .replace("idle_timeout = 60", "idle_timeout = 60\nsni_strict = true");
+        let config = parse(&text).expect("valid");
+        assert_eq!(config.certificate_poll_interval, Duration::from_secs(5));
+        assert!(!config.listeners[0].sni_strict);
+        assert!(config.listeners[1].sni_strict);
+        let message = error_of(&format!("certificate_poll_interval = 0\n{MINIMAL}"));
+        assert!(
+            message.contains("certificate_poll_interval: must be at least 1 second"),
+            "{message}"
+        );
+        let message = error_of(&MINIMAL.replace("idle_timeout = 60", "sni_strict = \"yes\""));
+        assert!(message.contains("sni_strict"), "{message}");
     }
 }

@@ -21,6 +21,12 @@ pub const TLS_HANDSHAKE_ERRORS_TOTAL: &str = "mail_tls_proxy_tls_handshake_error
 pub const REJECTED_CONNECTIONS_TOTAL: &str = "mail_tls_proxy_rejected_connections_total";
 pub const TIMEOUTS_TOTAL: &str = "mail_tls_proxy_timeouts_total";
 pub const POLICY_REFUSALS_TOTAL: &str = "mail_tls_proxy_policy_refusals_total";
+/// Process-wide (no `listener` label): certificates are shared by listeners.
+pub const CERTIFICATE_RELOADS_TOTAL: &str = "mail_tls_proxy_certificate_reloads_total";
+pub const CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS: &str =
+    "mail_tls_proxy_certificate_expiry_timestamp_seconds";
+pub const CERTIFICATE_RELOAD_TIMESTAMP_SECONDS: &str =
+    "mail_tls_proxy_certificate_reload_timestamp_seconds";
 
 /// Handshakes take milliseconds; the buckets resolve 1 ms to 10 s.
 const HANDSHAKE_BUCKETS: &[f64] = &[
@@ -91,6 +97,20 @@ fn describe() {
     describe_counter!(
         POLICY_REFUSALS_TOTAL,
         "Commands refused by the listener's TLS policy, by command (e.g. AUTH before STARTTLS)."
+    );
+    describe_counter!(
+        CERTIFICATE_RELOADS_TOTAL,
+        "Certificate reloads by result: ok (new certificates swapped in, or SIGHUP re-checked them), error (a changed pair could not be used; the previous one is still served)."
+    );
+    describe_gauge!(
+        CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS,
+        Unit::Seconds,
+        "Not After of each served leaf certificate, as a Unix time, by certificate (its first DNS name, or its file name)."
+    );
+    describe_gauge!(
+        CERTIFICATE_RELOAD_TIMESTAMP_SECONDS,
+        Unit::Seconds,
+        "Unix time of the last successful certificate load (start-up or reload)."
     );
 }
 

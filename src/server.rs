@@ -11,14 +11,13 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
-use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::limits::{GlobalLimit, PerIpLimit};
 use crate::metrics::{self, ListenerMetrics};
 use crate::session::{self, ListenerContext};
-use crate::tls::{self, CertificateError, CertificateStore, LoadedCertificate};
+use crate::tls::{self, CertificateError, CertificateStore, ReloadStats, Reloader};
 
 /// Why the proxy cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -38,20 +37,11 @@ pub enum StartError {
     Metrics(String),
 }
 
-/// Loads the configured default certificate, or generates the self-signed
-/// one when none is configured (with a warning: clients will not trust it).
-pub fn load_certificate(config: &Config) -> Result<LoadedCertificate, CertificateError> {
-    let provider = tls::provider::provider();
-    match config.certificates.first() {
-        Some(files) => tls::load_certified_key(files, &provider),
-        None => {
-            warn!(
-                hostname = %config.hostname,
-                "no [[certificate]] configured: serving a generated self-signed certificate that clients will not trust"
-            );
-            tls::self_signed(&config.hostname, &provider)
-        }
-    }
+/// Loads and checks every configured certificate, or generates the
+/// self-signed default when none is configured (with a warning: clients will
+/// not trust it). The error names the file and the reason.
+pub fn load_certificates(config: &Config) -> Result<Reloader, CertificateError> {
+    Reloader::load(&config.certificates, &config.hostname)
 }
 
 /// A proxy with every socket bound, ready to run.
@@ -60,6 +50,8 @@ pub struct Proxy {
     admin: Option<TcpListener>,
     metrics_handle: PrometheusHandle,
     certificates: Arc<CertificateStore>,
+    reloader: Reloader,
+    certificate_poll_interval: Duration,
     ready: Arc<AtomicBool>,
     shutdown: watch::Sender<bool>,
     shutdown_grace: Duration,
@@ -69,8 +61,8 @@ impl Proxy {
     /// Loads certificates and binds every socket; fails before serving anything.
     pub async fn bind(config: &Config) -> Result<Proxy, StartError> {
         let metrics_handle = metrics::install().map_err(StartError::Metrics)?;
-        let certificate = load_certificate(config)?;
-        let certificates = Arc::new(CertificateStore::new(certificate.certified_key));
+        let reloader = load_certificates(config)?;
+        let certificates = reloader.store();
         let global_limit = GlobalLimit::new(config.max_connections);
         let (shutdown, shutdown_receiver) = watch::channel(false);
 
@@ -84,11 +76,15 @@ impl Proxy {
                         address: listener.listen,
                         source,
                     })?;
-            let acceptor = TlsAcceptor::from(tls::server_config(
+            let acceptor = tls::Acceptor::new(
+                tls::server_config(
+                    certificates.clone(),
+                    listener.min_tls_version,
+                    listener.protocol,
+                )?,
                 certificates.clone(),
-                listener.min_tls_version,
-                listener.protocol,
-            )?);
+                listener.sni_strict,
+            );
             let context = ListenerContext {
                 name: listener.name.clone(),
                 protocol: listener.protocol,
@@ -126,6 +122,8 @@ impl Proxy {
             admin,
             metrics_handle,
             certificates,
+            reloader,
+            certificate_poll_interval: config.certificate_poll_interval,
             ready: Arc::new(AtomicBool::new(false)),
             shutdown,
             shutdown_grace: config.shutdown_grace,
@@ -153,9 +151,14 @@ impl Proxy {
             .and_then(|socket| socket.local_addr().ok())
     }
 
-    /// The certificate store, for reloads.
+    /// The certificates served now (swapped by reloads).
     pub fn certificates(&self) -> Arc<CertificateStore> {
         self.certificates.clone()
+    }
+
+    /// How many certificate reloads this proxy made, by result.
+    pub fn certificate_reloads(&self) -> Arc<ReloadStats> {
+        self.reloader.stats()
     }
 
     /// Serves until `shutdown` completes, then drains: readiness turns false
@@ -183,6 +186,9 @@ impl Proxy {
                 sessions.clone(),
             ));
         }
+        // Certificate rotation: directory watch, SIGHUP, polling.
+        let mut reload_task = JoinSet::new();
+        reload_task.spawn(self.reloader.run(self.certificate_poll_interval));
         let mut admin_task = JoinSet::new();
         if let Some(admin) = self.admin {
             info!(
@@ -218,6 +224,7 @@ impl Proxy {
             info!("all sessions closed");
         }
         admin_task.shutdown().await;
+        reload_task.shutdown().await;
     }
 }
 

@@ -2,19 +2,24 @@
 //! self-signed default.
 //!
 //! A pair is only returned once everything about it has been checked: the
-//! chain parses and is not empty, the key parses (PKCS#8, PKCS#1 or SEC1) and
-//! the provider accepts it, and the key matches the leaf certificate. Callers
-//! can therefore swap a loaded pair in without further thought.
+//! chain parses and is not empty, every certificate in it is X.509, the key
+//! parses (PKCS#8, PKCS#1 or SEC1; RSA, ECDSA P-256/P-384 or Ed25519) and the
+//! provider accepts it, and the key matches the leaf certificate. Callers can
+//! therefore swap a loaded pair in without further thought.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
 use rustls::sign::CertifiedKey;
-use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use crate::config::CertificateFiles;
+
+/// A certificate that expires within this many days is warned about at load
+/// and daily.
+pub const EXPIRY_WARNING_DAYS: i64 = 14;
 
 /// Why a certificate pair cannot be used; each names the file and the reason.
 #[derive(Debug, thiserror::Error)]
@@ -41,15 +46,120 @@ pub enum CertificateError {
     Generate { name: String, reason: String },
 }
 
-/// A checked pair, ready to serve, with what it was loaded from.
+/// A checked pair, ready to serve, with what it was loaded from and what the
+/// leaf says about itself.
 #[derive(Debug, Clone)]
 pub struct LoadedCertificate {
     pub certified_key: Arc<CertifiedKey>,
     /// `None` for the generated self-signed certificate.
     pub files: Option<CertificateFiles>,
+    /// The leaf's subjectAltName DNS names, lower case, in certificate order
+    /// (wildcards as written, e.g. `*.example.com`).
+    pub names: Vec<String>,
+    /// The leaf's Not Before, as a Unix time.
+    pub not_before: i64,
+    /// The leaf's Not After, as a Unix time.
+    pub not_after: i64,
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, CertificateError> {
+impl LoadedCertificate {
+    /// How the leaf's validity period looks at `now` (a Unix time).
+    pub fn expiry(&self, now: i64) -> Expiry {
+        Expiry::at(self.not_before, self.not_after, now)
+    }
+
+    /// A short name for logs and the metrics label: the first DNS name, else
+    /// the certificate file's name, else `self-signed`.
+    pub fn label(&self) -> String {
+        if let Some(name) = self.names.first() {
+            return name.clone();
+        }
+        match &self.files {
+            Some(files) => files
+                .cert
+                .file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+                .unwrap_or_else(|| files.cert.display().to_string()),
+            None => "self-signed".to_string(),
+        }
+    }
+
+    /// Where the pair came from, for logs.
+    pub fn source(&self) -> String {
+        match &self.files {
+            Some(files) => files.cert.display().to_string(),
+            None => "generated self-signed".to_string(),
+        }
+    }
+}
+
+/// A leaf's validity at some moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// Valid for more than [`EXPIRY_WARNING_DAYS`] days.
+    Valid { days_left: i64 },
+    /// Valid, but for [`EXPIRY_WARNING_DAYS`] days or fewer.
+    ExpiresSoon { days_left: i64 },
+    /// Not After has passed.
+    Expired { days_ago: i64 },
+    /// Not Before is still to come.
+    NotYetValid { days_until: i64 },
+}
+
+impl Expiry {
+    pub fn at(not_before: i64, not_after: i64, now: i64) -> Expiry {
+        const DAY: i64 = 86_400;
+        if now > not_after {
+            Expiry::Expired {
+                days_ago: (now - not_after) / DAY,
+            }
+        } else if now < not_before {
+            Expiry::NotYetValid {
+                days_until: (not_before - now) / DAY,
+            }
+        } else {
+            let days_left = (not_after - now) / DAY;
+            if not_after - now <= EXPIRY_WARNING_DAYS * DAY {
+                Expiry::ExpiresSoon { days_left }
+            } else {
+                Expiry::Valid { days_left }
+            }
+        }
+    }
+}
+
+/// The current time as a Unix time.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// A Unix time as `YYYY-MM-DD HH:MM:SS UTC`.
+pub fn format_unix_time(time: i64) -> String {
+    let days = time.div_euclid(86_400);
+    let seconds = time.rem_euclid(86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        seconds / 3600,
+        seconds / 60 % 60,
+        seconds % 60
+    )
+}
+
+/// Reads a whole file, naming it in the error.
+pub fn read_file(path: &Path) -> Result<Vec<u8>, CertificateError> {
     std::fs::read(path).map_err(|source| CertificateError::Read {
         path: path.to_path_buf(),
         source,
@@ -58,12 +168,20 @@ fn read(path: &Path) -> Result<Vec<u8>, CertificateError> {
 
 /// Reads a PEM chain, leaf first.
 pub fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertificateError> {
-    let pem = read(path)?;
-    let chain = CertificateDer::pem_slice_iter(&pem)
+    parse_chain(path, &read_file(path)?)
+}
+
+/// Parses PEM text read from `path` into a chain, leaf first. Other PEM
+/// sections (a key in a combined file) are skipped.
+pub fn parse_chain(
+    path: &Path,
+    pem: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, CertificateError> {
+    let chain = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|error| CertificateError::BadCertificate {
             path: path.to_path_buf(),
-            reason: error.to_string(),
+            reason: pem_reason(&error),
         })?;
     if chain.is_empty() {
         return Err(CertificateError::NoCertificate {
@@ -75,20 +193,97 @@ pub fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, Certifica
 
 /// Reads a PEM private key in any of the formats rustls knows.
 pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, CertificateError> {
-    let pem = read(path)?;
-    PrivateKeyDer::from_pem_slice(&pem).map_err(|error| CertificateError::BadKey {
+    parse_key(path, &read_file(path)?)
+}
+
+/// Parses the first PEM private key (PKCS#8, PKCS#1 or SEC1) in `pem`.
+pub fn parse_key(path: &Path, pem: &[u8]) -> Result<PrivateKeyDer<'static>, CertificateError> {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|error| CertificateError::BadKey {
         path: path.to_path_buf(),
-        reason: error.to_string(),
+        reason: match error {
+            pem::Error::NoItemsFound => "no PEM private key found".to_string(),
+            other => pem_reason(&other),
+        },
     })
 }
 
-/// Loads and checks one configured pair.
+fn pem_reason(error: &pem::Error) -> String {
+    match error {
+        pem::Error::MissingSectionEnd { .. } => {
+            "a PEM section has no END line (truncated or still being written?)".to_string()
+        }
+        pem::Error::NoItemsFound => "no PEM items found".to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// What the leaf says about itself: DNS names, Not Before, Not After.
+struct LeafInfo {
+    names: Vec<String>,
+    not_before: i64,
+    not_after: i64,
+}
+
+fn leaf_info(der: &[u8]) -> Result<LeafInfo, String> {
+    let (_, certificate) = x509_parser::parse_x509_certificate(der)
+        .map_err(|error| format!("the leaf is not a valid X.509 certificate: {error}"))?;
+    let mut names = Vec::new();
+    let san = certificate
+        .subject_alternative_name()
+        .map_err(|error| format!("the leaf's subjectAltName cannot be read: {error}"))?;
+    if let Some(san) = san {
+        for name in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(dns) = name {
+                let dns = dns.trim_end_matches('.').to_ascii_lowercase();
+                if !dns.is_empty() && !names.contains(&dns) {
+                    names.push(dns);
+                }
+            }
+        }
+    }
+    let validity = certificate.validity();
+    Ok(LeafInfo {
+        names,
+        not_before: validity.not_before.timestamp(),
+        not_after: validity.not_after.timestamp(),
+    })
+}
+
+/// Loads and checks one configured pair from its files.
 pub fn load_certified_key(
     files: &CertificateFiles,
     provider: &CryptoProvider,
 ) -> Result<LoadedCertificate, CertificateError> {
-    let chain = read_chain(&files.cert)?;
-    let key = read_key(&files.key)?;
+    let cert_pem = read_file(&files.cert)?;
+    let key_pem = read_file(&files.key)?;
+    parse_certified_key(files, &cert_pem, &key_pem, provider)
+}
+
+/// Checks one pair from the PEM bytes read from `files` (which only name
+/// the files in errors).
+pub fn parse_certified_key(
+    files: &CertificateFiles,
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    provider: &CryptoProvider,
+) -> Result<LoadedCertificate, CertificateError> {
+    let chain = parse_chain(&files.cert, cert_pem)?;
+    let info = leaf_info(&chain[0]).map_err(|reason| CertificateError::BadCertificate {
+        path: files.cert.clone(),
+        reason,
+    })?;
+    for (index, intermediate) in chain.iter().enumerate().skip(1) {
+        x509_parser::parse_x509_certificate(intermediate).map_err(|error| {
+            CertificateError::BadCertificate {
+                path: files.cert.clone(),
+                reason: format!(
+                    "certificate {} of the chain is not valid X.509: {error}",
+                    index + 1
+                ),
+            }
+        })?;
+    }
+    let key = parse_key(&files.key, key_pem)?;
     let signing_key = provider
         .key_provider
         .load_private_key(key)
@@ -102,12 +297,24 @@ pub fn load_certified_key(
         .map_err(|error| CertificateError::Mismatch {
             cert: files.cert.clone(),
             key: files.key.clone(),
-            reason: error.to_string(),
+            reason: mismatch_reason(&error),
         })?;
     Ok(LoadedCertificate {
         certified_key: Arc::new(certified_key),
         files: Some(files.clone()),
+        names: info.names,
+        not_before: info.not_before,
+        not_after: info.not_after,
     })
+}
+
+fn mismatch_reason(error: &rustls::Error) -> String {
+    match error {
+        rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+            "the key's public key differs from the leaf certificate's".to_string()
+        }
+        other => other.to_string(),
+    }
 }
 
 /// A PEM pair generated in memory, for development and tests.
@@ -145,18 +352,23 @@ pub fn self_signed(
     if hostname != "localhost" {
         names.push("localhost".to_string());
     }
+    let failed = |reason: String| CertificateError::Generate {
+        name: hostname.to_string(),
+        reason,
+    };
     let pair = generate_pair(&names)?;
+    let info = leaf_info(&pair.cert_der).map_err(failed)?;
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pair.key_der));
     let signing_key = provider
         .key_provider
         .load_private_key(key)
-        .map_err(|error| CertificateError::Generate {
-            name: hostname.to_string(),
-            reason: error.to_string(),
-        })?;
+        .map_err(|error| failed(error.to_string()))?;
     Ok(LoadedCertificate {
         certified_key: Arc::new(CertifiedKey::new(vec![pair.cert_der], signing_key)),
         files: None,
+        names: info.names,
+        not_before: info.not_before,
+        not_after: info.not_after,
     })
 }
 
@@ -164,6 +376,7 @@ pub fn self_signed(
 mod tests {
     use super::*;
     use crate::tls::provider::provider;
+    use rcgen::{CertificateParams, KeyPair, SignatureAlgorithm};
 
     fn write_pair(dir: &Path, name: &str, cert_pem: &str, key_pem: &str) -> CertificateFiles {
         let cert = dir.join(format!("{name}.crt"));
@@ -182,14 +395,135 @@ mod tests {
         dir
     }
 
+    /// The content of the privateKey OCTET STRING of a PKCS#8
+    /// PrivateKeyInfo: the PKCS#1 RSAPrivateKey or the SEC1 ECPrivateKey.
+    fn pkcs8_inner(pkcs8: &[u8]) -> Vec<u8> {
+        fn header(der: &[u8]) -> (u8, usize, usize) {
+            let tag = der[0];
+            let first = der[1] as usize;
+            if first < 0x80 {
+                (tag, 2, first)
+            } else {
+                let count = first & 0x7f;
+                let mut length = 0usize;
+                for byte in &der[2..2 + count] {
+                    length = length << 8 | *byte as usize;
+                }
+                (tag, 2 + count, length)
+            }
+        }
+        let (tag, start, _) = header(pkcs8);
+        assert_eq!(tag, 0x30, "PrivateKeyInfo is a SEQUENCE");
+        let mut rest = &pkcs8[start..];
+        for expected in [0x02u8, 0x30] {
+            let (tag, head, length) = header(rest);
+            assert_eq!(tag, expected);
+            rest = &rest[head + length..];
+        }
+        let (tag, head, length) = header(rest);
+        assert_eq!(tag, 0x04, "privateKey is an OCTET STRING");
+        rest[head..head + length].to_vec()
+    }
+
+    fn pem_of(label: &str, der: &[u8]) -> String {
+        use std::fmt::Write;
+        const ALPHABET: &[u8; 64] =
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut base64 = String::new();
+        for chunk in der.chunks(3) {
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
+            let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+            for i in 0..4 {
+                if i <= chunk.len() {
+                    base64.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+                } else {
+                    base64.push('=');
+                }
+            }
+        }
+        let mut out = format!("-----BEGIN {label}-----\n");
+        for line in base64.as_bytes().chunks(64) {
+            let _ = writeln!(out, "{}", std::str::from_utf8(line).unwrap());
+        }
+        let _ = writeln!(out, "-----END {label}-----");
+        out
+    }
+
+    /// A self-signed certificate with a fresh key of `algorithm`; returns the
+    /// certificate PEM and the key's PKCS#8 DER.
+    fn generate_with(algorithm: &'static SignatureAlgorithm, name: &str) -> (String, Vec<u8>) {
+        let key = KeyPair::generate_for(algorithm).expect("generate key");
+        let cert = CertificateParams::new(vec![name.to_string()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("sign");
+        (cert.pem(), key.serialize_der())
+    }
+
     #[test]
-    fn a_generated_pair_loads() {
+    fn a_generated_pair_loads_with_its_names_and_dates() {
         let dir = temp_dir("ok");
-        let pair = generate_pair(&["mail.example".into()]).expect("generate");
+        let pair = generate_pair(&["Mail.Example".into(), "*.example.org".into()]).expect("gen");
         let files = write_pair(&dir, "ok", &pair.cert_pem, &pair.key_pem);
         let loaded = load_certified_key(&files, &provider()).expect("load");
         assert_eq!(loaded.certified_key.cert.len(), 1);
         assert_eq!(loaded.certified_key.cert[0], pair.cert_der);
+        assert_eq!(loaded.names, vec!["mail.example", "*.example.org"]);
+        assert_eq!(loaded.label(), "mail.example");
+        // rcgen's defaults: 1975-01-01 to 4096-01-01.
+        assert_eq!(
+            format_unix_time(loaded.not_before),
+            "1975-01-01 00:00:00 UTC"
+        );
+        assert_eq!(
+            format_unix_time(loaded.not_after),
+            "4096-01-01 00:00:00 UTC"
+        );
+    }
+
+    #[test]
+    fn every_key_format_and_algorithm_loads() {
+        let dir = temp_dir("formats");
+        let cases: [(&str, &'static SignatureAlgorithm, &str); 4] = [
+            ("rsa", &rcgen::PKCS_RSA_SHA256, "RSA PRIVATE KEY"),
+            ("p256", &rcgen::PKCS_ECDSA_P256_SHA256, "EC PRIVATE KEY"),
+            ("p384", &rcgen::PKCS_ECDSA_P384_SHA384, "EC PRIVATE KEY"),
+            ("ed25519", &rcgen::PKCS_ED25519, ""),
+        ];
+        let mut loaded_count = 0;
+        for (name, algorithm, legacy_label) in cases {
+            let (cert_pem, pkcs8) = generate_with(algorithm, &format!("{name}.example"));
+            let mut keys = vec![("pkcs8", pem_of("PRIVATE KEY", &pkcs8))];
+            if !legacy_label.is_empty() {
+                keys.push(("legacy", pem_of(legacy_label, &pkcs8_inner(&pkcs8))));
+            }
+            for (format, key_pem) in keys {
+                let label = format!("{name}-{format}");
+                let files = write_pair(&dir, &label, &cert_pem, &key_pem);
+                let parsed = parse_key(&files.key, key_pem.as_bytes()).expect("key parses");
+                let expected_kind = match (format, legacy_label) {
+                    ("pkcs8", _) => "pkcs8",
+                    (_, "RSA PRIVATE KEY") => "pkcs1",
+                    _ => "sec1",
+                };
+                let kind = match parsed {
+                    PrivateKeyDer::Pkcs8(_) => "pkcs8",
+                    PrivateKeyDer::Pkcs1(_) => "pkcs1",
+                    PrivateKeyDer::Sec1(_) => "sec1",
+                    _ => "other",
+                };
+                assert_eq!(kind, expected_kind, "{label}");
+                let loaded = load_certified_key(&files, &provider())
+                    .unwrap_or_else(|error| panic!("{label}: {error}"));
+                assert_eq!(loaded.names, vec![format!("{name}.example")], "{label}");
+                loaded_count += 1;
+            }
+        }
+        assert_eq!(loaded_count, 7, "RSA x2, P-256 x2, P-384 x2, Ed25519 x1");
     }
 
     #[test]
@@ -208,21 +542,62 @@ mod tests {
             message.contains("mismatch.key") && message.contains("mismatch.crt"),
             "{message}"
         );
+        assert!(message.contains("public key differs"), "{message}");
     }
 
     #[test]
-    fn empty_garbage_and_missing_files_are_errors_naming_the_file() {
+    fn a_key_of_another_algorithm_is_a_mismatch() {
+        let dir = temp_dir("mismatch-alg");
+        let (rsa_cert, _) = generate_with(&rcgen::PKCS_RSA_SHA256, "rsa.example");
+        let (_, ed_key) = generate_with(&rcgen::PKCS_ED25519, "ed.example");
+        let files = write_pair(&dir, "alg", &rsa_cert, &pem_of("PRIVATE KEY", &ed_key));
+        let error = load_certified_key(&files, &provider()).expect_err("mismatch");
+        assert!(
+            matches!(error, CertificateError::Mismatch { .. }),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn empty_garbage_truncated_and_missing_files_are_errors_naming_the_file() {
         let dir = temp_dir("bad");
         let pair = generate_pair(&["a.example".into()]).expect("generate");
         let empty = write_pair(&dir, "empty", "", &pair.key_pem);
-        assert!(matches!(
-            load_certified_key(&empty, &provider()),
-            Err(CertificateError::NoCertificate { .. })
-        ));
+        let error = load_certified_key(&empty, &provider()).expect_err("empty");
+        assert!(
+            matches!(error, CertificateError::NoCertificate { .. }),
+            "{error}"
+        );
+        assert!(error.to_string().contains("empty.crt"), "{error}");
+
         let garbage_key = write_pair(&dir, "garbage", &pair.cert_pem, "not a key\n");
         let error = load_certified_key(&garbage_key, &provider()).expect_err("garbage");
         assert!(matches!(error, CertificateError::BadKey { .. }), "{error}");
-        assert!(error.to_string().contains("garbage.key"));
+        assert!(error.to_string().contains("garbage.key"), "{error}");
+        assert!(error.to_string().contains("no PEM private key"), "{error}");
+
+        let empty_key = write_pair(&dir, "empty-key", &pair.cert_pem, "");
+        let error = load_certified_key(&empty_key, &provider()).expect_err("empty key");
+        assert!(matches!(error, CertificateError::BadKey { .. }), "{error}");
+
+        let truncated = &pair.cert_pem[..pair.cert_pem.len() / 2];
+        let files = write_pair(&dir, "truncated", truncated, &pair.key_pem);
+        let error = load_certified_key(&files, &provider()).expect_err("truncated");
+        assert!(
+            matches!(error, CertificateError::BadCertificate { .. }),
+            "{error}"
+        );
+        assert!(error.to_string().contains("truncated.crt"), "{error}");
+
+        let not_x509 = pem_of("CERTIFICATE", b"definitely not DER");
+        let files = write_pair(&dir, "not-x509", &not_x509, &pair.key_pem);
+        let error = load_certified_key(&files, &provider()).expect_err("not x509");
+        assert!(
+            error.to_string().contains("not-x509.crt")
+                && error.to_string().contains("not a valid X.509"),
+            "{error}"
+        );
+
         let missing = CertificateFiles {
             cert: dir.join("absent.crt"),
             key: dir.join("absent.key"),
@@ -232,13 +607,61 @@ mod tests {
     }
 
     #[test]
+    fn a_combined_file_with_chain_and_key_loads() {
+        let dir = temp_dir("combined");
+        let pair = generate_pair(&["a.example".into()]).expect("generate");
+        let combined = dir.join("combined.pem");
+        std::fs::write(&combined, format!("{}{}", pair.key_pem, pair.cert_pem)).expect("write");
+        let files = CertificateFiles {
+            cert: combined.clone(),
+            key: combined,
+        };
+        let loaded = load_certified_key(&files, &provider()).expect("load");
+        assert_eq!(loaded.certified_key.cert[0], pair.cert_der);
+    }
+
+    #[test]
     fn the_self_signed_default_names_the_host() {
         let loaded = self_signed("mx.example.org", &provider()).expect("generate");
         assert!(loaded.files.is_none());
         assert_eq!(loaded.certified_key.cert.len(), 1);
+        assert_eq!(loaded.names, vec!["mx.example.org", "localhost"]);
         loaded
             .certified_key
             .keys_match()
             .expect("generated key matches");
+    }
+
+    #[test]
+    fn expiry_classification() {
+        let day = 86_400;
+        let (start, end) = (0, 100 * day);
+        assert_eq!(
+            Expiry::at(start, end, 10 * day),
+            Expiry::Valid { days_left: 90 }
+        );
+        assert_eq!(
+            Expiry::at(start, end, end - 14 * day),
+            Expiry::ExpiresSoon { days_left: 14 }
+        );
+        assert_eq!(
+            Expiry::at(start, end, end - 1),
+            Expiry::ExpiresSoon { days_left: 0 }
+        );
+        assert_eq!(
+            Expiry::at(start, end, end + 3 * day),
+            Expiry::Expired { days_ago: 3 }
+        );
+        assert_eq!(
+            Expiry::at(10 * day, end, 0),
+            Expiry::NotYetValid { days_until: 10 }
+        );
+    }
+
+    #[test]
+    fn unix_times_format_as_utc() {
+        assert_eq!(format_unix_time(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(format_unix_time(951_825_600), "2000-02-29 12:00:00 UTC");
+        assert_eq!(format_unix_time(1_767_225_599), "2025-12-31 23:59:59 UTC");
     }
 }

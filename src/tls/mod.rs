@@ -3,10 +3,14 @@
 //!
 //! Certificates live behind a [`CertificateStore`] that rustls asks at every
 //! handshake, so a reload swaps one pointer and new handshakes see the new
-//! pair while established sessions keep theirs.
+//! pair while established sessions keep theirs. [`reload`] decides when to
+//! swap (file watch, SIGHUP, polling); [`acceptor`] applies a listener's SNI
+//! policy.
 
+pub mod acceptor;
 pub mod certs;
 pub mod provider;
+pub mod reload;
 pub mod resolver;
 
 use std::sync::Arc;
@@ -16,8 +20,10 @@ use rustls::ServerConfig;
 use crate::config::TlsVersion;
 use crate::protocol::Protocol;
 
+pub use acceptor::{Acceptor, UnrecognizedName};
 pub use certs::{load_certified_key, self_signed, CertificateError, LoadedCertificate};
-pub use resolver::CertificateStore;
+pub use reload::{ReloadStats, Reloader};
+pub use resolver::{CertificateSet, CertificateStore};
 
 /// One listener's server configuration: TLS 1.2 and 1.3 only (or 1.3 only),
 /// the provider's AEAD, forward-secret suites, certificates from `store`, and

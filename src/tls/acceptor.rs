@@ -1,0 +1,305 @@
+//! One listener's TLS acceptor: the rustls server configuration plus the
+//! listener's SNI policy.
+//!
+//! Without `sni_strict` this is tokio-rustls' acceptor as is: a client whose
+//! SNI names no certificate gets the default one. With `sni_strict`, the
+//! ClientHello is read first; if its SNI names a host no certificate covers,
+//! the proxy answers with a fatal `unrecognized_name` alert (RFC 6066) and
+//! ends the handshake. A ClientHello without SNI still gets the default.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use rustls::server::Accepted;
+use rustls::ServerConfig;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::{StartHandshake, TlsAcceptor};
+
+use super::resolver::CertificateStore;
+
+/// A plaintext TLS record: fatal alert, unrecognized_name (112).
+const UNRECOGNIZED_NAME_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70];
+
+/// The handshake was refused: strict SNI, and no certificate names the host.
+/// Carried inside the [`io::Error`] that [`Acceptor::accept`] returns.
+#[derive(Debug, thiserror::Error)]
+#[error("unrecognized_name: no certificate names {name:?} (sni_strict)")]
+pub struct UnrecognizedName {
+    pub name: String,
+}
+
+impl UnrecognizedName {
+    /// Whether a handshake error is this refusal.
+    pub fn is(error: &io::Error) -> bool {
+        error
+            .get_ref()
+            .is_some_and(|inner| inner.is::<UnrecognizedName>())
+    }
+}
+
+/// Accepts TLS for one listener.
+#[derive(Clone)]
+pub struct Acceptor {
+    inner: TlsAcceptor,
+    store: Arc<CertificateStore>,
+    sni_strict: bool,
+}
+
+impl Acceptor {
+    /// `config` must resolve certificates from `store`.
+    pub fn new(config: Arc<ServerConfig>, store: Arc<CertificateStore>, sni_strict: bool) -> Self {
+        Self {
+            inner: TlsAcceptor::from(config),
+            store,
+            sni_strict,
+        }
+    }
+
+    pub fn config(&self) -> &Arc<ServerConfig> {
+        self.inner.config()
+    }
+
+    pub fn sni_strict(&self) -> bool {
+        self.sni_strict
+    }
+
+    /// Runs the server side of a TLS handshake over `io`.
+    pub async fn accept<IO>(&self, io: IO) -> io::Result<TlsStream<IO>>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        if !self.sni_strict {
+            return self.inner.accept(io).await;
+        }
+        let mut io = io;
+        let accepted = read_client_hello(&mut io).await?;
+        if let Some(name) = accepted.client_hello().server_name() {
+            if !self.store.current().covers(name) {
+                let refusal = UnrecognizedName {
+                    name: name.to_string(),
+                };
+                // Best effort: the client may already be gone.
+                let _ = io.write_all(&UNRECOGNIZED_NAME_ALERT).await;
+                let _ = io.flush().await;
+                return Err(io::Error::new(io::ErrorKind::InvalidData, refusal));
+            }
+        }
+        StartHandshake::from_parts(accepted, io)
+            .into_stream(self.inner.config().clone())
+            .await
+    }
+}
+
+/// Reads exactly as much of `io` as the ClientHello takes (rustls buffers
+/// anything after it for the handshake that follows).
+async fn read_client_hello<IO>(io: &mut IO) -> io::Result<Accepted>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut acceptor = rustls::server::Acceptor::default();
+    let outcome = poll_fn(|cx| loop {
+        let mut reader = SyncReader { io: &mut *io, cx };
+        match acceptor.read_tls(&mut reader) {
+            Ok(0) => return Poll::Ready(Err(io::Error::from(io::ErrorKind::UnexpectedEof))),
+            Ok(_) => {}
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Poll::Pending,
+            Err(error) => return Poll::Ready(Err(error)),
+        }
+        match acceptor.accept() {
+            Ok(Some(accepted)) => return Poll::Ready(Ok(Ok(accepted))),
+            Ok(None) => continue,
+            Err(failed) => return Poll::Ready(Ok(Err(failed))),
+        }
+    })
+    .await?;
+    match outcome {
+        Ok(accepted) => Ok(accepted),
+        Err((error, mut alert)) => {
+            let mut bytes = Vec::new();
+            let _ = alert.write_all(&mut bytes);
+            let _ = io.write_all(&bytes).await;
+            let _ = io.flush().await;
+            Err(io::Error::new(io::ErrorKind::InvalidData, error))
+        }
+    }
+}
+
+/// Adapts a non-blocking async reader to [`io::Read`] inside a poll.
+struct SyncReader<'a, 'b, IO> {
+    io: &'a mut IO,
+    cx: &'a mut Context<'b>,
+}
+
+impl<IO: AsyncRead + Unpin> io::Read for SyncReader<'_, '_, IO> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut buf = ReadBuf::new(buf);
+        match Pin::new(&mut *self.io).poll_read(self.cx, &mut buf) {
+            Poll::Ready(Ok(())) => Ok(buf.filled().len()),
+            Poll::Ready(Err(error)) => Err(error),
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TlsVersion;
+    use crate::protocol::Protocol;
+    use crate::tls::certs::{generate_pair, parse_certified_key};
+    use crate::tls::resolver::CertificateSet;
+    use rustls::pki_types::{CertificateDer, ServerName};
+
+    fn store(names: &[&[&str]]) -> (Arc<CertificateStore>, Vec<CertificateDer<'static>>) {
+        let mut entries = Vec::new();
+        let mut ders = Vec::new();
+        for (index, names) in names.iter().enumerate() {
+            let names: Vec<String> = names.iter().map(|name| name.to_string()).collect();
+            let pair = generate_pair(&names).expect("generate");
+            let files = crate::config::CertificateFiles {
+                cert: format!("{index}.crt").into(),
+                key: format!("{index}.key").into(),
+            };
+            let loaded = parse_certified_key(
+                &files,
+                pair.cert_pem.as_bytes(),
+                pair.key_pem.as_bytes(),
+                &crate::tls::provider::provider(),
+            )
+            .expect("load");
+            entries.push(Arc::new(loaded));
+            ders.push(pair.cert_der);
+        }
+        let set = CertificateSet::new(entries).expect("not empty");
+        (Arc::new(CertificateStore::new(set)), ders)
+    }
+
+    /// A client that accepts any certificate and reports what was served.
+    #[derive(Debug)]
+    struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+    impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    /// Handshakes `acceptor` with a client asking for `sni` (an IP address
+    /// sends no SNI); the served leaf, or the client's error.
+    async fn handshake(
+        acceptor: &Acceptor,
+        sni: &str,
+    ) -> (Result<CertificateDer<'static>, String>, Option<String>) {
+        let provider = crate::tls::provider::provider();
+        let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let name = ServerName::try_from(sni.to_string()).expect("name");
+        let (client, server) = tokio::join!(
+            connector.connect(name, client_io),
+            acceptor.accept(server_io)
+        );
+        let served = client
+            .map(|stream| stream.get_ref().1.peer_certificates().expect("certs")[0].clone())
+            .map_err(|error| error.to_string());
+        (served, server.err().map(|error| error.to_string()))
+    }
+
+    fn acceptor(store: &Arc<CertificateStore>, strict: bool) -> Acceptor {
+        let config = crate::tls::server_config(store.clone(), TlsVersion::Tls12, Protocol::Imap)
+            .expect("config");
+        Acceptor::new(config, store.clone(), strict)
+    }
+
+    #[tokio::test]
+    async fn strict_sni_refuses_unknown_names_with_unrecognized_name() {
+        let (store, ders) = store(&[&["default.example"], &["*.example.com"]]);
+        let strict = acceptor(&store, true);
+        let (served, server) = handshake(&strict, "mail.example.com").await;
+        assert_eq!(served.expect("served"), ders[1]);
+        assert_eq!(server, None);
+        let (served, _) = handshake(&strict, "default.example").await;
+        assert_eq!(served.expect("served"), ders[0]);
+        // No SNI (an IP address): the default, even when strict.
+        let (served, _) = handshake(&strict, "127.0.0.1").await;
+        assert_eq!(served.expect("served"), ders[0]);
+
+        let (served, server) = handshake(&strict, "a.b.example.com").await;
+        let client_error = served.expect_err("refused");
+        assert!(
+            client_error.contains("UnrecognisedName"),
+            "client saw: {client_error}"
+        );
+        let server_error = server.expect("server error");
+        assert!(server_error.contains("unrecognized_name"), "{server_error}");
+    }
+
+    #[tokio::test]
+    async fn without_strict_an_unknown_name_gets_the_default() {
+        let (store, ders) = store(&[&["default.example"], &["*.example.com"]]);
+        let lenient = acceptor(&store, false);
+        let (served, server) = handshake(&lenient, "unknown.test").await;
+        assert_eq!(served.expect("served"), ders[0]);
+        assert_eq!(server, None);
+        let (served, _) = handshake(&lenient, "IMAP.example.COM").await;
+        assert_eq!(served.expect("served"), ders[1]);
+    }
+
+    #[tokio::test]
+    async fn a_garbage_client_hello_is_an_error_not_a_hang() {
+        let (store, _) = store(&[&["default.example"]]);
+        let strict = acceptor(&store, true);
+        let (mut client, server_io) = tokio::io::duplex(1024);
+        let accept = tokio::spawn(async move { strict.accept(server_io).await.err() });
+        tokio::io::AsyncWriteExt::write_all(&mut client, b"EHLO not tls\r\n\r\n\r\n")
+            .await
+            .expect("write");
+        let error = accept.await.expect("join").expect("an error");
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{error}");
+    }
+}

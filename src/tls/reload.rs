@@ -1,0 +1,716 @@
+//! Certificate rotation without restart.
+//!
+//! The [`Reloader`] owns the configured `[[certificate]]` files and the store
+//! rustls reads from. It re-reads the files when
+//! - something changes in a directory that holds one of them (each file's
+//!   parent directory is watched, not the file: editors and ACME clients
+//!   rename over files, and Kubernetes Secret volumes swap a `..data`
+//!   symlink, which a watch on the file itself would miss); bursts of events
+//!   are debounced,
+//! - the process gets SIGHUP (always a full reload),
+//! - every `certificate_poll_interval` (a fallback for filesystems without
+//!   inotify, e.g. some network filesystems).
+//!
+//! Each pair's bytes are compared with what was last read; only a pair that
+//! changed is parsed and checked (chain, key, key matches leaf). A pair that
+//! fails keeps serving its previous version, the error is logged with the
+//! file and the reason, and the next change is tried again, so a half-written
+//! or mismatched replacement (a key written before its certificate) is never
+//! served and the new pair is picked up as soon as both files are in place.
+//! The new set is swapped in with one atomic pointer store: new handshakes
+//! see it, established sessions keep the certificate they were made with.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::crypto::CryptoProvider;
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, warn};
+
+use super::certs::{
+    self, format_unix_time, parse_certified_key, read_file, unix_now, CertificateError, Expiry,
+    LoadedCertificate,
+};
+use super::resolver::{CertificateSet, CertificateStore};
+use crate::config::CertificateFiles;
+use crate::metrics;
+
+/// Events closer together than this are one change.
+pub const DEBOUNCE: Duration = Duration::from_millis(200);
+/// A stream of events that never pauses still gets a reload this often.
+pub const DEBOUNCE_MAX: Duration = Duration::from_secs(2);
+/// How often certificates near or past expiry are warned about again.
+pub const EXPIRY_WARNING_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// What made a reload happen (a log field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// A file system event in a watched directory.
+    Watch,
+    /// The poll interval.
+    Poll,
+    /// SIGHUP: re-read and re-check everything, changed or not.
+    Signal,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Watch => "watch",
+            Trigger::Poll => "poll",
+            Trigger::Signal => "sighup",
+        }
+    }
+}
+
+/// Counts of reloads by result, for this proxy (the metrics are process-wide).
+#[derive(Debug, Default)]
+pub struct ReloadStats {
+    ok: AtomicU64,
+    errors: AtomicU64,
+}
+
+impl ReloadStats {
+    /// Reloads that swapped in new certificates (or, on SIGHUP, re-checked
+    /// everything without an error).
+    pub fn ok(&self) -> u64 {
+        self.ok.load(Ordering::Acquire)
+    }
+
+    /// Reloads where at least one changed pair could not be used.
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Acquire)
+    }
+}
+
+/// What one reload did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReloadOutcome {
+    /// Labels of the certificates now served in a new version.
+    pub replaced: Vec<String>,
+    /// One message per pair that could not be used (file and reason).
+    pub errors: Vec<String>,
+}
+
+/// What reading a pair's two files gave, to tell whether anything changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Observation {
+    Read { cert: Vec<u8>, key: Vec<u8> },
+    Unreadable(String),
+}
+
+/// One configured `[[certificate]]`.
+struct Source {
+    files: CertificateFiles,
+    /// The metrics label, fixed at start-up so a series never goes stale.
+    label: String,
+    /// What was read last, whether it could be used or not.
+    observed: Observation,
+    /// The bytes of what is served now.
+    served_bytes: (Vec<u8>, Vec<u8>),
+    /// What is served now.
+    served: Arc<LoadedCertificate>,
+    /// The error of the last attempt, while the files stay broken.
+    failing: Option<String>,
+}
+
+/// Owns the certificate files, the store, and the reload logic.
+pub struct Reloader {
+    sources: Vec<Source>,
+    /// The generated default (only when no `[[certificate]]` is configured).
+    generated: Option<Arc<LoadedCertificate>>,
+    store: Arc<CertificateStore>,
+    provider: Arc<CryptoProvider>,
+    stats: Arc<ReloadStats>,
+}
+
+fn read_pair(files: &CertificateFiles) -> Result<(Vec<u8>, Vec<u8>), CertificateError> {
+    Ok((read_file(&files.cert)?, read_file(&files.key)?))
+}
+
+impl Reloader {
+    /// Loads every configured pair, or generates the self-signed default for
+    /// `hostname` when there is none. Any error stops (it names the file and
+    /// the reason): a proxy must not start without its certificates.
+    pub fn load(
+        certificates: &[CertificateFiles],
+        hostname: &str,
+    ) -> Result<Reloader, CertificateError> {
+        let provider = super::provider::provider();
+        let mut sources: Vec<Source> = Vec::with_capacity(certificates.len());
+        for files in certificates {
+            let (cert, key) = read_pair(files)?;
+            let loaded = Arc::new(parse_certified_key(files, &cert, &key, &provider)?);
+            let mut label = loaded.label();
+            if sources.iter().any(|source| source.label == label) {
+                label = files.cert.display().to_string();
+            }
+            sources.push(Source {
+                files: files.clone(),
+                label,
+                observed: Observation::Read {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                },
+                served_bytes: (cert, key),
+                served: loaded,
+                failing: None,
+            });
+        }
+        let generated = if sources.is_empty() {
+            warn!(
+                %hostname,
+                "no [[certificate]] configured: serving a generated self-signed certificate that clients will not trust"
+            );
+            Some(Arc::new(certs::self_signed(hostname, &provider)?))
+        } else {
+            None
+        };
+        let entries: Vec<Arc<LoadedCertificate>> = match &generated {
+            Some(generated) => vec![generated.clone()],
+            None => sources.iter().map(|source| source.served.clone()).collect(),
+        };
+        let set = CertificateSet::new(entries).expect("at least one certificate");
+        let reloader = Reloader {
+            sources,
+            generated,
+            store: Arc::new(CertificateStore::new(set)),
+            provider,
+            stats: Arc::new(ReloadStats::default()),
+        };
+        let now = unix_now();
+        for (label, certificate) in reloader.labelled() {
+            info!(
+                certificate = %label,
+                names = %certificate.names.join(","),
+                not_after = %format_unix_time(certificate.not_after),
+                chain = certificate.certified_key.cert.len(),
+                source = %certificate.source(),
+                "certificate loaded"
+            );
+            warn_about_expiry(&label, &certificate, now);
+        }
+        reloader.export_metrics();
+        Ok(reloader)
+    }
+
+    /// The store the rustls configurations resolve from.
+    pub fn store(&self) -> Arc<CertificateStore> {
+        self.store.clone()
+    }
+
+    pub fn stats(&self) -> Arc<ReloadStats> {
+        self.stats.clone()
+    }
+
+    /// What is served now, in configuration order.
+    pub fn certificates(&self) -> Vec<Arc<LoadedCertificate>> {
+        self.store.current().entries().to_vec()
+    }
+
+    /// Whether certificates come from files (and so can be reloaded).
+    pub fn has_files(&self) -> bool {
+        !self.sources.is_empty()
+    }
+
+    /// The directories to watch: each file's parent, once.
+    pub fn watched_directories(&self) -> Vec<PathBuf> {
+        let mut directories = BTreeSet::new();
+        for source in &self.sources {
+            for path in [&source.files.cert, &source.files.key] {
+                directories.insert(parent_directory(path));
+            }
+        }
+        directories.into_iter().collect()
+    }
+
+    fn labelled(&self) -> Vec<(String, Arc<LoadedCertificate>)> {
+        match &self.generated {
+            Some(generated) => vec![(generated.label(), generated.clone())],
+            None => self
+                .sources
+                .iter()
+                .map(|source| (source.label.clone(), source.served.clone()))
+                .collect(),
+        }
+    }
+
+    fn export_metrics(&self) {
+        for (label, certificate) in self.labelled() {
+            ::metrics::gauge!(metrics::CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS, "certificate" => label)
+                .set(certificate.not_after as f64);
+        }
+        ::metrics::gauge!(metrics::CERTIFICATE_RELOAD_TIMESTAMP_SECONDS).set(unix_now() as f64);
+        // Both series exist from the start, at zero.
+        ::metrics::counter!(metrics::CERTIFICATE_RELOADS_TOTAL, "result" => "ok").increment(0);
+        ::metrics::counter!(metrics::CERTIFICATE_RELOADS_TOTAL, "result" => "error").increment(0);
+    }
+
+    /// Re-reads every pair and swaps in those that changed and check out.
+    /// Without `Trigger::Signal`, a pair whose files read the same as last
+    /// time is skipped (nothing is logged or counted for it).
+    pub fn reload(&mut self, trigger: Trigger) -> ReloadOutcome {
+        let mut outcome = ReloadOutcome::default();
+        if self.sources.is_empty() {
+            if trigger == Trigger::Signal {
+                info!("SIGHUP: no [[certificate]] configured, nothing to reload");
+            }
+            return outcome;
+        }
+        let force = trigger == Trigger::Signal;
+        let now = unix_now();
+        for source in &mut self.sources {
+            let observed = match read_pair(&source.files) {
+                Ok((cert, key)) => Observation::Read { cert, key },
+                Err(error) => Observation::Unreadable(error.to_string()),
+            };
+            if observed == source.observed && !force {
+                continue;
+            }
+            source.observed = observed.clone();
+            let result = match observed {
+                Observation::Unreadable(message) => Err(message),
+                Observation::Read { cert, key } => {
+                    if (&cert, &key) == (&source.served_bytes.0, &source.served_bytes.1) {
+                        // Back to what is served (or SIGHUP without a change).
+                        Ok(None)
+                    } else {
+                        parse_certified_key(&source.files, &cert, &key, &self.provider)
+                            .map(|loaded| Some((loaded, cert, key)))
+                            .map_err(|error| error.to_string())
+                    }
+                }
+            };
+            match result {
+                Ok(None) => {
+                    if source.failing.take().is_some() {
+                        info!(
+                            certificate = %source.label,
+                            trigger = trigger.as_str(),
+                            "certificate files are back to the pair being served"
+                        );
+                    }
+                }
+                Ok(Some((loaded, cert, key))) => {
+                    source.failing = None;
+                    let loaded = Arc::new(loaded);
+                    info!(
+                        certificate = %source.label,
+                        trigger = trigger.as_str(),
+                        names = %loaded.names.join(","),
+                        not_after = %format_unix_time(loaded.not_after),
+                        chain = loaded.certified_key.cert.len(),
+                        cert = %source.files.cert.display(),
+                        "certificate reloaded: new handshakes get the new certificate"
+                    );
+                    warn_about_expiry(&source.label, &loaded, now);
+                    source.served = loaded;
+                    source.served_bytes = (cert, key);
+                    outcome.replaced.push(source.label.clone());
+                }
+                Err(message) => {
+                    error!(
+                        certificate = %source.label,
+                        trigger = trigger.as_str(),
+                        error = %message,
+                        "certificate reload failed: still serving the previous certificate; the next change is tried again"
+                    );
+                    source.failing = Some(message.clone());
+                    outcome.errors.push(message);
+                }
+            }
+        }
+        if !outcome.replaced.is_empty() {
+            let entries = self
+                .sources
+                .iter()
+                .map(|source| source.served.clone())
+                .collect();
+            let set = CertificateSet::new(entries).expect("at least one certificate");
+            self.store.replace(set);
+        }
+        let succeeded = outcome.errors.is_empty() && (!outcome.replaced.is_empty() || force);
+        if succeeded {
+            self.stats.ok.fetch_add(1, Ordering::AcqRel);
+            ::metrics::counter!(metrics::CERTIFICATE_RELOADS_TOTAL, "result" => "ok").increment(1);
+            ::metrics::gauge!(metrics::CERTIFICATE_RELOAD_TIMESTAMP_SECONDS).set(now as f64);
+        } else if !outcome.errors.is_empty() {
+            self.stats.errors.fetch_add(1, Ordering::AcqRel);
+            ::metrics::counter!(metrics::CERTIFICATE_RELOADS_TOTAL, "result" => "error")
+                .increment(1);
+        }
+        if !outcome.replaced.is_empty() {
+            for source in &self.sources {
+                ::metrics::gauge!(metrics::CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS, "certificate" => source.label.clone())
+                    .set(source.served.not_after as f64);
+            }
+        }
+        if force && outcome.errors.is_empty() && outcome.replaced.is_empty() {
+            info!("SIGHUP: certificates re-read and checked, nothing changed");
+        }
+        outcome
+    }
+
+    /// The daily reminder: certificates expired or expiring soon, and pairs
+    /// whose files are still broken.
+    pub fn remind(&self) {
+        let now = unix_now();
+        for (label, certificate) in self.labelled() {
+            warn_about_expiry(&label, &certificate, now);
+        }
+        for source in &self.sources {
+            if let Some(message) = &source.failing {
+                error!(
+                    certificate = %source.label,
+                    error = %message,
+                    "certificate files are still broken: serving the previous certificate"
+                );
+            }
+        }
+    }
+
+    /// Watches, polls and listens for SIGHUP until the task is dropped.
+    pub async fn run(self, poll_interval: Duration) {
+        let (events, mut changes) = mpsc::unbounded_channel::<()>();
+        let _watcher = if self.has_files() {
+            watch(&self.watched_directories(), events)
+        } else {
+            None
+        };
+        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            Ok(stream) => Some(stream),
+            Err(error) => {
+                warn!(%error, "cannot listen for SIGHUP; certificates reload on file changes and polling only");
+                None
+            }
+        };
+        let start = tokio::time::Instant::now();
+        let mut poll = tokio::time::interval_at(start + poll_interval, poll_interval);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut daily =
+            tokio::time::interval_at(start + EXPIRY_WARNING_INTERVAL, EXPIRY_WARNING_INTERVAL);
+        daily.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reloader = self;
+        loop {
+            let trigger = tokio::select! {
+                Some(()) = changes.recv() => {
+                    debounce(&mut changes).await;
+                    Trigger::Watch
+                }
+                Some(()) = async {
+                    match hangup.as_mut() {
+                        Some(stream) => stream.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    info!("SIGHUP received: reloading certificates");
+                    Trigger::Signal
+                }
+                _ = poll.tick(), if reloader.has_files() => Trigger::Poll,
+                _ = daily.tick() => {
+                    reloader.remind();
+                    continue;
+                }
+            };
+            // Reading files and parsing keys blocks; keep it off the
+            // threads that serve connections.
+            reloader = match tokio::task::spawn_blocking(move || {
+                reloader.reload(trigger);
+                reloader
+            })
+            .await
+            {
+                Ok(reloader) => reloader,
+                Err(error) => {
+                    error!(%error, "certificate reload panicked; automatic reloads stop");
+                    return;
+                }
+            };
+        }
+    }
+}
+
+/// Waits until events pause for [`DEBOUNCE`] (at most [`DEBOUNCE_MAX`]).
+async fn debounce(changes: &mut mpsc::UnboundedReceiver<()>) {
+    let deadline = tokio::time::Instant::now() + DEBOUNCE_MAX;
+    loop {
+        let quiet = tokio::time::Instant::now() + DEBOUNCE;
+        match tokio::time::timeout_at(quiet.min(deadline), changes.recv()).await {
+            Ok(Some(())) if tokio::time::Instant::now() < deadline => continue,
+            _ => return,
+        }
+    }
+}
+
+/// Starts a watcher on `directories`; `None` (with a warning) if the
+/// platform or a limit refuses, leaving polling and SIGHUP.
+fn watch(
+    directories: &[PathBuf],
+    events: mpsc::UnboundedSender<()>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    use notify::Watcher;
+    let handler = move |event: notify::Result<notify::Event>| match event {
+        // Opening and reading (the proxy's own reads included) change nothing.
+        Ok(event)
+            if matches!(event.kind, EventKind::Access(kind)
+                if kind != AccessKind::Close(AccessMode::Write)) => {}
+        Ok(event) => {
+            debug!(kind = ?event.kind, paths = ?event.paths, "certificate directory changed");
+            let _ = events.send(());
+        }
+        Err(error) => {
+            warn!(%error, "certificate watch error; checking the files");
+            let _ = events.send(());
+        }
+    };
+    let mut watcher = match notify::recommended_watcher(handler) {
+        Ok(watcher) => watcher,
+        Err(error) => {
+            warn!(%error, "cannot watch certificate directories; certificates reload on SIGHUP and polling only");
+            return None;
+        }
+    };
+    let mut watching = 0;
+    for directory in directories {
+        match watcher.watch(directory, notify::RecursiveMode::NonRecursive) {
+            Ok(()) => {
+                watching += 1;
+                debug!(directory = %directory.display(), "watching for certificate changes");
+            }
+            Err(error) => warn!(
+                directory = %directory.display(),
+                %error,
+                "cannot watch this certificate directory; its changes are found by polling and SIGHUP"
+            ),
+        }
+    }
+    (watching > 0).then_some(watcher)
+}
+
+/// Logs a loud warning for a certificate that is expired, expires within
+/// [`certs::EXPIRY_WARNING_DAYS`] days, or is not valid yet. An expired
+/// certificate is still served: refusing would take mail down.
+pub fn warn_about_expiry(label: &str, certificate: &LoadedCertificate, now: i64) {
+    let not_after = format_unix_time(certificate.not_after);
+    match certificate.expiry(now) {
+        Expiry::Valid { .. } => {}
+        Expiry::ExpiresSoon { days_left } => warn!(
+            certificate = %label,
+            %not_after,
+            days_left,
+            source = %certificate.source(),
+            "certificate expires soon: renew it (the proxy picks up the new files by itself)"
+        ),
+        Expiry::Expired { days_ago } => error!(
+            certificate = %label,
+            %not_after,
+            days_ago,
+            source = %certificate.source(),
+            "CERTIFICATE EXPIRED: still serving it so mail keeps flowing, but clients that verify will refuse it; renew it now"
+        ),
+        Expiry::NotYetValid { days_until } => warn!(
+            certificate = %label,
+            not_before = %format_unix_time(certificate.not_before),
+            days_until,
+            source = %certificate.source(),
+            "certificate is not valid yet (check the clock); serving it anyway"
+        ),
+    }
+}
+
+/// The directory a path's change shows up in.
+pub fn parent_directory(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::certs::generate_pair;
+
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(label: &str) -> Dir {
+            use std::sync::atomic::AtomicUsize;
+            static NEXT: AtomicUsize = AtomicUsize::new(0);
+            let path = std::env::temp_dir().join(format!(
+                "mail-tls-proxy-reload-{label}-{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&path).expect("temp dir");
+            Dir(path)
+        }
+
+        fn files(&self, name: &str) -> CertificateFiles {
+            CertificateFiles {
+                cert: self.0.join(format!("{name}.crt")),
+                key: self.0.join(format!("{name}.key")),
+            }
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn write(files: &CertificateFiles, names: &[&str]) -> certs::GeneratedPair {
+        let names: Vec<String> = names.iter().map(|name| name.to_string()).collect();
+        let pair = generate_pair(&names).expect("generate");
+        std::fs::write(&files.cert, &pair.cert_pem).expect("write");
+        std::fs::write(&files.key, &pair.key_pem).expect("write");
+        pair
+    }
+
+    fn served(reloader: &Reloader, index: usize) -> Vec<u8> {
+        reloader.store().current().entries()[index]
+            .certified_key
+            .cert[0]
+            .to_vec()
+    }
+
+    #[test]
+    fn a_changed_pair_is_swapped_in_and_an_unchanged_one_is_skipped() {
+        let dir = Dir::new("swap");
+        let files = dir.files("a");
+        let first = write(&files, &["a.example"]);
+        let mut reloader = Reloader::load(std::slice::from_ref(&files), "unused").expect("load");
+        assert_eq!(served(&reloader, 0), first.cert_der.to_vec());
+        assert_eq!(reloader.reload(Trigger::Watch), ReloadOutcome::default());
+        assert_eq!((reloader.stats().ok(), reloader.stats().errors()), (0, 0));
+
+        let second = write(&files, &["a.example"]);
+        let outcome = reloader.reload(Trigger::Watch);
+        assert_eq!(outcome.replaced, vec!["a.example".to_string()]);
+        assert!(outcome.errors.is_empty());
+        assert_eq!(served(&reloader, 0), second.cert_der.to_vec());
+        assert_eq!((reloader.stats().ok(), reloader.stats().errors()), (1, 0));
+    }
+
+    #[test]
+    fn a_broken_replacement_keeps_the_old_pair_until_fixed() {
+        let dir = Dir::new("broken");
+        let files = dir.files("a");
+        let first = write(&files, &["a.example"]);
+        let mut reloader = Reloader::load(std::slice::from_ref(&files), "unused").expect("load");
+
+        // Key first: new key, old certificate = mismatch.
+        let next = generate_pair(&["a.example".to_string()]).expect("generate");
+        std::fs::write(&files.key, &next.key_pem).expect("write");
+        let outcome = reloader.reload(Trigger::Watch);
+        assert!(outcome.replaced.is_empty());
+        assert_eq!(outcome.errors.len(), 1);
+        assert!(outcome.errors[0].contains("does not belong"), "{outcome:?}");
+        assert_eq!(served(&reloader, 0), first.cert_der.to_vec());
+        // Nothing changed since: not tried (nor counted) again.
+        assert_eq!(reloader.reload(Trigger::Poll), ReloadOutcome::default());
+        assert_eq!(reloader.stats().errors(), 1);
+
+        // A truncated certificate is still broken.
+        std::fs::write(&files.cert, &next.cert_pem[..next.cert_pem.len() - 40]).expect("write");
+        let outcome = reloader.reload(Trigger::Watch);
+        assert_eq!(outcome.errors.len(), 1);
+        assert!(outcome.errors[0].contains("a.crt"), "{outcome:?}");
+        assert_eq!(served(&reloader, 0), first.cert_der.to_vec());
+
+        // Both in place: the new pair.
+        std::fs::write(&files.cert, &next.cert_pem).expect("write");
+        let outcome = reloader.reload(Trigger::Watch);
+        assert_eq!(outcome.replaced.len(), 1);
+        assert_eq!(served(&reloader, 0), next.cert_der.to_vec());
+        assert_eq!((reloader.stats().ok(), reloader.stats().errors()), (1, 2));
+    }
+
+    #[test]
+    fn a_missing_file_is_an_error_and_the_old_pair_stays() {
+        let dir = Dir::new("missing");
+        let files = dir.files("a");
+        let first = write(&files, &["a.example"]);
+        let mut reloader = Reloader::load(std::slice::from_ref(&files), "unused").expect("load");
+        std::fs::remove_file(&files.cert).expect("remove");
+        let outcome = reloader.reload(Trigger::Poll);
+        assert_eq!(outcome.errors.len(), 1);
+        assert!(outcome.errors[0].contains("cannot read"), "{outcome:?}");
+        assert_eq!(served(&reloader, 0), first.cert_der.to_vec());
+        // Restored as it was: served as before, no swap needed.
+        std::fs::write(&files.cert, &first.cert_pem).expect("write");
+        let outcome = reloader.reload(Trigger::Poll);
+        assert_eq!(outcome, ReloadOutcome::default());
+        assert_eq!(served(&reloader, 0), first.cert_der.to_vec());
+    }
+
+    #[test]
+    fn each_pair_is_judged_on_its_own() {
+        let dir = Dir::new("pairs");
+        let (a, b) = (dir.files("a"), dir.files("b"));
+        write(&a, &["a.example"]);
+        let b_first = write(&b, &["b.example"]);
+        let mut reloader = Reloader::load(&[a.clone(), b.clone()], "unused").expect("load");
+        let a_next = write(&a, &["a.example"]);
+        std::fs::write(&b.cert, "garbage").expect("write");
+        let outcome = reloader.reload(Trigger::Watch);
+        assert_eq!(outcome.replaced, vec!["a.example".to_string()]);
+        assert_eq!(outcome.errors.len(), 1);
+        assert_eq!(served(&reloader, 0), a_next.cert_der.to_vec());
+        assert_eq!(served(&reloader, 1), b_first.cert_der.to_vec());
+    }
+
+    #[test]
+    fn sighup_rechecks_even_without_a_change() {
+        let dir = Dir::new("sighup");
+        let files = dir.files("a");
+        write(&files, &["a.example"]);
+        let mut reloader = Reloader::load(std::slice::from_ref(&files), "unused").expect("load");
+        assert_eq!(reloader.reload(Trigger::Signal), ReloadOutcome::default());
+        assert_eq!(reloader.stats().ok(), 1);
+    }
+
+    #[test]
+    fn start_up_errors_name_the_file() {
+        let dir = Dir::new("startup");
+        let files = dir.files("a");
+        write(&files, &["a.example"]);
+        std::fs::write(&files.key, "").expect("write");
+        let error = Reloader::load(std::slice::from_ref(&files), "unused")
+            .err()
+            .expect("refused");
+        assert!(error.to_string().contains("a.key"), "{error}");
+    }
+
+    #[test]
+    fn without_files_the_self_signed_default_is_served() {
+        let mut reloader = Reloader::load(&[], "mx.example.org").expect("load");
+        assert!(!reloader.has_files());
+        let certificates = reloader.certificates();
+        assert_eq!(certificates.len(), 1);
+        assert_eq!(certificates[0].names, vec!["mx.example.org", "localhost"]);
+        assert_eq!(reloader.reload(Trigger::Signal), ReloadOutcome::default());
+    }
+
+    #[test]
+    fn duplicate_first_names_get_distinct_labels_and_directories_are_watched_once() {
+        let dir = Dir::new("labels");
+        let (a, b) = (dir.files("rsa"), dir.files("ecdsa"));
+        write(&a, &["mail.example"]);
+        write(&b, &["mail.example"]);
+        let reloader = Reloader::load(&[a, b.clone()], "unused").expect("load");
+        let labels: Vec<String> = reloader.labelled().into_iter().map(|(l, _)| l).collect();
+        assert_eq!(
+            labels,
+            vec!["mail.example".to_string(), b.cert.display().to_string()]
+        );
+        assert_eq!(reloader.watched_directories(), vec![dir.0.clone()]);
+        assert_eq!(parent_directory(Path::new("cert.pem")), PathBuf::from("."));
+    }
+}

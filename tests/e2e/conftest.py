@@ -61,13 +61,14 @@ def pytest_runtest_makereport(item, call):
 
 
 @pytest.fixture(scope="session")
-def scratch_dir():
+def scratch_dir(request):
     # Short path under /tmp: Dovecot's unix sockets live below it (108-byte
     # limit), and the daemons' unprivileged uids must be able to traverse it.
     path = Path(tempfile.mkdtemp(prefix=SCRATCH_DIR_PREFIX, dir="/tmp"))
     path.chmod(0o755)
     yield path
-    if os.environ.get("E2E_KEEP_DIR") == "1":
+    # Full logs and configs are worth keeping when something failed.
+    if os.environ.get("E2E_KEEP_DIR") == "1" or request.session.testsfailed:
         print(f"\nkept end-to-end scratch directory {path}")
     else:
         shutil.rmtree(path, ignore_errors=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from servers import MailServerEndpoints, pick_free_loopback_port, tail_of_file, terminate_pid
+from servers import MailServerEndpoints, pick_free_loopback_ports, tail_of_file, terminate_pid
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROXY_STARTUP_TIMEOUT_SECONDS = 30
@@ -105,18 +105,43 @@ def port_accepts_connections(port: int) -> bool:
         return False
 
 
+ADDRESS_IN_USE_MARKERS = ("address already in use", "address in use", "os error 98")
+START_ATTEMPTS = 3
+
+
 def start_proxy(binary: Path, backends: MailServerEndpoints, certificate_dir: Path, hostname: str,
                 working_dir: Path) -> RunningProxy:
     """Writes the config next to fullchain.pem/privkey.pem in certificate_dir,
-    starts the proxy and waits until every port accepts connections."""
-    ports = {spec.name: pick_free_loopback_port() for spec in LISTENERS}
-    metrics_port = pick_free_loopback_port()
+    starts the proxy and waits until every port accepts connections.
+
+    Ports are picked free but released before the proxy binds them, so some
+    other process (parallel cargo tests, say) can grab one in between; if
+    the proxy dies of "address in use", try again with fresh ports."""
+    for attempt in range(1, START_ATTEMPTS + 1):
+        running = launch_proxy(binary, backends, certificate_dir, hostname, working_dir)
+        problem = wait_for_proxy_ports(running)
+        if problem is None:
+            return running
+        stop_proxy(running)
+        log_tail = tail_of_file(running.log_file)
+        port_was_taken = any(marker in log_tail.lower() for marker in ADDRESS_IN_USE_MARKERS)
+        if not port_was_taken or attempt == START_ATTEMPTS:
+            pytest.fail(f"{problem}; log:\n{log_tail}", pytrace=False)
+    raise AssertionError("unreachable")
+
+
+def launch_proxy(binary: Path, backends: MailServerEndpoints, certificate_dir: Path, hostname: str,
+                 working_dir: Path) -> RunningProxy:
+    names = [spec.name for spec in LISTENERS]
+    *listener_ports, metrics_port = pick_free_loopback_ports(len(names) + 1)
+    ports = dict(zip(names, listener_ports))
     config_file = certificate_dir / "mail-tls-proxy.toml"
     write_proxy_config(config_file, backends, ports, metrics_port)
     log_file = certificate_dir / "proxy.log"
 
     environment = dict(os.environ)
     environment.setdefault("RUST_LOG", "info")
+    environment.setdefault("NO_COLOR", "1")  # plain text in proxy.log
     with open(log_file, "ab") as log:
         # working_dir is not the config's directory, so relative certificate
         # paths only work if the proxy resolves them against the config file.
@@ -128,31 +153,25 @@ def start_proxy(binary: Path, backends: MailServerEndpoints, certificate_dir: Pa
     # Lets a later run stop this proxy if the test process dies without
     # tearing down (see stop_abandoned_proxy).
     (certificate_dir / "proxy.pid").write_text(f"{process.pid}\n")
-    running = RunningProxy(ports=ports, metrics_port=metrics_port, ca_file=certificate_dir / "fullchain.pem",
-                           hostname=hostname, config_file=config_file, log_file=log_file, process=process)
-    try:
-        wait_for_proxy_ports(running)
-    except BaseException:
-        stop_proxy(running)
-        raise
-    return running
+    return RunningProxy(ports=ports, metrics_port=metrics_port, ca_file=certificate_dir / "fullchain.pem",
+                        hostname=hostname, config_file=config_file, log_file=log_file, process=process)
 
 
-def wait_for_proxy_ports(running: RunningProxy) -> None:
+def wait_for_proxy_ports(running: RunningProxy) -> str | None:
+    """None once every port accepts connections, else what went wrong."""
     waiting_for = set(running.ports.values()) | {running.metrics_port}
     deadline = time.monotonic() + PROXY_STARTUP_TIMEOUT_SECONDS
     while waiting_for:
         exit_code = running.process.poll()
         if exit_code is not None:
-            pytest.fail(f"mail-tls-proxy exited with code {exit_code} during start-up; log:\n"
-                        f"{tail_of_file(running.log_file)}", pytrace=False)
+            return f"mail-tls-proxy exited with code {exit_code} during start-up"
         waiting_for = {port for port in waiting_for if not port_accepts_connections(port)}
         if waiting_for and time.monotonic() > deadline:
-            pytest.fail(f"mail-tls-proxy did not listen on {sorted(waiting_for)} within "
-                        f"{PROXY_STARTUP_TIMEOUT_SECONDS}s; log:\n{tail_of_file(running.log_file)}",
-                        pytrace=False)
+            return (f"mail-tls-proxy did not listen on {sorted(waiting_for)} within "
+                    f"{PROXY_STARTUP_TIMEOUT_SECONDS}s")
         if waiting_for:
             time.sleep(0.1)
+    return None
 
 
 def stop_abandoned_proxy(certificate_dir: Path) -> None:

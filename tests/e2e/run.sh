@@ -29,8 +29,8 @@ fi
 
 if [ -z "${MAIL_TLS_PROXY_BIN:-}" ] && [ "${E2E_SKIP_BUILD:-}" != 1 ]; then
     if command -v cargo >/dev/null 2>&1; then
-        log "building mail-tls-proxy (cargo build --bin mail-tls-proxy)"
-        if ! cargo build --quiet --bin mail-tls-proxy; then
+        log "building mail-tls-proxy (cargo build --locked --bin mail-tls-proxy)"
+        if ! cargo build --quiet --locked --bin mail-tls-proxy; then
             if in_ci; then
                 log "error: cargo build failed"
                 exit 1

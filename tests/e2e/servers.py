@@ -18,7 +18,6 @@ Used by the pytest fixtures in conftest.py, and usable by hand:
 from __future__ import annotations
 
 import dataclasses
-import grp
 import json
 import os
 import pwd
@@ -42,6 +41,7 @@ DEFAULT_MAIL_STORAGE_USER = os.environ.get("E2E_MAIL_STORAGE_USER", "mail")
 REQUIRED_PROGRAMS = ("dovecot", "postfix", "postconf")
 STATE_FILE_NAME = "servers.json"
 STARTUP_TIMEOUT_SECONDS = 30
+START_ATTEMPTS = 3
 
 
 class ServerSetupError(RuntimeError):
@@ -61,19 +61,27 @@ def find_program(name: str) -> str:
     return found
 
 
-def pick_free_loopback_port() -> int:
-    # Bind to port 0 and release it.  A tiny race with other processes is
-    # possible but acceptable for a test machine.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def pick_free_loopback_ports(count: int) -> list[int]:
+    """Distinct ports that were free a moment ago.  All are held at once so
+    no port is handed out twice; they are released for the daemons to bind,
+    so callers retry when a daemon still finds one taken."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def write_config_file(path: Path, text: str, mode: int = 0o644) -> None:
     path.write_text(text)
     path.chmod(mode)
-    # Postfix waits in 300 ms steps while a config/table file looks "just
-    # modified" (it fears reading a half-written file); back-date the mtime.
+    # Postfix re-reads a config/table file in 300 ms pauses while it looks
+    # freshly written (it may be half-written); back-date the mtime.
     an_hour_ago = time.time() - 3600
     os.utime(path, (an_hour_ago, an_hour_ago))
 
@@ -109,11 +117,10 @@ def process_is_alive(pid: int) -> bool:
     return True
 
 
-def terminate_pid(pid: int, grace_seconds: float = 10.0, process_group: bool = False) -> None:
+def terminate_pid(pid: int, grace_seconds: float = 10.0) -> None:
     """SIGTERM, wait, then SIGKILL: a stop must really stop."""
-    kill = os.killpg if process_group else os.kill
     try:
-        kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + grace_seconds
@@ -122,7 +129,7 @@ def terminate_pid(pid: int, grace_seconds: float = 10.0, process_group: bool = F
             return
         time.sleep(0.05)
     try:
-        kill(pid, signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         return
     for _ in range(100):
@@ -264,19 +271,25 @@ class MailServers:
             # Left over from an earlier run in the same directory.
             self.stop()
         self._prepare_directories()
-        self.endpoints = MailServerEndpoints(
-            base_dir=str(self.base_dir),
-            smtp_port=pick_free_loopback_port(),
-            imap_port=pick_free_loopback_port(),
-            pop3_port=pick_free_loopback_port(),
-            owner_pid=self.owner_pid,
-        )
-        try:
-            self._start_dovecot()
-            self._start_postfix()
-        except BaseException:
-            self.stop()
-            raise
+        for attempt in range(1, START_ATTEMPTS + 1):
+            smtp_port, imap_port, pop3_port = pick_free_loopback_ports(3)
+            self.endpoints = MailServerEndpoints(
+                base_dir=str(self.base_dir), smtp_port=smtp_port, imap_port=imap_port,
+                pop3_port=pop3_port, owner_pid=self.owner_pid,
+            )
+            try:
+                self._start_dovecot()
+                self._start_postfix()
+                break
+            except ServerSetupError as exc:
+                self.stop()
+                # Another process may have taken a port between picking and
+                # binding it: try again with fresh ports.
+                if "address already in use" not in str(exc).lower() or attempt == START_ATTEMPTS:
+                    raise
+            except BaseException:
+                self.stop()
+                raise
         self._save_state()
         return self.endpoints
 
@@ -340,16 +353,15 @@ listen = 127.0.0.1
 ssl = no
 disable_plaintext_auth = no
 auth_mechanisms = plain login
-# The default 2 s failure delay (plus anvil's per-IP penalty) would slow any
-# test that exercises a bad login.
+# The default 2 s failure delay would slow any test that tries a bad
+# password.  Anvil's per-IP auth penalty cannot be switched off, so tests
+# should still avoid failed logins.
 auth_failure_delay = 0
 
 # Mail is stored as a real, unprivileged uid shared with Postfix's virtual(8).
 first_valid_uid = {self.mail_uid}
 first_valid_gid = {self.mail_gid}
 mail_location = maildir:{self.mail_root}/%n/Maildir
-# Stable, documented UIDL format (Dovecot warns when it is left implicit).
-pop3_uidl_format = %08Xu%08Xv
 
 passdb {{
   driver = passwd-file
@@ -444,7 +456,6 @@ service pop3-login {{
 
     # -- Postfix -------------------------------------------------------------
     def _postfix_main_cf(self) -> str:
-        endpoints = self.endpoints
         return f"""\
 # Private Postfix for mail-tls-proxy end-to-end tests.  Plaintext only.
 compatibility_level = 3.6

@@ -11,7 +11,10 @@ import poplib
 import re
 import shutil
 import smtplib
+import socket
+import ssl
 import subprocess
+import time
 import urllib.request
 
 import pytest
@@ -24,9 +27,7 @@ from mail_clients import (
     find_imap_uid_direct,
     find_pop3_number_direct,
     imap_fetch_by_message_id,
-    imap_login_direct,
     make_message,
-    pop3_login_direct,
     pop3_retrieve_by_message_id,
     wait_for_delivery,
 )
@@ -364,18 +365,49 @@ def test_swaks_sends_message(proxy, mail_servers, tls_option, tls):
 
 # -- metrics -----------------------------------------------------------------------
 
-def test_metrics_endpoint_counts_connections_per_listener(proxy, messages_sent_through_proxy):
-    # messages_sent_through_proxy plus the start-up probe guarantee at least
-    # one connection on every listener by now.
+def greet_through_listener(proxy: RunningProxy, spec, tls_context: ssl.SSLContext) -> bytes:
+    """One complete connection: TLS handshake (implicit listeners) and the
+    backend's greeting line, then a clean close."""
+    with socket.create_connection(("127.0.0.1", proxy.ports[spec.name]), timeout=CLIENT_TIMEOUT_SECONDS) as raw:
+        if spec.tls == "implicit":
+            with tls_context.wrap_socket(raw, server_hostname=proxy.hostname) as tls:
+                return tls.recv(4096)
+        return raw.recv(4096)
+
+
+def scrape_metrics(proxy: RunningProxy) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{proxy.metrics_port}/metrics", timeout=10) as response:
         assert response.status == 200
-        text = response.read().decode()
-    samples = re.findall(r"^mail_tls_proxy_connections_total\{([^}]*)\}\s+(\S+)", text, re.M)
-    assert samples, f"no mail_tls_proxy_connections_total samples in:\n{text}"
+        return response.read().decode()
+
+
+def connection_counts_by_listener(metrics_text: str) -> dict[str, float]:
+    """Sum of mail_tls_proxy_connections_total per listener="NAME" label,
+    whatever other labels the samples carry."""
+    counts: dict[str, float] = {}
+    for labels, value in re.findall(r"^mail_tls_proxy_connections_total\{([^}]*)\}\s+(\S+)", metrics_text, re.M):
+        for spec in LISTENERS:
+            if re.search(rf'(^|,)listener="{re.escape(spec.name)}"', labels):
+                counts[spec.name] = counts.get(spec.name, 0.0) + float(value)
+    return counts
+
+
+def test_metrics_endpoint_counts_connections_per_listener(proxy, tls_context):
     for spec in LISTENERS:
-        matching = [value for labels, value in samples if f'"{spec.name}"' in labels]
-        assert matching, f"no connections_total sample labelled {spec.name!r} in:\n{text}"
-        assert sum(float(value) for value in matching) >= 1
+        greeting = greet_through_listener(proxy, spec, tls_context)
+        assert greeting[:1] in (b"2", b"*", b"+"), (spec.name, greeting)
+    # Counters may be updated when a connection ends; allow a moment.
+    deadline = time.monotonic() + 5
+    while True:
+        text = scrape_metrics(proxy)
+        counts = connection_counts_by_listener(text)
+        if all(counts.get(spec.name, 0) >= 1 for spec in LISTENERS) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    for spec in LISTENERS:
+        assert counts.get(spec.name, 0) >= 1, (
+            f"no mail_tls_proxy_connections_total sample >= 1 labelled {spec.name!r} in:\n{text}"
+        )
 
 
 def test_healthz_returns_200(proxy):

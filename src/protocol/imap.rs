@@ -15,15 +15,37 @@
 //!    line that is not `tag SP command` is forwarded and ends inspection.
 //! 3. Every backend line relayed during inspection has its capability data
 //!    rewritten: in an untagged `* CAPABILITY` response and in a
-//!    `[CAPABILITY ...]` response code, the backend's own STARTTLS atoms are
-//!    removed and, before TLS on a STARTTLS listener, the proxy's STARTTLS is
-//!    appended at the end of the list. The rest of the line, terminator
-//!    included, is relayed byte for byte.
+//!    `[CAPABILITY ...]` response code, the backend's own STARTTLS and
+//!    LOGINDISABLED atoms are removed and, before TLS on a STARTTLS listener,
+//!    the proxy's STARTTLS is appended at the end of the list. The rest of the
+//!    line, terminator included, is relayed byte for byte.
+//!
+//! The listener's [`RequireTls`] policy changes step 2 and 3 before TLS on a
+//! STARTTLS listener (and only there):
+//! - `auth`: capability lists lose their `AUTH=` atoms and gain
+//!   `LOGINDISABLED` (before the proxy's STARTTLS); LOGIN and AUTHENTICATE
+//!   are answered `NO [PRIVACYREQUIRED]` by the proxy and never forwarded.
+//!   Nothing ends inspection before TLS: other commands are forwarded and
+//!   their completion awaited, so a later LOGIN is still seen; commands
+//!   carrying a literal and lines that are not `tag SP command` are refused
+//!   locally.
+//! - `all`: only CAPABILITY, NOOP, LOGOUT and STARTTLS are served; LOGIN and
+//!   AUTHENTICATE get the `NO` above, anything else a local `BAD`.
+//!
+//! A refused command that announces a non-synchronizing literal (`{n+}`,
+//! RFC 7888) is still being sent by the client: the driver is told to discard
+//! the literal's body unread (`Output::skip_client_bytes`), and the rest of
+//! the command, which arrives as the next line (`DiscardCommandRest`), is
+//! dropped the same way. A synchronizing literal (`{n}`) is answered at once
+//! and no `+` continuation is ever sent, so its body never comes.
 //!
 //! After STARTTLS, IMAP sends no new greeting: the client asks CAPABILITY
 //! again, and the answer no longer offers STARTTLS.
 
-use super::{eol_of, split_word, trim_eol, BackendFailure, Inspector, Next, Output, TlsMode, Goodbye, RequireTls};
+use super::{
+    command_label, eol_of, split_word, trim_eol, BackendFailure, Goodbye, Inspector, Next, Output,
+    RequireTls, TlsMode,
+};
 
 /// Reply to a client whose backend cannot be reached (RFC 5530 response code).
 pub const SERVICE_UNAVAILABLE: &[u8] = b"* BYE [UNAVAILABLE] Backend server not available\r\n";
@@ -40,11 +62,35 @@ pub const BEGIN_TLS: &[u8] = b"OK Begin TLS negotiation now\r\n";
 pub const TLS_ALREADY_ACTIVE: &[u8] = b"BAD TLS is already active\r\n";
 /// Tagged reply to STARTTLS (after `tag SP`) with arguments.
 pub const STARTTLS_SYNTAX: &[u8] = b"BAD STARTTLS takes no arguments\r\n";
+/// Tagged reply (after `tag SP`) to LOGIN and AUTHENTICATE refused by the
+/// listener's policy before TLS (RFC 5530 response code).
+pub const LOGIN_BEFORE_TLS: &[u8] = b"NO [PRIVACYREQUIRED] Must issue STARTTLS first\r\n";
+/// Tagged reply (after `tag SP`) to other commands refused by the policy
+/// before TLS.
+pub const COMMAND_BEFORE_TLS: &[u8] = b"BAD [PRIVACYREQUIRED] Must issue STARTTLS first\r\n";
+/// Tagged reply (after `tag SP`) to a command carrying a literal before TLS
+/// under a restricting policy.
+pub const LITERAL_BEFORE_TLS: &[u8] =
+    b"BAD [PRIVACYREQUIRED] Literals are not accepted before STARTTLS\r\n";
+/// Reply to a line that is not `tag SP command` before TLS under a
+/// restricting policy.
+pub const GARBAGE_BEFORE_TLS: &[u8] = b"* BAD [PRIVACYREQUIRED] Must issue STARTTLS first\r\n";
 
 /// The capability atom the proxy adds and removes.
 const STARTTLS: &[u8] = b"STARTTLS";
+/// The capability atom the proxy adds before TLS under a restricting policy
+/// and otherwise removes.
+const LOGINDISABLED: &[u8] = b"LOGINDISABLED";
+/// The prefix of the SASL mechanism atoms hidden before TLS.
+const AUTH_PREFIX: &[u8] = b"AUTH=";
 /// The capability keyword, as an untagged response and as a response code.
 const CAPABILITY: &[u8] = b"CAPABILITY";
+/// The commands that carry credentials.
+const CREDENTIAL_COMMANDS: &[&[u8]] = &[b"LOGIN", b"AUTHENTICATE"];
+/// The commands the `all` policy serves before TLS.
+const ROAD_TO_TLS: &[&[u8]] = &[b"CAPABILITY", b"NOOP", b"LOGOUT", b"STARTTLS"];
+/// The commands whose completion is awaited without further conditions.
+const INSPECTED: &[&[u8]] = &[b"CAPABILITY", b"NOOP", b"ID", b"LOGOUT"];
 
 /// What the machine waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +99,10 @@ enum State {
     ExpectGreeting,
     /// A client command.
     Idle,
+    /// The rest of a refused command after the body of its
+    /// non-synchronizing literal (the driver discards the body); nothing of
+    /// it is forwarded or answered.
+    DiscardCommandRest,
     /// The tagged completion of a forwarded command (the tag is kept in
     /// [`ImapInspector::tag`]); untagged data is relayed meanwhile.
     ExpectTagged,
@@ -62,12 +112,32 @@ enum State {
     Done,
 }
 
+/// How the capability lists relayed right now are rewritten. The backend's
+/// STARTTLS and LOGINDISABLED atoms are always removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Rewrite {
+    /// Remove the `AUTH=` atoms.
+    hide_auth: bool,
+    /// Append ` LOGINDISABLED`.
+    login_disabled: bool,
+    /// Append ` STARTTLS` (after LOGINDISABLED).
+    starttls: bool,
+}
+
+/// A literal announced at the end of a command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Literal {
+    /// Its size in bytes (saturating: a size beyond `u64` is "forever").
+    size: u64,
+    /// `{n+}`: the body follows without waiting for a `+` continuation.
+    non_synchronizing: bool,
+}
+
 /// The IMAP inspection state machine.
 #[derive(Debug)]
 pub struct ImapInspector {
     mode: TlsMode,
     /// The listener's policy for commands before TLS.
-    #[allow(dead_code)]
     require_tls: RequireTls,
     tls_active: bool,
     state: State,
@@ -95,12 +165,27 @@ impl ImapInspector {
         self.mode == TlsMode::StartTls && !self.tls_active
     }
 
+    /// Whether the listener's policy restricts the dialogue right now.
+    fn restricted(&self) -> bool {
+        self.offers_starttls() && self.require_tls != RequireTls::None
+    }
+
+    /// How capability lists are rewritten right now.
+    fn rewrite(&self) -> Rewrite {
+        let restricted = self.restricted();
+        Rewrite {
+            hide_auth: restricted,
+            login_disabled: restricted,
+            starttls: self.offers_starttls(),
+        }
+    }
+
     /// Relays a backend line to the client with its capability data rewritten.
     fn relay(&mut self, line: &[u8], out: &mut Output) {
         if is_untagged(trim_eol(line), b"BYE") {
             self.bye_relayed = true;
         }
-        write_rewritten(line, self.offers_starttls(), &mut out.to_client);
+        write_rewritten(line, self.rewrite(), &mut out.to_client);
     }
 
     fn greeting(&mut self, line: &[u8], out: &mut Output) -> Next {
@@ -112,8 +197,15 @@ impl ImapInspector {
         } else if is_untagged(text, b"PREAUTH") {
             // Already authenticated: STARTTLS is not allowed any more
             // (RFC 9051 section 6.2.1) and the proxy will not be there to
-            // answer it, so the greeting never offers it.
-            write_rewritten(line, false, &mut out.to_client);
+            // answer it, so the greeting never offers it. Nothing is added;
+            // under a restricting policy the (now meaningless) SASL
+            // mechanisms are still not shown in clear.
+            let rewrite = Rewrite {
+                hide_auth: self.restricted(),
+                login_disabled: false,
+                starttls: false,
+            };
+            write_rewritten(line, rewrite, &mut out.to_client);
             self.state = State::Done;
             Next::Passthrough
         } else if is_untagged(text, b"BYE") {
@@ -131,7 +223,13 @@ impl ImapInspector {
         let text = trim_eol(line);
         let (tag, rest) = split_word(text);
         let (command, arguments) = split_word(rest);
-        if ends_with_literal(text) || !is_tag(tag) || command.is_empty() {
+        let literal = trailing_literal(text);
+        let well_formed = is_tag(tag) && !command.is_empty();
+        if self.restricted() {
+            if let Some(next) = self.refuse_before_tls(text, tag, command, literal, out) {
+                return next;
+            }
+        } else if literal.is_some() || !well_formed {
             // The literal's bytes follow without being lines; garbage is the
             // backend's to judge. Either way nothing after it is parsed.
             return self.pass_through(line, out);
@@ -148,10 +246,9 @@ impl ImapInspector {
                 self.state = State::AwaitTlsHandshake;
                 Next::StartTls
             }
-        } else if [&b"CAPABILITY"[..], b"NOOP", b"ID", b"LOGOUT"]
-            .iter()
-            .any(|known| command.eq_ignore_ascii_case(known))
-        {
+        } else if is_one_of(command, INSPECTED) || self.restricted() {
+            // Before TLS under a restricting policy nothing ends inspection:
+            // a LOGIN sent later must still be seen.
             out.to_backend.extend_from_slice(line);
             self.tag.clear();
             self.tag.extend_from_slice(tag);
@@ -164,6 +261,51 @@ impl ImapInspector {
         }
     }
 
+    /// Answers locally, before TLS under a restricting policy, a line the
+    /// policy does not let through; `None` lets it be served.
+    fn refuse_before_tls(
+        &mut self,
+        text: &[u8],
+        tag: &[u8],
+        command: &[u8],
+        literal: Option<Literal>,
+        out: &mut Output,
+    ) -> Option<Next> {
+        let verb = lenient_verb(command);
+        // A bare CR inside the line could end a command for a lenient
+        // backend and start another one (a LOGIN) it would read in clear.
+        if !is_tag(tag) || command.is_empty() || text.contains(&b'\r') {
+            out.to_client.extend_from_slice(GARBAGE_BEFORE_TLS);
+        } else if is_one_of(verb, CREDENTIAL_COMMANDS) {
+            write_tagged(tag, LOGIN_BEFORE_TLS, out);
+        } else if self.require_tls == RequireTls::All && !is_one_of(command, ROAD_TO_TLS) {
+            write_tagged(tag, COMMAND_BEFORE_TLS, out);
+        } else if literal.is_some() {
+            write_tagged(tag, LITERAL_BEFORE_TLS, out);
+        } else {
+            return None;
+        }
+        out.refused = Some(command_label(verb));
+        self.discard_literal(literal, out);
+        Some(Next::Continue)
+    }
+
+    /// After a refused line: has the driver discard the body of its
+    /// non-synchronizing literal and the machine the rest of the command;
+    /// otherwise the command is over.
+    fn discard_literal(&mut self, literal: Option<Literal>, out: &mut Output) {
+        match literal {
+            Some(Literal {
+                size,
+                non_synchronizing: true,
+            }) => {
+                out.skip_client_bytes = size;
+                self.state = State::DiscardCommandRest;
+            }
+            _ => self.state = State::Idle,
+        }
+    }
+
     fn pass_through(&mut self, line: &[u8], out: &mut Output) -> Next {
         out.to_backend.extend_from_slice(line);
         self.state = State::Done;
@@ -173,12 +315,16 @@ impl ImapInspector {
 
 impl Inspector for ImapInspector {
     fn wants_client_line(&self) -> bool {
-        self.state == State::Idle
+        matches!(self.state, State::Idle | State::DiscardCommandRest)
     }
 
     fn client_line(&mut self, line: &[u8], out: &mut Output) -> Next {
         match self.state {
             State::Idle => self.command(line, out),
+            State::DiscardCommandRest => {
+                self.discard_literal(trailing_literal(trim_eol(line)), out);
+                Next::Continue
+            }
             // The driver only feeds client lines when asked; a line in any
             // other state is not a command the machine may act on.
             _ => Next::Continue,
@@ -198,7 +344,7 @@ impl Inspector for ImapInspector {
             }
             // Unsolicited (e.g. `* BYE Autologout`, or Dovecot's real
             // greeting after its "Waiting for authentication" line): relay.
-            State::Idle => {
+            State::Idle | State::DiscardCommandRest => {
                 self.relay(line, out);
                 Next::Continue
             }
@@ -243,6 +389,26 @@ fn write_tagged(tag: &[u8], reply: &[u8], out: &mut Output) {
     out.to_client.extend_from_slice(reply);
 }
 
+/// Whether `word` is one of `known` (case-insensitive).
+fn is_one_of(word: &[u8], known: &[&[u8]]) -> bool {
+    known.iter().any(|known| word.eq_ignore_ascii_case(known))
+}
+
+/// The command word as a lenient server might read it: leading blanks
+/// skipped, up to the first byte that is not a letter (`LOGIN\talice`).
+fn lenient_verb(command: &[u8]) -> &[u8] {
+    let start = command
+        .iter()
+        .position(|&b| b != b' ' && b != b'\t')
+        .unwrap_or(command.len());
+    let command = &command[start..];
+    let len = command
+        .iter()
+        .position(|b| !b.is_ascii_alphabetic())
+        .unwrap_or(command.len());
+    &command[..len]
+}
+
 /// Whether `text` is an untagged response whose first word after `*` is
 /// `keyword` (case-insensitive).
 fn is_untagged(text: &[u8], keyword: &[u8]) -> bool {
@@ -260,18 +426,28 @@ fn is_tag(word: &[u8]) -> bool {
             .all(|&b| (0x21..=0x7e).contains(&b) && !b"(){%*\"\\+".contains(&b))
 }
 
-/// Whether a command line (terminator removed) ends with a literal
-/// announcement, `{n}` or the non-synchronizing `{n+}` (RFC 7888).
-fn ends_with_literal(text: &[u8]) -> bool {
-    let Some(inner) = text.strip_suffix(b"}") else {
-        return false;
+/// The literal a command line (terminator removed) announces at its end:
+/// `{n}`, or the non-synchronizing `{n+}` (RFC 7888); the `literal8` forms
+/// `~{n}` and `~{n+}` (RFC 3516) end the same way.
+fn trailing_literal(text: &[u8]) -> Option<Literal> {
+    let inner = text.strip_suffix(b"}")?;
+    let open = inner.iter().rposition(|&b| b == b'{')?;
+    let count = inner.get(open + 1..)?;
+    let (count, non_synchronizing) = match count.strip_suffix(b"+") {
+        Some(count) => (count, true),
+        None => (count, false),
     };
-    let Some(open) = inner.iter().rposition(|&b| b == b'{') else {
-        return false;
-    };
-    let count = inner.get(open + 1..).unwrap_or_default();
-    let count = count.strip_suffix(b"+").unwrap_or(count);
-    !count.is_empty() && count.iter().all(u8::is_ascii_digit)
+    if count.is_empty() || !count.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let size = count.iter().fold(0u64, |size, digit| {
+        size.saturating_mul(10)
+            .saturating_add(u64::from(digit - b'0'))
+    });
+    Some(Literal {
+        size,
+        non_synchronizing,
+    })
 }
 
 /// Where a line's capability list sits, as a byte range of the line without
@@ -313,10 +489,9 @@ fn capability_list(text: &[u8]) -> Option<(usize, usize)> {
     Some((start, end))
 }
 
-/// Writes a backend line with its capability list (if any) rewritten: every
-/// STARTTLS atom removed, and ` STARTTLS` appended when `offer` is set.
-/// Everything else, terminator included, is copied unchanged.
-fn write_rewritten(line: &[u8], offer: bool, out: &mut Vec<u8>) {
+/// Writes a backend line with its capability list (if any) rewritten as
+/// `rewrite` says. Everything else, terminator included, is copied unchanged.
+fn write_rewritten(line: &[u8], rewrite: Rewrite, out: &mut Vec<u8>) {
     let text = trim_eol(line);
     let parts = capability_list(text).and_then(|(start, end)| {
         Some((text.get(..start)?, text.get(start..end)?, text.get(end..)?))
@@ -326,22 +501,33 @@ fn write_rewritten(line: &[u8], offer: bool, out: &mut Vec<u8>) {
         return;
     };
     out.extend_from_slice(head);
-    write_filtered_list(list, offer, out);
+    write_filtered_list(list, rewrite, out);
     out.extend_from_slice(tail);
     out.extend_from_slice(eol_of(line));
 }
 
-/// Copies a space-separated atom list without its STARTTLS atoms (each
-/// removed with the spaces before it), appending ` STARTTLS` after the last
-/// atom when `offer` is set. Other spacing is kept as it was.
-fn write_filtered_list(list: &[u8], offer: bool, out: &mut Vec<u8>) {
+/// Whether the atom is a SASL mechanism (`AUTH=PLAIN`).
+fn is_auth_atom(atom: &[u8]) -> bool {
+    atom.get(..AUTH_PREFIX.len())
+        .is_some_and(|prefix| prefix.eq_ignore_ascii_case(AUTH_PREFIX))
+}
+
+/// Copies a space-separated atom list without its STARTTLS and LOGINDISABLED
+/// atoms (and its `AUTH=` atoms when asked), each removed with the spaces
+/// before it, appending ` LOGINDISABLED` and ` STARTTLS` after the last atom
+/// when asked. Other spacing is kept as it was.
+fn write_filtered_list(list: &[u8], rewrite: Rewrite, out: &mut Vec<u8>) {
     let mut rest = list;
     loop {
         let spaces = rest.iter().take_while(|&&b| b == b' ').count();
         let (gap, after) = rest.split_at(spaces);
         let atom_len = after.iter().position(|&b| b == b' ').unwrap_or(after.len());
         if atom_len == 0 {
-            if offer {
+            if rewrite.login_disabled {
+                out.push(b' ');
+                out.extend_from_slice(LOGINDISABLED);
+            }
+            if rewrite.starttls {
                 out.push(b' ');
                 out.extend_from_slice(STARTTLS);
             }
@@ -349,7 +535,10 @@ fn write_filtered_list(list: &[u8], offer: bool, out: &mut Vec<u8>) {
             return;
         }
         let (atom, tail) = after.split_at(atom_len);
-        if !atom.eq_ignore_ascii_case(STARTTLS) {
+        let removed = atom.eq_ignore_ascii_case(STARTTLS)
+            || atom.eq_ignore_ascii_case(LOGINDISABLED)
+            || (rewrite.hide_auth && is_auth_atom(atom));
+        if !removed {
             out.extend_from_slice(gap);
             out.extend_from_slice(atom);
         }
@@ -409,8 +598,13 @@ mod tests {
     }
 
     fn rewritten(line: &[u8], offer: bool) -> Vec<u8> {
+        let rewrite = Rewrite {
+            hide_auth: false,
+            login_disabled: false,
+            starttls: offer,
+        };
         let mut out = Vec::new();
-        write_rewritten(line, offer, &mut out);
+        write_rewritten(line, rewrite, &mut out);
         out
     }
 
@@ -444,16 +638,13 @@ mod tests {
     }
 
     #[test]
-    fn implicit_tls_strips_starttls_from_the_greeting() {
+    fn implicit_tls_strips_starttls_and_logindisabled_from_the_greeting() {
         let mut machine = ImapInspector::new(TlsMode::Implicit, RequireTls::None);
         let (to_client, _, _) = backend(
             &mut machine,
             b"* ok [capability IMAP4rev1 starttls LOGINDISABLED] ready\n",
         );
-        assert_eq!(
-            to_client,
-            b"* ok [capability IMAP4rev1 LOGINDISABLED] ready\n"
-        );
+        assert_eq!(to_client, b"* ok [capability IMAP4rev1] ready\n");
         assert!(machine.wants_client_line());
     }
 
@@ -695,11 +886,31 @@ mod tests {
             );
             assert!(!machine.wants_client_line());
         }
-        assert!(!ends_with_literal(b"a LOGIN {}"));
-        assert!(!ends_with_literal(b"a LOGIN {+}"));
-        assert!(!ends_with_literal(b"a LOGIN {5x}"));
-        assert!(!ends_with_literal(b"a LOGIN }"));
-        assert!(ends_with_literal(b"a APPEND box ~{12}"));
+        assert_eq!(trailing_literal(b"a LOGIN {}"), None);
+        assert_eq!(trailing_literal(b"a LOGIN {+}"), None);
+        assert_eq!(trailing_literal(b"a LOGIN {5x}"), None);
+        assert_eq!(trailing_literal(b"a LOGIN }"), None);
+        assert_eq!(
+            trailing_literal(b"a APPEND box ~{12}"),
+            Some(Literal {
+                size: 12,
+                non_synchronizing: false
+            })
+        );
+        assert_eq!(
+            trailing_literal(b"a LOGIN ~{7+}"),
+            Some(Literal {
+                size: 7,
+                non_synchronizing: true
+            })
+        );
+        assert_eq!(
+            trailing_literal(b"a LOGIN {99999999999999999999999+}"),
+            Some(Literal {
+                size: u64::MAX,
+                non_synchronizing: true
+            })
+        );
     }
 
     #[test]
@@ -847,10 +1058,422 @@ mod tests {
         assert!(machine.wants_client_line());
     }
 
-    /// Checks every capability list in what was sent to the client: with
-    /// STARTTLS exactly once, as the last atom, when `offer`; without it
-    /// otherwise. Proxy replies carry no list, and a PREAUTH greeting no offer.
-    fn check_capabilities(to_client: &[u8], offer: bool, greeting: bool) -> Result<(), String> {
+    /// A greeted STARTTLS-mode machine under `policy`.
+    fn with_policy(policy: RequireTls) -> ImapInspector {
+        let mut machine = ImapInspector::new(TlsMode::StartTls, policy);
+        backend(&mut machine, b"* OK ready\r\n");
+        assert!(machine.wants_client_line());
+        machine
+    }
+
+    /// Feeds one client line and returns the whole [`Output`] and `Next`.
+    fn client_out(machine: &mut ImapInspector, line: &[u8]) -> (Output, Next) {
+        let mut out = Output::default();
+        let next = machine.client_line(line, &mut out);
+        (out, next)
+    }
+
+    const POLICIES: [RequireTls; 3] = [RequireTls::Auth, RequireTls::All, RequireTls::None];
+
+    #[test]
+    fn dovecot_greeting_before_tls_under_each_policy() {
+        let greeting = b"* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ AUTH=PLAIN] Dovecot ready.\r\n";
+        for (policy, expected) in [
+            (RequireTls::Auth, &b"* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ LOGINDISABLED STARTTLS] Dovecot ready.\r\n"[..]),
+            (RequireTls::All, b"* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ LOGINDISABLED STARTTLS] Dovecot ready.\r\n"),
+            (RequireTls::None, b"* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ AUTH=PLAIN STARTTLS] Dovecot ready.\r\n"),
+        ] {
+            let mut machine = ImapInspector::new(TlsMode::StartTls, policy);
+            let (to_client, to_backend, next) = backend(&mut machine, greeting);
+            assert_eq!(to_client, expected, "{policy:?}");
+            assert_eq!((to_backend.as_slice(), next), (&b""[..], Next::Continue));
+        }
+    }
+
+    #[test]
+    fn backend_starttls_logindisabled_and_sasl_under_each_policy_and_after_tls() {
+        let reply: &[u8] = b"* CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED AUTH=PLAIN\r\na OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED AUTH=PLAIN] done\r\n";
+        for (policy, expected) in [
+            (RequireTls::Auth, &b"* CAPABILITY IMAP4rev1 LOGINDISABLED STARTTLS\r\na OK [CAPABILITY IMAP4rev1 LOGINDISABLED STARTTLS] done\r\n"[..]),
+            (RequireTls::All, b"* CAPABILITY IMAP4rev1 LOGINDISABLED STARTTLS\r\na OK [CAPABILITY IMAP4rev1 LOGINDISABLED STARTTLS] done\r\n"),
+            (RequireTls::None, b"* CAPABILITY IMAP4rev1 AUTH=PLAIN STARTTLS\r\na OK [CAPABILITY IMAP4rev1 AUTH=PLAIN STARTTLS] done\r\n"),
+        ] {
+            let mut machine = with_policy(policy);
+            let (_, to_backend, _) = client(&mut machine, b"a CAPABILITY\r\n");
+            assert_eq!(to_backend, b"a CAPABILITY\r\n");
+            let (to_client, _, _) = backend(&mut machine, reply);
+            assert_eq!(to_client, expected, "{policy:?}");
+            assert!(machine.wants_client_line());
+
+            // The backend never receives STARTTLS; after TLS the lists are
+            // the backend's, minus STARTTLS and LOGINDISABLED.
+            let (_, to_backend, next) = client(&mut machine, b"b STARTTLS\r\n");
+            assert_eq!((to_backend.as_slice(), next), (&b""[..], Next::StartTls));
+            machine.tls_established();
+            client(&mut machine, b"a CAPABILITY\r\n");
+            let (to_client, _, _) = backend(&mut machine, reply);
+            assert_eq!(
+                to_client,
+                b"* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\na OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] done\r\n",
+                "{policy:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn implicit_listeners_ignore_the_policy() {
+        for policy in POLICIES {
+            let mut machine = ImapInspector::new(TlsMode::Implicit, policy);
+            let (to_client, _, _) = backend(
+                &mut machine,
+                b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED AUTH=PLAIN] hi\r\n",
+            );
+            assert_eq!(to_client, b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] hi\r\n");
+            let (out, next) = client_out(&mut machine, b"a LOGIN alice secret\r\n");
+            assert_eq!(
+                (out.to_backend.as_slice(), next, out.refused),
+                (&b"a LOGIN alice secret\r\n"[..], Next::Passthrough, None)
+            );
+        }
+    }
+
+    #[test]
+    fn login_and_authenticate_are_refused_before_tls_under_auth_and_all() {
+        for policy in [RequireTls::Auth, RequireTls::All] {
+            for (command, expected, label) in [
+                (
+                    &b"a LOGIN alice secret\r\n"[..],
+                    &b"a NO [PRIVACYREQUIRED] Must issue STARTTLS first\r\n"[..],
+                    "LOGIN",
+                ),
+                (
+                    b"b login alice secret\n",
+                    b"b NO [PRIVACYREQUIRED] Must issue STARTTLS first\r\n",
+                    "LOGIN",
+                ),
+                (
+                    b"c AUTHENTICATE PLAIN AGFsaWNlAHNlY3JldA==\r\n",
+                    b"c NO [PRIVACYREQUIRED] Must issue STARTTLS first\r\n",
+                    "AUTHENTICATE",
+                ),
+                (
+                    b"d AUTHENTICATE PLAIN\r\n",
+                    b"d NO [PRIVACYREQUIRED] Must issue STARTTLS first\r\n",
+                    "AUTHENTICATE",
+                ),
+                // What a lenient backend might still read as LOGIN.
+                (
+                    b"e LOGIN\talice secret\r\n",
+                    b"e NO [PRIVACYREQUIRED] Must issue STARTTLS first\r\n",
+                    "LOGIN",
+                ),
+                (
+                    b"f  \tLOGIN alice secret\r\n",
+                    b"f NO [PRIVACYREQUIRED] Must issue STARTTLS first\r\n",
+                    "LOGIN",
+                ),
+            ] {
+                let mut machine = with_policy(policy);
+                let (out, next) = client_out(&mut machine, command);
+                assert_eq!(
+                    (out.to_client.as_slice(), out.to_backend.as_slice(), next),
+                    (expected, &b""[..], Next::Continue),
+                    "{policy:?}"
+                );
+                assert_eq!((out.refused, out.skip_client_bytes), (Some(label), 0));
+                assert!(machine.wants_client_line());
+            }
+        }
+    }
+
+    #[test]
+    fn login_with_a_synchronizing_literal_gets_no_and_no_continuation() {
+        for policy in [RequireTls::Auth, RequireTls::All] {
+            let mut machine = with_policy(policy);
+            let (out, next) = client_out(&mut machine, b"a LOGIN {5}\r\n");
+            assert_eq!(
+                (out.to_client.as_slice(), out.to_backend.as_slice(), next),
+                (
+                    &b"a NO [PRIVACYREQUIRED] Must issue STARTTLS first\r\n"[..],
+                    &b""[..],
+                    Next::Continue
+                )
+            );
+            assert_eq!((out.refused, out.skip_client_bytes), (Some("LOGIN"), 0));
+            // No literal body is expected: the next line is a command.
+            assert_eq!(machine.state, State::Idle);
+            let (_, to_backend, _) = client(&mut machine, b"b NOOP\r\n");
+            assert_eq!(to_backend, b"b NOOP\r\n");
+        }
+    }
+
+    #[test]
+    fn login_with_non_synchronizing_literals_is_discarded_unread() {
+        for (policy, first) in [
+            (RequireTls::Auth, &b"a LOGIN {5+}\r\n"[..]),
+            (RequireTls::All, b"a LOGIN {5+}\r\n"),
+            (RequireTls::Auth, b"a LOGIN ~{5+}\r\n"),
+        ] {
+            let mut machine = with_policy(policy);
+            let (out, next) = client_out(&mut machine, first);
+            assert_eq!(
+                (out.to_client.as_slice(), out.to_backend.as_slice(), next),
+                (
+                    &b"a NO [PRIVACYREQUIRED] Must issue STARTTLS first\r\n"[..],
+                    &b""[..],
+                    Next::Continue
+                )
+            );
+            assert_eq!((out.refused, out.skip_client_bytes), (Some("LOGIN"), 5));
+            assert!(machine.wants_client_line());
+
+            // The driver skipped `alice`; the rest of the command follows.
+            let (out, next) = client_out(&mut machine, b" {6+}\r\n");
+            assert!(out.is_empty());
+            assert_eq!(
+                (next, out.refused, out.skip_client_bytes),
+                (Next::Continue, None, 6)
+            );
+            assert!(machine.wants_client_line());
+
+            // `secret` skipped; the command ends here.
+            let (out, next) = client_out(&mut machine, b"\r\n");
+            assert!(out.is_empty());
+            assert_eq!((next, out.skip_client_bytes), (Next::Continue, 0));
+            assert_eq!(machine.state, State::Idle);
+
+            let (_, to_backend, _) = client(&mut machine, b"b NOOP\r\n");
+            assert_eq!(to_backend, b"b NOOP\r\n");
+        }
+    }
+
+    #[test]
+    fn other_commands_are_forwarded_and_awaited_before_tls_under_auth() {
+        let mut machine = with_policy(RequireTls::Auth);
+        let (out, next) = client_out(&mut machine, b"a SELECT INBOX\r\n");
+        assert_eq!(
+            (
+                out.to_client.as_slice(),
+                out.to_backend.as_slice(),
+                next,
+                out.refused
+            ),
+            (&b""[..], &b"a SELECT INBOX\r\n"[..], Next::Continue, None)
+        );
+        assert!(!machine.wants_client_line());
+        let (to_client, _, _) = backend(&mut machine, b"* OK [ALERT] hello\r\n");
+        assert_eq!(to_client, b"* OK [ALERT] hello\r\n");
+        assert!(!machine.wants_client_line());
+        let (to_client, _, _) = backend(&mut machine, b"a BAD Not authenticated\r\n");
+        assert_eq!(to_client, b"a BAD Not authenticated\r\n");
+        assert!(machine.wants_client_line());
+
+        // Inspection goes on: a LOGIN after it is still refused.
+        for command in [
+            &b"b ID NIL\r\n"[..],
+            b"c ENABLE UTF8=ACCEPT\r\n",
+            b"d XYZZY\r\n",
+        ] {
+            let (_, to_backend, next) = client(&mut machine, command);
+            assert_eq!((to_backend.as_slice(), next), (command, Next::Continue));
+            backend(&mut machine, &[&command[..2], b"OK done\r\n"].concat());
+            assert!(machine.wants_client_line());
+        }
+        let (out, _) = client_out(&mut machine, b"e LOGIN alice secret\r\n");
+        assert_eq!(out.to_backend, b"");
+        assert_eq!(out.refused, Some("LOGIN"));
+    }
+
+    #[test]
+    fn literals_and_garbage_are_refused_before_tls_under_auth() {
+        for (command, expected, skip) in [
+            (
+                &b"a SELECT {5}\r\n"[..],
+                &b"a BAD [PRIVACYREQUIRED] Literals are not accepted before STARTTLS\r\n"[..],
+                0,
+            ),
+            (
+                b"a APPEND INBOX {12+}\r\n",
+                b"a BAD [PRIVACYREQUIRED] Literals are not accepted before STARTTLS\r\n",
+                12,
+            ),
+            (
+                b"a CAPABILITY {0}\n",
+                b"a BAD [PRIVACYREQUIRED] Literals are not accepted before STARTTLS\r\n",
+                0,
+            ),
+            (
+                b"a STARTTLS {5}\r\n",
+                b"a BAD [PRIVACYREQUIRED] Literals are not accepted before STARTTLS\r\n",
+                0,
+            ),
+            (
+                b"garbage\r\n",
+                b"* BAD [PRIVACYREQUIRED] Must issue STARTTLS first\r\n",
+                0,
+            ),
+            (
+                b"\r\n",
+                b"* BAD [PRIVACYREQUIRED] Must issue STARTTLS first\r\n",
+                0,
+            ),
+            (
+                b"* LOGIN a b\r\n",
+                b"* BAD [PRIVACYREQUIRED] Must issue STARTTLS first\r\n",
+                0,
+            ),
+            (
+                b"\xff {3+}\r\n",
+                b"* BAD [PRIVACYREQUIRED] Must issue STARTTLS first\r\n",
+                3,
+            ),
+            // A bare CR could start a second command for a lenient backend.
+            (
+                b"a NOOP\rb LOGIN alice secret\r\n",
+                b"* BAD [PRIVACYREQUIRED] Must issue STARTTLS first\r\n",
+                0,
+            ),
+        ] {
+            let mut machine = with_policy(RequireTls::Auth);
+            let (out, next) = client_out(&mut machine, command);
+            assert_eq!(
+                (out.to_client.as_slice(), out.to_backend.as_slice(), next),
+                (expected, &b""[..], Next::Continue),
+                "{:?}",
+                String::from_utf8_lossy(command)
+            );
+            assert!(out.refused.is_some());
+            assert_eq!(out.skip_client_bytes, skip);
+            assert!(machine.wants_client_line());
+        }
+    }
+
+    #[test]
+    fn require_tls_all_serves_only_the_road_to_tls() {
+        let mut machine = with_policy(RequireTls::All);
+        for (command, expected, label, skip) in [
+            (
+                &b"a SELECT INBOX\r\n"[..],
+                &b"a BAD [PRIVACYREQUIRED] Must issue STARTTLS first\r\n"[..],
+                "SELECT",
+                0,
+            ),
+            (
+                b"b ID NIL\r\n",
+                b"b BAD [PRIVACYREQUIRED] Must issue STARTTLS first\r\n",
+                "ID",
+                0,
+            ),
+            (
+                b"c ENABLE {3+}\r\n",
+                b"c BAD [PRIVACYREQUIRED] Must issue STARTTLS first\r\n",
+                "other",
+                3,
+            ),
+            (
+                b"d LOGIN alice secret\r\n",
+                b"d NO [PRIVACYREQUIRED] Must issue STARTTLS first\r\n",
+                "LOGIN",
+                0,
+            ),
+            (
+                b"junk\r\n",
+                b"* BAD [PRIVACYREQUIRED] Must issue STARTTLS first\r\n",
+                "other",
+                0,
+            ),
+        ] {
+            let (out, next) = client_out(&mut machine, command);
+            assert_eq!(
+                (out.to_client.as_slice(), out.to_backend.as_slice(), next),
+                (expected, &b""[..], Next::Continue)
+            );
+            assert_eq!((out.refused, out.skip_client_bytes), (Some(label), skip));
+            if skip > 0 {
+                client_out(&mut machine, b"\r\n");
+            }
+            assert_eq!(machine.state, State::Idle);
+        }
+        for command in [&b"e CAPABILITY\r\n"[..], b"f NOOP\r\n", b"g LOGOUT\r\n"] {
+            let (_, to_backend, next) = client(&mut machine, command);
+            assert_eq!((to_backend.as_slice(), next), (command, Next::Continue));
+            backend(&mut machine, &[&command[..2], b"OK done\r\n"].concat());
+            assert!(machine.wants_client_line());
+        }
+        let (to_client, to_backend, next) = client(&mut machine, b"h STARTTLS\r\n");
+        assert_eq!(
+            (to_client.as_slice(), to_backend.as_slice(), next),
+            (
+                &b"h OK Begin TLS negotiation now\r\n"[..],
+                &b""[..],
+                Next::StartTls
+            )
+        );
+    }
+
+    #[test]
+    fn after_tls_login_is_forwarded_and_ends_inspection() {
+        for policy in POLICIES {
+            let mut machine = with_policy(policy);
+            client(&mut machine, b"a STARTTLS\r\n");
+            machine.tls_established();
+            let (out, next) = client_out(&mut machine, b"b LOGIN {5+}\r\n");
+            assert_eq!(
+                (out.to_client.as_slice(), out.to_backend.as_slice(), next),
+                (&b""[..], &b"b LOGIN {5+}\r\n"[..], Next::Passthrough)
+            );
+            assert_eq!((out.refused, out.skip_client_bytes), (None, 0));
+        }
+    }
+
+    #[test]
+    fn preauth_greeting_under_a_policy_offers_nothing_and_shows_no_sasl() {
+        for policy in [RequireTls::Auth, RequireTls::All] {
+            let mut machine = ImapInspector::new(TlsMode::StartTls, policy);
+            let (to_client, _, next) = backend(
+                &mut machine,
+                b"* PREAUTH [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED AUTH=PLAIN] Logged in\r\n",
+            );
+            assert_eq!(to_client, b"* PREAUTH [CAPABILITY IMAP4rev1] Logged in\r\n");
+            assert_eq!(next, Next::Passthrough);
+        }
+    }
+
+    #[test]
+    fn unsolicited_lines_while_discarding_are_relayed_and_rewritten() {
+        let mut machine = with_policy(RequireTls::Auth);
+        client_out(&mut machine, b"a LOGIN {5+}\r\n");
+        let (to_client, _, _) = backend(
+            &mut machine,
+            b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] late greeting\r\n",
+        );
+        assert_eq!(
+            to_client,
+            b"* OK [CAPABILITY IMAP4rev1 LOGINDISABLED STARTTLS] late greeting\r\n"
+        );
+        assert_eq!(machine.state, State::DiscardCommandRest);
+        let mut out = Output::default();
+        machine.backend_failed(BackendFailure::Closed, &mut out);
+        assert_eq!(out.to_client, SERVICE_UNAVAILABLE);
+    }
+
+    /// Whether an atom names a SASL mechanism (checked independently of the
+    /// machine's own helper).
+    fn names_sasl(atom: &[u8]) -> bool {
+        atom.len() >= 5 && atom[..5].eq_ignore_ascii_case(b"AUTH=")
+    }
+
+    /// Checks every capability list in what was sent to the client. The
+    /// backend's STARTTLS and LOGINDISABLED never appear; the proxy's come
+    /// last, exactly once each, in the order `LOGINDISABLED STARTTLS`:
+    /// STARTTLS when `offer`, LOGINDISABLED when `restricted`, and neither in
+    /// a PREAUTH greeting. When `restricted`, no list names a SASL mechanism.
+    fn check_capabilities(
+        to_client: &[u8],
+        offer: bool,
+        restricted: bool,
+        greeting: bool,
+    ) -> Result<(), String> {
         for line in to_client.split_inclusive(|&b| b == b'\n') {
             let text = trim_eol(line);
             let Some((start, end)) = capability_list(text) else {
@@ -860,24 +1483,63 @@ mod tests {
                 .split(|&b| b == b' ')
                 .filter(|atom| !atom.is_empty())
                 .collect();
-            let count = atoms
-                .iter()
-                .filter(|atom| atom.eq_ignore_ascii_case(STARTTLS))
-                .count();
-            let expect = offer && !(greeting && is_untagged(text, b"PREAUTH"));
-            let ok = if expect {
-                count == 1 && atoms.last() == Some(&STARTTLS)
-            } else {
-                count == 0
+            let count = |name: &[u8]| {
+                atoms
+                    .iter()
+                    .filter(|atom| atom.eq_ignore_ascii_case(name))
+                    .count()
             };
+            let preauth = greeting && is_untagged(text, b"PREAUTH");
+            let mut tail: Vec<&[u8]> = Vec::new();
+            if restricted && !preauth {
+                tail.push(LOGINDISABLED);
+            }
+            if offer && !preauth {
+                tail.push(STARTTLS);
+            }
+            let ok = count(STARTTLS) == usize::from(offer && !preauth)
+                && count(LOGINDISABLED) == usize::from(restricted && !preauth)
+                && atoms.ends_with(&tail)
+                && !(restricted && atoms.iter().any(|atom| names_sasl(atom)));
             if !ok {
                 return Err(format!(
-                    "offer={offer} line={:?}",
+                    "offer={offer} restricted={restricted} line={:?}",
                     String::from_utf8_lossy(line)
                 ));
             }
         }
         Ok(())
+    }
+
+    /// Whether bytes sent to the backend hold a command that carries
+    /// credentials, as even a lenient backend might read them: any segment
+    /// between CRs and LFs, after its first word and blanks, starting with
+    /// LOGIN or AUTHENTICATE not followed by a letter.
+    fn carries_credentials(to_backend: &[u8]) -> bool {
+        to_backend
+            .split(|&b| b == b'\r' || b == b'\n')
+            .any(|segment| {
+                let upper = segment.to_ascii_uppercase();
+                let rest = split_word(&upper).1;
+                let start = rest
+                    .iter()
+                    .position(|&b| b != b' ' && b != b'\t')
+                    .unwrap_or(rest.len());
+                let rest = &rest[start..];
+                [&b"LOGIN"[..], b"AUTHENTICATE"].iter().any(|verb| {
+                    rest.starts_with(verb)
+                        && !rest.get(verb.len()).is_some_and(u8::is_ascii_alphabetic)
+                })
+            })
+    }
+
+    #[test]
+    fn carries_credentials_sees_what_a_lenient_backend_would() {
+        assert!(carries_credentials(b"a LOGIN x y\r\n"));
+        assert!(carries_credentials(b"a login\tx y\r\n"));
+        assert!(carries_credentials(b"a NOOP\rb AUTHENTICATE PLAIN\r\n"));
+        assert!(!carries_credentials(b"a LOGINX\r\n"));
+        assert!(!carries_credentials(b"a SELECT LOGIN\r\n"));
     }
 
     /// A line made of protocol pieces (mostly) or of random bytes.
@@ -909,19 +1571,28 @@ mod tests {
             b"a1 starttls x",
             b"a1 LOGIN {5}",
             b"a1 LOGIN {5+}",
+            b"a1 login alice secret",
+            b"a1 AUTHENTICATE PLAIN",
+            b"a1 LOGIN\talice secret",
+            b"a1 NOOP\ra2 LOGIN alice secret",
+            b" {6+}",
+            b"a1 APPEND INBOX ~{3+}",
             b"a1 SELECT INBOX",
             b"* STARTTLS",
             b"",
         ]);
         let backend = line_from(vec![
             b"* OK [CAPABILITY IMAP4rev1 STARTTLS AUTH=PLAIN] ready",
+            b"* OK [CAPABILITY IMAP4rev1 LOGINDISABLED auth=login] ready",
             b"* OK Waiting for authentication",
             b"* CAPABILITY IMAP4rev1 starttls",
+            b"* CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED AUTH=PLAIN",
             b"* capability",
             b"a1 OK [CAPABILITY STARTTLS] done",
+            b"a1 OK [CAPABILITY AUTH=PLAIN logindisabled] done",
             b"a1 OK done",
             b"A1 NO [CAPABILITY]",
-            b"* PREAUTH [CAPABILITY IMAP4rev1 STARTTLS] hi",
+            b"* PREAUTH [CAPABILITY IMAP4rev1 STARTTLS AUTH=PLAIN] hi",
             b"* BYE [CAPABILITY STARTTLS",
             b"+ [CAPABILITY STARTTLS]",
             b"* OK [ALERT] STARTTLS",
@@ -940,12 +1611,13 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn no_byte_input_panics_and_starttls_is_offered_only_before_tls(
+        fn no_byte_input_panics_and_the_policy_holds(
             implicit in proptest::prelude::any::<bool>(),
+            policy in proptest::sample::select(POLICIES.to_vec()),
             steps in proptest::collection::vec(step(), 0..32),
         ) {
             let mode = if implicit { TlsMode::Implicit } else { TlsMode::StartTls };
-            let mut machine = ImapInspector::new(mode, RequireTls::None);
+            let mut machine = ImapInspector::new(mode, policy);
             let mut out = Output::default();
             let mut upgraded = false;
             for (index, (follow, from_client, client_line, backend_line, terminator)) in steps.into_iter().enumerate() {
@@ -960,16 +1632,29 @@ mod tests {
                 });
                 // Tracked here, not asked of the machine.
                 let offer = !implicit && !upgraded;
+                let restricted = offer && policy != RequireTls::None;
                 let greeting = machine.state == State::ExpectGreeting;
                 out.clear();
                 let next = if from_client {
-                    machine.client_line(&line, &mut out)
+                    let next = machine.client_line(&line, &mut out);
+                    if restricted {
+                        proptest::prop_assert!(
+                            !carries_credentials(&out.to_backend),
+                            "{:?} forwarded {:?}", policy, String::from_utf8_lossy(&out.to_backend)
+                        );
+                        proptest::prop_assert!(next != Next::Passthrough);
+                    }
+                    if policy == RequireTls::All && restricted && !out.to_backend.is_empty() {
+                        let command = split_word(split_word(&out.to_backend).1).0;
+                        proptest::prop_assert!(is_one_of(trim_eol(command), ROAD_TO_TLS));
+                    }
+                    next
                 } else {
                     let next = machine.backend_line(&line, &mut out);
                     proptest::prop_assert!(out.to_backend.is_empty());
                     next
                 };
-                if let Err(message) = check_capabilities(&out.to_client, offer, greeting) {
+                if let Err(message) = check_capabilities(&out.to_client, offer, restricted, greeting) {
                     proptest::prop_assert!(false, "{}", message);
                 }
                 // Upgrades when asked to, and once more at an arbitrary point.

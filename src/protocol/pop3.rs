@@ -15,10 +15,23 @@
 //!    TLS the client gets a capability list holding just STLS instead, so it
 //!    can still find the upgrade.
 //!
+//! The listener's [`RequireTls`] policy changes steps 2 and 3 before TLS on a
+//! STARTTLS listener (and only there):
+//! - `auth`: the CAPA reply also loses its `USER` and `SASL` lines; USER,
+//!   PASS, APOP and AUTH are answered `-ERR [AUTH]` by the proxy (RFC 3206)
+//!   and never forwarded. Nothing ends inspection before TLS: any other
+//!   command is forwarded and its one-line status relayed
+//!   (`ExpectCommandStatus`), so a later USER is still seen.
+//! - `all`: only CAPA, QUIT and STLS are served; everything else is answered
+//!   `-ERR` by the proxy.
+//!
 //! After STLS there is no new greeting; the client may send CAPA again, and
 //! the answer no longer offers STLS.
 
-use super::{split_word, trim_eol, BackendFailure, Inspector, Next, Output, TlsMode, Goodbye, RequireTls};
+use super::{
+    command_label, split_word, trim_eol, BackendFailure, Goodbye, Inspector, Next, Output,
+    RequireTls, TlsMode,
+};
 
 /// Reply to a client whose backend cannot be reached (RFC 3206 response code).
 pub const SERVICE_UNAVAILABLE: &[u8] = b"-ERR [SYS/TEMP] Backend server not available\r\n";
@@ -38,6 +51,16 @@ pub const STLS_SYNTAX: &[u8] = b"-ERR STLS takes no arguments\r\n";
 pub const STLS_CAPABILITY: &[u8] = b"STLS\r\n";
 /// The CAPA reply served before TLS when the backend does not know CAPA.
 pub const SYNTHESIZED_CAPA: &[u8] = b"+OK Capability list follows\r\nSTLS\r\n.\r\n";
+/// Reply to USER, PASS, APOP and AUTH refused by the listener's policy
+/// before TLS (RFC 3206 response code).
+pub const AUTH_BEFORE_TLS: &[u8] = b"-ERR [AUTH] Must issue STLS command first\r\n";
+/// Reply to other commands refused by the policy before TLS.
+pub const COMMAND_BEFORE_TLS: &[u8] = b"-ERR Must issue STLS command first\r\n";
+
+/// The commands that carry credentials.
+const CREDENTIAL_COMMANDS: &[&[u8]] = &[b"USER", b"PASS", b"APOP", b"AUTH"];
+/// The capability lines hidden before TLS under a restricting policy.
+const CREDENTIAL_CAPABILITIES: &[&[u8]] = &[b"USER", b"SASL"];
 
 /// What the machine waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +71,9 @@ enum State {
     Idle,
     /// The single-line reply to QUIT.
     ExpectStatus,
+    /// The single-line reply to a command forwarded before TLS under a
+    /// restricting policy; inspection goes on after it.
+    ExpectCommandStatus,
     /// The status line of the reply to CAPA.
     ExpectCapaStatus,
     /// The capability lines after `+OK`, up to the terminating `.`.
@@ -63,7 +89,6 @@ enum State {
 pub struct Pop3Inspector {
     mode: TlsMode,
     /// The listener's policy for commands before TLS.
-    #[allow(dead_code)]
     require_tls: RequireTls,
     tls_active: bool,
     state: State,
@@ -84,8 +109,19 @@ impl Pop3Inspector {
         self.mode == TlsMode::StartTls && !self.tls_active
     }
 
+    /// Whether the listener's policy restricts the dialogue right now.
+    fn restricted(&self) -> bool {
+        self.offers_starttls() && self.require_tls != RequireTls::None
+    }
+
     fn command(&mut self, line: &[u8], out: &mut Output) -> Next {
-        let (keyword, argument) = split_word(trim_eol(line));
+        let text = trim_eol(line);
+        let (keyword, argument) = split_word(text);
+        // A bare CR inside the line could end a command for a lenient
+        // backend and start another one (a USER) it would read in clear.
+        if self.restricted() && text.contains(&b'\r') {
+            return self.refuse(text, out);
+        }
         if keyword.eq_ignore_ascii_case(b"STLS") {
             if !argument.is_empty() {
                 out.to_client.extend_from_slice(STLS_SYNTAX);
@@ -106,6 +142,17 @@ impl Pop3Inspector {
             out.to_backend.extend_from_slice(line);
             self.state = State::ExpectStatus;
             Next::Continue
+        } else if self.restricted() {
+            if self.require_tls == RequireTls::All
+                || is_one_of(lenient_verb(text), CREDENTIAL_COMMANDS)
+            {
+                return self.refuse(text, out);
+            }
+            // Before TLS nothing ends inspection: a USER sent later must
+            // still be seen.
+            out.to_backend.extend_from_slice(line);
+            self.state = State::ExpectCommandStatus;
+            Next::Continue
         } else {
             // USER, APOP, AUTH, unknown words, garbage: the backend judges
             // them, and nothing after them is parsed.
@@ -113,6 +160,19 @@ impl Pop3Inspector {
             self.state = State::Done;
             Next::Passthrough
         }
+    }
+
+    /// Answers a command the policy does not let through before TLS.
+    fn refuse(&mut self, text: &[u8], out: &mut Output) -> Next {
+        let verb = lenient_verb(text);
+        out.to_client
+            .extend_from_slice(if is_one_of(verb, CREDENTIAL_COMMANDS) {
+                AUTH_BEFORE_TLS
+            } else {
+                COMMAND_BEFORE_TLS
+            });
+        out.refused = Some(command_label(verb));
+        Next::Continue
     }
 
     fn capa_status(&mut self, line: &[u8], out: &mut Output) {
@@ -138,7 +198,12 @@ impl Pop3Inspector {
             }
             out.to_client.extend_from_slice(line);
             self.state = State::Idle;
-        } else if !split_word(text).0.eq_ignore_ascii_case(b"STLS") {
+        } else if split_word(text).0.eq_ignore_ascii_case(b"STLS")
+            || (self.restricted() && is_one_of(lenient_verb(text), CREDENTIAL_CAPABILITIES))
+        {
+            // Dropped: the backend's STLS, and the ways to log in that the
+            // policy does not allow before TLS.
+        } else {
             // Dot-stuffed lines (`..`) are data and relayed as they are.
             out.to_client.extend_from_slice(line);
         }
@@ -174,6 +239,10 @@ impl Inspector for Pop3Inspector {
                 // and the client expects nothing more.
                 out.to_client.extend_from_slice(line);
                 self.state = State::Done;
+            }
+            State::ExpectCommandStatus => {
+                out.to_client.extend_from_slice(line);
+                self.state = State::Idle;
             }
             State::ExpectCapaStatus => self.capa_status(line, out),
             State::CapaBody => self.capa_body(line, out),
@@ -217,6 +286,26 @@ impl Inspector for Pop3Inspector {
 fn is_ok(line: &[u8]) -> bool {
     line.get(..3)
         .is_some_and(|status| status.eq_ignore_ascii_case(b"+OK"))
+}
+
+/// Whether `word` is one of `known` (case-insensitive).
+fn is_one_of(word: &[u8], known: &[&[u8]]) -> bool {
+    known.iter().any(|known| word.eq_ignore_ascii_case(known))
+}
+
+/// The first word of a line as a lenient peer might read it: leading blanks
+/// skipped, up to the first byte that is not a letter (`USER\tjoe`).
+fn lenient_verb(text: &[u8]) -> &[u8] {
+    let start = text
+        .iter()
+        .position(|&b| b != b' ' && b != b'\t')
+        .unwrap_or(text.len());
+    let text = &text[start..];
+    let len = text
+        .iter()
+        .position(|b| !b.is_ascii_alphabetic())
+        .unwrap_or(text.len());
+    &text[..len]
 }
 
 #[cfg(test)]
@@ -522,16 +611,276 @@ mod tests {
         );
     }
 
+    const POLICIES: [RequireTls; 3] = [RequireTls::Auth, RequireTls::All, RequireTls::None];
+
+    /// A greeted STARTTLS-mode machine under `policy`.
+    fn with_policy(policy: RequireTls) -> Pop3Inspector {
+        let mut machine = Pop3Inspector::new(TlsMode::StartTls, policy);
+        backend(&mut machine, b"+OK ready\r\n");
+        assert!(machine.wants_client_line());
+        machine
+    }
+
+    /// Feeds one client line and returns the whole [`Output`] and `Next`.
+    fn client_out(machine: &mut Pop3Inspector, line: &[u8]) -> (Output, Next) {
+        let mut out = Output::default();
+        let next = machine.client_line(line, &mut out);
+        (out, next)
+    }
+
+    const CAPA_WITH_LOGINS: &[u8] = b"+OK Capability list follows\r\nTOP\r\nUSER\r\nSASL PLAIN LOGIN\r\nSTLS\r\nuser\r\nsasl\tLOGIN\r\nUIDL\r\nAUTH-RESP-CODE\r\n.\r\n";
+    const CAPA_WITHOUT_STLS: &[u8] = b"+OK Capability list follows\r\nTOP\r\nUSER\r\nSASL PLAIN LOGIN\r\nuser\r\nsasl\tLOGIN\r\nUIDL\r\nAUTH-RESP-CODE\r\n.\r\n";
+
+    #[test]
+    fn capa_under_each_policy_and_after_tls() {
+        for (policy, expected) in [
+            (
+                RequireTls::Auth,
+                &b"+OK Capability list follows\r\nTOP\r\nUIDL\r\nAUTH-RESP-CODE\r\nSTLS\r\n.\r\n"[..],
+            ),
+            (
+                RequireTls::All,
+                b"+OK Capability list follows\r\nTOP\r\nUIDL\r\nAUTH-RESP-CODE\r\nSTLS\r\n.\r\n",
+            ),
+            (
+                RequireTls::None,
+                b"+OK Capability list follows\r\nTOP\r\nUSER\r\nSASL PLAIN LOGIN\r\nuser\r\nsasl\tLOGIN\r\nUIDL\r\nAUTH-RESP-CODE\r\nSTLS\r\n.\r\n",
+            ),
+        ] {
+            let mut machine = with_policy(policy);
+            assert_eq!(capa(&mut machine, CAPA_WITH_LOGINS), expected, "{policy:?}");
+            // A backend without CAPA: the synthesized list is the same.
+            assert_eq!(capa(&mut machine, b"-ERR unknown\r\n"), SYNTHESIZED_CAPA);
+
+            // The backend never receives STLS; after TLS the list is the
+            // backend's minus STLS.
+            let (to_client, to_backend, next) = client(&mut machine, b"STLS\r\n");
+            assert_eq!(
+                (to_client.as_slice(), to_backend.as_slice(), next),
+                (BEGIN_TLS, &b""[..], Next::StartTls)
+            );
+            machine.tls_established();
+            assert_eq!(capa(&mut machine, CAPA_WITH_LOGINS), CAPA_WITHOUT_STLS, "{policy:?}");
+        }
+    }
+
+    #[test]
+    fn implicit_listeners_ignore_the_policy() {
+        for policy in POLICIES {
+            let mut machine = Pop3Inspector::new(TlsMode::Implicit, policy);
+            backend(&mut machine, b"+OK ready\r\n");
+            assert_eq!(capa(&mut machine, CAPA_WITH_LOGINS), CAPA_WITHOUT_STLS);
+            let (out, next) = client_out(&mut machine, b"USER joe\r\n");
+            assert_eq!(
+                (out.to_backend.as_slice(), next, out.refused),
+                (&b"USER joe\r\n"[..], Next::Passthrough, None)
+            );
+        }
+    }
+
+    #[test]
+    fn credential_commands_are_refused_before_tls_under_auth_and_all() {
+        for policy in [RequireTls::Auth, RequireTls::All] {
+            for (command, label) in [
+                (&b"USER joe\r\n"[..], "USER"),
+                (b"PASS secret\r\n", "PASS"),
+                (b"APOP mrose c4c9334bac560ecc979e58001b3e22fb\r\n", "APOP"),
+                (b"AUTH PLAIN AGpvZQBzZWNyZXQ=\r\n", "AUTH"),
+                (b"auth\n", "AUTH"),
+                // What a lenient backend might still read as USER.
+                (b"USER\tjoe\r\n", "USER"),
+                (b" user joe\r\n", "USER"),
+            ] {
+                let mut machine = with_policy(policy);
+                let (out, next) = client_out(&mut machine, command);
+                assert_eq!(
+                    (out.to_client.as_slice(), out.to_backend.as_slice(), next),
+                    (
+                        &b"-ERR [AUTH] Must issue STLS command first\r\n"[..],
+                        &b""[..],
+                        Next::Continue
+                    ),
+                    "{policy:?} {:?}",
+                    String::from_utf8_lossy(command)
+                );
+                assert_eq!(out.refused, Some(label));
+                assert!(machine.wants_client_line());
+            }
+        }
+    }
+
+    #[test]
+    fn other_commands_are_forwarded_and_their_status_awaited_under_auth() {
+        let mut machine = with_policy(RequireTls::Auth);
+        for (command, reply) in [
+            (
+                &b"STAT\r\n"[..],
+                &b"-ERR Unknown command in AUTHORIZATION state\r\n"[..],
+            ),
+            (b"NOOP\r\n", b"-ERR not now\r\n"),
+            (b"garbage \xff\r\n", b"-ERR Unknown command\r\n"),
+            (b"\r\n", b"-ERR Unknown command\r\n"),
+        ] {
+            let (out, next) = client_out(&mut machine, command);
+            assert_eq!(
+                (
+                    out.to_client.as_slice(),
+                    out.to_backend.as_slice(),
+                    next,
+                    out.refused
+                ),
+                (&b""[..], command, Next::Continue, None)
+            );
+            assert!(!machine.wants_client_line());
+            let (to_client, _, next) = backend(&mut machine, reply);
+            assert_eq!((to_client.as_slice(), next), (reply, Next::Continue));
+            assert!(machine.wants_client_line());
+        }
+        // Inspection goes on: a USER after them is still refused.
+        let (out, _) = client_out(&mut machine, b"USER joe\r\n");
+        assert_eq!(
+            (out.to_backend.as_slice(), out.refused),
+            (&b""[..], Some("USER"))
+        );
+
+        // A backend failing while the status is awaited is reported.
+        client(&mut machine, b"STAT\r\n");
+        let mut out = Output::default();
+        machine.backend_failed(BackendFailure::Closed, &mut out);
+        assert_eq!(out.to_client, SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn lines_with_a_bare_cr_are_refused_before_tls_under_a_policy() {
+        for policy in [RequireTls::Auth, RequireTls::All] {
+            for (command, reply) in [
+                (&b"NOOP\rUSER joe\r\n"[..], COMMAND_BEFORE_TLS),
+                (b"CAPA x\rUSER joe\r\n", COMMAND_BEFORE_TLS),
+                (b"USER joe\rPASS secret\r\n", AUTH_BEFORE_TLS),
+            ] {
+                let mut machine = with_policy(policy);
+                let (out, next) = client_out(&mut machine, command);
+                assert_eq!(
+                    (out.to_client.as_slice(), out.to_backend.as_slice(), next),
+                    (reply, &b""[..], Next::Continue)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn require_tls_all_serves_only_the_road_to_tls() {
+        let mut machine = with_policy(RequireTls::All);
+        for (command, reply, label) in [
+            (
+                &b"STAT\r\n"[..],
+                &b"-ERR Must issue STLS command first\r\n"[..],
+                "STAT",
+            ),
+            (
+                b"RETR 1\r\n",
+                b"-ERR Must issue STLS command first\r\n",
+                "RETR",
+            ),
+            (
+                b"garbage\r\n",
+                b"-ERR Must issue STLS command first\r\n",
+                "other",
+            ),
+            (
+                b"USER joe\r\n",
+                b"-ERR [AUTH] Must issue STLS command first\r\n",
+                "USER",
+            ),
+            (
+                b"PASS secret\r\n",
+                b"-ERR [AUTH] Must issue STLS command first\r\n",
+                "PASS",
+            ),
+        ] {
+            let (out, next) = client_out(&mut machine, command);
+            assert_eq!(
+                (out.to_client.as_slice(), out.to_backend.as_slice(), next),
+                (reply, &b""[..], Next::Continue)
+            );
+            assert_eq!(out.refused, Some(label));
+            assert!(machine.wants_client_line());
+        }
+        capa(&mut machine, b"+OK\r\nTOP\r\n.\r\n");
+        let (to_client, to_backend, next) = client(&mut machine, b"STLS\r\n");
+        assert_eq!(
+            (to_client.as_slice(), to_backend.as_slice(), next),
+            (BEGIN_TLS, &b""[..], Next::StartTls)
+        );
+
+        let mut machine = with_policy(RequireTls::All);
+        let (_, to_backend, _) = client(&mut machine, b"QUIT\r\n");
+        assert_eq!(to_backend, b"QUIT\r\n");
+    }
+
+    #[test]
+    fn after_tls_user_is_forwarded_and_ends_inspection() {
+        for policy in POLICIES {
+            let mut machine = with_policy(policy);
+            client(&mut machine, b"STLS\r\n");
+            machine.tls_established();
+            let (out, next) = client_out(&mut machine, b"USER joe\r\n");
+            assert_eq!(
+                (
+                    out.to_client.as_slice(),
+                    out.to_backend.as_slice(),
+                    next,
+                    out.refused
+                ),
+                (&b""[..], &b"USER joe\r\n"[..], Next::Passthrough, None)
+            );
+        }
+    }
+
+    /// Whether a line starts, as a lenient peer might read it (leading
+    /// blanks skipped, case ignored, not followed by a letter), with one of
+    /// `words`. Written apart from the machine's own helpers.
+    fn starts_with_word(line: &[u8], words: &[&[u8]]) -> bool {
+        let upper = line.to_ascii_uppercase();
+        let start = upper
+            .iter()
+            .position(|&b| b != b' ' && b != b'\t')
+            .unwrap_or(upper.len());
+        let rest = &upper[start..];
+        words.iter().any(|word| {
+            rest.starts_with(word) && !rest.get(word.len()).is_some_and(u8::is_ascii_alphabetic)
+        })
+    }
+
+    /// Whether bytes sent to the backend hold a command carrying
+    /// credentials in any segment between CRs and LFs.
+    fn carries_credentials(to_backend: &[u8]) -> bool {
+        to_backend
+            .split(|&b| b == b'\r' || b == b'\n')
+            .any(|segment| starts_with_word(segment, &[b"USER", b"PASS", b"APOP", b"AUTH"]))
+    }
+
+    #[test]
+    fn carries_credentials_sees_what_a_lenient_backend_would() {
+        assert!(carries_credentials(b"USER joe\r\n"));
+        assert!(carries_credentials(b" pass\tx\r\n"));
+        assert!(carries_credentials(b"NOOP\rAPOP x y\r\n"));
+        assert!(!carries_credentials(b"USERS\r\n"));
+        assert!(!carries_credentials(b"STAT USER\r\n"));
+    }
+
     /// Collects what the client gets for each CAPA and checks the finished
     /// list: it offers STLS exactly once, last, when the machine offers it
     /// and the list is the backend's or the synthesized one; it never
-    /// contains STLS otherwise.
+    /// contains STLS otherwise; and while the policy restricts the dialogue
+    /// it has no USER or SASL line.
     #[derive(Default)]
     struct CapaChecker {
         reply: Vec<u8>,
-        /// The offer in force when the reply started; `None` when no reply
-        /// is being collected or TLS came up in its middle.
-        offer: Option<bool>,
+        /// The offer and restriction in force when the reply started;
+        /// `None` when no reply is being collected or TLS came up in its
+        /// middle.
+        offer: Option<(bool, bool)>,
     }
 
     impl CapaChecker {
@@ -539,7 +888,7 @@ mod tests {
             &mut self,
             before: State,
             after: State,
-            offer: bool,
+            (offer, restricted): (bool, bool),
             to_client: &[u8],
         ) -> Result<(), String> {
             if !matches!(before, State::ExpectCapaStatus | State::CapaBody) {
@@ -547,13 +896,13 @@ mod tests {
             }
             if before == State::ExpectCapaStatus {
                 self.reply.clear();
-                self.offer = Some(offer);
+                self.offer = Some((offer, restricted));
             }
             self.reply.extend_from_slice(to_client);
             if after != State::Idle {
                 return Ok(());
             }
-            let Some(offer) = self.offer.take() else {
+            let Some((offer, restricted)) = self.offer.take() else {
                 return Ok(());
             };
             let lines: Vec<&[u8]> = self.reply.split_inclusive(|&b| b == b'\n').collect();
@@ -573,11 +922,14 @@ mod tests {
                 (true, false) => false,
                 (false, _) => stls.is_empty(),
             };
-            if ok {
+            let logins = body
+                .iter()
+                .any(|line| starts_with_word(trim_eol(line), &[b"USER", b"SASL"]));
+            if ok && !(restricted && logins) {
                 Ok(())
             } else {
                 Err(format!(
-                    "offer={offer} reply={:?}",
+                    "offer={offer} restricted={restricted} reply={:?}",
                     String::from_utf8_lossy(&self.reply)
                 ))
             }
@@ -612,6 +964,15 @@ mod tests {
             b"STLS x",
             b"QUIT",
             b"USER joe",
+            b"PASS secret",
+            b"APOP mrose abc",
+            b"AUTH PLAIN",
+            b"auth",
+            b"USER\tjoe",
+            b" user joe",
+            b"NOOP\rUSER joe",
+            b"CAPA\rPASS x",
+            b"STAT",
             b"",
         ]);
         let status = line_from(vec![b"+OK", b"+OK ready", b"+ok", b"+OK", b"-ERR no"]);
@@ -626,6 +987,11 @@ mod tests {
             b". ",
             b"TOP",
             b"SASL PLAIN",
+            b"sasl\tLOGIN",
+            b"USER",
+            b"user",
+            b" USER",
+            b"USERX",
             b"",
             b"\xff",
         ]);
@@ -641,12 +1007,13 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn no_byte_input_panics_and_stls_is_offered_only_before_tls(
+        fn no_byte_input_panics_and_the_policy_holds(
             implicit in proptest::prelude::any::<bool>(),
+            policy in proptest::sample::select(POLICIES.to_vec()),
             steps in proptest::collection::vec(step(), 0..48),
         ) {
             let mode = if implicit { TlsMode::Implicit } else { TlsMode::StartTls };
-            let mut machine = Pop3Inspector::new(mode, RequireTls::None);
+            let mut machine = Pop3Inspector::new(mode, policy);
             let mut checker = CapaChecker::default();
             let mut out = Output::default();
             let mut upgraded = false;
@@ -666,14 +1033,26 @@ mod tests {
                 line.extend_from_slice(if crlf { &b"\r\n"[..] } else { b"\n" });
                 // Tracked here, not asked of the machine.
                 let offer = !implicit && !upgraded;
+                let restricted = offer && policy != RequireTls::None;
                 let before = machine.state;
                 out.clear();
                 let next = if from_client {
-                    machine.client_line(&line, &mut out)
+                    let next = machine.client_line(&line, &mut out);
+                    if restricted {
+                        proptest::prop_assert!(
+                            !carries_credentials(&out.to_backend),
+                            "{:?} forwarded {:?}", policy, String::from_utf8_lossy(&out.to_backend)
+                        );
+                        proptest::prop_assert!(next != Next::Passthrough);
+                    }
+                    if policy == RequireTls::All && restricted && !out.to_backend.is_empty() {
+                        proptest::prop_assert!(starts_with_word(&out.to_backend, &[b"CAPA", b"QUIT"]));
+                    }
+                    next
                 } else {
                     let next = machine.backend_line(&line, &mut out);
                     proptest::prop_assert!(out.to_backend.is_empty());
-                    if let Err(message) = checker.observe(before, machine.state, offer, &out.to_client) {
+                    if let Err(message) = checker.observe(before, machine.state, (offer, restricted), &out.to_client) {
                         proptest::prop_assert!(false, "{}", message);
                     }
                     next

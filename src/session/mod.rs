@@ -101,6 +101,15 @@ pub enum SessionError {
 }
 
 impl SessionError {
+    /// Errors that say the client went away rather than that something is wrong.
+    fn is_routine(&self) -> bool {
+        match self {
+            SessionError::Handshake(error) => error.kind() == std::io::ErrorKind::UnexpectedEof,
+            SessionError::Client(_) | SessionError::Relay(_) => true,
+            _ => false,
+        }
+    }
+
     /// The side at fault, for the log line.
     pub fn side(&self) -> Side {
         match self {
@@ -170,6 +179,11 @@ pub async fn serve(context: Arc<ListenerContext>, client: TcpStream, peer: Socke
                 match error.side() {
                     Side::Backend => {
                         warn!(side = error.side().as_str(), seconds, %error, "session failed")
+                    }
+                    // A peer that connects and leaves (health probes, port
+                    // scanners) or resets mid-relay is routine: debug only.
+                    Side::Client if error.is_routine() => {
+                        debug!(side = error.side().as_str(), seconds, %error, "session ended")
                     }
                     Side::Client => {
                         info!(side = error.side().as_str(), seconds, %error, "session failed")

@@ -8,7 +8,7 @@
 # developer can still run the parts of the suite that do not need it.
 set -euo pipefail
 
-DEBIAN_PACKAGES=(dovecot-imapd dovecot-pop3d postfix swaks curl openssl ca-certificates python3)
+DEBIAN_PACKAGES=(dovecot-imapd dovecot-pop3d postfix swaks curl openssl ca-certificates python3 testssl.sh bsdextrautils)
 
 log() { printf 'install-deps: %s\n' "$*" >&2; }
 

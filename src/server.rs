@@ -61,7 +61,9 @@ impl Proxy {
     /// Loads certificates and binds every socket; fails before serving anything.
     pub async fn bind(config: &Config) -> Result<Proxy, StartError> {
         let metrics_handle = metrics::install().map_err(StartError::Metrics)?;
-        let reloader = load_certificates(config)?;
+        let mut reloader = load_certificates(config)?;
+        // From here on, any change to the certificate files is seen.
+        reloader.start_watching();
         let certificates = reloader.store();
         let global_limit = GlobalLimit::new(config.max_connections);
         let (shutdown, shutdown_receiver) = watch::channel(false);

@@ -125,6 +125,14 @@ pub struct Reloader {
     store: Arc<CertificateStore>,
     provider: Arc<CryptoProvider>,
     stats: Arc<ReloadStats>,
+    /// The directory watch and its events, once started.
+    watch: Option<Watch>,
+}
+
+/// A running directory watch: dropping the watcher stops it.
+struct Watch {
+    _watcher: notify::RecommendedWatcher,
+    changes: mpsc::UnboundedReceiver<()>,
 }
 
 fn read_pair(files: &CertificateFiles) -> Result<(Vec<u8>, Vec<u8>), CertificateError> {
@@ -180,6 +188,7 @@ impl Reloader {
             store: Arc::new(CertificateStore::new(set)),
             provider,
             stats: Arc::new(ReloadStats::default()),
+            watch: None,
         };
         let now = unix_now();
         for (label, certificate) in reloader.labelled() {
@@ -372,14 +381,30 @@ impl Reloader {
         }
     }
 
+    /// Starts watching the certificate directories (once; nothing to do
+    /// without files), then re-reads the files at once: a change made
+    /// between loading and watching is not left for the next poll.
+    /// Call it before announcing that the proxy serves, so that any change
+    /// from then on is seen.
+    pub fn start_watching(&mut self) {
+        if self.watch.is_some() || !self.has_files() {
+            return;
+        }
+        let (events, changes) = mpsc::unbounded_channel::<()>();
+        if let Some(watcher) = watch(&self.watched_directories(), events) {
+            self.watch = Some(Watch {
+                _watcher: watcher,
+                changes,
+            });
+        }
+        self.reload(Trigger::Watch);
+    }
+
     /// Watches, polls and listens for SIGHUP until the task is dropped.
-    pub async fn run(self, poll_interval: Duration) {
-        let (events, mut changes) = mpsc::unbounded_channel::<()>();
-        let _watcher = if self.has_files() {
-            watch(&self.watched_directories(), events)
-        } else {
-            None
-        };
+    pub async fn run(mut self, poll_interval: Duration) {
+        self.start_watching();
+        // Kept here for the life of the task: dropping it stops the watch.
+        let mut watch = self.watch.take();
         let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         {
             Ok(stream) => Some(stream),
@@ -397,8 +422,15 @@ impl Reloader {
         let mut reloader = self;
         loop {
             let trigger = tokio::select! {
-                Some(()) = changes.recv() => {
-                    debounce(&mut changes).await;
+                Some(()) = async {
+                    match watch.as_mut() {
+                        Some(watch) => watch.changes.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Some(watch) = watch.as_mut() {
+                        debounce(&mut watch.changes).await;
+                    }
                     Trigger::Watch
                 }
                 Some(()) = async {

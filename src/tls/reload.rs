@@ -298,7 +298,7 @@ impl Reloader {
                     if source.failing.take().is_some() {
                         info!(
                             certificate = %source.label,
-                            trigger = trigger.as_str(),
+                            trigger = %trigger.as_str(),
                             "certificate files are back to the pair being served"
                         );
                     }
@@ -308,7 +308,7 @@ impl Reloader {
                     let loaded = Arc::new(loaded);
                     info!(
                         certificate = %source.label,
-                        trigger = trigger.as_str(),
+                        trigger = %trigger.as_str(),
                         names = %loaded.names.join(","),
                         not_after = %format_unix_time(loaded.not_after),
                         chain = loaded.certified_key.cert.len(),
@@ -323,7 +323,7 @@ impl Reloader {
                 Err(message) => {
                     error!(
                         certificate = %source.label,
-                        trigger = trigger.as_str(),
+                        trigger = %trigger.as_str(),
                         error = %message,
                         "certificate reload failed: still serving the previous certificate; the next change is tried again"
                     );

@@ -108,8 +108,8 @@ impl TestCa {
         self.issue_with(names, &rcgen::PKCS_ECDSA_P256_SHA256, None)
     }
 
-    /// A leaf for `names` with a key of `algorithm`, valid until `not_after`
-    /// (default: rcgen's far future).
+    /// A leaf for `names` with a key of `algorithm`, valid from 2000 until
+    /// `not_after` (default: rcgen's 1975 to 4096).
     pub fn issue_with(
         &self,
         names: &[&str],
@@ -121,7 +121,7 @@ impl TestCa {
             CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
                 .expect("params");
         if let Some((year, month, day)) = not_after {
-            params.not_before = rcgen::date_time_ymd(year - 1, month, day);
+            params.not_before = rcgen::date_time_ymd(2000, 1, 1);
             params.not_after = rcgen::date_time_ymd(year, month, day);
         }
         let leaf = params.signed_by(&key, &self.intermediate).expect("sign");
@@ -520,7 +520,17 @@ pub async fn open_session(
     connector: &TlsConnector,
     sni: &str,
 ) -> Result<Session, String> {
-    let mut tcp = tokio::time::timeout(STEP, TcpStream::connect(proxy.address(kind.name)))
+    open_session_at(proxy.address(kind.name), kind, connector, sni).await
+}
+
+/// [`open_session`] with a listener's address (e.g. of a proxy process).
+pub async fn open_session_at(
+    address: SocketAddr,
+    kind: Kind,
+    connector: &TlsConnector,
+    sni: &str,
+) -> Result<Session, String> {
+    let mut tcp = tokio::time::timeout(STEP, TcpStream::connect(address))
         .await
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|error| format!("connect: {error}"))?;

@@ -51,9 +51,11 @@ async fn imap_starttls_offers_answers_and_upgrades() {
     let proxy = TestProxy::start(&[listener("imap", "imap", "starttls", backend.address)]).await;
     let mut client = proxy.connect("imap").await;
 
+    // The default policy (require_tls = "auth") hides AUTH= and says
+    // LOGINDISABLED until TLS; the backend's own STARTTLS is replaced.
     assert_eq!(
         text(&read_until(&mut client, b"\r\n").await),
-        "* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN STARTTLS] fake ready\r\n"
+        "* OK [CAPABILITY IMAP4rev1 LOGINDISABLED STARTTLS] fake ready\r\n"
     );
     let reply = exchange(
         &mut client,
@@ -63,7 +65,7 @@ async fn imap_starttls_offers_answers_and_upgrades() {
     .await;
     assert_eq!(
         text(&reply),
-        "* CAPABILITY IMAP4rev1 AUTH=PLAIN STARTTLS\r\na OK Capability completed.\r\n"
+        "* CAPABILITY IMAP4rev1 LOGINDISABLED STARTTLS\r\na OK Capability completed.\r\n"
     );
     let reply = exchange(&mut client, b"s STARTTLS\r\n", b"\r\n").await;
     assert_eq!(reply, b"s OK Begin TLS negotiation now\r\n");
@@ -101,7 +103,7 @@ async fn pop3_stls_offers_answers_and_upgrades() {
         b"+OK fake POP3 ready\r\n"
     );
     let reply = exchange(&mut client, b"CAPA\r\n", b"\r\n.\r\n").await;
-    assert_eq!(text(&reply), "+OK\r\nTOP\r\nUSER\r\nSTLS\r\n.\r\n");
+    assert_eq!(text(&reply), "+OK\r\nTOP\r\nSTLS\r\n.\r\n");
     let reply = exchange(&mut client, b"STLS\r\n", b"\r\n").await;
     assert_eq!(reply, b"+OK Begin TLS negotiation\r\n");
 

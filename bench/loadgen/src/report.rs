@@ -263,6 +263,18 @@ fn figure_title(figure: &str) -> &str {
 }
 
 const FIGURE_ORDER: &[&str] = &["implicit", "starttls", "latency", "bulk", "memory"];
+const VARIANT_ORDER: &[&str] = &[
+    "imap",
+    "pop3",
+    "smtp",
+    "noop",
+    "echo-1",
+    "echo-8",
+    "data-1",
+    "data-8",
+    "idle-login",
+    "idle-greeting",
+];
 
 /// The rendered report.
 pub struct Report {
@@ -323,7 +335,14 @@ pub fn render(records: &[Record], chart_dir: &str) -> Report {
         }
         let _ = writeln!(markdown, "{header}\n{rule}");
         for (cert, variants) in certs {
-            for (variant, metrics) in variants {
+            let mut ordered: Vec<(&String, _)> = variants.iter().collect();
+            ordered.sort_by_key(|(variant, _)| {
+                VARIANT_ORDER
+                    .iter()
+                    .position(|known| known == &variant.as_str())
+                    .unwrap_or(VARIANT_ORDER.len())
+            });
+            for (variant, metrics) in ordered {
                 let mut keys: Vec<&String> = metrics.keys().filter(|key| !hidden(key)).collect();
                 keys.sort_by_key(|key| {
                     let position = METRICS.iter().position(|m| m.key == key.as_str());

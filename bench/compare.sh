@@ -1,0 +1,510 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: mail-tls-proxy against HAProxy (mode tcp, ssl crt)
+# and stunnel (server mode; protocol = imap|pop3|smtp for STARTTLS), all in
+# front of the same fast plaintext backend, on this machine, over loopback.
+#
+# Each proxy gets exactly one core (taskset: the proxy on CPU 0, the load
+# generator and the backend on CPU 1), the same certificate (ECDSA P-256,
+# then RSA-2048 for the handshake figures), TLS 1.3 only. Every figure runs
+# for each proxy in turn, repeated and interleaved (A B C A B C ...); the
+# report gives median [min–max] and our ratio to each peer.
+#
+#   bash bench/compare.sh                 # the full comparison (~25 minutes)
+#   bash bench/compare.sh --quick         # 1 repetition, short windows (~3 minutes)
+#   bash bench/compare.sh --update-docs   # also rewrite docs/benchmarks.md's tables
+#
+# Options:
+#   --reps N            repetitions per figure (default 3)
+#   --duration S        measured seconds per run (default 10; warm-up 1 s more)
+#   --figures "1 2 3 4 5"   which figures (default all)
+#   --proxies "ours haproxy stunnel"
+#   --certs "ecdsa rsa" key types (default both; RSA runs figures --rsa-figures)
+#   --rsa-figures "1 2" figures repeated with the RSA-2048 certificate
+#   --concurrency N     sessions at once for figures 1 and 2 (default 32)
+#   --idle-counts "1000 10000"  idle sessions for figure 5
+#   --out DIR           results folder (default target/bench/<date>)
+#   --wait-quiet MIN    first wait up to MIN minutes for load average < 0.5
+#                       and no rustc running
+#   --no-build          use the binaries already in target/release
+#   --update-docs       write the report into docs/benchmarks.md and charts
+#                       into docs/benchmarks/
+#
+# Needs: haproxy, stunnel4, openssl, taskset (installed with apt-get when
+# missing and running as root), cargo. Every run is bounded in time and uses
+# only 127.0.0.1. Results: OUT/results.tsv (one record per line), OUT/report.md,
+# OUT/*.svg, OUT/machine.md, OUT/logs/.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$(pwd)
+
+REPS=3
+DURATION=10
+WARMUP=1
+FIGURES="1 2 3 4 5"
+PROXIES="ours haproxy stunnel"
+CERTS="ecdsa rsa"
+RSA_FIGURES="1 2"
+CONCURRENCY=32
+IDLE_COUNTS="1000 10000"
+OUT=""
+WAIT_QUIET=0
+BUILD=1
+UPDATE_DOCS=0
+LATENCY_SAMPLES=20000
+PORT_BASE=${BENCH_PORT_BASE:-20000}
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --quick) REPS=1; DURATION=3; LATENCY_SAMPLES=5000; IDLE_COUNTS="1000 5000"; shift ;;
+        --reps) REPS=$2; shift 2 ;;
+        --duration) DURATION=$2; shift 2 ;;
+        --figures) FIGURES=$2; shift 2 ;;
+        --proxies) PROXIES=$2; shift 2 ;;
+        --certs) CERTS=$2; shift 2 ;;
+        --rsa-figures) RSA_FIGURES=$2; shift 2 ;;
+        --concurrency) CONCURRENCY=$2; shift 2 ;;
+        --idle-counts) IDLE_COUNTS=$2; shift 2 ;;
+        --out) OUT=$2; shift 2 ;;
+        --wait-quiet) WAIT_QUIET=$2; shift 2 ;;
+        --no-build) BUILD=0; shift ;;
+        --update-docs) UPDATE_DOCS=1; shift ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) echo "compare.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# ---------------------------------------------------------------- tools
+STUNNEL=$(command -v stunnel4 || command -v stunnel || true)
+missing=()
+command -v haproxy >/dev/null || missing+=(haproxy)
+[ -n "$STUNNEL" ] || missing+=(stunnel4)
+command -v openssl >/dev/null || missing+=(openssl)
+command -v taskset >/dev/null || missing+=(util-linux)
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        log "installing ${missing[*]}"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >&2 \
+            || { apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >&2; }
+        STUNNEL=$(command -v stunnel4 || command -v stunnel || true)
+    else
+        die "missing ${missing[*]}: apt-get install -y haproxy stunnel4 openssl util-linux"
+    fi
+fi
+[ "$(nproc)" -ge 2 ] || die "needs at least 2 CPUs (one for the proxy, one for the load)"
+PROXY_CPU=0
+LOAD_CPU=1
+
+# ---------------------------------------------------------------- quiet machine
+busy() {
+    local load
+    load=$(cut -d' ' -f1 /proc/loadavg)
+    awk -v l="$load" 'BEGIN { exit !(l >= 0.5) }' && return 0
+    pgrep -x rustc >/dev/null && return 0
+    return 1
+}
+if [ "$WAIT_QUIET" != 0 ]; then
+    deadline=$(( $(date +%s) + WAIT_QUIET * 60 ))
+    while busy && [ "$(date +%s)" -lt "$deadline" ]; do
+        log "waiting for a quiet machine (load $(cut -d' ' -f1-3 /proc/loadavg), rustc: $(pgrep -xc rustc || true))"
+        sleep 30
+    done
+fi
+
+# ---------------------------------------------------------------- build
+if [ "$BUILD" = 1 ]; then
+    log "building (release)"
+    cargo build --release --locked --quiet >&2
+    cargo build --release --locked --quiet -p mail-tls-bench >&2
+fi
+PROXY_BIN=$ROOT/target/release/mail-tls-proxy
+LOADGEN=$ROOT/target/release/bench-loadgen
+BACKEND_BIN=$ROOT/target/release/bench-backend
+for binary in "$PROXY_BIN" "$LOADGEN" "$BACKEND_BIN"; do
+    [ -x "$binary" ] || die "$binary is missing (run without --no-build)"
+done
+
+# Busy from here on: the run is measured.
+LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
+RUSTC_AT_START=$(pgrep -xc rustc || true)
+if busy; then
+    log "warning: the machine is busy (load $LOAD_AT_START, rustc processes: $RUSTC_AT_START); figures will be noisy"
+fi
+
+# ---------------------------------------------------------------- work folder
+[ -n "$OUT" ] || OUT=$ROOT/target/bench/$(date +%Y%m%d-%H%M%S)
+mkdir -p "$OUT/logs"
+OUT=$(cd "$OUT" && pwd)
+WORK=$(mktemp -d /tmp/mail-tls-bench.XXXXXX)
+RESULTS=$OUT/results.tsv
+: >"$RESULTS"
+log "results in $OUT"
+
+# Descriptors: every idle session costs a proxy two (client and backend).
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+FD_LIMIT=$(ulimit -n)
+MAX_IDLE=$(( (FD_LIMIT - 200) / 2 ))
+IDLE_LIST=""
+for count in $IDLE_COUNTS; do
+    if [ "$count" -gt "$MAX_IDLE" ]; then
+        log "warning: the open-file limit here is $FD_LIMIT (hard limit; raising it needs CAP_SYS_RESOURCE): $count idle sessions need $((2 * count + 200)) descriptors per proxy; measuring $MAX_IDLE instead"
+        count=$MAX_IDLE
+    fi
+    IDLE_LIST="${IDLE_LIST:+$IDLE_LIST,}$count"
+done
+MAXCONN=$(( (FD_LIMIT - 100) / 2 )) # HAProxy refuses to start unless 2 x maxconn fits
+
+declare -A PID=()
+cleanup() {
+    local pid
+    for pid in "${PID[@]}"; do
+        [ -z "$pid" ] || kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PID[@]}"; do
+        [ -z "$pid" ] || wait "$pid" 2>/dev/null || true
+    done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---------------------------------------------------------------- ports
+B_IMAP=$((PORT_BASE + 143)); B_POP3=$((PORT_BASE + 110)); B_SMTP=$((PORT_BASE + 25)); B_ECHO=$((PORT_BASE + 7))
+declare -A OFFSET=([ours]=1000 [haproxy]=2000 [stunnel]=3000)
+port() { # port PROXY LISTENER
+    local base=$((PORT_BASE + ${OFFSET[$1]}))
+    case "$2" in
+        imaps) echo $((base + 993)) ;;
+        smtps) echo $((base + 465)) ;;
+        echo) echo $((base + 7)) ;;
+        imap) echo $((base + 143)) ;;
+        pop3) echo $((base + 110)) ;;
+        submission) echo $((base + 587)) ;;
+    esac
+}
+
+wait_port() { # wait_port PORT PID
+    local tries=0
+    until (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; do
+        kill -0 "$2" 2>/dev/null || return 1
+        tries=$((tries + 1))
+        [ "$tries" -lt 200 ] || return 1
+        sleep 0.05
+    done
+}
+
+# ---------------------------------------------------------------- certificates
+make_certs() {
+    local dir=$WORK/certs
+    mkdir -p "$dir/ecdsa" "$dir/rsa"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 \
+        -subj /CN=localhost -addext subjectAltName=DNS:localhost \
+        -keyout "$dir/ecdsa/key.pem" -out "$dir/ecdsa/cert.pem" 2>/dev/null
+    openssl req -x509 -newkey rsa:2048 -nodes -days 30 \
+        -subj /CN=localhost -addext subjectAltName=DNS:localhost \
+        -keyout "$dir/rsa/key.pem" -out "$dir/rsa/cert.pem" 2>/dev/null
+    for kind in ecdsa rsa; do
+        cat "$dir/$kind/cert.pem" "$dir/$kind/key.pem" >"$dir/$kind/combined.pem"
+    done
+}
+
+# ---------------------------------------------------------------- configurations
+write_configs() { # write_configs CERT
+    local cert=$1 dir=$WORK/certs/$1
+    local conf=$WORK/$1
+    mkdir -p "$conf"
+    {
+        echo "hostname = \"localhost\""
+        echo "max_connections = $MAXCONN"
+        echo
+        echo "[[certificate]]"
+        echo "cert = \"$dir/cert.pem\""
+        echo "key = \"$dir/key.pem\""
+        local spec name protocol tls backend
+        for spec in "imaps imap implicit $B_IMAP" "smtps smtp implicit $B_SMTP" "echo imap implicit $B_ECHO" \
+                    "imap imap starttls $B_IMAP" "pop3 pop3 starttls $B_POP3" "submission smtp starttls $B_SMTP"; do
+            read -r name protocol tls backend <<<"$spec"
+            echo
+            echo "[[listener]]"
+            echo "name = \"$name\""
+            echo "protocol = \"$protocol\""
+            echo "tls = \"$tls\""
+            echo "listen = \"127.0.0.1:$(port ours "$name")\""
+            echo "backend = \"127.0.0.1:$backend\""
+            echo "max_connections_per_ip = $MAXCONN"
+        done
+    } >"$conf/ours.toml"
+
+    cat >"$conf/haproxy.cfg" <<EOF
+global
+    nbthread 1
+    maxconn $MAXCONN
+    ssl-default-bind-options ssl-min-ver TLSv1.3
+defaults
+    mode tcp
+    maxconn $MAXCONN
+    timeout connect 5s
+    timeout client 30m
+    timeout server 30m
+listen imaps
+    bind 127.0.0.1:$(port haproxy imaps) ssl crt $dir/combined.pem
+    server backend 127.0.0.1:$B_IMAP
+listen smtps
+    bind 127.0.0.1:$(port haproxy smtps) ssl crt $dir/combined.pem
+    server backend 127.0.0.1:$B_SMTP
+listen echo
+    bind 127.0.0.1:$(port haproxy echo) ssl crt $dir/combined.pem
+    server backend 127.0.0.1:$B_ECHO
+EOF
+
+    cat >"$conf/stunnel.conf" <<EOF
+foreground = yes
+pid =
+debug = 3
+socket = l:TCP_NODELAY=1
+socket = r:TCP_NODELAY=1
+cert = $dir/combined.pem
+sslVersionMin = TLSv1.3
+
+[imaps]
+accept = 127.0.0.1:$(port stunnel imaps)
+connect = 127.0.0.1:$B_IMAP
+
+[smtps]
+accept = 127.0.0.1:$(port stunnel smtps)
+connect = 127.0.0.1:$B_SMTP
+
+[echo]
+accept = 127.0.0.1:$(port stunnel echo)
+connect = 127.0.0.1:$B_ECHO
+
+[imap]
+accept = 127.0.0.1:$(port stunnel imap)
+connect = 127.0.0.1:$B_IMAP
+protocol = imap
+
+[pop3]
+accept = 127.0.0.1:$(port stunnel pop3)
+connect = 127.0.0.1:$B_POP3
+protocol = pop3
+
+[submission]
+accept = 127.0.0.1:$(port stunnel submission)
+connect = 127.0.0.1:$B_SMTP
+protocol = smtp
+EOF
+}
+
+# ---------------------------------------------------------------- processes
+start_backend() {
+    taskset -c "$LOAD_CPU" "$BACKEND_BIN" --imap "127.0.0.1:$B_IMAP" --pop3 "127.0.0.1:$B_POP3" \
+        --smtp "127.0.0.1:$B_SMTP" --echo "127.0.0.1:$B_ECHO" 2>"$OUT/logs/backend.log" &
+    PID[backend]=$!
+    for p in $B_IMAP $B_POP3 $B_SMTP $B_ECHO; do
+        wait_port "$p" "${PID[backend]}" || die "the backend did not start (see $OUT/logs/backend.log)"
+    done
+}
+
+start_proxy() { # start_proxy NAME CERT
+    local name=$1 conf=$WORK/$2 log=$OUT/logs/$1-$2.log
+    case "$name" in
+        ours) MAIL_TLS_PROXY_LOG=warn taskset -c "$PROXY_CPU" "$PROXY_BIN" run --config "$conf/ours.toml" 2>>"$log" & ;;
+        haproxy) taskset -c "$PROXY_CPU" haproxy -db -f "$conf/haproxy.cfg" >>"$log" 2>&1 & ;;
+        stunnel) taskset -c "$PROXY_CPU" "$STUNNEL" "$conf/stunnel.conf" >>"$log" 2>&1 & ;;
+    esac
+    PID[$name]=$!
+    wait_port "$(port "$name" imaps)" "${PID[$name]}" || die "$name did not start (see $log)"
+    wait_port "$(port "$name" echo)" "${PID[$name]}" || die "$name did not start (see $log)"
+}
+
+stop_proxy() { # stop_proxy NAME
+    local pid=${PID[$1]:-}
+    [ -n "$pid" ] || return 0
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 100); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -9 "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    PID[$1]=""
+}
+
+# ---------------------------------------------------------------- runs
+# loadgen SECONDS_LIMIT SUBCOMMAND ARGS...: one bounded run, records appended.
+loadgen() {
+    local limit=$1
+    shift
+    local status=0
+    taskset -c "$LOAD_CPU" timeout --kill-after=10 "$limit" "$LOADGEN" "$@" \
+        >>"$RESULTS" 2>>"$OUT/logs/loadgen.log" || status=$?
+    tail -n 12 "$OUT/logs/loadgen.log" | sed -n '/^  /p' | tail -n "${LINES_SHOWN:-1}" >&2 || true
+    if [ "$status" != 0 ]; then
+        log "  run failed (status $status): $* (see $OUT/logs/loadgen.log)"
+        printf '# failed (status %s): %s\n' "$status" "$*" >>"$RESULTS"
+    fi
+}
+
+common() { # common PROXY CERT REP LISTENER
+    local pid=""
+    [ "$1" = direct ] || pid="--proxy-pid ${PID[$1]}"
+    # shellcheck disable=SC2086
+    echo --target "127.0.0.1:$(port "$1" "$4")" $pid --backend-pid "${PID[backend]}" \
+        --expect-cert "$WORK/certs/$2/cert.pem" --proxy "$1" --cert "$2" --rep "$3"
+}
+
+supports() { # supports PROXY FIGURE
+    [ "$1" != haproxy ] || [ "$2" != 2 ] # HAProxy has no STARTTLS
+}
+
+run_figure() { # run_figure FIGURE CERT
+    local figure=$1 cert=$2 rep proxy
+    local session_limit=$((DURATION + WARMUP + 30))
+    case "$figure" in
+    1)
+        log "figure 1 ($cert): implicit TLS sessions, $CONCURRENCY at once"
+        for rep in $(seq "$REPS"); do
+            for proxy in $PROXIES; do
+                # shellcheck disable=SC2046
+                loadgen "$session_limit" sessions $(common "$proxy" "$cert" "$rep" imaps) \
+                    --mode implicit --protocol imap --concurrency "$CONCURRENCY" \
+                    --warmup "$WARMUP" --duration "$DURATION"
+            done
+        done ;;
+    2)
+        log "figure 2 ($cert): STARTTLS sessions, $CONCURRENCY at once"
+        local spec protocol listener
+        for spec in "imap imap" "pop3 pop3" "smtp submission"; do
+            read -r protocol listener <<<"$spec"
+            for rep in $(seq "$REPS"); do
+                for proxy in $PROXIES; do
+                    supports "$proxy" 2 || continue
+                    # shellcheck disable=SC2046
+                    loadgen "$session_limit" sessions $(common "$proxy" "$cert" "$rep" "$listener") \
+                        --mode starttls --protocol "$protocol" --concurrency "$CONCURRENCY" \
+                        --warmup "$WARMUP" --duration "$DURATION"
+                done
+            done
+        done ;;
+    3)
+        log "figure 3 ($cert): IMAP NOOP round trip, direct and through each proxy"
+        for rep in $(seq "$REPS"); do
+            loadgen 60 latency --target "127.0.0.1:$B_IMAP" --backend-pid "${PID[backend]}" \
+                --proxy direct --cert "$cert" --rep "$rep" --mode plain \
+                --samples "$LATENCY_SAMPLES" --duration 20
+            for proxy in $PROXIES; do
+                # shellcheck disable=SC2046
+                loadgen 60 latency $(common "$proxy" "$cert" "$rep" imaps) --mode implicit \
+                    --samples "$LATENCY_SAMPLES" --duration 20
+            done
+        done ;;
+    4)
+        log "figure 4 ($cert): bulk throughput"
+        local spec kind listener connections
+        for spec in "echo echo 1" "echo echo 8" "data smtps 1" "data smtps 8"; do
+            read -r kind listener connections <<<"$spec"
+            for rep in $(seq "$REPS"); do
+                for proxy in $PROXIES; do
+                    # shellcheck disable=SC2046
+                    loadgen "$session_limit" bulk $(common "$proxy" "$cert" "$rep" "$listener") \
+                        --kind "$kind" --connections "$connections" \
+                        --warmup "$WARMUP" --duration "$DURATION"
+                done
+            done
+        done ;;
+    5)
+        log "figure 5 ($cert): RSS at 0 and $IDLE_LIST idle TLS sessions (fresh process each time)"
+        for rep in $(seq "$REPS"); do
+            for proxy in $PROXIES; do
+                stop_proxy "$proxy"
+                start_proxy "$proxy" "$cert"
+                sleep 1
+                # shellcheck disable=SC2046
+                LINES_SHOWN=3 loadgen 300 idle $(common "$proxy" "$cert" "$rep" imaps) \
+                    --counts "$IDLE_LIST" --state login --duration 240
+                stop_proxy "$proxy"
+                start_proxy "$proxy" "$cert"
+            done
+        done ;;
+    esac
+}
+
+# ---------------------------------------------------------------- machine
+describe_machine() {
+    {
+        echo "- CPU: $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores ($(lscpu | sed -n 's/^Hypervisor vendor: *//p' | head -1 | sed 's/^\(.\)/virtualised, \1/'))"
+        echo "- memory: $(free -g | awk '/^Mem:/ {print $2}') GiB; kernel $(uname -r); $(. /etc/os-release && echo "$PRETTY_NAME")"
+        echo "- mail-tls-proxy $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD -- src Cargo.toml 2>/dev/null || echo ' (with uncommitted changes in src/)'), $(rustc --version 2>/dev/null), rustls with aws-lc-rs"
+        echo "- $(haproxy -v 2>/dev/null | head -1 | cut -d' ' -f1-3); $("$STUNNEL" -version 2>&1 | grep -m1 '^stunnel' | cut -d' ' -f1-2) on $("$STUNNEL" -version 2>&1 | grep -m1 -o 'OpenSSL [0-9.]*'); $(openssl version | cut -d' ' -f1-2) for certificates"
+        echo "- proxy pinned to CPU $PROXY_CPU; load generator and backend pinned to CPU $LOAD_CPU; loopback only"
+        echo "- TLS 1.3, TLS13_AES_256_GCM_SHA384, X25519, full handshakes (client resumption off), certificates: ECDSA P-256 and RSA-2048"
+        echo "- $REPS repetitions, interleaved; $DURATION s measured after $WARMUP s warm-up; $CONCURRENCY sessions at once for figures 1-2; $LATENCY_SAMPLES NOOPs per latency run"
+        echo "- open-file limit $FD_LIMIT; idle session counts: $IDLE_LIST"
+        echo "- at start: load average $LOAD_AT_START, rustc processes running: $RUSTC_AT_START; $(date -u '+%Y-%m-%d %H:%M UTC')"
+    } >"$OUT/machine.md"
+}
+
+# ---------------------------------------------------------------- main
+make_certs
+describe_machine
+start_backend
+for cert in $CERTS; do
+    write_configs "$cert"
+    figures=$FIGURES
+    if [ "$cert" = rsa ]; then
+        figures=""
+        for f in $FIGURES; do
+            case " $RSA_FIGURES " in *" $f "*) figures="$figures $f" ;; esac
+        done
+    fi
+    [ -n "${figures// /}" ] || continue
+    for proxy in $PROXIES; do start_proxy "$proxy" "$cert"; done
+    for figure in $figures; do
+        run_figure "$figure" "$cert"
+    done
+    for proxy in $PROXIES; do stop_proxy "$proxy"; done
+done
+LOAD_AT_END=$(cut -d' ' -f1-3 /proc/loadavg)
+echo "- at end: load average $LOAD_AT_END" >>"$OUT/machine.md"
+
+log "report"
+"$LOADGEN" report --results "$RESULTS" --out "$OUT" --chart-prefix "" >/dev/null
+{
+    echo "## Machine and conditions"
+    echo
+    cat "$OUT/machine.md"
+    echo
+    cat "$OUT/report.md"
+} >"$OUT/report-full.md"
+cat "$OUT/report-full.md"
+
+if [ "$UPDATE_DOCS" = 1 ]; then
+    DOC=$ROOT/docs/benchmarks.md
+    mkdir -p "$ROOT/docs/benchmarks"
+    "$LOADGEN" report --results "$RESULTS" --out "$WORK/docs" --chart-prefix "benchmarks/" >/dev/null
+    cp "$WORK"/docs/*.svg "$ROOT/docs/benchmarks/"
+    cp "$RESULTS" "$ROOT/docs/benchmarks/results.tsv"
+    generated=$WORK/generated.md
+    {
+        echo "<!-- BEGIN GENERATED by bench/compare.sh: do not edit by hand -->"
+        echo "## Machine and conditions"
+        echo
+        cat "$OUT/machine.md"
+        echo
+        cat "$WORK/docs/report.md"
+        echo "<!-- END GENERATED -->"
+    } >"$generated"
+    if [ -f "$DOC" ] && grep -q '^<!-- BEGIN GENERATED' "$DOC"; then
+        awk -v file="$generated" '
+            /^<!-- BEGIN GENERATED/ { while ((getline line < file) > 0) print line; skip = 1; next }
+            /^<!-- END GENERATED/ { skip = 0; next }
+            !skip { print }' "$DOC" >"$WORK/doc.md"
+        cp "$WORK/doc.md" "$DOC"
+    else
+        { echo "# Benchmarks"; echo; cat "$generated"; } >"$DOC"
+    fi
+    log "updated $DOC and docs/benchmarks/"
+fi
+log "done: $OUT/report-full.md"

@@ -490,3 +490,26 @@ fn cert_self_signed_writes_a_pair_the_proxy_loads() {
         vec!["mail.example.test", "*.example.test"]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_right_after_start_up_never_ends_the_process() {
+    let dir = TempDir::new("early-hup");
+    let config = dir.join("config.toml");
+    // No [[certificate]]: the generated default, nothing to reload.
+    std::fs::write(
+        &config,
+        "hostname = \"localhost\"\n[[listener]]\nname = \"imaps\"\nprotocol = \"imap\"\ntls = \"implicit\"\nlisten = \"127.0.0.1:0\"\nbackend = \"127.0.0.1:143\"\n",
+    )
+    .expect("config");
+    let mut proxy = ProxyProcess::spawn(&config);
+    // The handler is in place before the first listener is announced.
+    proxy.wait_for_log(&["listening", "listener=imaps"]).await;
+    proxy.signal("HUP");
+    proxy
+        .wait_for_log(&["SIGHUP: no [[certificate]] configured, nothing to reload"])
+        .await;
+    assert!(
+        proxy.child.try_wait().expect("wait").is_none(),
+        "the proxy is still running"
+    );
+}

@@ -127,6 +127,10 @@ pub struct Reloader {
     stats: Arc<ReloadStats>,
     /// The directory watch and its events, once started.
     watch: Option<Watch>,
+    /// SIGHUP, once listened for.
+    hangup: Option<tokio::signal::unix::Signal>,
+    /// Whether [`Reloader::start_watching`] ran (it does its work once).
+    started: bool,
 }
 
 /// A running directory watch: dropping the watcher stops it.
@@ -189,6 +193,8 @@ impl Reloader {
             provider,
             stats: Arc::new(ReloadStats::default()),
             watch: None,
+            hangup: None,
+            started: false,
         };
         let now = unix_now();
         for (label, certificate) in reloader.labelled() {
@@ -381,13 +387,25 @@ impl Reloader {
         }
     }
 
-    /// Starts watching the certificate directories (once; nothing to do
-    /// without files), then re-reads the files at once: a change made
-    /// between loading and watching is not left for the next poll.
-    /// Call it before announcing that the proxy serves, so that any change
-    /// from then on is seen.
+    /// Starts listening for SIGHUP and watching the certificate
+    /// directories, then re-reads the files at once: a change made between
+    /// loading and watching is not left for the next poll. Call it (inside
+    /// the runtime) before announcing that the proxy serves, so that any
+    /// change or SIGHUP from then on is acted on (and a SIGHUP never falls
+    /// to its default action, ending the process). Does its work once.
     pub fn start_watching(&mut self) {
-        if self.watch.is_some() || !self.has_files() {
+        if self.started {
+            return;
+        }
+        self.started = true;
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(stream) => self.hangup = Some(stream),
+            Err(error) => warn!(
+                %error,
+                "cannot listen for SIGHUP; certificates reload on file changes and polling only"
+            ),
+        }
+        if !self.has_files() {
             return;
         }
         let (events, changes) = mpsc::unbounded_channel::<()>();
@@ -405,14 +423,7 @@ impl Reloader {
         self.start_watching();
         // Kept here for the life of the task: dropping it stops the watch.
         let mut watch = self.watch.take();
-        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        {
-            Ok(stream) => Some(stream),
-            Err(error) => {
-                warn!(%error, "cannot listen for SIGHUP; certificates reload on file changes and polling only");
-                None
-            }
-        };
+        let mut hangup = self.hangup.take();
         let start = tokio::time::Instant::now();
         let mut poll = tokio::time::interval_at(start + poll_interval, poll_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -1,11 +1,11 @@
 //! The operator's HTTP endpoint: `/metrics` (Prometheus text format),
-//! `/healthz` (the process serves) and `/readyz` (ready for traffic).
+//! `/healthz` (the process serves) and `/readyz` (ready for traffic: see
+//! [`crate::readiness`]; 503 with the reasons, one per line, otherwise).
 //!
 //! Served here rather than by the exporter's own listener, which can add
 //! neither routes nor a readiness answer that can say no.
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,8 +17,10 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
+use crate::readiness::Readiness;
+
 /// Serves the admin endpoint until the task is dropped.
-pub async fn serve(listener: TcpListener, handle: PrometheusHandle, ready: Arc<AtomicBool>) {
+pub async fn serve(listener: TcpListener, handle: PrometheusHandle, readiness: Arc<Readiness>) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -29,11 +31,12 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, ready: Arc<A
             }
         };
         let handle = handle.clone();
-        let ready = ready.clone();
+        let readiness = readiness.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
-                let response = respond(&request, &handle, &ready);
-                async move { Ok::<_, Infallible>(response) }
+                let handle = handle.clone();
+                let readiness = readiness.clone();
+                async move { Ok::<_, Infallible>(respond(&request, &handle, &readiness).await) }
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -46,10 +49,10 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, ready: Arc<A
     }
 }
 
-fn respond(
+async fn respond(
     request: &Request<Incoming>,
     handle: &PrometheusHandle,
-    ready: &AtomicBool,
+    readiness: &Arc<Readiness>,
 ) -> Response<Full<Bytes>> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
@@ -64,13 +67,13 @@ fn respond(
             response
         }
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
-        "/readyz" => {
-            if ready.load(Ordering::Acquire) {
-                text(StatusCode::OK, "ready\n".into())
-            } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into())
-            }
-        }
+        "/readyz" => match readiness.check().await {
+            Ok(()) => text(StatusCode::OK, "ready\n".into()),
+            Err(reasons) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {}\n", reasons.replace('\n', "\nnot ready: ")),
+            ),
+        },
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
     }
 }

@@ -45,6 +45,8 @@ struct RawConfig {
     /// Seconds between checks of the certificate files (a fallback for
     /// filesystems without change notification).
     certificate_poll_interval: Option<u64>,
+    /// Seconds between readiness checks of the backends.
+    readiness_interval: Option<u64>,
     #[serde(default, rename = "certificate")]
     certificates: Vec<RawCertificate>,
     metrics: Option<RawMetrics>,
@@ -167,6 +169,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// How often certificate files are re-read even without a change event.
     pub certificate_poll_interval: Duration,
+    /// How often `/readyz` re-checks that every backend greets.
+    pub readiness_interval: Duration,
 }
 
 /// RFC 8314 and common practice: a TLS handshake finishes in seconds.
@@ -183,6 +187,8 @@ pub const DEFAULT_MAX_INSPECTED_COMMANDS: usize = 50;
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Certificate files are watched; this poll only catches what a watch misses.
 pub const DEFAULT_CERTIFICATE_POLL_INTERVAL: Duration = Duration::from_secs(60);
+/// Kubernetes probes every 10 s by default: one backend check per probe.
+pub const DEFAULT_READINESS_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The protocols' own idle limits: RFC 5321 section 4.5.3.2.7 (5 minutes for
 /// the server), RFC 9051 section 5.4 (at least 30 minutes), RFC 1939 section 3
@@ -416,6 +422,16 @@ impl Config {
             Some(secs) => Duration::from_secs(secs),
             None => DEFAULT_CERTIFICATE_POLL_INTERVAL,
         };
+        let readiness_interval = match raw.readiness_interval {
+            Some(0) => {
+                return Err(invalid(
+                    "readiness_interval".into(),
+                    "must be at least 1 second".into(),
+                ))
+            }
+            Some(secs) => Duration::from_secs(secs),
+            None => DEFAULT_READINESS_INTERVAL,
+        };
 
         Ok(Config {
             source: path.to_path_buf(),
@@ -426,6 +442,7 @@ impl Config {
             max_connections,
             shutdown_grace,
             certificate_poll_interval,
+            readiness_interval,
         })
     }
 }
@@ -650,6 +667,19 @@ idle_timeout = 60
         assert!(!is_host_and_port("mail.internal:0"));
         assert!(!is_host_and_port(":25"));
         assert!(!is_host_and_port("bad host:25"));
+    }
+
+    #[test]
+    fn readiness_interval_is_read_and_checked() {
+        let config = parse(MINIMAL).expect("valid");
+        assert_eq!(config.readiness_interval, DEFAULT_READINESS_INTERVAL);
+        let config = parse(&format!("readiness_interval = 3\n{MINIMAL}")).expect("valid");
+        assert_eq!(config.readiness_interval, Duration::from_secs(3));
+        let message = error_of(&format!("readiness_interval = 0\n{MINIMAL}"));
+        assert!(
+            message.contains("readiness_interval: must be at least 1 second"),
+            "{message}"
+        );
     }
 
     #[test]

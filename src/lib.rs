@@ -9,13 +9,19 @@
 //!   machine, then unparsed copying.
 //! - [`server`]: start-up, listeners and accept loops.
 //! - [`tls`]: crypto provider, certificate loading, the swappable store.
-//! - [`metrics`]: every metric name; [`admin`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`metrics`]: every metric name; [`admin`]: `/metrics`, `/healthz`, `/readyz`;
+//!   [`readiness`]: what `/readyz` checks (listeners, certificates, backends).
+//! - [`logging`]: text or JSON log lines; [`healthcheck`]: the container
+//!   health check client.
 
 pub mod admin;
 pub mod config;
+pub mod healthcheck;
 pub mod limits;
+pub mod logging;
 pub mod metrics;
 pub mod protocol;
+pub mod readiness;
 pub mod server;
 pub mod session;
 pub mod tls;

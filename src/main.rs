@@ -4,8 +4,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use mail_tls_proxy::config::Config;
+use mail_tls_proxy::logging::{self, LogFormat};
 use mail_tls_proxy::server::{self, Proxy};
 use mail_tls_proxy::tls::certs::generate_pair;
 use tracing_subscriber::EnvFilter;
@@ -17,8 +18,25 @@ use tracing_subscriber::EnvFilter;
     about = "TLS front door for plaintext SMTP, IMAP and POP3 servers"
 )]
 struct Cli {
+    /// Log lines as text, or as one JSON object per line (timestamp, level,
+    /// message, listener, peer, connection_id, ...). The filter comes from
+    /// MAIL_TLS_PROXY_LOG (default: info).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "MAIL_TLS_PROXY_LOG_FORMAT"
+    )]
+    log_format: LogFormatArg,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -34,6 +52,19 @@ enum Command {
     Check {
         #[arg(long, env = "MAIL_TLS_PROXY_CONFIG")]
         config: PathBuf,
+    },
+    /// GET a URL of the admin endpoint and exit 0 on status 200, else 1
+    /// with the reason: a container health check that needs no curl.
+    Healthcheck {
+        #[arg(
+            long,
+            env = "MAIL_TLS_PROXY_HEALTHCHECK_URL",
+            default_value = "http://127.0.0.1:9464/readyz"
+        )]
+        url: String,
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 5)]
+        timeout: u64,
     },
     /// Certificate helpers for development and tests.
     Cert {
@@ -57,10 +88,11 @@ enum CertCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    init_logging(cli.log_format);
     let result = match cli.command {
         Command::Run { config } => run(&config),
         Command::Check { config } => check(&config),
+        Command::Healthcheck { url, timeout } => healthcheck(&url, timeout),
         Command::Cert {
             command: CertCommand::SelfSigned { names, out },
         } => write_self_signed(&names, &out),
@@ -74,13 +106,31 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+fn init_logging(format: LogFormatArg) {
     let filter =
         EnvFilter::try_from_env("MAIL_TLS_PROXY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    let format = match format {
+        LogFormatArg::Text => LogFormat::Text,
+        LogFormatArg::Json => LogFormat::Json,
+    };
+    logging::init(format, filter);
+}
+
+fn healthcheck(url: &str, timeout: u64) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    match runtime.block_on(mail_tls_proxy::healthcheck::get(
+        url,
+        std::time::Duration::from_secs(timeout.max(1)),
+    )) {
+        Ok(body) => {
+            println!("{url}: {body}");
+            Ok(())
+        }
+        Err(reason) => Err(anyhow::anyhow!("{url}: {reason}")),
+    }
 }
 
 fn run(path: &Path) -> anyhow::Result<()> {

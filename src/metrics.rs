@@ -27,6 +27,8 @@ pub const CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS: &str =
     "mail_tls_proxy_certificate_expiry_timestamp_seconds";
 pub const CERTIFICATE_RELOAD_TIMESTAMP_SECONDS: &str =
     "mail_tls_proxy_certificate_reload_timestamp_seconds";
+/// Set by the readiness checks (see [`crate::readiness`]), once they run.
+pub const BACKEND_UP: &str = "mail_tls_proxy_backend_up";
 
 /// Handshakes take milliseconds; the buckets resolve 1 ms to 10 s.
 const HANDSHAKE_BUCKETS: &[f64] = &[
@@ -111,6 +113,10 @@ fn describe() {
         CERTIFICATE_RELOAD_TIMESTAMP_SECONDS,
         Unit::Seconds,
         "Unix time of the last successful certificate load (start-up or reload)."
+    );
+    describe_gauge!(
+        BACKEND_UP,
+        "1 if the listener's backend answered its greeting in the last readiness check, else 0 (checks start with the first /readyz request)."
     );
 }
 

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::limits::{GlobalLimit, PerIpLimit};
 use crate::metrics::{self, ListenerMetrics};
+use crate::readiness::{BackendProbe, Readiness};
 use crate::session::{self, ListenerContext};
 use crate::tls::{self, CertificateError, CertificateStore, ReloadStats, Reloader};
 
@@ -52,7 +53,7 @@ pub struct Proxy {
     certificates: Arc<CertificateStore>,
     reloader: Reloader,
     certificate_poll_interval: Duration,
-    ready: Arc<AtomicBool>,
+    readiness: Arc<Readiness>,
     shutdown: watch::Sender<bool>,
     shutdown_grace: Duration,
 }
@@ -119,6 +120,11 @@ impl Proxy {
             }
             None => None,
         };
+        let readiness = Readiness::new(
+            Some(certificates.clone()),
+            config.listeners.iter().map(backend_probe).collect(),
+            config.readiness_interval,
+        );
         Ok(Proxy {
             listeners,
             admin,
@@ -126,7 +132,7 @@ impl Proxy {
             certificates,
             reloader,
             certificate_poll_interval: config.certificate_poll_interval,
-            ready: Arc::new(AtomicBool::new(false)),
+            readiness,
             shutdown,
             shutdown_grace: config.shutdown_grace,
         })
@@ -200,13 +206,13 @@ impl Proxy {
             admin_task.spawn(crate::admin::serve(
                 admin,
                 self.metrics_handle,
-                self.ready.clone(),
+                self.readiness.clone(),
             ));
         }
-        self.ready.store(true, Ordering::Release);
+        self.readiness.set_serving();
         shutdown.await;
 
-        self.ready.store(false, Ordering::Release);
+        self.readiness.set_draining();
         accept_tasks.shutdown().await;
         let _ = self.shutdown.send(true);
         info!(
@@ -227,6 +233,21 @@ impl Proxy {
         }
         admin_task.shutdown().await;
         reload_task.shutdown().await;
+    }
+}
+
+/// What the readiness check needs to know about a listener's backend.
+fn backend_probe(listener: &crate::config::ListenerConfig) -> BackendProbe {
+    // Backends that expect a PROXY header before their greeting will get
+    // readiness::PROXY_V1_HEALTH_CHECK / PROXY_V2_LOCAL here once listeners
+    // can be configured for it.
+    let preamble = Vec::new();
+    BackendProbe {
+        listener: listener.name.clone(),
+        protocol: listener.protocol,
+        backend: listener.backend.clone(),
+        connect_timeout: listener.backend_connect_timeout,
+        preamble,
     }
 }
 

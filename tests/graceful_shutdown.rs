@@ -51,7 +51,10 @@ async fn inspection_sessions_get_a_goodbye_and_a_data_transfer_in_flight_complet
     );
     assert_eq!(
         http_get(metrics_address, "/readyz").await,
-        (503, "not ready\n".to_string())
+        (
+            503,
+            "not ready: draining: the proxy is shutting down\n".to_string()
+        )
     );
     assert!(
         tokio::net::TcpStream::connect(listen_address)

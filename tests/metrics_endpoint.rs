@@ -43,6 +43,7 @@ fn value(metrics: &str, series: &str) -> f64 {
 async fn metrics_count_connections_handshakes_upgrades_and_bytes() {
     let backend = FakeBackend::start(Script::pop3()).await;
     let dead = dead_address().await;
+    let dead_backend = dead;
     let proxy = TestProxy::start(&[
         listener("metrics-pop3", "pop3", "starttls", backend.address),
         listener("metrics-dead", "imap", "implicit", dead),
@@ -140,9 +141,14 @@ async fn metrics_count_connections_handshakes_upgrades_and_bytes() {
         http_get(address, "/healthz").await,
         (200, "ok\n".to_string())
     );
-    assert_eq!(
-        http_get(address, "/readyz").await,
-        (200, "ready\n".to_string())
+    // One listener's backend is down on purpose: not ready, and it says which.
+    let (status, body) = http_get(address, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.starts_with(&format!(
+            "not ready: listener metrics-dead: backend {dead_backend} (imap): connect failed"
+        )),
+        "{body}"
     );
     assert_eq!(http_get(address, "/nothing").await.0, 404);
 }

@@ -1,0 +1,131 @@
+//! `/readyz` means "send traffic here": every listener bound, a certificate
+//! loaded, not draining, and every listener's backend greeted in the last
+//! check (SMTP 220, IMAP * OK, POP3 +OK), on a fresh connection closed with
+//! QUIT / LOGOUT. Otherwise 503 with a reason naming listener and backend.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn ready_when_every_backend_greets_and_each_gets_a_polite_goodbye() {
+    let smtp = FakeBackend::start(Script::smtp()).await;
+    let imap = FakeBackend::start(Script::imap().on(b"r1 LOGOUT", b"* BYE\r\nr1 OK\r\n")).await;
+    let pop3 = FakeBackend::start(Script::pop3()).await;
+    let proxy = TestProxy::start(&[
+        listener("submission", "smtp", "starttls", smtp.address),
+        listener("imaps", "imap", "implicit", imap.address),
+        listener("imap", "imap", "starttls", imap.address),
+        listener("pop3s", "pop3", "implicit", pop3.address),
+    ])
+    .await;
+    let metrics = proxy.metrics.expect("metrics");
+    // Nothing is checked until someone asks: no connection yet.
+    assert_eq!(
+        smtp.connections() + imap.connections() + pop3.connections(),
+        0
+    );
+
+    assert_eq!(
+        http_get(metrics, "/readyz").await,
+        (200, "ready\n".to_string())
+    );
+    // Listeners that share a backend share its check.
+    smtp.assert_received(0, b"QUIT\r\n").await;
+    imap.assert_received(0, b"r1 LOGOUT\r\n").await;
+    pop3.assert_received(0, b"QUIT\r\n").await;
+    assert_eq!(imap.connections(), 1);
+
+    let text = http_get_metrics(&proxy).await;
+    for name in ["submission", "imaps", "imap", "pop3s"] {
+        assert!(
+            text.contains(&format!(
+                "mail_tls_proxy_backend_up{{listener=\"{name}\"}} 1"
+            )),
+            "{text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_or_unwilling_backend_is_named_in_the_503() {
+    let imap = FakeBackend::start(Script::imap()).await;
+    let dead = dead_address().await;
+    let busy = FakeBackend::start(Script::new(b"421 4.3.2 too busy\r\n")).await;
+    let proxy = TestProxy::start(&[
+        listener("imaps", "imap", "implicit", imap.address),
+        listener("pop3s", "pop3", "implicit", dead),
+        listener("smtps", "smtp", "implicit", busy.address),
+    ])
+    .await;
+    let metrics = proxy.metrics.expect("metrics");
+    let (status, body) = http_get(metrics, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    let lines: Vec<&str> = body.lines().collect();
+    assert_eq!(lines.len(), 2, "{body}");
+    assert!(
+        lines[0].starts_with(&format!(
+            "not ready: listener pop3s: backend {dead} (pop3): connect failed: "
+        )),
+        "{body}"
+    );
+    assert_eq!(
+        lines[1],
+        format!(
+            "not ready: listener smtps: backend {} (smtp): greeting \"421 4.3.2 too busy\" is not 220",
+            busy.address
+        )
+    );
+    // Liveness is not readiness: the process is fine.
+    assert_eq!(http_get(metrics, "/healthz").await, (200, "ok\n".into()));
+    let text = http_get_metrics(&proxy).await;
+    assert!(
+        text.contains("mail_tls_proxy_backend_up{listener=\"pop3s\"} 0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("mail_tls_proxy_backend_up{listener=\"imaps\"} 1"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_backend_that_comes_back_makes_the_proxy_ready_at_the_next_check() {
+    let address = dead_address().await;
+    let proxy = TestProxy::start_configured(
+        &[listener("pop3", "pop3", "starttls", address)],
+        "readiness_interval = 1",
+        "",
+    )
+    .await;
+    let metrics = proxy.metrics.expect("metrics");
+    assert_eq!(http_get(metrics, "/readyz").await.0, 503);
+
+    // The backend starts on the address the proxy was configured with.
+    let socket = tokio::net::TcpListener::bind(address)
+        .await
+        .expect("rebind");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = socket.accept().await {
+            tokio::spawn(async move {
+                let _ = stream.write_all(b"+OK back\r\n").await;
+                let mut line = [0u8; 64];
+                let _ = stream.read(&mut line).await;
+                let _ = stream.write_all(b"+OK bye\r\n").await;
+            });
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = http_get(metrics, "/readyz").await;
+        if status == 200 {
+            assert_eq!(body, "ready\n");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still not ready: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

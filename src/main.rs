@@ -194,6 +194,15 @@ fn check(path: &Path) -> anyhow::Result<()> {
             "listener {}: {} with {} TLS on {} -> backend {}",
             listener.name, listener.protocol, listener.tls, listener.listen, listener.backend
         );
+        if let Some(requirement) = listener
+            .client_identity
+            .backend_requirement(listener.protocol)
+        {
+            println!(
+                "warning: listener {}: client_identity = \"{}\": the backend must be configured to expect it: {requirement}",
+                listener.name, listener.client_identity
+            );
+        }
     }
     match config.metrics_listen {
         Some(address) => println!("metrics: http://{address}/metrics, /healthz, /readyz"),

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -103,6 +103,9 @@ impl Proxy {
                 global_limit: global_limit.clone(),
                 per_ip_limit: PerIpLimit::new(listener.max_connections_per_ip),
                 shutdown: shutdown_receiver.clone(),
+                client_identity: listener.client_identity,
+                hostname: Arc::from(config.hostname.as_str()),
+                identity_warning_logged: AtomicBool::new(false),
             };
             listeners.push((socket, Arc::new(context)));
         }
@@ -183,6 +186,7 @@ impl Proxy {
                 protocol = %context.protocol,
                 tls = %context.mode,
                 require_tls = context.require_tls.as_str(),
+                client_identity = context.client_identity.as_str(),
                 address = %socket.local_addr().map(|a| a.to_string()).unwrap_or_default(),
                 backend = %context.backend,
                 "listening"

@@ -14,9 +14,12 @@
 pub mod imap;
 pub mod line;
 pub mod pop3;
+pub mod proxy_header;
 pub mod smtp;
 
 use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
 
 /// Which mail protocol a listener speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -92,6 +95,109 @@ impl RequireTls {
     }
 }
 
+/// How a listener tells its backend who the client is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ClientIdentity {
+    /// Not at all: the backend sees the proxy's address.
+    #[default]
+    None,
+    /// A PROXY protocol version 1 (text) header starts every backend connection.
+    ProxyV1,
+    /// A PROXY protocol version 2 (binary) header starts every backend
+    /// connection; on implicit-TLS listeners it carries the TLS facts.
+    ProxyV2,
+    /// SMTP only: the proxy sends `XCLIENT` after the backend's greeting.
+    Xclient,
+}
+
+impl ClientIdentity {
+    /// The name used in configuration files and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientIdentity::None => "none",
+            ClientIdentity::ProxyV1 => "proxy-v1",
+            ClientIdentity::ProxyV2 => "proxy-v2",
+            ClientIdentity::Xclient => "xclient",
+        }
+    }
+
+    /// Whether a PROXY protocol header starts each backend connection.
+    pub fn sends_proxy_header(self) -> bool {
+        matches!(self, ClientIdentity::ProxyV1 | ClientIdentity::ProxyV2)
+    }
+
+    /// What the backend of a `protocol` listener must be configured with to
+    /// accept this identity (`check` prints it), or `None` for `none`.
+    pub fn backend_requirement(self, protocol: Protocol) -> Option<&'static str> {
+        match (self, protocol) {
+            (ClientIdentity::None, _) => None,
+            (ClientIdentity::ProxyV1 | ClientIdentity::ProxyV2, Protocol::Smtp) => Some(
+                "Postfix: smtpd_upstream_proxy_protocol = haproxy on the smtpd service the proxy \
+                 connects to, reachable only by the proxy (a backend not expecting the header \
+                 fails every session with a temporary error)",
+            ),
+            (ClientIdentity::ProxyV1 | ClientIdentity::ProxyV2, _) => Some(
+                "Dovecot: haproxy = yes on the inet_listener the proxy connects to and the \
+                 proxy's address in haproxy_trusted_networks (a backend not expecting the \
+                 header fails every session with a temporary error)",
+            ),
+            (ClientIdentity::Xclient, _) => Some(
+                "Postfix: the proxy's address in smtpd_authorized_xclient_hosts (without it \
+                 sessions still work, but the backend sees the proxy's address)",
+            ),
+        }
+    }
+}
+
+impl fmt::Display for ClientIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Everything a machine is built from: the listener's settings and, for
+/// `XCLIENT`, the connection's addresses.
+#[derive(Clone, Debug)]
+pub struct InspectorOptions {
+    pub mode: TlsMode,
+    pub require_tls: RequireTls,
+    pub client_identity: ClientIdentity,
+    /// The client's address (the accepted socket's peer).
+    pub client: Option<SocketAddr>,
+    /// The address the client connected to (the accepted socket's local end).
+    pub server: Option<SocketAddr>,
+    /// The proxy's host name: the EHLO it sends before `XCLIENT`.
+    pub hostname: Arc<str>,
+}
+
+impl InspectorOptions {
+    /// A listener's TLS settings, with no client identity.
+    pub fn new(mode: TlsMode, require_tls: RequireTls) -> Self {
+        Self {
+            mode,
+            require_tls,
+            client_identity: ClientIdentity::None,
+            client: None,
+            server: None,
+            hostname: Arc::from("localhost"),
+        }
+    }
+}
+
+/// Something a machine noticed that the operator should hear about; the
+/// driver logs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Notice {
+    /// The backend's EHLO reply does not offer XCLIENT; the session goes on
+    /// without it (the backend sees the proxy's address).
+    XclientNotOffered,
+    /// The backend answered XCLIENT with this error code; the session goes
+    /// on without it.
+    XclientRefused(u16),
+    /// The backend accepted XCLIENT and greeted again.
+    XclientAccepted,
+}
+
 /// Why the proxy ends a session that is still in inspection; picks the
 /// protocol's wording.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,6 +225,8 @@ pub struct Output {
     /// Client bytes to discard, unread, before the next client line (the
     /// body of a refused non-synchronizing IMAP literal).
     pub skip_client_bytes: u64,
+    /// Something for the operator's log.
+    pub notice: Option<Notice>,
 }
 
 impl Output {
@@ -127,6 +235,7 @@ impl Output {
         self.to_backend.clear();
         self.refused = None;
         self.skip_client_bytes = 0;
+        self.notice = None;
     }
 
     pub fn is_empty(&self) -> bool {
@@ -186,6 +295,28 @@ pub trait Inspector: Send {
     /// The backend cannot be used; the reply is the protocol's temporary
     /// failure, sent only if the client still expects an answer.
     fn backend_failed(&mut self, failure: BackendFailure, out: &mut Output);
+
+    /// Whether the machine wants raw client bytes (an SMTP message body or
+    /// BDAT chunk) instead of lines. Such bytes are never bound by the line
+    /// cap.
+    fn wants_client_bytes(&self) -> bool {
+        false
+    }
+
+    /// Raw client bytes, as many as have arrived; returns how many the
+    /// machine took. The rest stays buffered for the next call, or for the
+    /// next line once the machine wants lines again.
+    fn client_bytes(&mut self, _bytes: &[u8], _out: &mut Output) -> usize {
+        0
+    }
+
+    /// Whether the machine relays the whole session command by command
+    /// instead of handing it to pass-through (SMTP with XCLIENT). Its
+    /// commands then do not count against the inspection cap, and a
+    /// shutdown waits until it is between commands.
+    fn relaying(&self) -> bool {
+        false
+    }
 }
 
 /// Why a connection is turned away before any dialogue.
@@ -195,6 +326,8 @@ pub enum Refusal {
     BackendUnavailable,
     /// A connection limit is reached.
     TooManyConnections,
+    /// The client sent a PROXY protocol header (only trusted proxies may).
+    ClientProxyHeader,
 }
 
 /// The reply a client gets when it is turned away before any machine exists
@@ -213,19 +346,49 @@ pub fn refusal_reply(protocol: Protocol, refusal: Refusal) -> &'static [u8] {
         (Protocol::Pop3, Refusal::TooManyConnections) => {
             b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"
         }
+        (Protocol::Smtp, Refusal::ClientProxyHeader) => {
+            b"554 5.7.0 PROXY protocol headers are not accepted from clients\r\n"
+        }
+        (Protocol::Imap, Refusal::ClientProxyHeader) => {
+            b"* BYE PROXY protocol headers are not accepted from clients\r\n"
+        }
+        (Protocol::Pop3, Refusal::ClientProxyHeader) => {
+            b"-ERR PROXY protocol headers are not accepted from clients\r\n"
+        }
     }
 }
 
-/// Builds the inspector for a listener.
-pub fn new_inspector(
-    protocol: Protocol,
-    mode: TlsMode,
-    require_tls: RequireTls,
-) -> Box<dyn Inspector> {
+/// Whether a backend line is an error answer: SMTP `4xx`/`5xx`, IMAP
+/// `BAD`/`NO`/`BYE` (tagged or untagged), POP3 `-ERR`. The session uses it to
+/// recognise a backend that did not expect the PROXY protocol header it was
+/// sent: such a backend answers the header's bytes with errors before the
+/// client has said anything.
+pub fn is_error_reply(protocol: Protocol, line: &[u8]) -> bool {
+    let line = trim_eol(line);
     match protocol {
-        Protocol::Smtp => Box::new(smtp::SmtpInspector::new(mode, require_tls)),
-        Protocol::Imap => Box::new(imap::ImapInspector::new(mode, require_tls)),
-        Protocol::Pop3 => Box::new(pop3::Pop3Inspector::new(mode, require_tls)),
+        Protocol::Smtp => {
+            matches!(line.first(), Some(b'4' | b'5'))
+                && line
+                    .get(1..3)
+                    .is_some_and(|d| d.iter().all(u8::is_ascii_digit))
+        }
+        Protocol::Imap => {
+            let (_tag, rest) = split_word(line);
+            let (status, _) = split_word(rest);
+            [&b"BAD"[..], b"NO", b"BYE"]
+                .iter()
+                .any(|word| status.eq_ignore_ascii_case(word))
+        }
+        Protocol::Pop3 => line.starts_with(b"-ERR"),
+    }
+}
+
+/// Builds the inspector for a connection.
+pub fn new_inspector(protocol: Protocol, options: &InspectorOptions) -> Box<dyn Inspector> {
+    match protocol {
+        Protocol::Smtp => Box::new(smtp::SmtpInspector::new(options.clone())),
+        Protocol::Imap => Box::new(imap::ImapInspector::new(options.mode, options.require_tls)),
+        Protocol::Pop3 => Box::new(pop3::Pop3Inspector::new(options.mode, options.require_tls)),
     }
 }
 
@@ -233,9 +396,33 @@ pub fn new_inspector(
 /// client bytes as label values).
 pub(crate) fn command_label(verb: &[u8]) -> &'static str {
     const KNOWN: &[&str] = &[
-        "AUTH", "MAIL", "RCPT", "DATA", "BDAT", "VRFY", "EXPN", "HELP", "ETRN", "TURN", "LOGIN",
-        "AUTHENTICATE", "ID", "SELECT", "EXAMINE", "LIST", "USER", "PASS", "APOP", "RETR", "STAT",
-        "TOP", "UIDL", "DELE", "XCLIENT", "XFORWARD",
+        "AUTH",
+        "MAIL",
+        "RCPT",
+        "DATA",
+        "BDAT",
+        "VRFY",
+        "EXPN",
+        "HELP",
+        "ETRN",
+        "TURN",
+        "LOGIN",
+        "AUTHENTICATE",
+        "ID",
+        "SELECT",
+        "EXAMINE",
+        "LIST",
+        "USER",
+        "PASS",
+        "APOP",
+        "RETR",
+        "STAT",
+        "TOP",
+        "UIDL",
+        "DELE",
+        "XCLIENT",
+        "XFORWARD",
+        "PROXY",
     ];
     KNOWN
         .iter()

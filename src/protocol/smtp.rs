@@ -16,10 +16,36 @@
 //! second EHLO after TLS has the client served the capabilities it announced
 //! before TLS (minus STARTTLS), so the client always gets a valid post-TLS
 //! EHLO reply.
+//!
+//! Client identity by XCLIENT (`client_identity = "xclient"`, Postfix's
+//! XCLIENT_README): the backend's greeting is held, the proxy sends
+//! `EHLO <its host name>` and, if the reply offers XCLIENT, `XCLIENT
+//! NAME=[UNAVAILABLE] ADDR=<client> PORT=<port>` (plus `DESTADDR`/`DESTPORT`
+//! when offered; only offered attributes are sent). The backend's answer
+//! to XCLIENT is a new 220 greeting, which the client gets as *the*
+//! greeting. Without XCLIENT on offer, or when it is refused, the client
+//! gets the original greeting and the driver logs a [`Notice`].
+//!
+//! Such a backend trusts XCLIENT from the proxy's address, so a client's own
+//! XCLIENT or XFORWARD must never reach it: the machine refuses both itself
+//! (`550 5.7.1`) and, in XCLIENT mode, never hands the session to
+//! pass-through. It relays the whole session command by command: DATA's body
+//! is relayed as raw bytes up to the `CRLF.CRLF` that ends it (any line
+//! length), BDAT chunks by their byte count, AUTH continuation lines
+//! uninterpreted, and then it reads commands again. A dot line next to a
+//! bare LF (`\n.\n`, `\r\n.\n`, `\n.\r\n`), which some servers take for the
+//! end of the data and this machine does not, is dot-stuffed on the way
+//! through, so no byte after it can be read by the backend as a command the
+//! proxy has not seen (SMTP smuggling).
+//! XCLIENT/XFORWARD are refused in every mode while the machine inspects;
+//! they are never offered to clients in EHLO replies.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use super::{
-    command_label, split_word, trim_eol, BackendFailure, Goodbye, Inspector, Next, Output,
-    RequireTls, TlsMode,
+    command_label, split_word, trim_eol, BackendFailure, ClientIdentity, Goodbye, Inspector,
+    InspectorOptions, Next, Notice, Output, RequireTls, TlsMode,
 };
 
 /// Reply to a client whose backend cannot be reached.
@@ -39,6 +65,12 @@ pub const MUST_STARTTLS: &[u8] = b"530 5.7.0 Must issue a STARTTLS command first
 pub const TOO_MANY_COMMANDS: &[u8] = b"421 4.7.0 Too many commands, closing connection\r\n";
 pub const IDLE_TIMEOUT: &[u8] = b"421 4.4.2 Idle timeout, closing connection\r\n";
 pub const SHUTTING_DOWN: &[u8] = b"421 4.3.2 Service shutting down, closing connection\r\n";
+/// Reply to a client's own XCLIENT or XFORWARD: only the proxy may tell the
+/// backend who the client is.
+pub const IDENTITY_COMMAND_REFUSED: &[u8] =
+    b"550 5.7.1 XCLIENT and XFORWARD are not accepted from clients\r\n";
+/// Reply to a BDAT whose size cannot be read (the chunk cannot be framed).
+pub const BDAT_SYNTAX: &[u8] = b"501 5.5.4 Syntax: BDAT chunk-size [LAST]\r\n";
 
 /// What the machine waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,8 +83,29 @@ enum State {
     ExpectReply(Pending),
     /// The 220 to STARTTLS is out; the handshake runs in the driver.
     AwaitTlsHandshake,
+    /// XCLIENT mode: the proxy identifies the client before the client
+    /// hears the greeting.
+    Identify(Step),
+    /// XCLIENT mode: a message body after DATA's 354, as raw bytes.
+    Body(BodyScan),
+    /// XCLIENT mode: the bytes of a BDAT chunk still to relay.
+    Chunk(u64),
+    /// XCLIENT mode: after a 334, the client's next line is an AUTH
+    /// continuation, relayed without being read as a command.
+    Continuation,
     /// Inspection is over or the session is closing; no more lines expected.
     Done,
+}
+
+/// Where the XCLIENT exchange is; each step collects one whole reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// The backend's greeting, held back.
+    Greeting,
+    /// The reply to the proxy's EHLO.
+    Ehlo,
+    /// The reply to XCLIENT: a new greeting, or an error.
+    Xclient,
 }
 
 /// The command whose reply is awaited.
@@ -63,8 +116,11 @@ enum Pending {
     /// The HELO the proxy sent because the backend rejected EHLO; its reply
     /// becomes a synthesized EHLO reply.
     HeloFallback,
-    /// HELO, NOOP, RSET, HELP, QUIT: the reply is relayed line by line.
+    /// HELO, NOOP, RSET, HELP, QUIT (and, in XCLIENT mode, every other
+    /// command): the reply is relayed line by line.
     Relay,
+    /// XCLIENT mode: DATA; a 354 starts the body.
+    Data,
 }
 
 /// The SMTP inspection state machine.
@@ -72,6 +128,19 @@ enum Pending {
 pub struct SmtpInspector {
     mode: TlsMode,
     require_tls: RequireTls,
+    identity: ClientIdentity,
+    client: Option<SocketAddr>,
+    server: Option<SocketAddr>,
+    hostname: Arc<str>,
+    /// XCLIENT mode is past the point where inspection would have ended:
+    /// every command from here on is relayed and inspected.
+    relaying: bool,
+    /// XCLIENT mode: the backend's first greeting, held while the proxy
+    /// identifies the client.
+    held_greeting: Vec<u8>,
+    /// XCLIENT mode: the DATA command line ended in CRLF (which counts as the
+    /// CRLF before the dot of an empty body).
+    data_line_crlf: bool,
     tls_active: bool,
     state: State,
     /// The lines of the reply being collected (EHLO and HELO fallback).
@@ -87,17 +156,37 @@ pub struct SmtpInspector {
 }
 
 impl SmtpInspector {
-    pub fn new(mode: TlsMode, require_tls: RequireTls) -> Self {
+    pub fn new(options: InspectorOptions) -> Self {
+        // XCLIENT needs the client's address; without one there is nothing
+        // to tell the backend.
+        let identify =
+            options.client_identity == ClientIdentity::Xclient && options.client.is_some();
         Self {
-            mode,
-            require_tls,
-            tls_active: mode == TlsMode::Implicit,
-            state: State::ExpectGreeting,
+            mode: options.mode,
+            require_tls: options.require_tls,
+            identity: options.client_identity,
+            client: options.client,
+            server: options.server,
+            hostname: options.hostname,
+            relaying: false,
+            held_greeting: Vec::new(),
+            data_line_crlf: true,
+            tls_active: options.mode == TlsMode::Implicit,
+            state: if identify {
+                State::Identify(Step::Greeting)
+            } else {
+                State::ExpectGreeting
+            },
             reply: Vec::new(),
             reply_line_ends: Vec::new(),
             ehlo_domain: Vec::new(),
             capabilities_before_tls: None,
         }
+    }
+
+    /// Whether the machine relays the whole session (XCLIENT mode).
+    fn relays_everything(&self) -> bool {
+        self.identity == ClientIdentity::Xclient
     }
 
     /// Whether EHLO replies must offer the proxy's STARTTLS right now.
@@ -134,6 +223,11 @@ impl SmtpInspector {
             return Next::Continue;
         }
         match verb.as_slice() {
+            b"XCLIENT" | b"XFORWARD" => {
+                out.to_client.extend_from_slice(IDENTITY_COMMAND_REFUSED);
+                out.refused = Some(command_label(&verb));
+                Next::Continue
+            }
             b"STARTTLS" => {
                 if !argument.is_empty() {
                     out.to_client.extend_from_slice(STARTTLS_SYNTAX);
@@ -159,6 +253,10 @@ impl SmtpInspector {
                 self.state = State::ExpectReply(Pending::Relay);
                 Next::Continue
             }
+            _ if self.relays_everything() => {
+                self.relaying = true;
+                self.relay_command(&verb, argument, line, out)
+            }
             _ => {
                 // MAIL, AUTH, DATA, BDAT, unknown words, garbage: the backend
                 // judges them, and nothing after them is parsed.
@@ -167,6 +265,43 @@ impl SmtpInspector {
                 Next::Passthrough
             }
         }
+    }
+
+    /// XCLIENT mode: forwards one command and awaits its reply; DATA and
+    /// BDAT are followed by raw bytes.
+    fn relay_command(
+        &mut self,
+        verb: &[u8],
+        argument: &[u8],
+        line: &[u8],
+        out: &mut Output,
+    ) -> Next {
+        match verb {
+            b"DATA" => {
+                out.to_backend.extend_from_slice(line);
+                self.data_line_crlf = line.ends_with(b"\r\n");
+                self.state = State::ExpectReply(Pending::Data);
+            }
+            b"BDAT" => match bdat_size(argument) {
+                Some(size) => {
+                    out.to_backend.extend_from_slice(line);
+                    self.state = if size == 0 {
+                        State::ExpectReply(Pending::Relay)
+                    } else {
+                        State::Chunk(size)
+                    };
+                }
+                // The chunk cannot be framed, so it never reaches the
+                // backend; whatever follows is read as commands (and
+                // inspected) here.
+                None => out.to_client.extend_from_slice(BDAT_SYNTAX),
+            },
+            _ => {
+                out.to_backend.extend_from_slice(line);
+                self.state = State::ExpectReply(Pending::Relay);
+            }
+        }
+        Next::Continue
     }
 
     fn start_collecting(&mut self, pending: Pending) {
@@ -188,9 +323,14 @@ impl SmtpInspector {
     fn finish_ehlo(&mut self, code: u16, out: &mut Output) -> Next {
         if (200..300).contains(&code) {
             let mut texts = Vec::with_capacity(self.reply.len() + 16);
-            for line in self.collected_lines() {
+            for (index, line) in self.collected_lines().enumerate() {
                 let text = reply_text(line);
-                if !is_keyword(text, b"STARTTLS") {
+                // The first line is the server's name, never an extension.
+                let hidden = index > 0
+                    && (is_keyword(text, b"STARTTLS")
+                        || is_keyword(text, b"XCLIENT")
+                        || is_keyword(text, b"XFORWARD"));
+                if !hidden {
                     texts.extend_from_slice(text);
                     texts.extend_from_slice(b"\r\n");
                 }
@@ -247,16 +387,248 @@ impl SmtpInspector {
             out.to_client.extend_from_slice(line);
         }
     }
+
+    /// XCLIENT mode: one whole reply of the identification exchange.
+    fn finish_identify(&mut self, step: Step, code: u16, out: &mut Output) -> Next {
+        match step {
+            Step::Greeting if code == 220 => {
+                self.held_greeting.clear();
+                self.held_greeting.extend_from_slice(&self.reply);
+                out.to_backend.extend_from_slice(b"EHLO ");
+                out.to_backend.extend_from_slice(self.hostname.as_bytes());
+                out.to_backend.extend_from_slice(b"\r\n");
+                self.start_collecting_step(Step::Ehlo);
+                return Next::Continue;
+            }
+            // A refusal at connect (554, 421): the client hears it as is.
+            Step::Greeting => self.relay_collected(out),
+            Step::Ehlo => {
+                let offered = if (200..300).contains(&code) {
+                    self.collected_lines()
+                        .skip(1)
+                        .map(reply_text)
+                        .find(|text| is_keyword(text, b"XCLIENT"))
+                        .and_then(|text| self.xclient_command(split_word(text).1))
+                } else {
+                    None
+                };
+                match offered {
+                    Some(command) => {
+                        out.to_backend.extend_from_slice(&command);
+                        self.start_collecting_step(Step::Xclient);
+                        return Next::Continue;
+                    }
+                    None => {
+                        out.to_client.extend_from_slice(&self.held_greeting);
+                        out.notice = Some(Notice::XclientNotOffered);
+                    }
+                }
+            }
+            // The new greeting, said as if the client had just connected.
+            Step::Xclient if code == 220 => {
+                self.relay_collected(out);
+                out.notice = Some(Notice::XclientAccepted);
+            }
+            // "421 unable to proceed, disconnecting": the client hears it.
+            Step::Xclient if code == 421 => self.relay_collected(out),
+            Step::Xclient => {
+                out.to_client.extend_from_slice(&self.held_greeting);
+                out.notice = Some(Notice::XclientRefused(code));
+            }
+        }
+        self.held_greeting = Vec::new();
+        self.state = State::Idle;
+        Next::Continue
+    }
+
+    fn start_collecting_step(&mut self, step: Step) {
+        self.reply.clear();
+        self.reply_line_ends.clear();
+        self.state = State::Identify(step);
+    }
+
+    /// `XCLIENT` with the attributes the backend offers (`offered` is the
+    /// text after the XCLIENT keyword in its EHLO reply), or `None` when it
+    /// does not take ADDR. The values need no xtext encoding: digits, dots,
+    /// colons, `IPV6:` and `[UNAVAILABLE]` are all plain xtext characters.
+    ///
+    /// NAME is `[UNAVAILABLE]`: the proxy does not look up host names, and
+    /// leaving NAME out would keep the name the backend found for the
+    /// *proxy's* address (`localhost`, say) next to the client's address.
+    /// HELO, PROTO and LOGIN are not sent: the client's own EHLO/HELO and
+    /// AUTH, which come after the new greeting, set them.
+    fn xclient_command(&self, offered: &[u8]) -> Option<Vec<u8>> {
+        let client = self.client?;
+        let offers = |name: &[u8]| {
+            offered
+                .split(|&b| b == b' ')
+                .any(|word| word.eq_ignore_ascii_case(name))
+        };
+        if !offers(b"ADDR") {
+            return None;
+        }
+        let mut command = String::from("XCLIENT");
+        if offers(b"NAME") {
+            command.push_str(" NAME=[UNAVAILABLE]");
+        }
+        command.push_str(&format!(" ADDR={}", xclient_address(client.ip())));
+        if offers(b"PORT") {
+            command.push_str(&format!(" PORT={}", client.port()));
+        }
+        if let Some(server) = self.server {
+            if offers(b"DESTADDR") {
+                command.push_str(&format!(" DESTADDR={}", xclient_address(server.ip())));
+            }
+            if offers(b"DESTPORT") {
+                command.push_str(&format!(" DESTPORT={}", server.port()));
+            }
+        }
+        command.push_str("\r\n");
+        Some(command.into_bytes())
+    }
+}
+
+/// An address as XCLIENT wants it: IPv4 dotted, IPv6 with an `IPV6:` prefix
+/// (XCLIENT_README), an IPv4-mapped IPv6 address as the IPv4 it is.
+fn xclient_address(ip: IpAddr) -> String {
+    match ip.to_canonical() {
+        IpAddr::V4(ip) => ip.to_string(),
+        IpAddr::V6(ip) => format!("IPV6:{ip}"),
+    }
+}
+
+/// The size of `BDAT chunk-size [LAST]` (RFC 3030), if the argument is that.
+fn bdat_size(argument: &[u8]) -> Option<u64> {
+    let (size, rest) = split_word(argument);
+    let last_ok = rest.is_empty() || rest.eq_ignore_ascii_case(b"LAST");
+    if size.is_empty() || size.len() > 19 || !size.iter().all(u8::is_ascii_digit) || !last_ok {
+        return None;
+    }
+    std::str::from_utf8(size).ok()?.parse().ok()
+}
+
+/// Where a message body's scan is, carried from one read to the next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BodyScan {
+    at: LinePosition,
+    /// The line before this one ended in CRLF (not a bare LF).
+    previous_crlf: bool,
+    /// The last byte relayed was a CR (a CRLF may straddle two reads).
+    last_cr: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LinePosition {
+    /// Nothing of the line is seen yet.
+    Start,
+    /// The line so far is ".", held back.
+    Dot,
+    /// The line so far is ".\r", held back.
+    DotCr,
+    /// Anywhere else in a line.
+    Middle,
+}
+
+impl BodyScan {
+    /// After the DATA command's own line, whose terminator counts as the
+    /// CRLF before a `.` that ends an empty body.
+    fn new(command_line_crlf: bool) -> Self {
+        Self {
+            at: LinePosition::Start,
+            previous_crlf: command_line_crlf,
+            last_cr: false,
+        }
+    }
+
+    /// Copies body bytes to `to_backend` and returns how many were taken
+    /// and whether they ended the body (`CRLF.CRLF`, the terminator
+    /// included). Ambiguous dot lines are stuffed (see the module notes).
+    fn relay(&mut self, bytes: &[u8], to_backend: &mut Vec<u8>) -> (usize, bool) {
+        let mut index = 0;
+        while index < bytes.len() {
+            let byte = bytes[index];
+            match self.at {
+                LinePosition::Start if byte == b'.' => {
+                    self.at = LinePosition::Dot;
+                    index += 1;
+                }
+                LinePosition::Start => self.at = LinePosition::Middle,
+                LinePosition::Dot => match byte {
+                    b'\r' => {
+                        self.at = LinePosition::DotCr;
+                        index += 1;
+                    }
+                    b'\n' => {
+                        // ".\n": an end of data only to lenient servers.
+                        to_backend.extend_from_slice(b"..\n");
+                        index += 1;
+                        self.line_ended(false);
+                    }
+                    _ => {
+                        to_backend.push(b'.');
+                        self.last_cr = false;
+                        self.at = LinePosition::Middle;
+                    }
+                },
+                LinePosition::DotCr if byte == b'\n' => {
+                    index += 1;
+                    if self.previous_crlf {
+                        to_backend.extend_from_slice(b".\r\n");
+                        return (index, true);
+                    }
+                    // "\n.\r\n": an end of data only to lenient servers.
+                    to_backend.extend_from_slice(b"..\r\n");
+                    self.line_ended(true);
+                }
+                LinePosition::DotCr => {
+                    to_backend.extend_from_slice(b".\r");
+                    self.last_cr = true;
+                    self.at = LinePosition::Middle;
+                }
+                LinePosition::Middle => {
+                    let rest = &bytes[index..];
+                    match rest.iter().position(|&b| b == b'\n') {
+                        Some(end) => {
+                            let crlf = match end {
+                                0 => self.last_cr,
+                                _ => rest[end - 1] == b'\r',
+                            };
+                            to_backend.extend_from_slice(&rest[..=end]);
+                            index += end + 1;
+                            self.line_ended(crlf);
+                        }
+                        None => {
+                            to_backend.extend_from_slice(rest);
+                            self.last_cr = rest.last() == Some(&b'\r');
+                            index = bytes.len();
+                        }
+                    }
+                }
+            }
+        }
+        (index, false)
+    }
+
+    fn line_ended(&mut self, crlf: bool) {
+        self.previous_crlf = crlf;
+        self.last_cr = false;
+        self.at = LinePosition::Start;
+    }
 }
 
 impl Inspector for SmtpInspector {
     fn wants_client_line(&self) -> bool {
-        self.state == State::Idle
+        matches!(self.state, State::Idle | State::Continuation)
     }
 
     fn client_line(&mut self, line: &[u8], out: &mut Output) -> Next {
         match self.state {
             State::Idle => self.command(line, out),
+            State::Continuation => {
+                out.to_backend.extend_from_slice(line);
+                self.state = State::ExpectReply(Pending::Relay);
+                Next::Continue
+            }
             // The driver only feeds client lines when asked; a line in any
             // other state is not a command the machine may act on.
             _ => Next::Continue,
@@ -273,12 +645,24 @@ impl Inspector for SmtpInspector {
                 }
                 Next::Continue
             }
-            State::ExpectReply(Pending::Relay) => {
+            State::ExpectReply(pending @ (Pending::Relay | Pending::Data)) => {
                 out.to_client.extend_from_slice(line);
                 if last {
-                    self.state = State::Idle;
+                    self.state = match (pending, code) {
+                        (Pending::Data, 354) => State::Body(BodyScan::new(self.data_line_crlf)),
+                        (_, 334) if self.relaying => State::Continuation,
+                        _ => State::Idle,
+                    };
                 }
                 Next::Continue
+            }
+            State::Identify(step) => {
+                self.reply.extend_from_slice(line);
+                self.reply_line_ends.push(self.reply.len());
+                if !last {
+                    return Next::Continue;
+                }
+                self.finish_identify(step, code, out)
             }
             State::ExpectReply(pending) => {
                 self.reply.extend_from_slice(line);
@@ -292,7 +676,7 @@ impl Inspector for SmtpInspector {
                 }
             }
             // Unsolicited (e.g. a 421 on the backend's idle timeout): relay.
-            State::Idle => {
+            State::Idle | State::Continuation | State::Body(_) | State::Chunk(_) => {
                 out.to_client.extend_from_slice(line);
                 Next::Continue
             }
@@ -322,10 +706,49 @@ impl Inspector for SmtpInspector {
     fn backend_failed(&mut self, _failure: BackendFailure, out: &mut Output) {
         // Only a client that still waits for a reply is told; after a 221 to
         // QUIT, say, the close is the expected end.
-        if matches!(self.state, State::ExpectGreeting | State::ExpectReply(_)) {
+        if matches!(
+            self.state,
+            State::ExpectGreeting
+                | State::ExpectReply(_)
+                | State::Identify(_)
+                | State::Body(_)
+                | State::Chunk(_)
+        ) {
             out.to_client.extend_from_slice(SERVICE_UNAVAILABLE);
         }
         self.state = State::Done;
+    }
+
+    fn wants_client_bytes(&self) -> bool {
+        matches!(self.state, State::Body(_) | State::Chunk(_))
+    }
+
+    fn client_bytes(&mut self, bytes: &[u8], out: &mut Output) -> usize {
+        match &mut self.state {
+            State::Body(scan) => {
+                let (taken, ended) = scan.relay(bytes, &mut out.to_backend);
+                if ended {
+                    self.state = State::ExpectReply(Pending::Relay);
+                }
+                taken
+            }
+            State::Chunk(remaining) => {
+                let taken = bytes
+                    .len()
+                    .min(usize::try_from(*remaining).unwrap_or(usize::MAX));
+                out.to_backend.extend_from_slice(&bytes[..taken]);
+                *remaining -= taken as u64;
+                if *remaining == 0 {
+                    self.state = State::ExpectReply(Pending::Relay);
+                }
+                taken
+            }
+            _ => 0,
+        }
+    }
+
+    fn relaying(&self) -> bool {
+        self.relaying
     }
 }
 
@@ -419,7 +842,7 @@ mod tests {
     }
 
     fn greeted(mode: TlsMode) -> SmtpInspector {
-        let mut machine = SmtpInspector::new(mode, RequireTls::None);
+        let mut machine = SmtpInspector::new(InspectorOptions::new(mode, RequireTls::None));
         let (to_client, _, _) = backend(&mut machine, b"220 mx.example ESMTP\r\n");
         assert_eq!(to_client, b"220 mx.example ESMTP\r\n");
         assert!(machine.wants_client_line());
@@ -428,7 +851,8 @@ mod tests {
 
     #[test]
     fn multi_line_greeting_is_relayed_and_waits_for_its_last_line() {
-        let mut machine = SmtpInspector::new(TlsMode::StartTls, RequireTls::None);
+        let mut machine =
+            SmtpInspector::new(InspectorOptions::new(TlsMode::StartTls, RequireTls::None));
         let (to_client, _, _) = backend(&mut machine, b"220-mx.example\r\n");
         assert_eq!(to_client, b"220-mx.example\r\n");
         assert!(!machine.wants_client_line());
@@ -560,7 +984,8 @@ mod tests {
 
     #[test]
     fn helo_only_backend_gets_helo_and_the_client_a_synthesized_ehlo_reply() {
-        let mut machine = SmtpInspector::new(TlsMode::StartTls, RequireTls::None);
+        let mut machine =
+            SmtpInspector::new(InspectorOptions::new(TlsMode::StartTls, RequireTls::None));
         backend(&mut machine, b"220 old.example SMTP\r\n");
         let (_, to_backend, _) = client(&mut machine, b"EHLO client.example\r\n");
         assert_eq!(to_backend, b"EHLO client.example\r\n");
@@ -675,7 +1100,7 @@ mod tests {
     }
 
     fn with_policy(require_tls: RequireTls) -> SmtpInspector {
-        let mut machine = SmtpInspector::new(TlsMode::StartTls, require_tls);
+        let mut machine = SmtpInspector::new(InspectorOptions::new(TlsMode::StartTls, require_tls));
         backend(&mut machine, b"220 mx.example ESMTP\r\n");
         machine
     }
@@ -688,14 +1113,23 @@ mod tests {
         let mut machine = with_policy(RequireTls::Auth);
         client(&mut machine, b"EHLO c\r\n");
         let (to_client, _, _) = backend(&mut machine, EHLO_WITH_AUTH);
-        assert_eq!(to_client, b"250-mx.example\r\n250-SIZE 10\r\n250 STARTTLS\r\n");
+        assert_eq!(
+            to_client,
+            b"250-mx.example\r\n250-SIZE 10\r\n250 STARTTLS\r\n"
+        );
         let mut out = Output::default();
         let next = machine.client_line(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n", &mut out);
-        assert_eq!((out.to_client.as_slice(), out.to_backend.as_slice(), next), (MUST_STARTTLS, &b""[..], Next::Continue));
+        assert_eq!(
+            (out.to_client.as_slice(), out.to_backend.as_slice(), next),
+            (MUST_STARTTLS, &b""[..], Next::Continue)
+        );
         assert_eq!(out.refused, Some("AUTH"));
         // Mail without authentication still flows (port 25).
         let (_, to_backend, next) = client(&mut machine, b"MAIL FROM:<a@b.example>\r\n");
-        assert_eq!((to_backend.as_slice(), next), (&b"MAIL FROM:<a@b.example>\r\n"[..], Next::Passthrough));
+        assert_eq!(
+            (to_backend.as_slice(), next),
+            (&b"MAIL FROM:<a@b.example>\r\n"[..], Next::Passthrough)
+        );
 
         let mut machine = with_policy(RequireTls::Auth);
         client(&mut machine, b"STARTTLS\r\n");
@@ -704,16 +1138,28 @@ mod tests {
         let (to_client, _, _) = backend(&mut machine, EHLO_WITH_AUTH);
         assert_eq!(to_client, EHLO_WITH_AUTH);
         let (_, to_backend, next) = client(&mut machine, b"AUTH PLAIN x\r\n");
-        assert_eq!((to_backend.as_slice(), next), (&b"AUTH PLAIN x\r\n"[..], Next::Passthrough));
+        assert_eq!(
+            (to_backend.as_slice(), next),
+            (&b"AUTH PLAIN x\r\n"[..], Next::Passthrough)
+        );
     }
 
     #[test]
     fn require_tls_all_serves_only_the_road_to_tls() {
         let mut machine = with_policy(RequireTls::All);
-        for command in [&b"MAIL FROM:<a@b>\r\n"[..], b"HELP\r\n", b"VRFY root\r\n", b"AUTH LOGIN\r\n", b"DATA\r\n"] {
+        for command in [
+            &b"MAIL FROM:<a@b>\r\n"[..],
+            b"HELP\r\n",
+            b"VRFY root\r\n",
+            b"AUTH LOGIN\r\n",
+            b"DATA\r\n",
+        ] {
             let mut out = Output::default();
             let next = machine.client_line(command, &mut out);
-            assert_eq!((out.to_client.as_slice(), out.to_backend.as_slice(), next), (MUST_STARTTLS, &b""[..], Next::Continue));
+            assert_eq!(
+                (out.to_client.as_slice(), out.to_backend.as_slice(), next),
+                (MUST_STARTTLS, &b""[..], Next::Continue)
+            );
         }
         for command in [&b"EHLO c\r\n"[..], b"NOOP\r\n", b"RSET\r\n", b"HELO c\r\n"] {
             let (_, to_backend, _) = client(&mut machine, command);
@@ -721,15 +1167,22 @@ mod tests {
             backend(&mut machine, b"250 ok\r\n");
         }
         let (to_client, _, next) = client(&mut machine, b"STARTTLS\r\n");
-        assert_eq!((to_client.as_slice(), next), (READY_TO_START_TLS, Next::StartTls));
+        assert_eq!(
+            (to_client.as_slice(), next),
+            (READY_TO_START_TLS, Next::StartTls)
+        );
         machine.tls_established();
         let (_, to_backend, next) = client(&mut machine, b"MAIL FROM:<a@b>\r\n");
-        assert_eq!((to_backend.as_slice(), next), (&b"MAIL FROM:<a@b>\r\n"[..], Next::Passthrough));
+        assert_eq!(
+            (to_backend.as_slice(), next),
+            (&b"MAIL FROM:<a@b>\r\n"[..], Next::Passthrough)
+        );
     }
 
     #[test]
     fn implicit_listeners_ignore_the_starttls_policy() {
-        let mut machine = SmtpInspector::new(TlsMode::Implicit, RequireTls::All);
+        let mut machine =
+            SmtpInspector::new(InspectorOptions::new(TlsMode::Implicit, RequireTls::All));
         backend(&mut machine, b"220 mx\r\n");
         client(&mut machine, b"EHLO c\r\n");
         let (to_client, _, _) = backend(&mut machine, EHLO_WITH_AUTH);
@@ -763,13 +1216,404 @@ mod tests {
         assert_eq!(parse_reply_line(b"abc-def\r\n"), (0, true));
     }
 
+    // -- client identity by XCLIENT ------------------------------------------
+
+    const POSTFIX_EHLO: &[u8] = b"250-mx.example\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-XCLIENT NAME ADDR PROTO HELO REVERSE_NAME PORT LOGIN DESTADDR DESTPORT\r\n250-ENHANCEDSTATUSCODES\r\n250 CHUNKING\r\n";
+
+    fn xclient_options(client: &str) -> InspectorOptions {
+        InspectorOptions {
+            client_identity: ClientIdentity::Xclient,
+            client: Some(client.parse().expect("client address")),
+            server: Some("127.0.0.1:2525".parse().expect("server address")),
+            hostname: Arc::from("proxy.example"),
+            ..InspectorOptions::new(TlsMode::StartTls, RequireTls::None)
+        }
+    }
+
+    /// Feeds backend bytes and returns everything the call produced.
+    fn backend_out(machine: &mut SmtpInspector, bytes: &[u8]) -> Output {
+        let mut out = Output::default();
+        for line in bytes.split_inclusive(|&b| b == b'\n') {
+            machine.backend_line(line, &mut out);
+        }
+        out
+    }
+
+    /// A machine that has identified the client and greeted it.
+    fn identified() -> SmtpInspector {
+        let mut machine = SmtpInspector::new(xclient_options("127.0.0.2:40000"));
+        backend(&mut machine, b"220 mx.example ESMTP\r\n");
+        backend(&mut machine, POSTFIX_EHLO);
+        let (to_client, _, _) = backend(&mut machine, b"220 mx.example ESMTP\r\n");
+        assert_eq!(to_client, b"220 mx.example ESMTP\r\n");
+        assert!(machine.wants_client_line());
+        machine
+    }
+
+    #[test]
+    fn xclient_is_sent_after_the_greeting_and_its_220_becomes_the_greeting() {
+        let mut machine = SmtpInspector::new(xclient_options("127.0.0.2:40000"));
+        let (to_client, to_backend, _) = backend(
+            &mut machine,
+            b"220-mx.example ESMTP\r\n220 first greeting\r\n",
+        );
+        assert_eq!(
+            (to_client.as_slice(), to_backend.as_slice()),
+            (&b""[..], &b"EHLO proxy.example\r\n"[..])
+        );
+        assert!(!machine.wants_client_line());
+        let (to_client, to_backend, _) = backend(&mut machine, POSTFIX_EHLO);
+        assert_eq!(to_client, b"");
+        assert_eq!(
+            to_backend,
+            b"XCLIENT NAME=[UNAVAILABLE] ADDR=127.0.0.2 PORT=40000 DESTADDR=127.0.0.1 DESTPORT=2525\r\n"
+        );
+        let out = backend_out(&mut machine, b"220 mx.example ESMTP new greeting\r\n");
+        assert_eq!(out.to_client, b"220 mx.example ESMTP new greeting\r\n");
+        assert_eq!(out.notice, Some(Notice::XclientAccepted));
+        assert!(machine.wants_client_line());
+        assert!(!machine.relaying());
+    }
+
+    #[test]
+    fn only_offered_attributes_are_sent_and_addresses_follow_the_readme() {
+        for (client, offered, expected) in [
+            (
+                "127.0.0.2:1",
+                &b"250-mx\r\n250 XCLIENT ADDR\r\n"[..],
+                &b"XCLIENT ADDR=127.0.0.2\r\n"[..],
+            ),
+            (
+                "[2001:db8::7]:2525",
+                b"250-mx\r\n250 XCLIENT NAME ADDR PORT\r\n",
+                b"XCLIENT NAME=[UNAVAILABLE] ADDR=IPV6:2001:db8::7 PORT=2525\r\n",
+            ),
+            (
+                "[::ffff:192.0.2.7]:9",
+                b"250-mx\r\n250 xclient addr port\r\n",
+                b"XCLIENT ADDR=192.0.2.7 PORT=9\r\n",
+            ),
+        ] {
+            let mut machine = SmtpInspector::new(xclient_options(client));
+            backend(&mut machine, b"220 mx\r\n");
+            let (_, to_backend, _) = backend(&mut machine, offered);
+            assert_eq!(text_of(&to_backend), text_of(expected));
+        }
+    }
+
+    fn text_of(bytes: &[u8]) -> String {
+        String::from_utf8_lossy(bytes).into_owned()
+    }
+
+    #[test]
+    fn without_xclient_on_offer_the_client_gets_the_first_greeting_and_a_notice() {
+        for ehlo_reply in [
+            &b"250-mx.example\r\n250-XFORWARD NAME ADDR\r\n250 8BITMIME\r\n"[..],
+            b"250-mx.example\r\n250 XCLIENT NAME HELO\r\n",
+            b"502 5.5.2 Error: command not recognized\r\n",
+        ] {
+            let mut machine = SmtpInspector::new(xclient_options("127.0.0.2:40000"));
+            backend(&mut machine, b"220 mx.example ESMTP\r\n");
+            let out = backend_out(&mut machine, ehlo_reply);
+            assert_eq!(out.to_client, b"220 mx.example ESMTP\r\n");
+            assert_eq!(out.to_backend, b"");
+            assert_eq!(out.notice, Some(Notice::XclientNotOffered));
+            assert!(machine.wants_client_line());
+        }
+    }
+
+    #[test]
+    fn a_refused_xclient_leaves_the_first_greeting_and_a_notice() {
+        let mut machine = SmtpInspector::new(xclient_options("127.0.0.2:40000"));
+        backend(&mut machine, b"220 mx.example ESMTP\r\n");
+        backend(&mut machine, POSTFIX_EHLO);
+        let out = backend_out(
+            &mut machine,
+            b"550 5.7.0 Error: insufficient authorization\r\n",
+        );
+        assert_eq!(out.to_client, b"220 mx.example ESMTP\r\n");
+        assert_eq!(out.notice, Some(Notice::XclientRefused(550)));
+        assert!(machine.wants_client_line());
+    }
+
+    #[test]
+    fn a_greeting_that_refuses_the_connection_is_relayed_without_xclient() {
+        let mut machine = SmtpInspector::new(xclient_options("127.0.0.2:40000"));
+        let (to_client, to_backend, _) = backend(&mut machine, b"554 5.7.1 go away\r\n");
+        assert_eq!(
+            (to_client.as_slice(), to_backend.as_slice()),
+            (&b"554 5.7.1 go away\r\n"[..], &b""[..])
+        );
+    }
+
+    #[test]
+    fn the_backend_failing_during_identification_gets_the_client_a_421() {
+        let mut machine = SmtpInspector::new(xclient_options("127.0.0.2:40000"));
+        backend(&mut machine, b"220 mx.example ESMTP\r\n");
+        let mut out = Output::default();
+        machine.backend_failed(BackendFailure::Closed, &mut out);
+        assert_eq!(out.to_client, SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn client_xclient_and_xforward_are_refused_in_every_mode_and_never_forwarded() {
+        let mut none = greeted(TlsMode::StartTls);
+        let mut xclient = identified();
+        for machine in [&mut none, &mut xclient] {
+            for command in [
+                &b"XCLIENT ADDR=192.0.2.1\r\n"[..],
+                b"xclient NAME=spoofed.example\r\n",
+                b"XFORWARD ADDR=192.0.2.1\r\n",
+            ] {
+                let mut out = Output::default();
+                let next = machine.client_line(command, &mut out);
+                assert_eq!(
+                    (out.to_client.as_slice(), out.to_backend.as_slice(), next),
+                    (IDENTITY_COMMAND_REFUSED, &b""[..], Next::Continue)
+                );
+                assert!(matches!(out.refused, Some("XCLIENT" | "XFORWARD")));
+                assert!(machine.wants_client_line());
+            }
+        }
+    }
+
+    #[test]
+    fn ehlo_replies_never_offer_xclient_or_xforward_to_clients() {
+        let mut machine = identified();
+        client(&mut machine, b"EHLO c\r\n");
+        let (to_client, _, _) = backend(&mut machine, POSTFIX_EHLO);
+        assert_eq!(
+            text_of(&to_client),
+            "250-mx.example\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-ENHANCEDSTATUSCODES\r\n250-CHUNKING\r\n250 STARTTLS\r\n"
+        );
+    }
+
+    #[test]
+    fn xclient_mode_relays_the_whole_session_and_refuses_xclient_after_a_transaction() {
+        let mut machine = identified();
+        for (command, reply) in [
+            (
+                &b"EHLO c\r\n"[..],
+                &b"250-mx.example\r\n250 PIPELINING\r\n"[..],
+            ),
+            (b"MAIL FROM:<a@b.example>\r\n", b"250 2.1.0 Ok\r\n"),
+            (b"RCPT TO:<c@d.example>\r\n", b"250 2.1.5 Ok\r\n"),
+        ] {
+            let (_, to_backend, next) = client(&mut machine, command);
+            assert_eq!((to_backend.as_slice(), next), (command, Next::Continue));
+            assert!(!machine.wants_client_line());
+            backend(&mut machine, reply);
+            assert!(machine.wants_client_line());
+        }
+        assert!(machine.relaying());
+        let (_, to_backend, next) = client(&mut machine, b"DATA\r\n");
+        assert_eq!(
+            (to_backend.as_slice(), next),
+            (&b"DATA\r\n"[..], Next::Continue)
+        );
+        let (to_client, _, _) = backend(&mut machine, b"354 End data with <CR><LF>.<CR><LF>\r\n");
+        assert_eq!(to_client, b"354 End data with <CR><LF>.<CR><LF>\r\n");
+        assert!(machine.wants_client_bytes() && !machine.wants_client_line());
+
+        // A body line far over the command cap, a pipelined XCLIENT after the
+        // terminator that must stay unread.
+        let mut body = b"Subject: x\r\n\r\n".to_vec();
+        body.extend(std::iter::repeat_n(b'y', 100_000));
+        body.extend_from_slice(b"\r\n..dot-stuffed\r\n.\r\n");
+        let mut input = body.clone();
+        input.extend_from_slice(b"XCLIENT ADDR=192.0.2.1\r\n");
+        let mut out = Output::default();
+        let taken = machine.client_bytes(&input, &mut out);
+        assert_eq!(taken, body.len());
+        assert_eq!(out.to_backend, body);
+        assert!(!machine.wants_client_bytes() && !machine.wants_client_line());
+        backend(&mut machine, b"250 2.0.0 Ok: queued as 1234\r\n");
+        assert!(machine.wants_client_line());
+        let mut out = Output::default();
+        machine.client_line(&input[taken..], &mut out);
+        assert_eq!(
+            (out.to_client.as_slice(), out.to_backend.as_slice()),
+            (IDENTITY_COMMAND_REFUSED, &b""[..])
+        );
+    }
+
+    #[test]
+    fn a_refused_data_command_sends_no_body() {
+        let mut machine = identified();
+        client(&mut machine, b"DATA\r\n");
+        backend(&mut machine, b"554 5.5.1 Error: no valid recipients\r\n");
+        assert!(machine.wants_client_line() && !machine.wants_client_bytes());
+    }
+
+    fn in_body(machine: &mut SmtpInspector) {
+        client(machine, b"DATA\r\n");
+        backend(machine, b"354 go ahead\r\n");
+        assert!(machine.wants_client_bytes());
+    }
+
+    /// Relays `input` as a body in pieces of `size`; returns (relayed bytes,
+    /// bytes taken, whether the body ended).
+    fn relay_in_pieces(input: &[u8], size: usize) -> (Vec<u8>, usize, bool) {
+        let mut machine = identified();
+        in_body(&mut machine);
+        let mut out = Output::default();
+        let mut taken = 0;
+        for piece in input.chunks(size) {
+            let mut offset = 0;
+            while offset < piece.len() && machine.wants_client_bytes() {
+                offset += machine.client_bytes(&piece[offset..], &mut out);
+            }
+            taken += offset;
+            if !machine.wants_client_bytes() {
+                break;
+            }
+        }
+        (out.to_backend, taken, !machine.wants_client_bytes())
+    }
+
+    #[test]
+    fn the_body_ends_only_at_crlf_dot_crlf_however_it_is_split() {
+        let body = b"a\r\n.\r\r\n.x\r\n\r\n.\r\nQUIT\r\n";
+        let end = body.len() - b"QUIT\r\n".len();
+        for size in 1..=body.len() {
+            let (relayed, taken, ended) = relay_in_pieces(body, size);
+            assert_eq!(
+                (relayed.as_slice(), taken, ended),
+                (&body[..end], end, true),
+                "pieces of {size}"
+            );
+        }
+        // An empty body: DATA's own CRLF comes before the dot.
+        assert_eq!(
+            relay_in_pieces(b".\r\nQUIT\r\n", 1),
+            (b".\r\n".to_vec(), 3, true)
+        );
+    }
+
+    #[test]
+    fn dot_lines_next_to_bare_lf_are_stuffed_so_nothing_is_smuggled() {
+        for (input, relayed) in [
+            (
+                &b"x\n.\nMAIL FROM:<s@x>\r\n.\r\n"[..],
+                &b"x\n..\nMAIL FROM:<s@x>\r\n.\r\n"[..],
+            ),
+            (
+                b"x\r\n.\nRCPT TO:<s@x>\r\n.\r\n",
+                b"x\r\n..\nRCPT TO:<s@x>\r\n.\r\n",
+            ),
+            (
+                b"x\n.\r\nXCLIENT ADDR=1.2.3.4\r\n.\r\n",
+                b"x\n..\r\nXCLIENT ADDR=1.2.3.4\r\n.\r\n",
+            ),
+            (b".\n.\r\n", b"..\n..\r\n"),
+        ] {
+            for size in [1, 2, 3, input.len()] {
+                let (out, taken, ended) = relay_in_pieces(input, size);
+                if input == b".\n.\r\n" {
+                    // Both dot lines touch a bare LF: the body goes on.
+                    assert_eq!(
+                        (out.as_slice(), taken, ended),
+                        (relayed, input.len(), false)
+                    );
+                } else {
+                    assert_eq!(
+                        (text_of(&out), taken, ended),
+                        (text_of(relayed), input.len(), true)
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bdat_chunks_are_relayed_by_their_size() {
+        let mut machine = identified();
+        let (_, to_backend, _) = client(&mut machine, b"BDAT 12\r\n");
+        assert_eq!(to_backend, b"BDAT 12\r\n");
+        assert!(machine.wants_client_bytes());
+        let mut out = Output::default();
+        // The chunk holds what looks like commands; they are data.
+        assert_eq!(machine.client_bytes(b"XCLIENT A\r\n.", &mut out), 12);
+        assert_eq!(out.to_backend, b"XCLIENT A\r\n.");
+        assert!(!machine.wants_client_bytes() && !machine.wants_client_line());
+        backend(&mut machine, b"250 2.0.0 Ok: 12 bytes\r\n");
+        let (_, to_backend, _) = client(&mut machine, b"BDAT 0 LAST\r\n");
+        assert_eq!(to_backend, b"BDAT 0 LAST\r\n");
+        assert!(!machine.wants_client_bytes());
+        backend(&mut machine, b"250 2.0.0 Ok: queued\r\n");
+        for bad in [
+            &b"BDAT\r\n"[..],
+            b"BDAT x LAST\r\n",
+            b"BDAT 5 NOW\r\n",
+            b"BDAT 99999999999999999999\r\n",
+        ] {
+            let (to_client, to_backend, _) = client(&mut machine, bad);
+            assert_eq!(
+                (to_client.as_slice(), to_backend.as_slice()),
+                (BDAT_SYNTAX, &b""[..])
+            );
+            assert!(machine.wants_client_line());
+        }
+    }
+
+    #[test]
+    fn auth_continuation_lines_are_relayed_without_being_read_as_commands() {
+        let mut machine = identified();
+        client(&mut machine, b"AUTH LOGIN\r\n");
+        backend(&mut machine, b"334 VXNlcm5hbWU6\r\n");
+        assert!(machine.wants_client_line());
+        let (to_client, to_backend, _) = client(&mut machine, b"BDAT 100\r\n");
+        assert_eq!(
+            (to_client.as_slice(), to_backend.as_slice()),
+            (&b""[..], &b"BDAT 100\r\n"[..])
+        );
+        assert!(!machine.wants_client_bytes());
+        backend(&mut machine, b"334 UGFzc3dvcmQ6\r\n");
+        client(&mut machine, b"c2VjcmV0\r\n");
+        backend(&mut machine, b"235 2.7.0 Authentication successful\r\n");
+        let (to_client, _, _) = client(&mut machine, b"XCLIENT ADDR=1.2.3.4\r\n");
+        assert_eq!(to_client, IDENTITY_COMMAND_REFUSED);
+    }
+
+    #[test]
+    fn without_xclient_mode_the_first_other_command_still_ends_inspection() {
+        let mut machine = greeted(TlsMode::StartTls);
+        let (_, _, next) = client(&mut machine, b"MAIL FROM:<a@b>\r\n");
+        assert_eq!(next, Next::Passthrough);
+        assert!(!machine.relaying());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_body_is_relayed_the_same_however_it_is_split(
+            body in proptest::collection::vec(proptest::sample::select(vec![b'a', b'.', b'\r', b'\n']), 0..200),
+            size in 1usize..16,
+        ) {
+            let whole = relay_in_pieces(&body, body.len().max(1));
+            let pieces = relay_in_pieces(&body, size);
+            proptest::prop_assert_eq!(&whole, &pieces);
+            // Nothing is lost or reordered: only dots are ever added, and
+            // at most a "." and a CR at the end are held back until the
+            // next byte shows whether they end the body.
+            let mut relayed = pieces.0.clone();
+            let mut original = body[..pieces.1].to_vec();
+            relayed.retain(|&b| b != b'.');
+            original.retain(|&b| b != b'.');
+            proptest::prop_assert!(original.starts_with(&relayed));
+            proptest::prop_assert!(original.len() - relayed.len() <= 1);
+            if pieces.2 {
+                proptest::prop_assert_eq!(relayed, original);
+            }
+        }
+    }
+
     proptest::proptest! {
         #[test]
         fn no_byte_input_panics_and_starttls_is_offered_only_before_tls(
             lines in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40), 0..20),
             from_client in proptest::collection::vec(proptest::prelude::any::<bool>(), 20),
         ) {
-            let mut machine = SmtpInspector::new(TlsMode::StartTls, RequireTls::None);
+            let mut machine = SmtpInspector::new(InspectorOptions::new(TlsMode::StartTls, RequireTls::None));
             let mut out = Output::default();
             for (index, mut line) in lines.into_iter().enumerate() {
                 line.extend_from_slice(b"\r\n");

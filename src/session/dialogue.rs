@@ -2,13 +2,19 @@
 //! protocol machine, writes what it answers, and stops when it asks for TLS,
 //! pass-through or a close.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use tracing::{debug, warn};
+
 use crate::protocol::line::LineBuffer;
-use crate::protocol::{BackendFailure, Goodbye, Inspector, Next, Output};
+use crate::protocol::proxy_header::{self, ClientHeader};
+use crate::protocol::{
+    self, BackendFailure, ClientIdentity, Goodbye, Inspector, Next, Notice, Output, Refusal,
+};
 
 use super::{ListenerContext, SessionError, MAX_BACKEND_LINE, MAX_CLIENT_LINE};
 
@@ -35,6 +41,11 @@ pub struct Dialogue<'a> {
     commands: usize,
     /// Client bytes still to discard (a refused literal's body).
     skip_client_bytes: u64,
+    /// The client has not sent a line yet (its first bytes are checked for
+    /// a PROXY header; a backend error before it means a refused header).
+    client_silent: bool,
+    /// The backend has not sent a line yet.
+    backend_silent: bool,
 }
 
 impl<'a> Dialogue<'a> {
@@ -49,6 +60,25 @@ impl<'a> Dialogue<'a> {
             shutdown: context.shutdown.clone(),
             commands: 0,
             skip_client_bytes: 0,
+            client_silent: true,
+            backend_silent: true,
+        }
+    }
+
+    /// Whether this connection started with a PROXY header the backend may
+    /// not have expected, and nothing since tells otherwise.
+    fn header_unconfirmed(&self) -> bool {
+        self.context.client_identity.sends_proxy_header() && self.client_silent
+    }
+
+    fn header_rejected(&self, evidence: String) -> SessionError {
+        SessionError::ProxyHeaderRejected {
+            backend: self.context.backend.clone(),
+            version: match self.context.client_identity {
+                ClientIdentity::ProxyV1 => "v1",
+                _ => "v2",
+            },
+            evidence,
         }
     }
 
@@ -68,9 +98,33 @@ impl<'a> Dialogue<'a> {
             // Backend lines are always taken: replies, and unsolicited lines
             // the machine decides about.
             loop {
+                let header_unconfirmed = self.header_unconfirmed();
                 let next = match self.backend_lines.next_line() {
                     Ok(Some(line)) => {
                         deadline = tokio::time::Instant::now() + self.idle_timeout;
+                        self.backend_silent = false;
+                        // A backend that did not expect the PROXY header
+                        // answers its bytes with errors right after its
+                        // greeting, before the client has said anything.
+                        if header_unconfirmed
+                            && self.inspector.wants_client_line()
+                            && protocol::is_error_reply(self.context.protocol, line)
+                        {
+                            let evidence = format!(
+                                "it answered {:?} before the client's first command",
+                                String::from_utf8_lossy(protocol::trim_eol(line))
+                            );
+                            let error = self.header_rejected(evidence);
+                            self.out.clear();
+                            self.out
+                                .to_client
+                                .extend_from_slice(protocol::refusal_reply(
+                                    self.context.protocol,
+                                    Refusal::BackendUnavailable,
+                                ));
+                            self.flush_to_client(client).await?;
+                            return Err(error);
+                        }
                         self.inspector.backend_line(line, &mut self.out)
                     }
                     Ok(None) => break,
@@ -92,11 +146,52 @@ impl<'a> Dialogue<'a> {
             if self.skip_client_bytes > 0 {
                 self.skip_client_bytes = self.client_lines.skip(self.skip_client_bytes);
             }
-            if self.inspector.wants_client_line() && self.skip_client_bytes == 0 {
+            // A message body or BDAT chunk: raw bytes, no line cap.
+            if self.inspector.wants_client_bytes() && self.skip_client_bytes == 0 {
+                let pending = self.client_lines.pending();
+                if !pending.is_empty() {
+                    let taken = self.inspector.client_bytes(pending, &mut self.out);
+                    if taken > 0 {
+                        self.client_lines.skip(taken as u64);
+                        deadline = tokio::time::Instant::now() + self.idle_timeout;
+                        self.flush(client, backend).await?;
+                        continue;
+                    }
+                }
+            }
+            // Only a trusted proxy may send a PROXY header, and clients are
+            // not that: one is refused before anything reaches the backend.
+            let mut undecided = false;
+            if self.client_silent
+                && self.context.client_identity != ClientIdentity::None
+                && self.inspector.wants_client_line()
+            {
+                match proxy_header::client_header(self.client_lines.pending()) {
+                    ClientHeader::Present => {
+                        self.context.metrics.policy_refusal("PROXY");
+                        self.out
+                            .to_client
+                            .extend_from_slice(protocol::refusal_reply(
+                                self.context.protocol,
+                                Refusal::ClientProxyHeader,
+                            ));
+                        self.flush_to_client(client).await?;
+                        return Err(SessionError::ClientProxyHeader);
+                    }
+                    ClientHeader::Undecided => undecided = true,
+                    ClientHeader::Absent => {}
+                }
+            }
+            if self.inspector.wants_client_line() && self.skip_client_bytes == 0 && !undecided {
                 let next = match self.client_lines.next_line() {
                     Ok(Some(line)) => {
                         deadline = tokio::time::Instant::now() + self.idle_timeout;
-                        self.commands += 1;
+                        self.client_silent = false;
+                        // A relaying machine reads commands for the whole
+                        // session; the cap is for the inspection phase.
+                        if !self.inspector.relaying() {
+                            self.commands += 1;
+                        }
                         if self.commands > self.context.max_inspected_commands {
                             return self
                                 .say_goodbye(
@@ -134,17 +229,30 @@ impl<'a> Dialogue<'a> {
                 }
             }
 
-            if *self.shutdown.borrow() {
+            // A relaying machine in the middle of a command (a message body,
+            // a reply on its way) finishes it first, as pass-through does.
+            let mid_command = self.inspector.relaying() && !self.inspector.wants_client_line();
+            if *self.shutdown.borrow() && !mid_command {
                 self.inspector.goodbye(Goodbye::ShuttingDown, &mut self.out);
                 self.flush_to_client(client).await?;
                 return Ok(Inspected::Closed);
             }
-            let read_client = self.inspector.wants_client_line() || self.skip_client_bytes > 0;
+            let read_client = self.inspector.wants_client_line()
+                || self.inspector.wants_client_bytes()
+                || self.skip_client_bytes > 0;
             tokio::select! {
                 read = backend.read_buf(self.backend_lines.read_target()) => match read {
                     Ok(0) => {
                         self.inspector.backend_failed(BackendFailure::Closed, &mut self.out);
                         self.flush_to_client(client).await?;
+                        // Closed without a word right after the header: it
+                        // was refused (malformed for it, or the proxy's
+                        // address is not trusted to send one).
+                        if self.header_unconfirmed() && self.backend_silent {
+                            return Err(self.header_rejected(
+                                "it closed the connection without a greeting".into(),
+                            ));
+                        }
                         return Ok(Inspected::Closed);
                     }
                     Ok(_) => {}
@@ -211,6 +319,9 @@ impl<'a> Dialogue<'a> {
     where
         C: AsyncWrite + Unpin,
     {
+        if let Some(notice) = self.out.notice.take() {
+            self.log_notice(notice);
+        }
         if !self.out.to_client.is_empty() {
             client
                 .write_all(&self.out.to_client)
@@ -224,6 +335,34 @@ impl<'a> Dialogue<'a> {
         }
         self.out.clear();
         Ok(())
+    }
+
+    /// Logs what the machine noticed; a backend without working XCLIENT is
+    /// a warning once per listener (every session would repeat it).
+    fn log_notice(&self, notice: Notice) {
+        let first_warning = || {
+            !self
+                .context
+                .identity_warning_logged
+                .swap(true, Ordering::Relaxed)
+        };
+        match notice {
+            Notice::XclientAccepted => debug!("backend accepted XCLIENT"),
+            Notice::XclientNotOffered if first_warning() => warn!(
+                backend = %self.context.backend,
+                "backend does not offer XCLIENT to this proxy: sessions go on without it and the \
+                 backend sees the proxy's address (Postfix: list the proxy's address in \
+                 smtpd_authorized_xclient_hosts); logged once per listener"
+            ),
+            Notice::XclientRefused(code) if first_warning() => warn!(
+                backend = %self.context.backend,
+                code,
+                "backend refused XCLIENT: sessions go on without it and the backend sees the \
+                 proxy's address; logged once per listener"
+            ),
+            Notice::XclientNotOffered => debug!("backend does not offer XCLIENT"),
+            Notice::XclientRefused(code) => debug!(code, "backend refused XCLIENT"),
+        }
     }
 
     /// The client's bytes after the upgrade command (the handshake's start).

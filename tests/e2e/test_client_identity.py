@@ -1,0 +1,465 @@
+"""Telling the backend who the client is, proven with real Postfix and Dovecot.
+
+A private Postfix + Dovecot pair is started with extra listeners for it:
+
+- Postfix smtpd with `smtpd_upstream_proxy_protocol = haproxy` (behind a
+  proxy-v1 and a proxy-v2 listener) and smtpd with
+  `smtpd_authorized_xclient_hosts = 127.0.0.1` (behind xclient listeners);
+- Dovecot IMAP and POP3 listeners with `haproxy = yes` and
+  `haproxy_trusted_networks = 127.0.0.1/32` (behind proxy-v2 listeners).
+
+Every client connects from 127.0.0.2 (Linux routes all of 127/8 to lo), the
+proxy connects to the backends from 127.0.0.1, and each test asserts from the
+backend's own evidence (Postfix's maillog and Received header, Dovecot's log)
+that it saw 127.0.0.2.  The last tests show what a backend that does not
+expect the PROXY header looks like to the client and in the proxy's log."""
+
+from __future__ import annotations
+
+import dataclasses
+import imaplib
+import os
+import poplib
+import re
+import shutil
+import smtplib
+import socket
+import ssl
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from mail_clients import SENDER_ADDRESS, MailMessage, make_message, wait_for_delivery
+from proxy_process import (
+    RunningProxy,
+    proxy_binary_path,
+    stop_proxy,
+    unavailable,
+    wait_for_proxy_ports,
+)
+from servers import (
+    MailServerEndpoints,
+    MailServers,
+    ServerSetupError,
+    missing_programs,
+    pick_free_loopback_ports,
+    stop_abandoned_instances,
+    tail_of_file,
+)
+
+CLIENT_IP = "127.0.0.2"
+PROXY_HOSTNAME = "proxy.e2e.test"
+CLIENT_TIMEOUT_SECONDS = 15
+LOG_WAIT_SECONDS = 10
+SERVERS_DIR_NAME = "identity-servers"
+
+
+@dataclasses.dataclass(frozen=True)
+class IdentityListener:
+    name: str
+    protocol: str
+    tls: str
+    client_identity: str
+    backend: str  # key into IdentitySetup.backend_ports
+
+
+# Each listener names the backend port it fronts: the plain ones ("smtp",
+# "imap", "pop3") do not expect a PROXY header.
+IDENTITY_LISTENERS = (
+    IdentityListener("smtp-v1", "smtp", "starttls", "proxy-v1", "smtp_haproxy"),
+    IdentityListener("smtps-v2", "smtp", "implicit", "proxy-v2", "smtp_haproxy"),
+    IdentityListener("smtp-xclient", "smtp", "starttls", "xclient", "smtp_xclient"),
+    IdentityListener("smtps-xclient", "smtp", "implicit", "xclient", "smtp_xclient"),
+    IdentityListener("imaps-v2", "imap", "implicit", "proxy-v2", "imap_haproxy"),
+    IdentityListener("imap-v2", "imap", "starttls", "proxy-v2", "imap_haproxy"),
+    IdentityListener("pop3s-v2", "pop3", "implicit", "proxy-v2", "pop3_haproxy"),
+    IdentityListener("pop3-v2", "pop3", "starttls", "proxy-v2", "pop3_haproxy"),
+    # Misconfigured on purpose: a PROXY header to backends that do not expect one.
+    IdentityListener("smtp-unexpecting", "smtp", "starttls", "proxy-v2", "smtp"),
+    IdentityListener("imaps-unexpecting", "imap", "implicit", "proxy-v2", "imap"),
+    IdentityListener("pop3-unexpecting", "pop3", "starttls", "proxy-v1", "pop3"),
+)
+
+
+@dataclasses.dataclass
+class IdentitySetup:
+    servers: MailServerEndpoints
+    proxy: RunningProxy
+    postfix_log: Path
+    dovecot_log: Path
+
+    def port(self, name: str) -> int:
+        return self.proxy.ports[name]
+
+
+# -- fixtures ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def identity_servers(scratch_dir) -> MailServers:
+    if os.geteuid() != 0:
+        unavailable("the end-to-end backends (Dovecot, Postfix) must be started as root")
+    missing = missing_programs()
+    if missing:
+        unavailable(f"{', '.join(missing)} not installed; run tests/e2e/install-deps.sh")
+    stop_abandoned_instances(f"/tmp/mail-e2e-*/{SERVERS_DIR_NAME}")
+    servers = MailServers(
+        scratch_dir / SERVERS_DIR_NAME,
+        owner_pid=os.getpid(),
+        extra_smtpd={
+            # Postfix trusts the header from anyone who can reach this
+            # port; in production only the proxy must be able to.
+            "smtp_haproxy": ["smtpd_upstream_proxy_protocol=haproxy"],
+            "smtp_xclient": ["smtpd_authorized_xclient_hosts=127.0.0.1"],
+        },
+        dovecot_haproxy_trusted_networks="127.0.0.1/32",
+    )
+    try:
+        servers.start()
+    except ServerSetupError as exc:
+        pytest.fail(f"could not start the mail servers: {exc}", pytrace=False)
+    try:
+        yield servers
+    finally:
+        servers.stop()
+
+
+def write_identity_config(path: Path, ports: dict[str, int], metrics_port: int,
+                          backend_ports: dict[str, int]) -> None:
+    lines = [
+        f'hostname = "{PROXY_HOSTNAME}"',
+        "",
+        "[[certificate]]",
+        'cert = "fullchain.pem"',
+        'key  = "privkey.pem"',
+        "",
+        "[metrics]",
+        f'listen = "127.0.0.1:{metrics_port}"',
+    ]
+    for spec in IDENTITY_LISTENERS:
+        lines += [
+            "",
+            "[[listener]]",
+            f'name     = "{spec.name}"',
+            f'protocol = "{spec.protocol}"',
+            f'tls      = "{spec.tls}"',
+            f'listen   = "127.0.0.1:{ports[spec.name]}"',
+            f'backend  = "127.0.0.1:{backend_ports[spec.backend]}"',
+            f'client_identity = "{spec.client_identity}"',
+            # Plaintext login before STARTTLS is not what these tests are about.
+            *(['require_tls = "none"'] if spec.tls == "starttls" else []),
+        ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def identity(identity_servers, test_certificate, scratch_dir) -> IdentitySetup:
+    binary = proxy_binary_path()
+    if not (binary.is_file() and os.access(binary, os.X_OK)):
+        unavailable(f"proxy binary {binary} not built (cargo build, or set MAIL_TLS_PROXY_BIN)")
+    endpoints = identity_servers.endpoints
+    backend_ports = {"smtp": endpoints.smtp_port, "imap": endpoints.imap_port, "pop3": endpoints.pop3_port,
+                     **endpoints.extra_ports}
+    directory = test_certificate.chain.parent  # holds fullchain.pem / privkey.pem
+    config_file = directory / "identity.toml"
+    log_file = directory / "identity-proxy.log"
+    names = [spec.name for spec in IDENTITY_LISTENERS]
+    for attempt in range(3):
+        *listener_ports, metrics_port = pick_free_loopback_ports(len(names) + 1)
+        ports = dict(zip(names, listener_ports))
+        write_identity_config(config_file, ports, metrics_port, backend_ports)
+        environment = dict(os.environ, NO_COLOR="1")
+        environment.setdefault("RUST_LOG", "info")
+        with open(log_file, "ab") as log:
+            process = subprocess.Popen(
+                [str(binary), "run", "--config", str(config_file)], cwd=scratch_dir,
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=environment,
+            )
+        running = RunningProxy(ports=ports, metrics_port=metrics_port, ca_file=test_certificate.chain,
+                               hostname="localhost", config_file=config_file, log_file=log_file,
+                               process=process)
+        problem = wait_for_proxy_ports(running)
+        if problem is None:
+            break
+        stop_proxy(running)
+        if "address" not in tail_of_file(log_file).lower() or attempt == 2:
+            pytest.fail(f"{problem}; log:\n{tail_of_file(log_file)}", pytrace=False)
+    try:
+        yield IdentitySetup(servers=endpoints, proxy=running, postfix_log=identity_servers.postfix_log,
+                            dovecot_log=identity_servers.dovecot_log)
+    finally:
+        stop_proxy(running)
+
+
+# -- clients that connect from 127.0.0.2 -----------------------------------------
+
+def connect_from_client_ip(host: str, port: int, timeout: float | None) -> socket.socket:
+    return socket.create_connection((host, port), timeout, source_address=(CLIENT_IP, 0))
+
+
+class Imap(imaplib.IMAP4):
+    def _create_socket(self, timeout):
+        return connect_from_client_ip(self.host, self.port, timeout)
+
+
+class Imaps(imaplib.IMAP4_SSL):
+    def _create_socket(self, timeout):
+        sock = connect_from_client_ip(self.host, self.port, timeout)
+        return self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+
+
+class Pop3(poplib.POP3):
+    def _create_socket(self, timeout):
+        return connect_from_client_ip(self.host, self.port, timeout)
+
+
+class Pop3s(poplib.POP3_SSL):
+    def _create_socket(self, timeout):
+        sock = connect_from_client_ip(self.host, self.port, timeout)
+        return self.context.wrap_socket(sock, server_hostname=self.host)
+
+
+def smtp_session(setup: IdentitySetup, listener: str, tls_context: ssl.SSLContext) -> smtplib.SMTP:
+    spec = next(spec for spec in IDENTITY_LISTENERS if spec.name == listener)
+    if spec.tls == "implicit":
+        client = smtplib.SMTP_SSL("localhost", setup.port(listener), context=tls_context,
+                                  timeout=CLIENT_TIMEOUT_SECONDS, source_address=(CLIENT_IP, 0))
+        client.ehlo("client.e2e.test")
+        return client
+    client = smtplib.SMTP("localhost", setup.port(listener), timeout=CLIENT_TIMEOUT_SECONDS,
+                          source_address=(CLIENT_IP, 0))
+    client.ehlo("client.e2e.test")
+    client.starttls(context=tls_context)
+    client.ehlo("client.e2e.test")
+    return client
+
+
+def send_through(setup: IdentitySetup, listener: str, tls_context: ssl.SSLContext, label: str) -> MailMessage:
+    message = make_message(label, setup.servers.address)
+    with smtp_session(setup, listener, tls_context) as client:
+        assert client.sock.getsockname()[0] == CLIENT_IP
+        refused = client.sendmail(SENDER_ADDRESS, [setup.servers.address], message.raw)
+    assert refused == {}
+    return message
+
+
+# -- reading the backends' evidence --------------------------------------------------
+
+def wait_for_log_line(path: Path, pattern: str, start: int = 0) -> re.Match:
+    """The first line after byte offset `start` matching `pattern`."""
+    deadline = time.monotonic() + LOG_WAIT_SECONDS
+    regex = re.compile(pattern, re.M)
+    while True:
+        text = path.read_bytes()[start:].decode(errors="replace")
+        found = regex.search(text)
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no line matching {pattern!r} in {path}; tail:\n{tail_of_file(path)}")
+        time.sleep(0.1)
+
+
+def log_offset(path: Path) -> int:
+    return path.stat().st_size
+
+
+def topmost_received(delivered: bytes) -> str:
+    """The Received header the backend Postfix added (unfolded)."""
+    headers = delivered.replace(b"\r\n", b"\n").split(b"\n\n", 1)[0].decode(errors="replace")
+    unfolded = re.sub(r"\n[ \t]+", " ", headers)
+    received = [line for line in unfolded.split("\n") if line.lower().startswith("received:")]
+    assert received, headers
+    return received[0]
+
+
+def queue_id_of(received: str) -> str:
+    found = re.search(r"\bid ([0-9A-F]+)\b", received)
+    assert found, received
+    return found.group(1)
+
+
+# -- Postfix: PROXY protocol ------------------------------------------------------------
+
+@pytest.mark.parametrize("listener,version", [("smtp-v1", "v1"), ("smtps-v2", "v2")])
+def test_postfix_behind_proxy_protocol_sees_the_client_address(identity, tls_context, listener, version):
+    message = send_through(identity, listener, tls_context, f"identity-{listener}")
+    delivered = wait_for_delivery(identity.servers, message)
+    received = topmost_received(delivered)
+    # "from client.e2e.test (unknown [127.0.0.2]) by mail.e2e.test (Postfix) with ESMTP(S)..."
+    assert f"[{CLIENT_IP}]" in received, received
+    assert "[127.0.0.1]" not in received, received
+    queue_id = queue_id_of(received)
+    line = wait_for_log_line(identity.postfix_log,
+                             rf"postfix/smtp_haproxy/smtpd\[\d+\]: {queue_id}: client=(\S+)")
+    assert line.group(1) == f"unknown[{CLIENT_IP}]", line.group(0)
+
+
+# -- Postfix: XCLIENT ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("listener", ["smtp-xclient", "smtps-xclient"])
+def test_postfix_behind_xclient_sees_the_client_address(identity, tls_context, listener):
+    message = send_through(identity, listener, tls_context, f"identity-{listener}")
+    delivered = wait_for_delivery(identity.servers, message)
+    received = topmost_received(delivered)
+    assert f"[{CLIENT_IP}]" in received, received
+    assert "[127.0.0.1]" not in received, received
+    # The client's own EHLO name, given after XCLIENT's new greeting.
+    assert received.lower().startswith("received: from client.e2e.test "), received
+    queue_id = queue_id_of(received)
+    line = wait_for_log_line(identity.postfix_log,
+                             rf"postfix/smtp_xclient/smtpd\[\d+\]: {queue_id}: client=(\S+)")
+    # NAME=[UNAVAILABLE]: "unknown", as for a client without reverse DNS.
+    assert line.group(1) == f"unknown[{CLIENT_IP}]", line.group(0)
+
+
+def test_a_client_xclient_is_refused_and_postfix_never_sees_it(identity, tls_context):
+    spoofed = "192.0.2.66"
+    start = log_offset(identity.postfix_log)
+    with smtp_session(identity, "smtp-xclient", tls_context) as client:
+        assert not client.has_extn("xclient"), client.esmtp_features
+        code, text = client.docmd("XCLIENT", f"ADDR={spoofed} NAME=trusted.example")
+        assert (code, text) == (550, b"5.7.1 XCLIENT and XFORWARD are not accepted from clients")
+        code, _ = client.docmd("XFORWARD", f"ADDR={spoofed}")
+        assert code == 550
+        # Even after a mail transaction: the proxy still reads every command.
+        client.mail(SENDER_ADDRESS)
+        client.rcpt(identity.servers.address)
+        client.rset()
+        code, _ = client.docmd("XCLIENT", f"ADDR={spoofed}")
+        assert code == 550
+        client.quit()
+    wait_for_log_line(identity.postfix_log, r"postfix/smtp_xclient/smtpd\[\d+\]: disconnect from ", start)
+    log = identity.postfix_log.read_bytes()[start:].decode(errors="replace")
+    assert spoofed not in log and "trusted.example" not in log, log
+    assert f"unknown[{CLIENT_IP}]" in log, log
+
+
+# -- Dovecot: PROXY protocol v2 ---------------------------------------------------------------
+
+def login_line(setup: IdentitySetup, service: str, start: int) -> str:
+    return wait_for_log_line(setup.dovecot_log,
+                             rf"{service}-login: (?:Info: )?Login: user=<{setup.servers.user}>.*$", start).group(0)
+
+
+def assert_tls_known_only_on_implicit_listeners(line: str, listener: str) -> None:
+    """Dovecot calls a session "secured" when it knows the client used TLS.
+    127.0.0.2 is neither its own address nor in login_trusted_networks, so
+    only the PP2_TYPE_SSL TLV can tell it: sent on implicit-TLS listeners; on
+    STARTTLS listeners the header went out before TLS, with addresses only."""
+    implicit = next(spec for spec in IDENTITY_LISTENERS if spec.name == listener).tls == "implicit"
+    assert (", secured," in line) == implicit, line
+
+
+@pytest.mark.parametrize("listener", ["imaps-v2", "imap-v2"])
+def test_dovecot_imap_behind_proxy_v2_sees_the_client_address(identity, tls_context, listener):
+    start = log_offset(identity.dovecot_log)
+    if listener == "imaps-v2":
+        client = Imaps("localhost", identity.port(listener), ssl_context=tls_context,
+                       timeout=CLIENT_TIMEOUT_SECONDS)
+    else:
+        client = Imap("localhost", identity.port(listener), timeout=CLIENT_TIMEOUT_SECONDS)
+        client.starttls(ssl_context=tls_context)
+    try:
+        assert client.sock.getsockname()[0] == CLIENT_IP
+        client.login(identity.servers.user, identity.servers.password)
+        status, _ = client.select("INBOX", readonly=True)
+        assert status == "OK"
+    finally:
+        client.logout()
+    line = login_line(identity, "imap", start)
+    assert f"rip={CLIENT_IP}," in line, line
+    assert "rip=127.0.0.1," not in line, line
+    assert_tls_known_only_on_implicit_listeners(line, listener)
+
+
+@pytest.mark.parametrize("listener", ["pop3s-v2", "pop3-v2"])
+def test_dovecot_pop3_behind_proxy_v2_sees_the_client_address(identity, tls_context, listener):
+    start = log_offset(identity.dovecot_log)
+    if listener == "pop3s-v2":
+        client = Pop3s("localhost", identity.port(listener), context=tls_context,
+                       timeout=CLIENT_TIMEOUT_SECONDS)
+    else:
+        client = Pop3("localhost", identity.port(listener), timeout=CLIENT_TIMEOUT_SECONDS)
+        client.stls(context=tls_context)
+    try:
+        assert client.sock.getsockname()[0] == CLIENT_IP
+        client.user(identity.servers.user)
+        client.pass_(identity.servers.password)
+        client.stat()
+    finally:
+        client.quit()
+    line = login_line(identity, "pop3", start)
+    assert f"rip={CLIENT_IP}," in line, line
+    assert "rip=127.0.0.1," not in line, line
+    assert_tls_known_only_on_implicit_listeners(line, listener)
+
+
+def test_a_client_sending_a_proxy_header_is_refused_and_dovecot_never_sees_it(identity):
+    spoofed = "192.0.2.77"
+    start = log_offset(identity.dovecot_log)
+    with connect_from_client_ip("127.0.0.1", identity.port("imap-v2"), CLIENT_TIMEOUT_SECONDS) as sock:
+        sock.sendall(f"PROXY TCP4 {spoofed} 127.0.0.1 4000 143\r\na LOGIN alice secret\r\n".encode())
+        received = read_until_closed(sock)
+    assert received.startswith(b"* OK"), received
+    assert received.endswith(b"* BYE PROXY protocol headers are not accepted from clients\r\n"), received
+    # Dovecot saw the proxy's own header (client 127.0.0.2), then a client
+    # that went away without a command.
+    line = wait_for_log_line(identity.dovecot_log, r"imap-login: (?:Info: )?Disconnected: .*$", start).group(0)
+    assert f"rip={CLIENT_IP}," in line, line
+    log = identity.dovecot_log.read_bytes()[start:].decode(errors="replace")
+    assert spoofed not in log and "Login:" not in log, log
+
+
+# -- a backend that does not expect the header ----------------------------------------------------
+
+TEMPORARY_FAILURE = {
+    "smtp": b"421 4.3.2 Service not available, closing transmission channel\r\n",
+    "imap": b"* BYE [UNAVAILABLE] Backend server not available\r\n",
+    "pop3": b"-ERR [SYS/TEMP] Backend server not available\r\n",
+}
+
+
+def read_until_closed(sock) -> bytes:
+    received = b""
+    while True:
+        try:
+            chunk = sock.recv(4096)
+        except (ConnectionResetError, ssl.SSLError):
+            break
+        if not chunk:
+            break
+        received += chunk
+    return received
+
+
+@pytest.mark.parametrize("listener", ["smtp-unexpecting", "imaps-unexpecting", "pop3-unexpecting"])
+def test_a_backend_not_expecting_the_header_fails_clearly(identity, tls_context, listener):
+    spec = next(spec for spec in IDENTITY_LISTENERS if spec.name == listener)
+    start = log_offset(identity.proxy.log_file)
+    raw = connect_from_client_ip("127.0.0.1", identity.port(listener), CLIENT_TIMEOUT_SECONDS)
+    with raw:
+        sock = tls_context.wrap_socket(raw, server_hostname="localhost") if spec.tls == "implicit" else raw
+        received = read_until_closed(sock)
+    # The backend's greeting, then the proxy's temporary failure, then the close.
+    lines = received.split(b"\r\n")
+    assert lines[0][:1] in (b"2", b"*", b"+"), received
+    assert received.endswith(TEMPORARY_FAILURE[spec.protocol]), received
+    assert received.count(b"\r\n") == 2, received
+    # And the operator is told what to fix.
+    version = "v1" if spec.client_identity == "proxy-v1" else "v2"
+    line = wait_for_log_line(identity.proxy.log_file,
+                             rf"ERROR .*did not accept the PROXY protocol {version} header.*$", start).group(0)
+    assert f"listener={listener}" in line or f'listener="{listener}"' in line or listener in line, line
+    assert "smtpd_upstream_proxy_protocol = haproxy" in line and "haproxy_trusted_networks" in line, line
+
+
+def test_check_warns_about_client_identity(identity):
+    result = subprocess.run([str(proxy_binary_path()), "check", "--config", str(identity.proxy.config_file)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning: listener ")]
+    assert len(warnings) == len(IDENTITY_LISTENERS), result.stdout
+    assert any("smtp-xclient" in line and "smtpd_authorized_xclient_hosts" in line for line in warnings)
+    assert any("imaps-v2" in line and "haproxy_trusted_networks" in line for line in warnings)
+    assert any("smtp-v1" in line and "smtpd_upstream_proxy_protocol = haproxy" in line for line in warnings)

@@ -63,12 +63,16 @@ async fn inspection_sessions_get_a_goodbye_and_a_data_transfer_in_flight_complet
         "the listener still accepts"
     );
 
-    // The message in flight completes and the backend accepts it.
-    let reply = exchange(&mut sender, b"second half\r\n.\r\n", b"\r\n").await;
-    assert_eq!(reply, b"250 2.0.0 Ok: queued\r\n");
+    // The message in flight completes and the backend accepts it; then the
+    // proxy, which reads this plaintext session command by command
+    // (require_tls = "auth"), says goodbye at the next command boundary.
+    sender
+        .write_all(b"second half\r\n.\r\n")
+        .await
+        .expect("write");
     assert_eq!(
-        exchange(&mut sender, b"QUIT\r\n", b"\r\n").await,
-        b"221 2.0.0 Bye\r\n"
+        text(&read_to_close(&mut sender).await),
+        "250 2.0.0 Ok: queued\r\n421 4.3.2 Service shutting down, closing connection\r\n"
     );
     drop(sender);
     tokio::time::timeout(STEP, drained)
@@ -77,7 +81,7 @@ async fn inspection_sessions_get_a_goodbye_and_a_data_transfer_in_flight_complet
         .expect("task");
     smtp.assert_received(
         1,
-        b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\nSubject: in flight\r\n\r\nfirst half\r\nsecond half\r\n.\r\nQUIT\r\n",
+        b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\nSubject: in flight\r\n\r\nfirst half\r\nsecond half\r\n.\r\n",
     )
     .await;
 }
@@ -88,7 +92,8 @@ async fn pass_through_sessions_are_cut_when_the_grace_period_ends() {
     let mut proxy = TestProxy::start_configured(
         &[listener("mx", "smtp", "starttls", smtp.address)],
         "shutdown_grace = 1",
-        "",
+        // Opportunistic TLS, so MAIL hands the session to pass-through.
+        "require_tls = \"none\"",
     )
     .await;
     let mut lingering = proxy.connect("mx").await;
@@ -117,7 +122,7 @@ fn write_binary_config(
     std::fs::write(
         &path,
         format!(
-            "shutdown_grace = 30\n[[certificate]]\ncert = \"fullchain.pem\"\nkey = \"privkey.pem\"\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[[listener]]\nname = \"mx\"\nprotocol = \"smtp\"\ntls = \"starttls\"\nlisten = \"127.0.0.1:{port}\"\nbackend = \"{backend}\"\n"
+            "shutdown_grace = 30\n[[certificate]]\ncert = \"fullchain.pem\"\nkey = \"privkey.pem\"\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[[listener]]\nname = \"mx\"\nprotocol = \"smtp\"\ntls = \"starttls\"\nlisten = \"127.0.0.1:{port}\"\nbackend = \"{backend}\"\nrequire_tls = \"none\"\n"
         ),
     )
     .expect("write config");

@@ -230,8 +230,15 @@ async fn plaintext_injected_behind_starttls_never_reaches_the_backend() {
 
 #[tokio::test]
 async fn a_plaintext_session_that_never_upgrades_works_as_without_the_proxy() {
+    // Opportunistic STARTTLS: after the first other command the session is
+    // copied unparsed. (With the default require_tls = "auth" the proxy
+    // keeps reading a plaintext session command by command instead.)
     let backend = FakeBackend::start(Script::smtp()).await;
-    let proxy = TestProxy::start(&[listener("mx", "smtp", "starttls", backend.address)]).await;
+    let proxy = TestProxy::start_with(
+        &[listener("mx", "smtp", "starttls", backend.address)],
+        "require_tls = \"none\"",
+    )
+    .await;
     let mut client = proxy.connect("mx").await;
     read_until(&mut client, b"\r\n").await;
     exchange(&mut client, b"EHLO relay.example\r\n", b"250 STARTTLS\r\n").await;
@@ -261,4 +268,45 @@ async fn a_second_starttls_gets_the_protocols_error() {
     let reply = exchange(&mut tls, b"t STARTTLS\r\n", b"\r\n").await;
     assert_eq!(reply, b"t BAD TLS is already active\r\n");
     assert_eq!(backend.received(0), b"");
+}
+
+/// After STARTTLS the server never speaks first, so a line the backend sends
+/// after the handshake but before the client's first command is dropped,
+/// never delivered inside TLS.
+#[tokio::test]
+async fn backend_lines_between_the_handshake_and_the_first_command_are_dropped() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = socket.local_addr().expect("address");
+    let (inject, injected_when) = tokio::sync::oneshot::channel::<()>();
+    let (injected, injected_done) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (stream, _) = socket.accept().await.expect("accept");
+        stream.set_nodelay(true).expect("nodelay");
+        let (read, mut write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        write.write_all(b"220 fake.example ESMTP\r\n").await.expect("greeting");
+        let first = lines.next_line().await.expect("read").expect("EHLO");
+        assert_eq!(first, "EHLO c");
+        write.write_all(b"250-fake.example\r\n250 8BITMIME\r\n").await.expect("reply");
+        let _ = injected_when.await;
+        write.write_all(b"250-INJECTED\r\n250 AUTH PLAIN\r\n").await.expect("inject");
+        let _ = injected.send(());
+        let second = lines.next_line().await.expect("read").expect("EHLO");
+        assert_eq!(second, "EHLO c");
+        write.write_all(b"250-fake.example\r\n250 8BITMIME\r\n").await.expect("reply");
+        let _ = lines.next_line().await;
+    });
+    let proxy = TestProxy::start(&[listener("mx", "smtp", "starttls", address)]).await;
+    let mut client = proxy.connect("mx").await;
+    read_until(&mut client, b"\r\n").await;
+    exchange(&mut client, b"EHLO c\r\n", b"250 STARTTLS\r\n").await;
+    exchange(&mut client, b"STARTTLS\r\n", b"\r\n").await;
+    let mut tls = proxy.upgrade(client).await;
+    inject.send(()).expect("backend waits");
+    injected_done.await.expect("injected");
+    // Give the injected bytes time to reach the proxy before the client speaks.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let reply = exchange(&mut tls, b"EHLO c\r\n", b"250 8BITMIME\r\n").await;
+    assert_eq!(text(&reply), "250-fake.example\r\n250 8BITMIME\r\n");
 }

@@ -71,6 +71,9 @@ pub const IDENTITY_COMMAND_REFUSED: &[u8] =
     b"550 5.7.1 XCLIENT and XFORWARD are not accepted from clients\r\n";
 /// Reply to a BDAT whose size cannot be read (the chunk cannot be framed).
 pub const BDAT_SYNTAX: &[u8] = b"501 5.5.4 Syntax: BDAT chunk-size [LAST]\r\n";
+/// Reply to a command line holding a bare CR while the proxy reads the
+/// session: a backend that ends lines at CR would see a second command.
+pub const BARE_CR: &[u8] = b"500 5.5.2 Syntax error: bare CR in a command line\r\n";
 
 /// What the machine waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,9 +187,13 @@ impl SmtpInspector {
         }
     }
 
-    /// Whether the machine relays the whole session (XCLIENT mode).
+    /// Whether the machine relays the session command by command instead of
+    /// handing it to pass-through: always with XCLIENT (a client XCLIENT
+    /// after the first transaction would be trusted), and before TLS under
+    /// `require_tls = "auth" | "all"` (an AUTH after a refused MAIL must not
+    /// cross in clear; plaintext mail still flows, bodies relayed raw).
     fn relays_everything(&self) -> bool {
-        self.identity == ClientIdentity::Xclient
+        self.identity == ClientIdentity::Xclient || self.hides_auth()
     }
 
     /// Whether EHLO replies must offer the proxy's STARTTLS right now.
@@ -215,11 +222,22 @@ impl SmtpInspector {
     }
 
     fn command(&mut self, line: &[u8], out: &mut Output) -> Next {
-        let (verb, argument) = split_word(trim_eol(line));
+        let text = trim_eol(line);
+        if self.relays_everything() && text.contains(&b'\r') {
+            out.to_client.extend_from_slice(BARE_CR);
+            out.refused = Some("other");
+            return Next::Continue;
+        }
+        let (verb, argument) = command_verb(text);
         let verb = verb.to_ascii_uppercase();
         if !self.allowed_before_tls(&verb) {
             out.to_client.extend_from_slice(MUST_STARTTLS);
             out.refused = Some(command_label(&verb));
+            if verb == b"BDAT" {
+                // The chunk follows the command without waiting for a reply
+                // (RFC 3030): it is data, to be thrown away unread.
+                out.skip_client_bytes = bdat_size(argument).unwrap_or(0);
+            }
             return Next::Continue;
         }
         match verb.as_slice() {
@@ -498,6 +516,27 @@ fn xclient_address(ip: IpAddr) -> String {
 }
 
 /// The size of `BDAT chunk-size [LAST]` (RFC 3030), if the argument is that.
+/// The command word and its argument. Leading blanks are skipped and the
+/// word ends at the first byte that is not a letter, the way a lenient
+/// backend reads it: `AUTH\tPLAIN` and ` AUTH PLAIN` are both AUTH.
+fn command_verb(text: &[u8]) -> (&[u8], &[u8]) {
+    let start = text
+        .iter()
+        .position(|&b| b != b' ' && b != b'\t')
+        .unwrap_or(text.len());
+    let text = &text[start..];
+    let end = text
+        .iter()
+        .position(|b| !b.is_ascii_alphabetic())
+        .unwrap_or(text.len());
+    let rest = &text[end..];
+    let skip = rest
+        .iter()
+        .take_while(|&&b| b == b' ' || b == b'\t')
+        .count();
+    (&text[..end], &rest[skip..])
+}
+
 fn bdat_size(argument: &[u8]) -> Option<u64> {
     let (size, rest) = split_word(argument);
     let last_ok = rest.is_empty() || rest.eq_ignore_ascii_case(b"LAST");
@@ -689,6 +728,9 @@ impl Inspector for SmtpInspector {
     fn tls_established(&mut self) {
         self.tls_active = true;
         self.state = State::Idle;
+        // Before TLS the session may have been relayed command by command
+        // (require_tls); after it, only XCLIENT mode keeps doing so.
+        self.relaying = self.relaying && self.identity == ClientIdentity::Xclient;
     }
 
     fn goodbye(&mut self, reason: Goodbye, out: &mut Output) {
@@ -1124,12 +1166,19 @@ mod tests {
             (MUST_STARTTLS, &b""[..], Next::Continue)
         );
         assert_eq!(out.refused, Some("AUTH"));
-        // Mail without authentication still flows (port 25).
+        // Mail without authentication still flows (port 25), but command by
+        // command: an AUTH after a refused MAIL must not cross in clear.
         let (_, to_backend, next) = client(&mut machine, b"MAIL FROM:<a@b.example>\r\n");
         assert_eq!(
             (to_backend.as_slice(), next),
-            (&b"MAIL FROM:<a@b.example>\r\n"[..], Next::Passthrough)
+            (&b"MAIL FROM:<a@b.example>\r\n"[..], Next::Continue)
         );
+        assert!(!machine.wants_client_line());
+        let (to_client, _, _) = backend(&mut machine, b"530 5.7.0 Authentication required\r\n");
+        assert_eq!(to_client, b"530 5.7.0 Authentication required\r\n");
+        let mut out = Output::default();
+        machine.client_line(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n", &mut out);
+        assert_eq!((out.to_client.as_slice(), out.to_backend.as_slice()), (MUST_STARTTLS, &b""[..]));
 
         let mut machine = with_policy(RequireTls::Auth);
         client(&mut machine, b"STARTTLS\r\n");
@@ -1142,6 +1191,64 @@ mod tests {
             (to_backend.as_slice(), next),
             (&b"AUTH PLAIN x\r\n"[..], Next::Passthrough)
         );
+    }
+
+    #[test]
+    fn before_tls_a_plaintext_transaction_is_relayed_with_its_body_and_auth_stays_refused() {
+        let mut machine = with_policy(RequireTls::Auth);
+        for (command, reply) in [
+            (&b"MAIL FROM:<a@b.example>\r\n"[..], &b"250 2.1.0 Ok\r\n"[..]),
+            (b"RCPT TO:<c@d.example>\r\n", b"250 2.1.5 Ok\r\n"),
+            (b"DATA\r\n", b"354 End data\r\n"),
+        ] {
+            let (_, to_backend, next) = client(&mut machine, command);
+            assert_eq!((to_backend.as_slice(), next), (command, Next::Continue));
+            let (to_client, _, _) = backend(&mut machine, reply);
+            assert_eq!(to_client, reply);
+        }
+        assert!(machine.wants_client_bytes());
+        // A body line reading AUTH is data, relayed verbatim.
+        let mut out = Output::default();
+        let body = b"AUTH PLAIN looks-like-a-command\r\n.\r\nAUTH PLAIN x\r\n";
+        let taken = machine.client_bytes(body, &mut out);
+        assert_eq!(&body[..taken], b"AUTH PLAIN looks-like-a-command\r\n.\r\n");
+        assert_eq!(out.to_backend, &body[..taken]);
+        let (to_client, _, _) = backend(&mut machine, b"250 2.0.0 Ok: queued\r\n");
+        assert_eq!(to_client, b"250 2.0.0 Ok: queued\r\n");
+        let mut out = Output::default();
+        machine.client_line(b"AUTH PLAIN x\r\n", &mut out);
+        assert_eq!((out.to_client.as_slice(), out.to_backend.as_slice()), (MUST_STARTTLS, &b""[..]));
+    }
+
+    #[test]
+    fn auth_in_disguise_and_bare_cr_lines_are_refused_before_tls() {
+        for line in [
+            &b"AUTH\tPLAIN AGFsaWNlAHNlY3JldA==\r\n"[..],
+            b" AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n",
+            b"auth plain x\n",
+        ] {
+            let mut machine = with_policy(RequireTls::Auth);
+            let mut out = Output::default();
+            machine.client_line(line, &mut out);
+            assert_eq!((out.to_client.as_slice(), out.to_backend.as_slice()), (MUST_STARTTLS, &b""[..]), "{line:?}");
+        }
+        let mut machine = with_policy(RequireTls::Auth);
+        let mut out = Output::default();
+        machine.client_line(b"NOOP\rAUTH PLAIN x\r\n", &mut out);
+        assert_eq!((out.to_client.as_slice(), out.to_backend.as_slice()), (BARE_CR, &b""[..]));
+        // STARTTLS with a NUL behind it is STARTTLS with an argument.
+        let mut out = Output::default();
+        machine.client_line(b"STARTTLS\0\r\n", &mut out);
+        assert_eq!(out.to_client, STARTTLS_SYNTAX);
+    }
+
+    #[test]
+    fn a_refused_bdat_chunk_is_skipped_unread() {
+        let mut machine = with_policy(RequireTls::All);
+        let mut out = Output::default();
+        machine.client_line(b"BDAT 10 LAST\r\n", &mut out);
+        assert_eq!((out.to_client.as_slice(), out.skip_client_bytes), (MUST_STARTTLS, 10));
+        assert_eq!(out.refused, Some("BDAT"));
     }
 
     #[test]

@@ -46,6 +46,12 @@ pub struct Dialogue<'a> {
     client_silent: bool,
     /// The backend has not sent a line yet.
     backend_silent: bool,
+    /// Set by a STARTTLS upgrade until the client's first command after it.
+    /// The server never speaks first after STARTTLS in any of the three
+    /// protocols, so whatever the backend sends meanwhile can only be an
+    /// unsolicited or injected line, and is dropped rather than delivered
+    /// inside TLS.
+    drop_backend_until_client_speaks: bool,
 }
 
 impl<'a> Dialogue<'a> {
@@ -62,6 +68,7 @@ impl<'a> Dialogue<'a> {
             skip_client_bytes: 0,
             client_silent: true,
             backend_silent: true,
+            drop_backend_until_client_speaks: false,
         }
     }
 
@@ -100,6 +107,13 @@ impl<'a> Dialogue<'a> {
             loop {
                 let header_unconfirmed = self.header_unconfirmed();
                 let next = match self.backend_lines.next_line() {
+                    Ok(Some(line)) if self.drop_backend_until_client_speaks => {
+                        warn!(
+                            bytes = line.len(),
+                            "backend spoke after STARTTLS before the client did; dropped the line"
+                        );
+                        continue;
+                    }
                     Ok(Some(line)) => {
                         deadline = tokio::time::Instant::now() + self.idle_timeout;
                         self.backend_silent = false;
@@ -187,6 +201,7 @@ impl<'a> Dialogue<'a> {
                     Ok(Some(line)) => {
                         deadline = tokio::time::Instant::now() + self.idle_timeout;
                         self.client_silent = false;
+                        self.drop_backend_until_client_speaks = false;
                         // A relaying machine reads commands for the whole
                         // session; the cap is for the inspection phase.
                         if !self.inspector.relaying() {
@@ -377,6 +392,7 @@ impl<'a> Dialogue<'a> {
 
     pub fn tls_established(&mut self) {
         self.inspector.tls_established();
+        self.drop_backend_until_client_speaks = true;
     }
 
     /// The unconsumed bytes of (client, backend), for pass-through.

@@ -80,7 +80,10 @@ pub fn acquire(
     }
     // A poisoned lock only means another task panicked mid-update of a
     // counter; the map itself is still usable.
-    let mut open = per_ip.open.lock().unwrap_or_else(|poison| poison.into_inner());
+    let mut open = per_ip
+        .open
+        .lock()
+        .unwrap_or_else(|poison| poison.into_inner());
     let count = open.entry(ip).or_insert(0);
     if *count >= per_ip.max {
         drop(open);
@@ -125,9 +128,15 @@ mod tests {
         let b: IpAddr = "192.0.2.2".parse().unwrap();
         let first = acquire(&global, &per_ip, a).expect("first");
         let _second = acquire(&global, &per_ip, a).expect("second");
-        assert_eq!(acquire(&global, &per_ip, a).unwrap_err(), LimitReached::PerIp);
+        assert_eq!(
+            acquire(&global, &per_ip, a).unwrap_err(),
+            LimitReached::PerIp
+        );
         let _third = acquire(&global, &per_ip, b).expect("other ip");
-        assert_eq!(acquire(&global, &per_ip, b).unwrap_err(), LimitReached::Global);
+        assert_eq!(
+            acquire(&global, &per_ip, b).unwrap_err(),
+            LimitReached::Global
+        );
         assert_eq!(global.open(), 3);
         drop(first);
         assert_eq!(global.open(), 2);

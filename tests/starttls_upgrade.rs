@@ -276,7 +276,9 @@ async fn a_second_starttls_gets_the_protocols_error() {
 #[tokio::test]
 async fn backend_lines_between_the_handshake_and_the_first_command_are_dropped() {
     use tokio::io::{AsyncBufReadExt, BufReader};
-    let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let socket = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let address = socket.local_addr().expect("address");
     let (inject, injected_when) = tokio::sync::oneshot::channel::<()>();
     let (injected, injected_done) = tokio::sync::oneshot::channel::<()>();
@@ -285,16 +287,28 @@ async fn backend_lines_between_the_handshake_and_the_first_command_are_dropped()
         stream.set_nodelay(true).expect("nodelay");
         let (read, mut write) = stream.into_split();
         let mut lines = BufReader::new(read).lines();
-        write.write_all(b"220 fake.example ESMTP\r\n").await.expect("greeting");
+        write
+            .write_all(b"220 fake.example ESMTP\r\n")
+            .await
+            .expect("greeting");
         let first = lines.next_line().await.expect("read").expect("EHLO");
         assert_eq!(first, "EHLO c");
-        write.write_all(b"250-fake.example\r\n250 8BITMIME\r\n").await.expect("reply");
+        write
+            .write_all(b"250-fake.example\r\n250 8BITMIME\r\n")
+            .await
+            .expect("reply");
         let _ = injected_when.await;
-        write.write_all(b"250-INJECTED\r\n250 AUTH PLAIN\r\n").await.expect("inject");
+        write
+            .write_all(b"250-INJECTED\r\n250 AUTH PLAIN\r\n")
+            .await
+            .expect("inject");
         let _ = injected.send(());
         let second = lines.next_line().await.expect("read").expect("EHLO");
         assert_eq!(second, "EHLO c");
-        write.write_all(b"250-fake.example\r\n250 8BITMIME\r\n").await.expect("reply");
+        write
+            .write_all(b"250-fake.example\r\n250 8BITMIME\r\n")
+            .await
+            .expect("reply");
         let _ = lines.next_line().await;
     });
     let proxy = TestProxy::start(&[listener("mx", "smtp", "starttls", address)]).await;

@@ -550,32 +550,7 @@ fn write_filtered_list(list: &[u8], rewrite: Rewrite, out: &mut Vec<u8>) {
 mod tests {
     use super::*;
 
-    /// Feeds one side's bytes line by line and returns what came out and the
-    /// last `Next`.
-    fn backend(machine: &mut ImapInspector, bytes: &[u8]) -> (Vec<u8>, Vec<u8>, Next) {
-        feed(machine, bytes, false)
-    }
-
-    fn client(machine: &mut ImapInspector, bytes: &[u8]) -> (Vec<u8>, Vec<u8>, Next) {
-        feed(machine, bytes, true)
-    }
-
-    fn feed(
-        machine: &mut ImapInspector,
-        bytes: &[u8],
-        from_client: bool,
-    ) -> (Vec<u8>, Vec<u8>, Next) {
-        let mut out = Output::default();
-        let mut next = Next::Continue;
-        for line in bytes.split_inclusive(|&b| b == b'\n') {
-            next = if from_client {
-                machine.client_line(line, &mut out)
-            } else {
-                machine.backend_line(line, &mut out)
-            };
-        }
-        (out.to_client, out.to_backend, next)
-    }
+    use crate::protocol::testing::{backend, client};
 
     fn greeted(mode: TlsMode) -> ImapInspector {
         let mut machine = ImapInspector::new(mode, RequireTls::None);

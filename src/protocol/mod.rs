@@ -16,6 +16,8 @@ pub mod line;
 pub mod pop3;
 pub mod proxy_header;
 pub mod smtp;
+#[cfg(test)]
+mod testing;
 
 use std::fmt;
 use std::net::SocketAddr;

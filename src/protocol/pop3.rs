@@ -312,32 +312,7 @@ fn lenient_verb(text: &[u8]) -> &[u8] {
 mod tests {
     use super::*;
 
-    /// Feeds one side's bytes line by line and returns what came out and the
-    /// last `Next`.
-    fn backend(machine: &mut Pop3Inspector, bytes: &[u8]) -> (Vec<u8>, Vec<u8>, Next) {
-        feed(machine, bytes, false)
-    }
-
-    fn client(machine: &mut Pop3Inspector, bytes: &[u8]) -> (Vec<u8>, Vec<u8>, Next) {
-        feed(machine, bytes, true)
-    }
-
-    fn feed(
-        machine: &mut Pop3Inspector,
-        bytes: &[u8],
-        from_client: bool,
-    ) -> (Vec<u8>, Vec<u8>, Next) {
-        let mut out = Output::default();
-        let mut next = Next::Continue;
-        for line in bytes.split_inclusive(|&b| b == b'\n') {
-            next = if from_client {
-                machine.client_line(line, &mut out)
-            } else {
-                machine.backend_line(line, &mut out)
-            };
-        }
-        (out.to_client, out.to_backend, next)
-    }
+    use crate::protocol::testing::{backend, client};
 
     fn greeted(mode: TlsMode) -> Pop3Inspector {
         let mut machine = Pop3Inspector::new(mode, RequireTls::None);

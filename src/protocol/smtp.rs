@@ -856,32 +856,7 @@ fn write_ehlo_reply(texts: &[u8], with_starttls: bool, hide_auth: bool, out: &mu
 mod tests {
     use super::*;
 
-    /// Feeds one side's bytes line by line and returns what came out and the
-    /// last `Next`.
-    fn backend(machine: &mut SmtpInspector, bytes: &[u8]) -> (Vec<u8>, Vec<u8>, Next) {
-        feed(machine, bytes, false)
-    }
-
-    fn client(machine: &mut SmtpInspector, bytes: &[u8]) -> (Vec<u8>, Vec<u8>, Next) {
-        feed(machine, bytes, true)
-    }
-
-    fn feed(
-        machine: &mut SmtpInspector,
-        bytes: &[u8],
-        from_client: bool,
-    ) -> (Vec<u8>, Vec<u8>, Next) {
-        let mut out = Output::default();
-        let mut next = Next::Continue;
-        for line in bytes.split_inclusive(|&b| b == b'\n') {
-            next = if from_client {
-                machine.client_line(line, &mut out)
-            } else {
-                machine.backend_line(line, &mut out)
-            };
-        }
-        (out.to_client, out.to_backend, next)
-    }
+    use crate::protocol::testing::{backend, client};
 
     fn greeted(mode: TlsMode) -> SmtpInspector {
         let mut machine = SmtpInspector::new(InspectorOptions::new(mode, RequireTls::None));
@@ -1178,7 +1153,10 @@ mod tests {
         assert_eq!(to_client, b"530 5.7.0 Authentication required\r\n");
         let mut out = Output::default();
         machine.client_line(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n", &mut out);
-        assert_eq!((out.to_client.as_slice(), out.to_backend.as_slice()), (MUST_STARTTLS, &b""[..]));
+        assert_eq!(
+            (out.to_client.as_slice(), out.to_backend.as_slice()),
+            (MUST_STARTTLS, &b""[..])
+        );
 
         let mut machine = with_policy(RequireTls::Auth);
         client(&mut machine, b"STARTTLS\r\n");
@@ -1197,7 +1175,10 @@ mod tests {
     fn before_tls_a_plaintext_transaction_is_relayed_with_its_body_and_auth_stays_refused() {
         let mut machine = with_policy(RequireTls::Auth);
         for (command, reply) in [
-            (&b"MAIL FROM:<a@b.example>\r\n"[..], &b"250 2.1.0 Ok\r\n"[..]),
+            (
+                &b"MAIL FROM:<a@b.example>\r\n"[..],
+                &b"250 2.1.0 Ok\r\n"[..],
+            ),
             (b"RCPT TO:<c@d.example>\r\n", b"250 2.1.5 Ok\r\n"),
             (b"DATA\r\n", b"354 End data\r\n"),
         ] {
@@ -1217,7 +1198,10 @@ mod tests {
         assert_eq!(to_client, b"250 2.0.0 Ok: queued\r\n");
         let mut out = Output::default();
         machine.client_line(b"AUTH PLAIN x\r\n", &mut out);
-        assert_eq!((out.to_client.as_slice(), out.to_backend.as_slice()), (MUST_STARTTLS, &b""[..]));
+        assert_eq!(
+            (out.to_client.as_slice(), out.to_backend.as_slice()),
+            (MUST_STARTTLS, &b""[..])
+        );
     }
 
     #[test]
@@ -1230,12 +1214,19 @@ mod tests {
             let mut machine = with_policy(RequireTls::Auth);
             let mut out = Output::default();
             machine.client_line(line, &mut out);
-            assert_eq!((out.to_client.as_slice(), out.to_backend.as_slice()), (MUST_STARTTLS, &b""[..]), "{line:?}");
+            assert_eq!(
+                (out.to_client.as_slice(), out.to_backend.as_slice()),
+                (MUST_STARTTLS, &b""[..]),
+                "{line:?}"
+            );
         }
         let mut machine = with_policy(RequireTls::Auth);
         let mut out = Output::default();
         machine.client_line(b"NOOP\rAUTH PLAIN x\r\n", &mut out);
-        assert_eq!((out.to_client.as_slice(), out.to_backend.as_slice()), (BARE_CR, &b""[..]));
+        assert_eq!(
+            (out.to_client.as_slice(), out.to_backend.as_slice()),
+            (BARE_CR, &b""[..])
+        );
         // STARTTLS with a NUL behind it is STARTTLS with an argument.
         let mut out = Output::default();
         machine.client_line(b"STARTTLS\0\r\n", &mut out);
@@ -1247,7 +1238,10 @@ mod tests {
         let mut machine = with_policy(RequireTls::All);
         let mut out = Output::default();
         machine.client_line(b"BDAT 10 LAST\r\n", &mut out);
-        assert_eq!((out.to_client.as_slice(), out.skip_client_bytes), (MUST_STARTTLS, 10));
+        assert_eq!(
+            (out.to_client.as_slice(), out.skip_client_bytes),
+            (MUST_STARTTLS, 10)
+        );
         assert_eq!(out.refused, Some("BDAT"));
     }
 

@@ -262,17 +262,8 @@ async fn serve_implicit(
     endpoints: Endpoints,
 ) -> Result<(), SessionError> {
     let mut client = handshake(context, client).await?;
-    let mut backend = match connect_backend(context, endpoints, Some(client.get_ref().1)).await {
-        Ok(backend) => backend,
-        Err(error) => {
-            say_goodbye(
-                &mut client,
-                protocol::refusal_reply(context.protocol, Refusal::BackendUnavailable),
-            )
-            .await;
-            return Err(error);
-        }
-    };
+    let header = identity_header(context, endpoints, Some(client.get_ref().1));
+    let mut backend = connect_or_refuse(context, &mut client, header).await?;
     let mut dialogue = Dialogue::new(
         context,
         protocol::new_inspector(
@@ -280,14 +271,8 @@ async fn serve_implicit(
             &inspector_options(context, TlsMode::Implicit, endpoints),
         ),
     );
-    match dialogue.run(&mut client, &mut backend).await? {
-        Inspected::Passthrough => splice(context, dialogue, client, backend).await,
-        // An implicit-TLS machine never asks for STARTTLS; treat it as the end.
-        Inspected::StartTls | Inspected::Closed => {
-            close(&mut client).await;
-            Ok(())
-        }
-    }
+    let inspected = dialogue.run(&mut client, &mut backend).await?;
+    finish(context, dialogue, client, backend, inspected).await
 }
 
 async fn serve_starttls(
@@ -297,17 +282,8 @@ async fn serve_starttls(
 ) -> Result<(), SessionError> {
     // The backend connection starts before TLS, so a PROXY header can carry
     // the addresses only.
-    let mut backend = match connect_backend(context, endpoints, None).await {
-        Ok(backend) => backend,
-        Err(error) => {
-            say_goodbye(
-                &mut client,
-                protocol::refusal_reply(context.protocol, Refusal::BackendUnavailable),
-            )
-            .await;
-            return Err(error);
-        }
-    };
+    let header = identity_header(context, endpoints, None);
+    let mut backend = connect_or_refuse(context, &mut client, header).await?;
     let mut dialogue = Dialogue::new(
         context,
         protocol::new_inspector(
@@ -339,11 +315,47 @@ async fn serve_starttls(
     }
     context.metrics.starttls.increment(1);
     dialogue.tls_established();
-    match dialogue.run(&mut client, &mut backend).await? {
+    let inspected = dialogue.run(&mut client, &mut backend).await?;
+    finish(context, dialogue, client, backend, inspected).await
+}
+
+/// Ends the inspection of a TLS session: hand-over to pass-through, or a
+/// clean close (a machine never asks for a second STARTTLS once TLS is up).
+async fn finish<C>(
+    context: &ListenerContext,
+    dialogue: Dialogue<'_>,
+    mut client: C,
+    backend: TcpStream,
+    inspected: Inspected,
+) -> Result<(), SessionError>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    match inspected {
         Inspected::Passthrough => splice(context, dialogue, client, backend).await,
         Inspected::StartTls | Inspected::Closed => {
             close(&mut client).await;
             Ok(())
+        }
+    }
+}
+
+/// Connects to the backend (sending `header` first), or gives the client the
+/// protocol's temporary failure and closes.
+async fn connect_or_refuse<C>(
+    context: &ListenerContext,
+    client: &mut C,
+    header: Option<Vec<u8>>,
+) -> Result<TcpStream, SessionError>
+where
+    C: AsyncWrite + Unpin,
+{
+    match connect_backend(context, header).await {
+        Ok(backend) => Ok(backend),
+        Err(error) => {
+            let reply = protocol::refusal_reply(context.protocol, Refusal::BackendUnavailable);
+            say_goodbye(client, reply).await;
+            Err(error)
         }
     }
 }
@@ -432,18 +444,19 @@ fn inspector_options(
 /// protocol header first, in one write (receivers read it with one recv).
 /// `tls` is the client's TLS session when it is already established
 /// (implicit TLS): version 2 headers then carry its facts.
-async fn connect_backend(
+/// The PROXY protocol header the listener sends its backend first, if any;
+/// v2 carries the TLS facts when the handshake came first (implicit TLS).
+fn identity_header(
     context: &ListenerContext,
     endpoints: Endpoints,
     tls: Option<&rustls::ServerConnection>,
-) -> Result<TcpStream, SessionError> {
-    let mut backend = connect(context).await?;
-    let header = match context.client_identity {
-        ClientIdentity::ProxyV1 => proxy_header::v1(endpoints.peer, endpoints.local),
+) -> Option<Vec<u8>> {
+    match context.client_identity {
+        ClientIdentity::ProxyV1 => Some(proxy_header::v1(endpoints.peer, endpoints.local)),
         ClientIdentity::ProxyV2 => {
             let version = tls.and_then(|tls| tls.protocol_version());
             let suite = tls.and_then(|tls| tls.negotiated_cipher_suite());
-            match (tls, version, suite) {
+            Some(match (tls, version, suite) {
                 (Some(tls), Some(version), Some(suite)) => {
                     let version = proxy_header::tls_version_name(version);
                     let cipher = proxy_header::openssl_cipher_name(suite.suite());
@@ -455,14 +468,23 @@ async fn connect_backend(
                     proxy_header::v2(endpoints.peer, endpoints.local, Some(&facts))
                 }
                 _ => proxy_header::v2(endpoints.peer, endpoints.local, None),
-            }
+            })
         }
-        ClientIdentity::None | ClientIdentity::Xclient => return Ok(backend),
-    };
-    backend
-        .write_all(&header)
-        .await
-        .map_err(SessionError::Backend)?;
+        ClientIdentity::None | ClientIdentity::Xclient => None,
+    }
+}
+
+async fn connect_backend(
+    context: &ListenerContext,
+    header: Option<Vec<u8>>,
+) -> Result<TcpStream, SessionError> {
+    let mut backend = connect(context).await?;
+    if let Some(header) = header {
+        backend
+            .write_all(&header)
+            .await
+            .map_err(SessionError::Backend)?;
+    }
     Ok(backend)
 }
 

@@ -9,6 +9,7 @@
 //! directions without looking at them.
 
 mod dialogue;
+mod relay;
 mod streams;
 
 use std::net::SocketAddr;
@@ -30,6 +31,7 @@ use crate::protocol::{
 };
 
 use dialogue::{Dialogue, Inspected};
+use relay::ReadAhead;
 pub use streams::{ActivityFlag, Counted, Prefixed};
 
 /// The most a client line may hold before TLS or during inspection (RFC
@@ -261,7 +263,7 @@ async fn serve_implicit(
     client: TcpStream,
     endpoints: Endpoints,
 ) -> Result<(), SessionError> {
-    let mut client = handshake(context, client).await?;
+    let mut client = handshake(context, ReadAhead::new(client)).await?;
     let header = identity_header(context, endpoints, Some(client.get_ref().1));
     let mut backend = connect_or_refuse(context, &mut client, header).await?;
     let mut dialogue = Dialogue::new(
@@ -305,7 +307,11 @@ async fn serve_starttls(
     // be read as a reply inside TLS, so it is dropped.
     let early_client_bytes = dialogue.take_client_pending();
     let mut dropped = dialogue.discard_backend_pending();
-    let mut client = handshake(context, Prefixed::new(early_client_bytes, client)).await?;
+    let mut client = handshake(
+        context,
+        ReadAhead::new(Prefixed::new(early_client_bytes, client)),
+    )
+    .await?;
     dropped += drain_ready(&backend);
     if dropped > 0 {
         warn!(
@@ -361,17 +367,26 @@ where
 }
 
 /// Runs the TLS handshake with the client, within the listener's time limit.
-async fn handshake<IO>(context: &ListenerContext, io: IO) -> Result<TlsStream<IO>, SessionError>
+///
+/// The handshake runs boxed and the stream comes back boxed: a rustls
+/// connection is over 1 KiB, and a task is allocated at the size of its
+/// largest state for its whole life, so every copy of the stream held inline
+/// by the session's futures would cost each idle session that much again.
+async fn handshake<IO>(
+    context: &ListenerContext,
+    io: IO,
+) -> Result<Box<TlsStream<IO>>, SessionError>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
     let started = Instant::now();
-    let result = tokio::time::timeout(context.handshake_timeout, context.acceptor.accept(io)).await;
+    let accept = Box::pin(context.acceptor.accept(io));
+    let result = tokio::time::timeout(context.handshake_timeout, accept).await;
     let took = started.elapsed();
     match result {
         Ok(Ok(stream)) => {
             context.metrics.handshake_finished(true, took);
-            Ok(stream)
+            Ok(Box::new(stream))
         }
         Ok(Err(error)) => {
             context.metrics.handshake_finished(false, took);
@@ -572,7 +587,7 @@ where
         activity.clone(),
     );
     tokio::select! {
-        copied = tokio::io::copy_bidirectional(&mut client, &mut backend) => match copied {
+        copied = relay::copy_bidirectional(&mut client, &mut backend) => match copied {
             Ok(_) => Ok(()),
             Err(error) => Err(SessionError::Relay(error)),
         },

@@ -258,8 +258,8 @@ mod tests {
     #[tokio::test]
     async fn copies_both_ways_through_a_slow_writer_and_half_closes() {
         // Small pipes: writes are partial and pend, so the pending path runs.
-        let (mut client, mut proxy_client) = tokio::io::duplex(1000);
-        let (mut proxy_backend, mut backend) = tokio::io::duplex(777);
+        let (client, mut proxy_client) = tokio::io::duplex(1000);
+        let (mut proxy_backend, backend) = tokio::io::duplex(777);
         let relay =
             tokio::spawn(
                 async move { copy_bidirectional(&mut proxy_client, &mut proxy_backend).await },

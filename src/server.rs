@@ -201,6 +201,19 @@ impl Proxy {
         // Certificate rotation: directory watch, SIGHUP, polling.
         let mut reload_task = JoinSet::new();
         reload_task.spawn(self.reloader.run(self.certificate_poll_interval));
+        // Histogram samples (handshake durations) pile up in the recorder
+        // until drained; with no scrape (no [metrics] listen, or a slow
+        // scraper) that memory grew with every handshake. Drain on a timer,
+        // as the exporter's own `install()` would.
+        let mut upkeep_task = JoinSet::new();
+        let upkeep = self.metrics_handle.clone();
+        upkeep_task.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                upkeep.run_upkeep();
+            }
+        });
         let mut admin_task = JoinSet::new();
         if let Some(admin) = self.admin {
             info!(

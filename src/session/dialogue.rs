@@ -128,6 +128,9 @@ impl<'a> Dialogue<'a> {
                                 "it answered {:?} before the client's first command",
                                 String::from_utf8_lossy(protocol::trim_eol(line))
                             );
+                            // What earlier lines produced goes out first, as
+                            // it would have line by line.
+                            self.flush(client, backend).await?;
                             let error = self.header_rejected(evidence);
                             self.out.clear();
                             self.out
@@ -141,16 +144,27 @@ impl<'a> Dialogue<'a> {
                         }
                         self.inspector.backend_line(line, &mut self.out)
                     }
-                    Ok(None) => break,
+                    Ok(None) => {
+                        self.flush(client, backend).await?;
+                        break;
+                    }
                     Err(too_long) => {
+                        self.flush(client, backend).await?;
                         self.inspector
                             .backend_failed(BackendFailure::LineTooLong, &mut self.out);
                         self.flush_to_client(client).await?;
                         return Err(SessionError::BackendLineTooLong(too_long.max));
                     }
                 };
-                self.flush(client, backend).await?;
-                if let Some(ended) = ended(next) {
+                // The lines of one reply (EHLO, CAPABILITY) that arrived
+                // together go out in one write (one TLS record, one packet)
+                // instead of one each: flushed when the buffered lines are
+                // used up, when the phase ends, or when there is a notice.
+                let ended = ended(next);
+                if ended.is_some() || self.out.notice.is_some() {
+                    self.flush(client, backend).await?;
+                }
+                if let Some(ended) = ended {
                     return Ok(ended);
                 }
             }

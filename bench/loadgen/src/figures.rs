@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Barrier;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsConnector;
 
@@ -316,24 +317,48 @@ pub async fn bulk(
     connections: usize,
     window: Window,
 ) -> Result<Vec<Record>> {
+    if mode == Mode::Starttls {
+        bail!("the bulk figure uses implicit TLS or plain");
+    }
     let moved = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(Errors::default());
+    // Every connection is set up before any starts sending, so a busy
+    // connection never delays another's handshake.
+    let ready = Arc::new(Barrier::new(connections + 1));
     let mut tasks = JoinSet::new();
     for _ in 0..connections {
-        let (moved, stop, errors) = (moved.clone(), stop.clone(), errors.clone());
-        match mode {
-            Mode::Plain => {
-                let stream = client::connect(target).await?;
-                tasks.spawn(bulk_connection(stream, kind, moved, stop, errors));
-            }
-            Mode::Implicit => {
+        let shared = Shared {
+            moved: moved.clone(),
+            stop: stop.clone(),
+            errors: errors.clone(),
+            ready: ready.clone(),
+        };
+        let connector = context.connector.clone();
+        tasks.spawn(async move {
+            let connect = async {
                 let tcp = client::connect(target).await?;
-                let stream = client::tls_handshake(&context.connector, tcp).await?;
-                tasks.spawn(bulk_connection(stream, kind, moved, stop, errors));
+                anyhow::Ok(match mode {
+                    Mode::Implicit => {
+                        Either::Tls(Box::new(client::tls_handshake(&connector, tcp).await?))
+                    }
+                    _ => Either::Plain(tcp),
+                })
+            };
+            match connect.await {
+                Ok(Either::Tls(stream)) => bulk_connection(*stream, kind, shared).await,
+                Ok(Either::Plain(stream)) => bulk_connection(stream, kind, shared).await,
+                Err(error) => shared.errors.add(&error),
             }
-            Mode::Starttls => bail!("the bulk figure uses implicit TLS or plain"),
-        }
+        });
+    }
+    if tokio::time::timeout(SETUP_LIMIT, ready.wait())
+        .await
+        .is_err()
+    {
+        tasks.abort_all();
+        errors.report("bulk");
+        bail!("the {connections} bulk connections were not set up within {SETUP_LIMIT:?}");
     }
     tokio::time::sleep(window.warmup).await;
     let (start, before) = (context.snapshot(), moved.load(Ordering::Relaxed));
@@ -376,30 +401,43 @@ pub async fn bulk(
     Ok(records)
 }
 
-async fn bulk_connection<S>(
-    stream: S,
-    kind: Bulk,
+/// How long setting up the bulk connections may take.
+const SETUP_LIMIT: Duration = Duration::from_secs(30);
+
+enum Either<T> {
+    Tls(Box<T>),
+    Plain(tokio::net::TcpStream),
+}
+
+/// What the connections of one bulk run share.
+struct Shared {
     moved: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     errors: Arc<Errors>,
-) where
+    /// Passed once set up; all start sending together.
+    ready: Arc<Barrier>,
+}
+
+async fn bulk_connection<S>(stream: S, kind: Bulk, shared: Shared)
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let result = match kind {
-        Bulk::Echo => echo_connection(stream, &moved, &stop).await,
-        Bulk::Data => data_connection(stream, &moved, &stop).await,
+        Bulk::Echo => echo_connection(stream, &shared).await,
+        Bulk::Data => data_connection(stream, &shared).await,
     };
     if let Err(error) = result {
-        if !stop.load(Ordering::Relaxed) {
-            errors.add(&error);
+        if !shared.stop.load(Ordering::Relaxed) {
+            shared.errors.add(&error);
         }
     }
 }
 
-async fn echo_connection<S>(stream: S, moved: &AtomicU64, stop: &AtomicBool) -> Result<()>
+async fn echo_connection<S>(stream: S, shared: &Shared) -> Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let (moved, stop) = (&*shared.moved, &*shared.stop);
     let mut lines = Lines::new(stream);
     lines.imap_greeting().await?;
     // An unknown command ends every proxy's inspection; the echo returns it.
@@ -408,6 +446,7 @@ where
     if echoed != b"a ECHO\r\n" || !lines.buffered().is_empty() {
         bail!("echo: unexpected {:?}", String::from_utf8_lossy(&echoed));
     }
+    shared.ready.wait().await;
     let (mut reader, mut writer) = tokio::io::split(lines.into_stream()?);
     let block = data_block();
     let write = async {
@@ -431,14 +470,16 @@ where
     tokio::try_join!(write, read).map(|_| ())
 }
 
-async fn data_connection<S>(stream: S, moved: &AtomicU64, stop: &AtomicBool) -> Result<()>
+async fn data_connection<S>(stream: S, shared: &Shared) -> Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let (moved, stop) = (&*shared.moved, &*shared.stop);
     let mut lines = Lines::new(stream);
     lines.smtp_reply("220").await?;
     lines.send(b"EHLO bench.client\r\n").await?;
     lines.smtp_reply("250").await?;
+    shared.ready.wait().await;
     let block = data_block();
     let blocks = MESSAGE_BYTES / block.len();
     while !stop.load(Ordering::Relaxed) {

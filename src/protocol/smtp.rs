@@ -235,8 +235,15 @@ impl SmtpInspector {
             out.refused = Some(command_label(&verb));
             if verb == b"BDAT" {
                 // The chunk follows the command without waiting for a reply
-                // (RFC 3030): it is data, to be thrown away unread.
-                out.skip_client_bytes = bdat_size(argument).unwrap_or(0);
+                // (RFC 3030): it is data, to be thrown away unread. A chunk
+                // whose size cannot be read cannot be skipped: close.
+                match bdat_size(argument) {
+                    Some(size) => out.skip_client_bytes = size,
+                    None => {
+                        self.state = State::Done;
+                        return Next::Close;
+                    }
+                }
             }
             return Next::Continue;
         }
@@ -309,10 +316,14 @@ impl SmtpInspector {
                         State::Chunk(size)
                     };
                 }
-                // The chunk cannot be framed, so it never reaches the
-                // backend; whatever follows is read as commands (and
-                // inspected) here.
-                None => out.to_client.extend_from_slice(BDAT_SYNTAX),
+                // The chunk cannot be framed: it never reaches the backend,
+                // and since its data follows at once and could only be read
+                // as commands, the session ends here.
+                None => {
+                    out.to_client.extend_from_slice(BDAT_SYNTAX);
+                    self.state = State::Done;
+                    return Next::Close;
+                }
             },
             _ => {
                 out.to_backend.extend_from_slice(line);
@@ -516,13 +527,19 @@ fn xclient_address(ip: IpAddr) -> String {
 }
 
 /// The size of `BDAT chunk-size [LAST]` (RFC 3030), if the argument is that.
+/// Separators a lenient backend skips around words (Postfix's smtpd
+/// tokenizer: SP, HT, VT, FF; CR is refused before it gets here).
+fn is_blank(byte: u8) -> bool {
+    matches!(byte, b' ' | b'\t' | 0x0b | 0x0c)
+}
+
 /// The command word and its argument. Leading blanks are skipped and the
 /// word ends at the first byte that is not a letter, the way a lenient
-/// backend reads it: `AUTH\tPLAIN` and ` AUTH PLAIN` are both AUTH.
+/// backend reads it: `AUTH\tPLAIN`, ` AUTH PLAIN` and `\x0cAUTH` are AUTH.
 fn command_verb(text: &[u8]) -> (&[u8], &[u8]) {
     let start = text
         .iter()
-        .position(|&b| b != b' ' && b != b'\t')
+        .position(|&b| !is_blank(b))
         .unwrap_or(text.len());
     let text = &text[start..];
     let end = text
@@ -530,10 +547,7 @@ fn command_verb(text: &[u8]) -> (&[u8], &[u8]) {
         .position(|b| !b.is_ascii_alphabetic())
         .unwrap_or(text.len());
     let rest = &text[end..];
-    let skip = rest
-        .iter()
-        .take_while(|&&b| b == b' ' || b == b'\t')
-        .count();
+    let skip = rest.iter().take_while(|&&b| is_blank(b)).count();
     (&text[..end], &rest[skip..])
 }
 
@@ -1234,6 +1248,44 @@ mod tests {
     }
 
     #[test]
+    fn a_bdat_whose_size_cannot_be_read_ends_the_session() {
+        let mut machine = with_policy(RequireTls::All);
+        let mut out = Output::default();
+        let next = machine.client_line(b"BDAT 10 LAS\r\n", &mut out);
+        assert_eq!(
+            (out.to_client.as_slice(), next),
+            (MUST_STARTTLS, Next::Close)
+        );
+
+        let mut machine = with_policy(RequireTls::Auth);
+        client(&mut machine, b"MAIL FROM:<a@b>\r\n");
+        backend(&mut machine, b"250 ok\r\n");
+        let (to_client, to_backend, next) = client(&mut machine, b"BDAT ten LAST\r\n");
+        assert_eq!(
+            (to_client.as_slice(), to_backend.as_slice(), next),
+            (BDAT_SYNTAX, &b""[..], Next::Close)
+        );
+    }
+
+    #[test]
+    fn auth_behind_a_form_feed_or_vertical_tab_is_refused_before_tls() {
+        for line in [
+            &b"\x0cAUTH PLAIN x\r\n"[..],
+            b"\x0bAUTH PLAIN x\r\n",
+            b"AUTH\x0cPLAIN x\r\n",
+        ] {
+            let mut machine = with_policy(RequireTls::Auth);
+            let mut out = Output::default();
+            machine.client_line(line, &mut out);
+            assert_eq!(
+                (out.to_client.as_slice(), out.to_backend.as_slice()),
+                (MUST_STARTTLS, &b""[..]),
+                "{line:?}"
+            );
+        }
+    }
+
+    #[test]
     fn a_refused_bdat_chunk_is_skipped_unread() {
         let mut machine = with_policy(RequireTls::All);
         let mut out = Output::default();
@@ -1642,18 +1694,20 @@ mod tests {
         assert_eq!(to_backend, b"BDAT 0 LAST\r\n");
         assert!(!machine.wants_client_bytes());
         backend(&mut machine, b"250 2.0.0 Ok: queued\r\n");
+        // A chunk that cannot be framed ends the session: its data follows
+        // at once and could only be misread as commands.
         for bad in [
             &b"BDAT\r\n"[..],
             b"BDAT x LAST\r\n",
             b"BDAT 5 NOW\r\n",
             b"BDAT 99999999999999999999\r\n",
         ] {
-            let (to_client, to_backend, _) = client(&mut machine, bad);
+            let mut machine = identified();
+            let (to_client, to_backend, next) = client(&mut machine, bad);
             assert_eq!(
-                (to_client.as_slice(), to_backend.as_slice()),
-                (BDAT_SYNTAX, &b""[..])
+                (to_client.as_slice(), to_backend.as_slice(), next),
+                (BDAT_SYNTAX, &b""[..], Next::Close)
             );
-            assert!(machine.wants_client_line());
         }
     }
 

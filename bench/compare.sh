@@ -171,11 +171,15 @@ log "results in $OUT"
 # Descriptors: every idle session costs a proxy two (client and backend).
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 FD_LIMIT=$(ulimit -n)
+# stunnel accepts at most limit x 125/256 clients; every proxy is measured at
+# the same counts.
 MAX_IDLE=$(( (FD_LIMIT - 200) / 2 ))
+STUNNEL_MAX=$(( (FD_LIMIT * 125 / 256 - 15) / 100 * 100 ))
+[ "$STUNNEL_MAX" -ge "$MAX_IDLE" ] || MAX_IDLE=$STUNNEL_MAX
 IDLE_LIST=""
 for count in $IDLE_COUNTS; do
     if [ "$count" -gt "$MAX_IDLE" ]; then
-        log "warning: the open-file limit here is $FD_LIMIT (hard limit; raising it needs CAP_SYS_RESOURCE): $count idle sessions need $((2 * count + 200)) descriptors per proxy; measuring $MAX_IDLE instead"
+        log "warning: the open-file limit here is $FD_LIMIT (hard limit; raising it needs CAP_SYS_RESOURCE): $count idle sessions need $((2 * count + 200)) descriptors per proxy (and stunnel takes at most $((FD_LIMIT * 125 / 256)) clients); measuring $MAX_IDLE instead"
         count=$MAX_IDLE
     fi
     IDLE_LIST="${IDLE_LIST:+$IDLE_LIST,}$count"

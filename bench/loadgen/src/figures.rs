@@ -224,22 +224,23 @@ pub async fn latency(
     samples: usize,
     limit: Duration,
 ) -> Result<Vec<Record>> {
-    let timings = match mode {
+    let (timings, start, end) = match mode {
         Mode::Plain => {
             let mut lines = Lines::new(client::connect(target).await?);
             lines.imap_greeting().await?;
-            noop_round_trips(&mut lines, samples, limit).await?
+            noop_round_trips(context, &mut lines, samples, limit).await?
         }
         Mode::Implicit => {
             let mut lines =
                 client::open_tls(&context.connector, target, Mode::Implicit, Protocol::Imap)
                     .await?;
-            let timings = noop_round_trips(&mut lines, samples, limit).await?;
+            let measured = noop_round_trips(context, &mut lines, samples, limit).await?;
             client::close_tls(lines.stream).await;
-            timings
+            measured
         }
         Mode::Starttls => bail!("the latency figure uses implicit TLS or plain"),
     };
+    let (proxy_seconds, _, _) = cpu_between(&start, &end);
     let percentile = |p: f64| -> f64 {
         let index = ((timings.len() as f64 * p) as usize).min(timings.len() - 1);
         timings[index] as f64 / 1000.0
@@ -252,21 +253,33 @@ pub async fn latency(
         percentile(0.99),
         timings.len()
     );
-    Ok(vec![
+    let mut records = vec![
         context.record("latency", "noop", "p50_us", percentile(0.50)),
         context.record("latency", "noop", "p99_us", percentile(0.99)),
         context.record("latency", "noop", "mean_us", mean),
         context.record("latency", "noop", "samples", timings.len() as f64),
-    ])
+    ];
+    if let Some(seconds) = proxy_seconds {
+        // The proxy's own work per round trip (both directions), apart from
+        // the waiting: what its code costs, free of wake-up latency.
+        records.push(context.record(
+            "latency",
+            "noop",
+            "cpu_us_per_round_trip",
+            seconds * 1e6 / timings.len() as f64,
+        ));
+    }
+    Ok(records)
 }
 
 /// LOGIN, a warm-up, then `samples` NOOPs (or until `limit`); sorted
-/// round-trip times in nanoseconds.
+/// round-trip times in nanoseconds, and CPU snapshots around them.
 async fn noop_round_trips<S: AsyncRead + AsyncWrite + Unpin>(
+    context: &Context,
     lines: &mut Lines<S>,
     samples: usize,
     limit: Duration,
-) -> Result<Vec<u64>> {
+) -> Result<(Vec<u64>, Snapshot, Snapshot)> {
     lines.send(b"l LOGIN bench bench\r\n").await?;
     lines.imap_tagged("l").await?;
     for _ in 0..(samples / 10).clamp(10, 1000) {
@@ -275,17 +288,19 @@ async fn noop_round_trips<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let deadline = Instant::now() + limit;
     let mut timings = Vec::with_capacity(samples);
+    let start = context.snapshot();
     while timings.len() < samples && Instant::now() < deadline {
         let started = Instant::now();
         lines.send(b"a NOOP\r\n").await?;
         lines.imap_tagged("a").await?;
         timings.push(started.elapsed().as_nanos() as u64);
     }
+    let end = context.snapshot();
     if timings.is_empty() {
         bail!("no NOOP completed");
     }
     timings.sort_unstable();
-    Ok(timings)
+    Ok((timings, start, end))
 }
 
 /// What a bulk connection carries.
@@ -531,10 +546,26 @@ pub async fn idle(
     let mut held: Vec<client::TlsLines> = Vec::new();
     let mut points = vec![(0usize, procstat::rss_kib(pid)?)];
     let errors = Errors::default();
-    for &count in counts {
+    'counts: for &count in counts {
         while held.len() < count {
             if Instant::now() > deadline {
-                bail!("only {} sessions open after {limit:?}", held.len());
+                errors.add(&anyhow::anyhow!(
+                    "only {} sessions open after {limit:?}",
+                    held.len()
+                ));
+            }
+            if errors.count.load(Ordering::Relaxed) > 0 {
+                // The most this proxy held: measure that, and stop.
+                errors.report("idle sessions");
+                tokio::time::sleep(settle).await;
+                let rss = procstat::rss_kib(pid)?;
+                eprintln!(
+                    "  opening idle sessions failed: {} held via {}, RSS {rss} KiB",
+                    held.len(),
+                    context.labels.proxy
+                );
+                points.push((held.len(), rss));
+                break 'counts;
             }
             let batch = (count - held.len()).min(open_concurrency);
             let mut opening = JoinSet::new();
@@ -562,13 +593,6 @@ pub async fn idle(
                     Err(error) => errors.add(&error),
                 }
             }
-            if errors.count.load(Ordering::Relaxed) > 0 {
-                errors.report("idle sessions");
-                bail!(
-                    "opening idle sessions failed after {} were open",
-                    held.len()
-                );
-            }
         }
         tokio::time::sleep(settle).await;
         let rss = procstat::rss_kib(pid)?;
@@ -581,8 +605,13 @@ pub async fn idle(
     }
     // Everything still open and answering: one NOOP on a sample of them.
     for lines in held.iter_mut().step_by(997) {
-        lines.send(b"a NOOP\r\n").await?;
-        lines.imap_tagged("a").await?;
+        let noop = async {
+            lines.send(b"a NOOP\r\n").await?;
+            lines.imap_tagged("a").await
+        };
+        if let Err(error) = noop.await {
+            errors.add(&error.context("a held session no longer answers"));
+        }
     }
     let mut records = Vec::new();
     for (count, rss) in &points {
@@ -595,6 +624,12 @@ pub async fn idle(
         records.push(context.record("memory", variant, "kib_per_session", per_session));
     }
     records.push(context.record("memory", variant, "sessions_held", held.len() as f64));
+    records.push(context.record(
+        "memory",
+        variant,
+        "errors",
+        errors.count.load(Ordering::Relaxed) as f64,
+    ));
     drop(held);
     Ok(records)
 }

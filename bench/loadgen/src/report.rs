@@ -68,6 +68,11 @@ const METRICS: &[Metric] = &[
         higher_is_better: Some(false),
     },
     Metric {
+        key: "cpu_us_per_round_trip",
+        label: "proxy CPU µs per round trip",
+        higher_is_better: Some(false),
+    },
+    Metric {
         key: "mb_per_s",
         label: "MB/s",
         higher_is_better: Some(true),

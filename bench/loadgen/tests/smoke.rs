@@ -211,6 +211,7 @@ async fn every_figure_runs_and_the_report_renders() {
         )
         .await
         .expect("idle sessions");
+        no_errors(&records);
         assert_eq!(value(&records, "sessions_held"), 200.0);
         value(&records, "kib_per_session");
         all.extend(records);

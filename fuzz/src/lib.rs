@@ -196,6 +196,13 @@ pub fn allowed_from_env(id: &str) -> bool {
         .any(|allowed| allowed == id)
 }
 
+/// Whether `MTP_FUZZ_TRACE` is set: every call and its output go to stderr
+/// (for reading a reproducer with `examples/decode.rs`).
+fn tracing() -> bool {
+    static TRACE: OnceLock<bool> = OnceLock::new();
+    *TRACE.get_or_init(|| std::env::var_os("MTP_FUZZ_TRACE").is_some())
+}
+
 /// The fuzz target body for a protocol machine: panics on a violation.
 pub fn fuzz_protocol(protocol: Protocol, data: &[u8]) {
     if let Err(violation) = run_protocol(protocol, data, &allowed_from_env) {
@@ -263,6 +270,11 @@ struct Sim<'a> {
     smtp_replay_budget: usize,
     /// SMTP (contract mode): an EHLO was forwarded; its reply is pending.
     smtp_ehlo_pending: bool,
+    /// SMTP: the backend's last complete reply was a 334, so the client's
+    /// next line is an AUTH continuation (SASL data), not a command.
+    smtp_334: bool,
+    /// The client line being checked is such a continuation.
+    continuation_line: bool,
     /// POP3 (contract mode): the client's view of a CAPA reply being relayed.
     pop3_capa: Option<Vec<u8>>,
 }
@@ -292,6 +304,8 @@ impl<'a> Sim<'a> {
             smtp_window: 0,
             smtp_replay_budget: 0,
             smtp_ehlo_pending: false,
+            smtp_334: false,
+            continuation_line: false,
             pop3_capa: None,
         }
     }
@@ -470,8 +484,10 @@ impl<'a> Sim<'a> {
     fn client_line(&mut self, line: &[u8]) -> Result<Next, Violation> {
         let awaiting = self.phase == Phase::Handshake;
         self.longest_client_line = self.longest_client_line.max(line.len());
+        self.continuation_line = std::mem::take(&mut self.smtp_334);
         self.out.clear();
         let next = self.machine.client_line(line, &mut self.out);
+        self.trace("client_line", line, next);
         self.check_common(Call::Client, line, next, awaiting)?;
         self.check_client_reply(line, next)?;
         if !self.out.to_backend.is_empty() {
@@ -479,6 +495,7 @@ impl<'a> Sim<'a> {
             self.smtp_window = 0;
             let word = first_word(trim_eol(line));
             self.smtp_ehlo_pending = !self.setup.chaos
+                && !self.continuation_line
                 && self.protocol == Protocol::Smtp
                 && word.eq_ignore_ascii_case(b"EHLO");
             if !self.setup.chaos
@@ -497,8 +514,21 @@ impl<'a> Sim<'a> {
         if !self.tls {
             self.smtp_replay_budget = self.smtp_replay_budget.max(self.smtp_window);
         }
+        self.continuation_line = false;
         self.out.clear();
         let next = self.machine.backend_line(line, &mut self.out);
+        if self.protocol == Protocol::Smtp {
+            let text = trim_eol(line);
+            let code = text
+                .get(..3)
+                .filter(|code| code.iter().all(u8::is_ascii_digit));
+            // Sticky until the client's next line: whatever else a backend
+            // says after its 334, the client answers the challenge.
+            if code == Some(&b"334"[..]) && text.get(3) != Some(&b'-') {
+                self.smtp_334 = true;
+            }
+        }
+        self.trace("backend_line", line, next);
         self.check_common(Call::Backend, line, next, awaiting)?;
         self.check_backend_bounds(line)?;
         match self.protocol {
@@ -523,6 +553,19 @@ impl<'a> Sim<'a> {
         self.machine.backend_failed(failure, &mut self.out);
         self.phase = Phase::Ended;
         self.check_common(Call::Failed, b"", Next::Close, awaiting)
+    }
+
+    fn trace(&self, call: &str, line: &[u8], next: Next) {
+        if tracing() {
+            eprintln!(
+                "{call}({}) -> {next:?}, to_client={}, to_backend={}, skip={}, wants_client_line={}",
+                escape(line),
+                escape(&self.out.to_client),
+                escape(&self.out.to_backend),
+                self.out.skip_client_bytes,
+                self.machine.wants_client_line()
+            );
+        }
     }
 
     /// Invariants for every call.
@@ -691,6 +734,11 @@ impl<'a> Sim<'a> {
     /// session closed). Otherwise the data is parsed as commands.
     fn check_data_framing(&self, line: &[u8], next: Next) -> Result<(), Violation> {
         let text = trim_eol(line);
+        // A line with a bare CR is no well-formed command (RFC 5321 2.3.8):
+        // no client can expect its announcement to be honoured.
+        if text.contains(&b'\r') {
+            return Ok(());
+        }
         let (announced, sends_unasked) = match self.protocol {
             Protocol::Smtp => {
                 let mut parts = words(text);
@@ -770,7 +818,9 @@ impl<'a> Sim<'a> {
     /// Before TLS on a restricted STARTTLS listener, no credential command
     /// reaches the backend, and under `all` nothing but the road to TLS.
     fn check_policy(&self, call: Call, line: &[u8], next: Next) -> Result<(), Violation> {
-        if !self.policy_applies() {
+        // After a 334 the client's line is SASL data for an exchange the
+        // backend itself started; it is not a command.
+        if !self.policy_applies() || (call == Call::Client && self.continuation_line) {
             return Ok(());
         }
         let (credentials, road_to_tls): (&[&[u8]], &[&[u8]]) = match self.protocol {
@@ -806,7 +856,16 @@ impl<'a> Sim<'a> {
                 )
             })?;
             if self.setup.policy == RequireTls::All && call == Call::Client {
-                self.check(is(strict, road_to_tls), "policy-all", || {
+                // SMTP: the machine reads the verb as the leading letters;
+                // `EHLO`x` reaching the backend is an unknown command there,
+                // not a way past the policy.
+                let letters = &lenient[..lenient
+                    .iter()
+                    .position(|b| !b.is_ascii_alphabetic())
+                    .unwrap_or(lenient.len())];
+                let on_road = is(strict, road_to_tls)
+                    || (self.protocol == Protocol::Smtp && is(letters, road_to_tls));
+                self.check(on_road, "policy-all", || {
                     format!(
                         "before TLS with require_tls=all, {} reached the backend",
                         escape(sent)

@@ -43,11 +43,15 @@
 //! again, and the answer no longer offers STARTTLS.
 
 use super::{
-    command_label, eol_of, split_word, trim_eol, BackendFailure, Goodbye, Inspector, Next, Output,
-    RequireTls, TlsMode,
+    command_label, eol_of, lenient_verb, split_word, trim_eol, BackendFailure, Goodbye, Inspector,
+    Next, Output, RequireTls, TlsMode,
 };
 
 /// Reply to a client whose backend cannot be reached (RFC 5530 response code).
+/// Reply when a backend pre-authenticates a session before TLS on a
+/// listener with `require_tls = "all"`.
+pub const PREAUTH_WITHOUT_TLS: &[u8] =
+    b"* BYE [PRIVACYREQUIRED] Pre-authenticated session refused without TLS\r\n";
 pub const SERVICE_UNAVAILABLE: &[u8] = b"* BYE [UNAVAILABLE] Backend server not available\r\n";
 /// Reply to a client line over the cap, before the connection is closed.
 pub const LINE_TOO_LONG: &[u8] = b"* BYE Line too long\r\n";
@@ -194,6 +198,15 @@ impl ImapInspector {
             self.relay(line, out);
             self.state = State::Idle;
             Next::Continue
+        } else if is_untagged(text, b"PREAUTH")
+            && self.offers_starttls()
+            && self.require_tls == RequireTls::All
+        {
+            // The backend authenticated the session in clear, where STARTTLS
+            // is no longer possible; `all` forbids such a session.
+            out.to_client.extend_from_slice(PREAUTH_WITHOUT_TLS);
+            self.state = State::Done;
+            Next::Close
         } else if is_untagged(text, b"PREAUTH") {
             // Already authenticated: STARTTLS is not allowed any more
             // (RFC 9051 section 6.2.1) and the proxy will not be there to
@@ -226,7 +239,10 @@ impl ImapInspector {
         let literal = trailing_literal(text);
         let well_formed = is_tag(tag) && !command.is_empty();
         if self.restricted() {
-            if let Some(next) = self.refuse_before_tls(text, tag, command, literal, out) {
+            // The verb as a lenient backend reads it: blanks of any kind may
+            // stand between tag and command.
+            let verb = lenient_verb(rest);
+            if let Some(next) = self.refuse_before_tls(text, tag, command, verb, literal, out) {
                 return next;
             }
         } else if literal.is_some() || !well_formed {
@@ -268,10 +284,10 @@ impl ImapInspector {
         text: &[u8],
         tag: &[u8],
         command: &[u8],
+        verb: &[u8],
         literal: Option<Literal>,
         out: &mut Output,
     ) -> Option<Next> {
-        let verb = lenient_verb(command);
         // A bare CR inside the line could end a command for a lenient
         // backend and start another one (a LOGIN) it would read in clear.
         if !is_tag(tag) || command.is_empty() || text.contains(&b'\r') {
@@ -394,21 +410,6 @@ fn is_one_of(word: &[u8], known: &[&[u8]]) -> bool {
     known.iter().any(|known| word.eq_ignore_ascii_case(known))
 }
 
-/// The command word as a lenient server might read it: leading blanks
-/// skipped, up to the first byte that is not a letter (`LOGIN\talice`).
-fn lenient_verb(command: &[u8]) -> &[u8] {
-    let start = command
-        .iter()
-        .position(|&b| b != b' ' && b != b'\t')
-        .unwrap_or(command.len());
-    let command = &command[start..];
-    let len = command
-        .iter()
-        .position(|b| !b.is_ascii_alphabetic())
-        .unwrap_or(command.len());
-    &command[..len]
-}
-
 /// Whether `text` is an untagged response whose first word after `*` is
 /// `keyword` (case-insensitive).
 fn is_untagged(text: &[u8], keyword: &[u8]) -> bool {
@@ -469,10 +470,15 @@ fn capability_list(text: &[u8]) -> Option<(usize, usize)> {
     let is_status = [&b"OK"[..], b"NO", b"BAD", b"PREAUTH", b"BYE"]
         .iter()
         .any(|status| second.eq_ignore_ascii_case(status));
-    let code = after.strip_prefix(b"[")?;
-    if !is_status {
+    // A response code may also open a continuation request (`+ [CAPABILITY
+    // ...] text`, RFC 9051 section 7.5).
+    let code = if first == b"+" {
+        rest.strip_prefix(b"[")?
+    } else if is_status {
+        after.strip_prefix(b"[")?
+    } else {
         return None;
-    }
+    };
     let name_len = code
         .iter()
         .position(|&b| b == b' ' || b == b']')
@@ -548,6 +554,44 @@ fn write_filtered_list(list: &[u8], rewrite: Rewrite, out: &mut Vec<u8>) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_preauth_greeting_before_tls_is_refused_under_require_tls_all() {
+        let mut machine = ImapInspector::new(TlsMode::StartTls, RequireTls::All);
+        let (to_client, to_backend, next) = backend(
+            &mut machine,
+            b"* PREAUTH [CAPABILITY IMAP4rev1] Logged in as joe\r\n",
+        );
+        assert_eq!(
+            (to_client.as_slice(), to_backend.as_slice(), next),
+            (PREAUTH_WITHOUT_TLS, &b""[..], Next::Close)
+        );
+    }
+
+    #[test]
+    fn capability_codes_in_continuations_are_rewritten_too() {
+        let mut machine = ImapInspector::new(TlsMode::StartTls, RequireTls::None);
+        backend(&mut machine, b"* OK ready\r\n");
+        client(&mut machine, b"s STARTTLS\r\n");
+        machine.tls_established();
+        client(&mut machine, b"b NOOP\r\n");
+        let (to_client, _, _) =
+            backend(&mut machine, b"+ [CAPABILITY IMAP4rev1 STARTTLS] go on\r\n");
+        assert_eq!(to_client, b"+ [CAPABILITY IMAP4rev1] go on\r\n");
+    }
+
+    #[test]
+    fn login_behind_any_blanks_after_the_tag_is_refused_before_tls() {
+        for line in [
+            &b"a \t LOGIN joe secret\r\n"[..],
+            b"a \x0bLOGIN joe secret\r\n",
+        ] {
+            let mut machine = ImapInspector::new(TlsMode::StartTls, RequireTls::Auth);
+            backend(&mut machine, b"* OK ready\r\n");
+            let (_, to_backend, _) = client(&mut machine, line);
+            assert_eq!(to_backend, b"", "{line:?}");
+        }
+    }
+
     use super::*;
 
     use crate::protocol::testing::{backend, client};
@@ -1403,7 +1447,9 @@ mod tests {
 
     #[test]
     fn preauth_greeting_under_a_policy_offers_nothing_and_shows_no_sasl() {
-        for policy in [RequireTls::Auth, RequireTls::All] {
+        // (Under `all` a PREAUTH before TLS is refused outright; see
+        // a_preauth_greeting_before_tls_is_refused_under_require_tls_all.)
+        for policy in [RequireTls::Auth] {
             let mut machine = ImapInspector::new(TlsMode::StartTls, policy);
             let (to_client, _, next) = backend(
                 &mut machine,

@@ -444,6 +444,29 @@ pub(crate) fn eol_of(line: &[u8]) -> &[u8] {
     &line[trim_eol(line).len()..]
 }
 
+/// Separators a lenient server skips around command words (Postfix's
+/// tokenizer, and many others: SP, HT, VT, FF).
+pub(crate) fn is_blank(byte: u8) -> bool {
+    matches!(byte, b' ' | b'\t' | 0x0b | 0x0c)
+}
+
+/// The command word as a lenient server might read it: leading blanks
+/// skipped, up to the first byte that is not a letter (`LOGIN\talice`,
+/// `\x0cUSER joe`). The policy checks use it so that no spelling a backend
+/// would accept slips credentials past them.
+pub(crate) fn lenient_verb(text: &[u8]) -> &[u8] {
+    let start = text
+        .iter()
+        .position(|&b| !is_blank(b))
+        .unwrap_or(text.len());
+    let text = &text[start..];
+    let len = text
+        .iter()
+        .position(|b| !b.is_ascii_alphabetic())
+        .unwrap_or(text.len());
+    &text[..len]
+}
+
 /// Splits off the first space-separated word; the rest has its leading spaces
 /// removed. Works on bytes: mail lines are not guaranteed UTF-8.
 pub(crate) fn split_word(text: &[u8]) -> (&[u8], &[u8]) {

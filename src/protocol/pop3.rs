@@ -29,8 +29,8 @@
 //! the answer no longer offers STLS.
 
 use super::{
-    command_label, split_word, trim_eol, BackendFailure, Goodbye, Inspector, Next, Output,
-    RequireTls, TlsMode,
+    command_label, lenient_verb, split_word, trim_eol, BackendFailure, Goodbye, Inspector, Next,
+    Output, RequireTls, TlsMode,
 };
 
 /// Reply to a client whose backend cannot be reached (RFC 3206 response code).
@@ -293,23 +293,19 @@ fn is_one_of(word: &[u8], known: &[&[u8]]) -> bool {
     known.iter().any(|known| word.eq_ignore_ascii_case(known))
 }
 
-/// The first word of a line as a lenient peer might read it: leading blanks
-/// skipped, up to the first byte that is not a letter (`USER\tjoe`).
-fn lenient_verb(text: &[u8]) -> &[u8] {
-    let start = text
-        .iter()
-        .position(|&b| b != b' ' && b != b'\t')
-        .unwrap_or(text.len());
-    let text = &text[start..];
-    let len = text
-        .iter()
-        .position(|b| !b.is_ascii_alphabetic())
-        .unwrap_or(text.len());
-    &text[..len]
-}
-
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn user_behind_a_vertical_tab_or_form_feed_is_refused_before_tls() {
+        for line in [&b"\x0bUSER joe\r\n"[..], b"\x0cUSER joe\r\n"] {
+            let mut machine = Pop3Inspector::new(TlsMode::StartTls, RequireTls::Auth);
+            backend(&mut machine, b"+OK ready\r\n");
+            let (to_client, to_backend, _) = client(&mut machine, line);
+            assert_eq!(to_backend, b"", "{line:?}");
+            assert!(to_client.starts_with(b"-ERR"), "{line:?}");
+        }
+    }
+
     use super::*;
 
     use crate::protocol::testing::{backend, client};

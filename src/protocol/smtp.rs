@@ -44,8 +44,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use super::{
-    command_label, split_word, trim_eol, BackendFailure, ClientIdentity, Goodbye, Inspector,
-    InspectorOptions, Next, Notice, Output, RequireTls, TlsMode,
+    command_label, is_blank, split_word, trim_eol, BackendFailure, ClientIdentity, Goodbye,
+    Inspector, InspectorOptions, Next, Notice, Output, RequireTls, TlsMode,
 };
 
 /// Reply to a client whose backend cannot be reached.
@@ -527,12 +527,6 @@ fn xclient_address(ip: IpAddr) -> String {
 }
 
 /// The size of `BDAT chunk-size [LAST]` (RFC 3030), if the argument is that.
-/// Separators a lenient backend skips around words (Postfix's smtpd
-/// tokenizer: SP, HT, VT, FF; CR is refused before it gets here).
-fn is_blank(byte: u8) -> bool {
-    matches!(byte, b' ' | b'\t' | 0x0b | 0x0c)
-}
-
 /// The command word and its argument. Leading blanks are skipped and the
 /// word ends at the first byte that is not a letter, the way a lenient
 /// backend reads it: `AUTH\tPLAIN`, ` AUTH PLAIN` and `\x0cAUTH` are AUTH.

@@ -99,6 +99,20 @@ fn metric_info(key: &str) -> (String, Option<bool>) {
     (key.to_string(), None)
 }
 
+/// Where a metric's row goes: the figure's own measures first, then RSS by
+/// session count, then CPU shares and errors (context for the reader).
+fn row_order(key: &str) -> (u8, usize, u64) {
+    const CONTEXT: &[&str] = &["proxy_cpu_pct", "client_cpu_pct", "errors"];
+    if let Some(count) = key.strip_prefix("rss_kib_") {
+        return (1, 0, count.parse().unwrap_or(0));
+    }
+    if let Some(position) = CONTEXT.iter().position(|c| *c == key) {
+        return (2, position, 0);
+    }
+    let position = METRICS.iter().position(|m| m.key == key);
+    (0, position.unwrap_or(METRICS.len()), 0)
+}
+
 /// Metrics kept in the data but left out of tables.
 fn hidden(key: &str) -> bool {
     matches!(key, "samples" | "mean_us")
@@ -349,15 +363,7 @@ pub fn render(records: &[Record], chart_dir: &str) -> Report {
             });
             for (variant, metrics) in ordered {
                 let mut keys: Vec<&String> = metrics.keys().filter(|key| !hidden(key)).collect();
-                keys.sort_by_key(|key| {
-                    let position = METRICS.iter().position(|m| m.key == key.as_str());
-                    (
-                        position.unwrap_or(METRICS.len()),
-                        key.strip_prefix("rss_kib_")
-                            .and_then(|n| n.parse::<u64>().ok())
-                            .unwrap_or(0),
-                    )
-                });
+                keys.sort_by_key(|key| row_order(key));
                 for key in keys {
                     let by_proxy = &metrics[key];
                     let stats: BTreeMap<&str, Stats> = by_proxy

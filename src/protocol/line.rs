@@ -27,7 +27,7 @@ pub struct LineBuffer {
 }
 
 /// How much room to offer a single read.
-const READ_CHUNK: usize = 4096;
+pub const READ_CHUNK: usize = 4096;
 
 impl LineBuffer {
     pub fn new(max_line: usize) -> Self {
@@ -82,6 +82,27 @@ impl LineBuffer {
         self.read_target().extend_from_slice(bytes);
     }
 
+    /// Appends bytes read elsewhere (into a buffer shared by all sessions),
+    /// reserving nothing beyond them.
+    pub fn append(&mut self, bytes: &[u8]) {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.scanned -= self.start;
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Frees the allocation once every byte has been handed out, so a
+    /// session waiting for its next line holds no buffer.
+    pub fn release_if_empty(&mut self) {
+        if self.start == self.buf.len() && self.buf.capacity() > 0 {
+            self.buf = Vec::new();
+            self.start = 0;
+            self.scanned = 0;
+        }
+    }
+
     /// Discards up to `count` received bytes that are not lines (an IMAP
     /// literal's body); returns how many are still to come.
     pub fn skip(&mut self, count: u64) -> u64 {
@@ -131,6 +152,23 @@ impl LineBuffer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn appended_bytes_make_lines_and_an_emptied_buffer_gives_its_memory_back() {
+        let mut buffer = LineBuffer::new(100);
+        buffer.append(b"A1 NOOP\r\nA2 NO");
+        assert_eq!(buffer.next_line().unwrap(), Some(&b"A1 NOOP\r\n"[..]));
+        assert_eq!(buffer.next_line().unwrap(), None);
+        // A partial line is kept.
+        buffer.release_if_empty();
+        buffer.append(b"OP\r\n");
+        assert_eq!(buffer.next_line().unwrap(), Some(&b"A2 NOOP\r\n"[..]));
+        buffer.release_if_empty();
+        assert!(buffer.is_empty());
+        assert_eq!(buffer.buf.capacity(), 0);
+        buffer.append(b"A3 LOGOUT\r\n");
+        assert_eq!(buffer.next_line().unwrap(), Some(&b"A3 LOGOUT\r\n"[..]));
+    }
 
     fn lines_of(buffer: &mut LineBuffer) -> Vec<Vec<u8>> {
         let mut out = Vec::new();

@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use tracing::{debug, warn};
@@ -16,7 +16,7 @@ use crate::protocol::{
     self, BackendFailure, ClientIdentity, Goodbye, Inspector, Next, Notice, Output, Refusal,
 };
 
-use super::{ListenerContext, SessionError, MAX_BACKEND_LINE, MAX_CLIENT_LINE};
+use super::{relay, ListenerContext, SessionError, MAX_BACKEND_LINE, MAX_CLIENT_LINE};
 
 /// How an inspection phase ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -269,8 +269,12 @@ impl<'a> Dialogue<'a> {
             let read_client = self.inspector.wants_client_line()
                 || self.inspector.wants_client_bytes()
                 || self.skip_client_bytes > 0;
+            // Waiting holds no read buffers: lines are read into a buffer
+            // shared by the thread and kept only while incomplete.
+            self.backend_lines.release_if_empty();
+            self.client_lines.release_if_empty();
             tokio::select! {
-                read = backend.read_buf(self.backend_lines.read_target()) => match read {
+                read = relay::read_lines(backend, &mut self.backend_lines) => match read {
                     Ok(0) => {
                         self.inspector.backend_failed(BackendFailure::Closed, &mut self.out);
                         self.flush_to_client(client).await?;
@@ -291,7 +295,7 @@ impl<'a> Dialogue<'a> {
                         return Err(SessionError::Backend(error));
                     }
                 },
-                read = client.read_buf(self.client_lines.read_target()), if read_client => match read {
+                read = relay::read_lines(client, &mut self.client_lines), if read_client => match read {
                     Ok(0) => return Ok(Inspected::Closed),
                     Ok(_) => {}
                     Err(error) => return Err(SessionError::Client(error)),

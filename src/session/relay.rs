@@ -27,6 +27,8 @@ use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::protocol::line::{self, LineBuffer};
+
 /// The most one copy step reads.
 const COPY_SIZE: usize = 64 * 1024;
 /// What one copy step reads while the writer is congested: one TLS record.
@@ -183,6 +185,27 @@ impl Direction {
             }
         }
     }
+}
+
+/// Reads once (at most one line-buffer chunk) into this thread's scratch
+/// buffer and appends what came to `lines`, so a session waiting in
+/// inspection holds no read buffer of its own (two 4 KiB reservations
+/// before). Cancel-safe: bytes are appended in the poll that reads them.
+/// Returns the bytes read; 0 is end of file.
+pub async fn read_lines<R>(reader: &mut R, lines: &mut LineBuffer) -> io::Result<usize>
+where
+    R: AsyncRead + Unpin + ?Sized,
+{
+    poll_fn(|cx| {
+        with_scratch(&COPY_SCRATCH, COPY_SIZE, |scratch| {
+            let mut buffer = ReadBuf::new(&mut scratch[..line::READ_CHUNK]);
+            ready!(Pin::new(&mut *reader).poll_read(cx, &mut buffer))?;
+            let read = buffer.filled().len();
+            lines.append(&scratch[..read]);
+            Poll::Ready(Ok(read))
+        })
+    })
+    .await
 }
 
 /// A socket read in large gulps: whatever the caller cannot take is kept

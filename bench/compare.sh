@@ -22,6 +22,9 @@
 #   --rsa-figures "1 2" figures repeated with the RSA-2048 certificate
 #   --concurrency N     sessions at once for figures 1 and 2 (default 32)
 #   --idle-counts "1000 10000"  idle sessions for figure 5
+#   --idle-states "login greeting"  where idle sessions wait: after LOGIN
+#                       (every proxy copying), after the greeting (ours
+#                       still reading lines)
 #   --out DIR           results folder (default target/bench/<date>)
 #   --wait-quiet MIN    first wait up to MIN minutes for load average < 0.5
 #                       and no rustc running
@@ -51,6 +54,7 @@ CERTS="ecdsa rsa"
 RSA_FIGURES="1 2"
 CONCURRENCY=32
 IDLE_COUNTS="1000 10000"
+IDLE_STATES="login greeting"
 OUT=""
 WAIT_QUIET=0
 BUILD=1
@@ -71,6 +75,7 @@ while [ $# -gt 0 ]; do
         --rsa-figures) RSA_FIGURES=$2; shift 2 ;;
         --concurrency) CONCURRENCY=$2; shift 2 ;;
         --idle-counts) IDLE_COUNTS=$2; shift 2 ;;
+        --idle-states) IDLE_STATES=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
         --wait-quiet) WAIT_QUIET=$2; shift 2 ;;
         --no-build) BUILD=0; shift ;;
@@ -470,18 +475,21 @@ run_figure() { # run_figure FIGURE CERT
             done
         done ;;
     5)
-        log "figure 5 ($cert): RSS at 0 and $IDLE_LIST idle TLS sessions (fresh process each time)"
-        PERF_TAG=memory-$cert
-        for rep in $(seq "$REPS"); do
-            for proxy in $PROXIES; do
-                stop_proxy "$proxy"
-                start_proxy "$proxy" "$cert"
-                sleep 1
-                # shellcheck disable=SC2046
-                LINES_SHOWN=3 loadgen 300 idle $(common "$proxy" "$cert" "$rep" imaps) \
-                    --counts "$IDLE_LIST" --state login --duration 240
-                stop_proxy "$proxy"
-                start_proxy "$proxy" "$cert"
+        log "figure 5 ($cert): RSS at 0 and $IDLE_LIST idle TLS sessions (fresh process each time; after LOGIN, and waiting after the greeting)"
+        local state
+        for state in $IDLE_STATES; do
+            PERF_TAG=memory-$state-$cert
+            for rep in $(seq "$REPS"); do
+                for proxy in $PROXIES; do
+                    stop_proxy "$proxy"
+                    start_proxy "$proxy" "$cert"
+                    sleep 1
+                    # shellcheck disable=SC2046
+                    LINES_SHOWN=3 loadgen 300 idle $(common "$proxy" "$cert" "$rep" imaps) \
+                        --counts "$IDLE_LIST" --state "$state" --duration 240
+                    stop_proxy "$proxy"
+                    start_proxy "$proxy" "$cert"
+                done
             done
         done ;;
     esac

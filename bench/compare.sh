@@ -36,6 +36,8 @@
 #   --perf              also record a CPU profile of the proxy under test
 #                       (perf record -g, first repetition of each run) into
 #                       OUT/perf/, with a text summary of the top symbols
+#                       (PERF_CALLGRAPH=dwarf for call chains through code
+#                       built without frame pointers)
 #
 # Needs: haproxy, stunnel4, openssl, taskset (installed with apt-get when
 # missing and running as root), cargo. Every run is bounded in time and uses
@@ -180,7 +182,9 @@ FD_LIMIT=$(ulimit -n)
 # the same counts.
 MAX_IDLE=$(( (FD_LIMIT - 200) / 2 ))
 STUNNEL_MAX=$(( (FD_LIMIT * 125 / 256 - 15) / 100 * 100 ))
-[ "$STUNNEL_MAX" -ge "$MAX_IDLE" ] || MAX_IDLE=$STUNNEL_MAX
+case " $PROXIES " in
+    *" stunnel "*) [ "$STUNNEL_MAX" -ge "$MAX_IDLE" ] || MAX_IDLE=$STUNNEL_MAX ;;
+esac
 IDLE_LIST=""
 for count in $IDLE_COUNTS; do
     if [ "$count" -gt "$MAX_IDLE" ]; then
@@ -385,7 +389,7 @@ loadgen() {
     if [ "$PERF" = 1 ] && [ "$rep" = 1 ] && [ -n "${PID[$proxy]:-}" ] && [ "$proxy" != backend ]; then
         mkdir -p "$OUT/perf"
         local data=$OUT/perf/${PERF_TAG:-run}-$proxy.data
-        perf record -q -F 1999 -g -p "${PID[$proxy]}" -o "$data" 2>>"$OUT/logs/perf.log" &
+        perf record -q -F 1999 --call-graph "${PERF_CALLGRAPH:-fp}" -p "${PID[$proxy]}" -o "$data" 2>>"$OUT/logs/perf.log" &
         perf_pid=$!
     fi
     taskset -c "$LOAD_CPU" "${RT[@]}" timeout --kill-after=10 "$limit" "$LOADGEN" "$@" \

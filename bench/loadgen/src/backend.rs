@@ -113,7 +113,7 @@ async fn lines(mut stream: TcpStream, mut service: impl LineService) -> io::Resu
     let mut input: Vec<u8> = Vec::with_capacity(1024);
     let mut out: Vec<u8> = Vec::with_capacity(256);
     loop {
-        let want = if service.bulk() { 64 * 1024 } else { 1024 };
+        let want = if service.bulk() { 256 * 1024 } else { 1024 };
         if input.capacity() - input.len() < want / 2 {
             input.reserve(want);
         }

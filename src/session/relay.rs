@@ -396,9 +396,12 @@ mod tests {
     }
 
     /// Takes `budget` bytes, then pushes back until given more.
+    #[derive(Default)]
     struct Sink {
         budget: usize,
         taken: usize,
+        /// Every write taken, as given.
+        writes: Vec<Vec<u8>>,
     }
 
     impl AsyncWrite for Sink {
@@ -413,6 +416,7 @@ mod tests {
             }
             self.budget -= take;
             self.taken += take;
+            self.writes.push(buf[..take].to_vec());
             Poll::Ready(Ok(take))
         }
 
@@ -435,7 +439,7 @@ mod tests {
         };
         let mut sink = Sink {
             budget: 1000,
-            taken: 0,
+            ..Sink::default()
         };
         let mut direction = Direction::default();
         // A full read; the writer takes 1000 bytes and the rest waits.
@@ -488,31 +492,6 @@ mod tests {
         }
     }
 
-    /// Records every write it is given.
-    #[derive(Default)]
-    struct Recorder {
-        writes: Vec<Vec<u8>>,
-    }
-
-    impl AsyncWrite for Recorder {
-        fn poll_write(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            self.writes.push(buf.to_vec());
-            Poll::Ready(Ok(buf.len()))
-        }
-
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-    }
-
     #[test]
     fn records_ready_together_go_out_in_one_write() {
         let mut cx = Context::from_waker(std::task::Waker::noop());
@@ -525,7 +504,10 @@ mod tests {
             .into(),
             then_fail: false,
         };
-        let mut sink = Recorder::default();
+        let mut sink = Sink {
+            budget: usize::MAX,
+            ..Sink::default()
+        };
         let mut direction = Direction::default();
         assert!(direction
             .poll_copy(&mut cx, &mut source, &mut sink)
@@ -541,7 +523,10 @@ mod tests {
             chunks: [b"last words".to_vec()].into(),
             then_fail: true,
         };
-        let mut sink = Recorder::default();
+        let mut sink = Sink {
+            budget: usize::MAX,
+            ..Sink::default()
+        };
         let mut direction = Direction::default();
         let polled = direction.poll_copy(&mut cx, &mut source, &mut sink);
         assert!(

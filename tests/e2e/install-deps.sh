@@ -13,7 +13,9 @@
 # developer can still run the parts of the suite that do not need it.
 set -euo pipefail
 
-DEBIAN_PACKAGES=(dovecot-imapd dovecot-pop3d postfix swaks curl openssl ca-certificates python3 testssl.sh bsdextrautils)
+# swaks speaks TLS through Net::SSLeay, a Recommends of swaks that
+# --no-install-recommends leaves out.
+DEBIAN_PACKAGES=(dovecot-imapd dovecot-pop3d postfix swaks libnet-ssleay-perl curl openssl ca-certificates python3 testssl.sh bsdextrautils)
 # Deployment tests: promtool, systemd-analyze, setpriv, readelf.
 DEBIAN_PACKAGES+=(prometheus systemd util-linux binutils)
 if [ "${CI:-}" = true ]; then

@@ -30,6 +30,7 @@ use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::streams::HeldBytes;
 use crate::protocol::line::{self, LineBuffer};
 
 /// The most one copy step reads.
@@ -240,16 +241,14 @@ where
 /// (on the heap, only until taken) and handed out by the next reads.
 pub struct ReadAhead<S> {
     inner: S,
-    surplus: Vec<u8>,
-    position: usize,
+    surplus: HeldBytes,
 }
 
 impl<S> ReadAhead<S> {
     pub fn new(inner: S) -> Self {
         Self {
             inner,
-            surplus: Vec::new(),
-            position: 0,
+            surplus: HeldBytes::default(),
         }
     }
 }
@@ -261,15 +260,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if this.position < this.surplus.len() {
-            let rest = &this.surplus[this.position..];
-            let take = rest.len().min(buf.remaining());
-            buf.put_slice(&rest[..take]);
-            this.position += take;
-            if this.position == this.surplus.len() {
-                this.surplus = Vec::new();
-                this.position = 0;
-            }
+        if this.surplus.hand_out(buf) {
             return Poll::Ready(Ok(()));
         }
         if buf.remaining() >= READ_AHEAD_SIZE {
@@ -282,8 +273,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
             let take = read.min(buf.remaining());
             buf.put_slice(&scratch[..take]);
             if take < read {
-                this.surplus = scratch[take..read].to_vec();
-                this.position = 0;
+                this.surplus = HeldBytes::new(scratch[take..read].to_vec());
             }
             Poll::Ready(Ok(()))
         })
@@ -550,6 +540,6 @@ mod tests {
             out.extend_from_slice(&small[..read]);
         }
         assert_eq!(out, data);
-        assert!(stream.surplus.is_empty() && stream.surplus.capacity() == 0);
+        assert_eq!(stream.surplus.capacity(), 0);
     }
 }

@@ -15,18 +15,51 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// handed to the TLS handshake this way: a client that pipelines its
 /// ClientHello still works, and injected plaintext only fails the handshake.
 pub struct Prefixed<S> {
-    prefix: Vec<u8>,
-    position: usize,
+    prefix: HeldBytes,
     inner: S,
 }
 
 impl<S> Prefixed<S> {
     pub fn new(prefix: Vec<u8>, inner: S) -> Self {
         Self {
-            prefix,
-            position: 0,
+            prefix: HeldBytes::new(prefix),
             inner,
         }
+    }
+}
+
+/// Bytes received but not yet read by the caller, handed out in order and
+/// freed as soon as the last of them is taken (an idle session holds none).
+#[derive(Default)]
+pub struct HeldBytes {
+    bytes: Vec<u8>,
+    position: usize,
+}
+
+impl HeldBytes {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self { bytes, position: 0 }
+    }
+
+    /// Moves as many held bytes as fit into `buf`; false if none are held.
+    pub fn hand_out(&mut self, buf: &mut ReadBuf<'_>) -> bool {
+        if self.position >= self.bytes.len() {
+            return false;
+        }
+        let rest = &self.bytes[self.position..];
+        let take = rest.len().min(buf.remaining());
+        buf.put_slice(&rest[..take]);
+        self.position += take;
+        if self.position == self.bytes.len() {
+            *self = Self::default();
+        }
+        true
+    }
+
+    /// Bytes of heap held (for tests of idle memory).
+    #[cfg(test)]
+    pub fn capacity(&self) -> usize {
+        self.bytes.capacity()
     }
 }
 
@@ -37,16 +70,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if this.position < this.prefix.len() {
-            let rest = &this.prefix[this.position..];
-            let take = rest.len().min(buf.remaining());
-            buf.put_slice(&rest[..take]);
-            this.position += take;
-            if this.position == this.prefix.len() {
-                // Give the memory back; the prefix is never read again.
-                this.prefix = Vec::new();
-                this.position = 0;
-            }
+        if this.prefix.hand_out(buf) {
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.inner).poll_read(cx, buf)
@@ -177,6 +201,22 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
 mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
+
+    #[test]
+    fn held_bytes_come_out_in_order_and_their_memory_goes_with_the_last() {
+        let mut held = HeldBytes::new(b"abcdefg".to_vec());
+        let mut out = Vec::new();
+        let mut room = [0u8; 3];
+        loop {
+            let mut buf = ReadBuf::new(&mut room);
+            if !held.hand_out(&mut buf) {
+                break;
+            }
+            out.extend_from_slice(buf.filled());
+        }
+        assert_eq!(out, b"abcdefg");
+        assert_eq!(held.capacity(), 0);
+    }
 
     #[tokio::test]
     async fn prefixed_yields_the_prefix_then_the_stream() {

@@ -32,7 +32,7 @@ use crate::protocol::{
 
 use dialogue::{Dialogue, Inspected};
 use relay::ReadAhead;
-pub use streams::{ActivityFlag, Counted, Prefixed};
+pub use streams::{ActivityFlag, Counted};
 
 /// The most a client line may hold before TLS or during inspection (RFC
 /// 5321's command line limit is 512; IMAP commands before login are short).
@@ -307,11 +307,7 @@ async fn serve_starttls(
     // be read as a reply inside TLS, so it is dropped.
     let early_client_bytes = dialogue.take_client_pending();
     let mut dropped = dialogue.discard_backend_pending();
-    let mut client = handshake(
-        context,
-        ReadAhead::new(Prefixed::new(early_client_bytes, client)),
-    )
-    .await?;
+    let mut client = handshake(context, ReadAhead::after(early_client_bytes, client)).await?;
     dropped += drain_ready(&backend);
     if dropped > 0 {
         warn!(

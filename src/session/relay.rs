@@ -30,7 +30,6 @@ use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::streams::HeldBytes;
 use crate::protocol::line::{self, LineBuffer};
 
 /// The most one copy step reads.
@@ -246,10 +245,53 @@ pub struct ReadAhead<S> {
 
 impl<S> ReadAhead<S> {
     pub fn new(inner: S) -> Self {
+        Self::after(Vec::new(), inner)
+    }
+
+    /// Reads `received` first, then the socket. After STARTTLS the bytes the
+    /// client sent behind the command are handed to the TLS handshake this
+    /// way: a client that pipelines its ClientHello still works, and injected
+    /// plaintext only fails the handshake.
+    pub fn after(received: Vec<u8>, inner: S) -> Self {
         Self {
             inner,
-            surplus: HeldBytes::default(),
+            surplus: HeldBytes::new(received),
         }
+    }
+}
+
+/// Bytes received but not yet read by the caller, handed out in order and
+/// freed as soon as the last of them is taken (an idle session holds none).
+#[derive(Default)]
+struct HeldBytes {
+    bytes: Vec<u8>,
+    position: usize,
+}
+
+impl HeldBytes {
+    fn new(bytes: Vec<u8>) -> Self {
+        Self { bytes, position: 0 }
+    }
+
+    /// Moves as many held bytes as fit into `buf`; false if none are held.
+    fn hand_out(&mut self, buf: &mut ReadBuf<'_>) -> bool {
+        if self.position >= self.bytes.len() {
+            return false;
+        }
+        let rest = &self.bytes[self.position..];
+        let take = rest.len().min(buf.remaining());
+        buf.put_slice(&rest[..take]);
+        self.position += take;
+        if self.position == self.bytes.len() {
+            *self = Self::default();
+        }
+        true
+    }
+
+    /// Bytes of heap held (for tests of idle memory).
+    #[cfg(test)]
+    fn capacity(&self) -> usize {
+        self.bytes.capacity()
     }
 }
 
@@ -319,6 +361,21 @@ mod tests {
         (0..len).map(|i| (i % 251) as u8).collect()
     }
 
+    /// One end of a pipe: sends `data` and closes its sending side while
+    /// reading everything the other end sends; returns what it read.
+    async fn send_and_receive(stream: tokio::io::DuplexStream, data: Vec<u8>) -> Vec<u8> {
+        let (mut read, mut write) = tokio::io::split(stream);
+        let writer = async {
+            write.write_all(&data).await.unwrap();
+            write.shutdown().await.unwrap();
+        };
+        let mut received = Vec::new();
+        let reader = read.read_to_end(&mut received);
+        let (_, read) = tokio::join!(writer, reader);
+        read.unwrap();
+        received
+    }
+
     #[tokio::test]
     async fn copies_both_ways_through_a_slow_writer_and_half_closes() {
         // Small pipes: writes are partial and pend, so the pending path runs.
@@ -331,30 +388,8 @@ mod tests {
         let up = pattern(300_000);
         let down = pattern(200_000);
         let (up_sent, down_sent) = (up.clone(), down.clone());
-        let client_side = tokio::spawn(async move {
-            let (mut read, mut write) = tokio::io::split(client);
-            let writer = async {
-                write.write_all(&up_sent).await.unwrap();
-                write.shutdown().await.unwrap();
-            };
-            let mut received = Vec::new();
-            let reader = read.read_to_end(&mut received);
-            let (_, read) = tokio::join!(writer, reader);
-            read.unwrap();
-            received
-        });
-        let backend_side = tokio::spawn(async move {
-            let (mut read, mut write) = tokio::io::split(backend);
-            let writer = async {
-                write.write_all(&down_sent).await.unwrap();
-                write.shutdown().await.unwrap();
-            };
-            let mut received = Vec::new();
-            let reader = read.read_to_end(&mut received);
-            let (_, read) = tokio::join!(writer, reader);
-            read.unwrap();
-            received
-        });
+        let client_side = tokio::spawn(send_and_receive(client, up_sent));
+        let backend_side = tokio::spawn(send_and_receive(backend, down_sent));
         assert_eq!(backend_side.await.unwrap(), up);
         assert_eq!(client_side.await.unwrap(), down);
         let (forward, backward) = relay.await.unwrap().unwrap();
@@ -524,6 +559,31 @@ mod tests {
             "{polled:?}"
         );
         assert_eq!(sink.writes, vec![b"last words".to_vec()]);
+    }
+
+    #[test]
+    fn held_bytes_come_out_in_order_and_their_memory_goes_with_the_last() {
+        let mut held = HeldBytes::new(b"abcdefg".to_vec());
+        let mut out = Vec::new();
+        let mut room = [0u8; 3];
+        loop {
+            let mut buf = ReadBuf::new(&mut room);
+            if !held.hand_out(&mut buf) {
+                break;
+            }
+            out.extend_from_slice(buf.filled());
+        }
+        assert_eq!(out, b"abcdefg");
+        assert_eq!(held.capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn read_ahead_after_received_bytes_yields_them_then_the_stream() {
+        let inner: &[u8] = b" world";
+        let mut stream = ReadAhead::after(b"hello".to_vec(), inner);
+        let mut all = Vec::new();
+        stream.read_to_end(&mut all).await.expect("read");
+        assert_eq!(all, b"hello world");
     }
 
     #[tokio::test]

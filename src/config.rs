@@ -7,10 +7,11 @@
 //! names the file, the key and the reason.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::protocol::{ClientIdentity, Protocol, RequireTls, TlsMode};
@@ -47,6 +48,8 @@ struct RawConfig {
     certificate_poll_interval: Option<u64>,
     /// Seconds between readiness checks of the backends.
     readiness_interval: Option<u64>,
+    /// Seconds between relay-guard checks of the SMTP backends.
+    relay_check_interval: Option<u64>,
     #[serde(default, rename = "certificate")]
     certificates: Vec<RawCertificate>,
     metrics: Option<RawMetrics>,
@@ -93,6 +96,21 @@ struct RawListener {
     sni_strict: Option<bool>,
     /// How the backend learns the client's address.
     client_identity: Option<RawClientIdentity>,
+    /// SMTP listeners: what to do when the backend would relay for anyone.
+    relay_check: Option<RawRelayCheck>,
+    /// Sources (addresses or CIDR prefixes) whose connections begin with a
+    /// PROXY protocol header naming the real client.
+    accept_proxy_from: Option<Vec<String>>,
+    /// Seconds a trusted source has to send its PROXY header.
+    proxy_header_timeout: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawRelayCheck {
+    Refuse,
+    Warn,
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -158,6 +176,39 @@ pub struct ListenerConfig {
     pub sni_strict: bool,
     /// How the backend learns who the client is (PROXY header, XCLIENT).
     pub client_identity: ClientIdentity,
+    /// What the relay guard does if the backend would relay for a stranger
+    /// arriving through this listener (`Off` for IMAP and POP3).
+    pub relay_check: RelayCheck,
+    /// Load balancers whose connections start with a PROXY protocol header;
+    /// empty: no source may send one.
+    pub accept_proxy_from: Vec<IpNet>,
+    /// How long a trusted source has to send its PROXY header.
+    pub proxy_header_timeout: Duration,
+}
+
+/// What the relay guard does when an SMTP backend accepts a relay recipient
+/// from a stranger arriving through the listener.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum RelayCheck {
+    /// `check` fails, `run` refuses to start, and a later finding stops the
+    /// listener from serving until a check passes.
+    #[default]
+    Refuse,
+    /// Log an error and set the metric; keep serving.
+    Warn,
+    /// Never ask.
+    Off,
+}
+
+impl RelayCheck {
+    /// The name used in configuration files and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RelayCheck::Refuse => "refuse",
+            RelayCheck::Warn => "warn",
+            RelayCheck::Off => "off",
+        }
+    }
 }
 
 /// The lowest TLS version a listener accepts.
@@ -184,6 +235,8 @@ pub struct Config {
     pub certificate_poll_interval: Duration,
     /// How often `/readyz` re-checks that every backend greets.
     pub readiness_interval: Duration,
+    /// How often the relay guard asks each SMTP backend again.
+    pub relay_check_interval: Duration,
 }
 
 /// RFC 8314 and common practice: a TLS handshake finishes in seconds.
@@ -202,6 +255,11 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 pub const DEFAULT_CERTIFICATE_POLL_INTERVAL: Duration = Duration::from_secs(60);
 /// Kubernetes probes every 10 s by default: one backend check per probe.
 pub const DEFAULT_READINESS_INTERVAL: Duration = Duration::from_secs(10);
+/// A backend's relay policy changes with its configuration, rarely: hourly
+/// costs it one short SMTP dialogue per listener.
+pub const DEFAULT_RELAY_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
+/// A load balancer sends its header with the connection's first bytes.
+pub const DEFAULT_PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The protocols' own idle limits: RFC 5321 section 4.5.3.2.7 (5 minutes for
 /// the server), RFC 9051 section 5.4 (at least 30 minutes), RFC 1939 section 3
@@ -392,6 +450,35 @@ impl Config {
                     ))
                 }
             };
+            let relay_check = match (raw.relay_check, protocol) {
+                (None, Protocol::Smtp) => RelayCheck::Refuse,
+                (None, _) => RelayCheck::Off,
+                (Some(RawRelayCheck::Refuse), Protocol::Smtp) => RelayCheck::Refuse,
+                (Some(RawRelayCheck::Warn), Protocol::Smtp) => RelayCheck::Warn,
+                (Some(RawRelayCheck::Off), Protocol::Smtp) => RelayCheck::Off,
+                (Some(_), _) => {
+                    return Err(invalid(
+                        key("relay_check"),
+                        format!("applies to smtp listeners only (this one is {protocol})"),
+                    ))
+                }
+            };
+            let accept_proxy_from = raw
+                .accept_proxy_from
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+                .map(|(position, source)| {
+                    parse_source(source).ok_or_else(|| {
+                        invalid(
+                            format!("listener[{index}].accept_proxy_from[{position}]"),
+                            format!(
+                                "{source:?} is not an address or CIDR prefix (e.g. 10.0.0.0/8, 192.0.2.7 or 2001:db8::/32)"
+                            ),
+                        )
+                    })
+                })
+                .collect::<Result<Vec<IpNet>, ConfigError>>()?;
             let seconds = |value: Option<u64>, field: &str, default: Duration| match value {
                 Some(0) => Err(invalid(key(field), "must be at least 1 second".into())),
                 Some(secs) => Ok(Duration::from_secs(secs)),
@@ -424,6 +511,13 @@ impl Config {
                 max_inspected_commands,
                 sni_strict: raw.sni_strict.unwrap_or(false),
                 client_identity,
+                relay_check,
+                accept_proxy_from,
+                proxy_header_timeout: seconds(
+                    raw.proxy_header_timeout,
+                    "proxy_header_timeout",
+                    DEFAULT_PROXY_HEADER_TIMEOUT,
+                )?,
             });
         }
 
@@ -462,6 +556,16 @@ impl Config {
             Some(secs) => Duration::from_secs(secs),
             None => DEFAULT_READINESS_INTERVAL,
         };
+        let relay_check_interval = match raw.relay_check_interval {
+            Some(0) => {
+                return Err(invalid(
+                    "relay_check_interval".into(),
+                    "must be at least 1 second".into(),
+                ))
+            }
+            Some(secs) => Duration::from_secs(secs),
+            None => DEFAULT_RELAY_CHECK_INTERVAL,
+        };
 
         Ok(Config {
             source: path.to_path_buf(),
@@ -473,8 +577,28 @@ impl Config {
             shutdown_grace,
             certificate_poll_interval,
             readiness_interval,
+            relay_check_interval,
         })
     }
+}
+
+/// An address (`192.0.2.7`, `2001:db8::7`) or a CIDR prefix (`10.0.0.0/8`).
+/// An IPv4 prefix also matches the IPv4-mapped IPv6 form of its addresses
+/// (see [`source_is_trusted`]).
+fn parse_source(text: &str) -> Option<IpNet> {
+    let text = text.trim();
+    text.parse::<IpNet>()
+        .ok()
+        .or_else(|| text.parse::<IpAddr>().ok().map(IpNet::from))
+        .map(|net| net.trunc())
+}
+
+/// Whether a connection from `peer` comes from one of `sources`. A
+/// dual-stack listener sees IPv4 clients as IPv4-mapped IPv6 addresses; they
+/// match the IPv4 prefixes they belong to.
+pub fn source_is_trusted(sources: &[IpNet], peer: IpAddr) -> bool {
+    let peer = peer.to_canonical();
+    sources.iter().any(|net| net.contains(&peer))
 }
 
 /// `host:port` with a non-empty host (name, IPv4, or `[IPv6]`) and a port 1..=65535.
@@ -774,5 +898,91 @@ idle_timeout = 60
         );
         let message = error_of(&MINIMAL.replace("idle_timeout = 60", "sni_strict = \"yes\""));
         assert!(message.contains("sni_strict"), "{message}");
+    }
+
+    #[test]
+    fn relay_check_is_smtp_only_and_on_by_default() {
+        let config = parse(MINIMAL).expect("valid");
+        assert_eq!(config.listeners[0].relay_check, RelayCheck::Off);
+        assert_eq!(config.listeners[1].relay_check, RelayCheck::Refuse);
+        assert_eq!(config.relay_check_interval, DEFAULT_RELAY_CHECK_INTERVAL);
+        for (value, expected) in [
+            ("refuse", RelayCheck::Refuse),
+            ("warn", RelayCheck::Warn),
+            ("off", RelayCheck::Off),
+        ] {
+            let text = format!("relay_check_interval = 60\n{MINIMAL}").replace(
+                "idle_timeout = 60",
+                &format!("idle_timeout = 60\nrelay_check = \"{value}\""),
+            );
+            let config = parse(&text).expect("valid");
+            assert_eq!(config.listeners[1].relay_check, expected);
+            assert_eq!(config.relay_check_interval, Duration::from_secs(60));
+        }
+        let message = error_of(&MINIMAL.replace(
+            "backend = \"127.0.0.1:143\"",
+            "backend = \"127.0.0.1:143\"\nrelay_check = \"warn\"",
+        ));
+        assert!(
+            message.contains("listener[0].relay_check: applies to smtp listeners only (this one is imap)"),
+            "{message}"
+        );
+        let message = error_of(&MINIMAL.replace("idle_timeout = 60", "relay_check = \"maybe\""));
+        assert!(message.contains("maybe"), "{message}");
+        let message = error_of(&format!("relay_check_interval = 0\n{MINIMAL}"));
+        assert!(
+            message.contains("relay_check_interval: must be at least 1 second"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn proxy_sources_are_addresses_or_prefixes() {
+        let config = parse(MINIMAL).expect("valid");
+        assert!(config.listeners[0].accept_proxy_from.is_empty());
+        assert_eq!(
+            config.listeners[0].proxy_header_timeout,
+            DEFAULT_PROXY_HEADER_TIMEOUT
+        );
+        let text = MINIMAL.replace(
+            "backend = \"127.0.0.1:143\"",
+            "backend = \"127.0.0.1:143\"\naccept_proxy_from = [\"10.1.2.3/8\", \"192.0.2.7\", \"2001:db8::/32\"]\nproxy_header_timeout = 2",
+        );
+        let config = parse(&text).expect("valid");
+        let sources = &config.listeners[0].accept_proxy_from;
+        let shown: Vec<String> = sources.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"]);
+        assert_eq!(
+            config.listeners[0].proxy_header_timeout,
+            Duration::from_secs(2)
+        );
+        let ip = |text: &str| text.parse::<IpAddr>().expect("address");
+        assert!(source_is_trusted(sources, ip("10.200.0.1")));
+        assert!(source_is_trusted(sources, ip("::ffff:10.200.0.1")));
+        assert!(source_is_trusted(sources, ip("192.0.2.7")));
+        assert!(!source_is_trusted(sources, ip("192.0.2.8")));
+        assert!(source_is_trusted(sources, ip("2001:db8:ffff::1")));
+        assert!(!source_is_trusted(sources, ip("2001:db9::1")));
+        assert!(!source_is_trusted(&[], ip("10.0.0.1")));
+
+        for bad in ["10.0.0.0/33", "example.org", "", "10.0.0"] {
+            let message = error_of(&MINIMAL.replace(
+                "backend = \"127.0.0.1:143\"",
+                &format!("backend = \"127.0.0.1:143\"\naccept_proxy_from = [\"192.0.2.1\", \"{bad}\"]"),
+            ));
+            assert!(
+                message.contains("listener[0].accept_proxy_from[1]: ")
+                    && message.contains("is not an address or CIDR prefix"),
+                "{bad}: {message}"
+            );
+        }
+        let message = error_of(&MINIMAL.replace(
+            "backend = \"127.0.0.1:143\"",
+            "backend = \"127.0.0.1:143\"\nproxy_header_timeout = 0",
+        ));
+        assert!(
+            message.contains("listener[0].proxy_header_timeout: must be at least 1 second"),
+            "{message}"
+        );
     }
 }

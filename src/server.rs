@@ -106,6 +106,9 @@ impl Proxy {
                 client_identity: listener.client_identity,
                 hostname: Arc::from(config.hostname.as_str()),
                 identity_warning_logged: AtomicBool::new(false),
+                accept_proxy_from: listener.accept_proxy_from.clone(),
+                proxy_header_timeout: listener.proxy_header_timeout,
+                relay_open: AtomicBool::new(false),
             };
             listeners.push((socket, Arc::new(context)));
         }

@@ -122,7 +122,7 @@ fn write_binary_config(
     std::fs::write(
         &path,
         format!(
-            "shutdown_grace = 30\n[[certificate]]\ncert = \"fullchain.pem\"\nkey = \"privkey.pem\"\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[[listener]]\nname = \"mx\"\nprotocol = \"smtp\"\ntls = \"starttls\"\nlisten = \"127.0.0.1:{port}\"\nbackend = \"{backend}\"\nrequire_tls = \"none\"\n"
+            "shutdown_grace = 30\n[[certificate]]\ncert = \"fullchain.pem\"\nkey = \"privkey.pem\"\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[[listener]]\nname = \"mx\"\nprotocol = \"smtp\"\ntls = \"starttls\"\nlisten = \"127.0.0.1:{port}\"\nbackend = \"{backend}\"\nrequire_tls = \"none\"\nrelay_check = \"off\"\n"
         ),
     )
     .expect("write config");

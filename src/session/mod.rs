@@ -66,6 +66,15 @@ pub struct ListenerContext {
     /// Set once a backend's missing or refused XCLIENT has been logged as a
     /// warning: once per listener, later sessions at debug level.
     pub identity_warning_logged: AtomicBool,
+    /// Load balancers whose connections begin with a PROXY protocol header
+    /// naming the real client; empty: none.
+    pub accept_proxy_from: Vec<ipnet::IpNet>,
+    /// How long a trusted source has to send that header.
+    pub proxy_header_timeout: Duration,
+    /// Set while the relay guard (`relay_check = "refuse"`) has found that
+    /// the backend would relay for anyone arriving here: new connections
+    /// get the protocol's temporary refusal instead of the backend.
+    pub relay_open: AtomicBool,
 }
 
 /// The two ends of the client's TCP connection.

@@ -126,8 +126,17 @@ impl TestProxy {
             "[[certificate]]\ncert = \"fullchain.pem\"\nkey = \"privkey.pem\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
         );
         for spec in listeners {
+            // Scripted backends answer only the dialogue a test plans for;
+            // the relay guard's own probe is tested on its own
+            // (tests/relay_guard.rs), so it stays off here unless a test
+            // sets it.
+            let relay_check = if spec.protocol == "smtp" && !extra.contains("relay_check") {
+                "relay_check = \"off\"\n"
+            } else {
+                ""
+            };
             text.push_str(&format!(
-                "\n[[listener]]\nname = \"{}\"\nprotocol = \"{}\"\ntls = \"{}\"\nlisten = \"127.0.0.1:0\"\nbackend = \"{}\"\n{}\n",
+                "\n[[listener]]\nname = \"{}\"\nprotocol = \"{}\"\ntls = \"{}\"\nlisten = \"127.0.0.1:0\"\nbackend = \"{}\"\n{relay_check}{}\n",
                 spec.name, spec.protocol, spec.tls, spec.backend, extra
             ));
         }

@@ -1,6 +1,7 @@
 //! The PROXY protocol header (HAProxy's "The PROXY protocol, Versions 1 & 2",
-//! doc/proxy-protocol.txt): the first bytes the backend receives on a
-//! connection, telling it who the client is.
+//! doc/proxy-protocol.txt): the first bytes on a connection, telling the
+//! receiver who the client is. This module writes the header the backend
+//! receives; [`parse`] reads the one a trusted load balancer sends the proxy.
 //!
 //! Pure functions, no I/O: the session driver writes the bytes right after
 //! its backend connect.
@@ -19,6 +20,8 @@
 //! IPv4 client) are sent as the IPv4 addresses they are; a pair that still
 //! mixes families is sent as IPv6 (the IPv4 side mapped), because both
 //! addresses must share the header's one family.
+
+pub mod parse;
 
 use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};

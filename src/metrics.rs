@@ -90,11 +90,11 @@ fn describe() {
     );
     describe_counter!(
         REJECTED_CONNECTIONS_TOTAL,
-        "Connections turned away by a limit (max_connections, max_connections_per_ip)."
+        "Connections turned away, by reason: a limit (max_connections, max_connections_per_ip), or a trusted load balancer's connection without a valid PROXY header (proxy_header)."
     );
     describe_counter!(
         TIMEOUTS_TOTAL,
-        "Sessions ended by a timeout, by phase (handshake, backend_connect, idle)."
+        "Sessions ended by a timeout, by phase (proxy_header, handshake, backend_connect, idle)."
     );
     describe_counter!(
         POLICY_REFUSALS_TOTAL,

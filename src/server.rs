@@ -190,6 +190,11 @@ impl Proxy {
                 tls = %context.mode,
                 require_tls = context.require_tls.as_str(),
                 client_identity = context.client_identity.as_str(),
+                accept_proxy_from = ?context
+                    .accept_proxy_from
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>(),
                 address = %socket.local_addr().map(|a| a.to_string()).unwrap_or_default(),
                 backend = %context.backend,
                 "listening"

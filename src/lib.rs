@@ -11,6 +11,9 @@
 //! - [`tls`]: crypto provider, certificate loading, the swappable store.
 //! - [`metrics`]: every metric name; [`admin`]: `/metrics`, `/healthz`, `/readyz`;
 //!   [`readiness`]: what `/readyz` checks (listeners, certificates, backends).
+//! - [`relay_guard`]: asks each SMTP backend whether it would relay for a
+//!   stranger arriving through the proxy; refuses to start, or stops serving
+//!   a listener, while one would.
 //! - [`logging`]: text or JSON log lines; [`healthcheck`]: the container
 //!   health check client.
 
@@ -22,6 +25,7 @@ pub mod logging;
 pub mod metrics;
 pub mod protocol;
 pub mod readiness;
+pub mod relay_guard;
 pub mod server;
 pub mod session;
 pub mod tls;

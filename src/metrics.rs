@@ -29,6 +29,10 @@ pub const CERTIFICATE_RELOAD_TIMESTAMP_SECONDS: &str =
     "mail_tls_proxy_certificate_reload_timestamp_seconds";
 /// Set by the readiness checks (see [`crate::readiness`]), once they run.
 pub const BACKEND_UP: &str = "mail_tls_proxy_backend_up";
+/// Set by the relay guard (see [`crate::relay_guard`]) for every SMTP
+/// listener it checks: `result` is closed, open or unknown; 1 for the
+/// latest result, 0 for the other two.
+pub const RELAY_CHECK: &str = "mail_tls_proxy_relay_check";
 
 /// Handshakes take milliseconds; the buckets resolve 1 ms to 10 s.
 const HANDSHAKE_BUCKETS: &[f64] = &[
@@ -118,6 +122,19 @@ fn describe() {
         BACKEND_UP,
         "1 if the listener's backend answered its greeting in the last readiness check, else 0 (checks start with the first /readyz request)."
     );
+    describe_gauge!(
+        RELAY_CHECK,
+        "Latest relay guard check of an SMTP listener's backend, by result: 1 for the current result (closed: it refused a stranger's outside recipient; open: it would relay for anyone arriving through the proxy; unknown: the check could not tell), 0 for the other two."
+    );
+}
+
+/// Records the latest relay guard result of `listener`: 1 for `result`, 0
+/// for the others, so all three series always exist.
+pub fn set_relay_check(listener: &str, result: crate::relay_guard::RelayResult) {
+    for each in crate::relay_guard::RelayResult::ALL {
+        metrics::gauge!(RELAY_CHECK, "listener" => listener.to_string(), "result" => each.as_str())
+            .set(if each == result { 1.0 } else { 0.0 });
+    }
 }
 
 /// Handles for one listener's metrics, resolved once at start-up.

@@ -13,6 +13,10 @@
 //! its backends. Listeners that share a backend (same address, protocol and
 //! preamble) share one check. Each round sets
 //! `mail_tls_proxy_backend_up{listener}` (1 or 0) for every listener.
+//!
+//! A listener whose backend the relay guard found open (see
+//! [`crate::relay_guard`]) is not ready either, with the guard's reason,
+//! until a later guard check finds it closed.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -78,6 +82,9 @@ pub struct Readiness {
     states: Mutex<Vec<BackendState>>,
     checks_started: AtomicBool,
     round_finished: Notify,
+    /// Listeners the relay guard stopped serving, with the reason, in the
+    /// order they were found.
+    relay_open: Mutex<Vec<(String, String)>>,
 }
 
 impl Readiness {
@@ -96,6 +103,7 @@ impl Readiness {
             states,
             checks_started: AtomicBool::new(false),
             round_finished: Notify::new(),
+            relay_open: Mutex::new(Vec::new()),
         })
     }
 
@@ -107,6 +115,21 @@ impl Readiness {
     /// Shutdown has begun: not ready from now on.
     pub fn set_draining(&self) {
         self.draining.store(true, Ordering::Release);
+    }
+
+    /// The relay guard found `listener`'s backend open (`Some(reason)`):
+    /// not ready, for that reason; or closed again (`None`).
+    pub fn set_relay_open(&self, listener: &str, reason: Option<String>) {
+        let mut open = self.relay_open.lock().unwrap_or_else(|e| e.into_inner());
+        let at = open.iter().position(|(name, _)| name == listener);
+        match (at, reason) {
+            (Some(at), Some(reason)) => open[at].1 = reason,
+            (None, Some(reason)) => open.push((listener.to_string(), reason)),
+            (Some(at), None) => {
+                open.remove(at);
+            }
+            (None, None) => {}
+        }
     }
 
     /// `Ok(())` when ready, else every reason it is not, one per line.
@@ -136,6 +159,11 @@ impl Readiness {
                     probe.listener, probe.backend, probe.protocol
                 )),
             }
+        }
+        drop(states);
+        let relay_open = self.relay_open.lock().unwrap_or_else(|e| e.into_inner());
+        for (listener, reason) in relay_open.iter() {
+            reasons.push(format!("listener {listener}: {reason}"));
         }
         if reasons.is_empty() {
             Ok(())
@@ -514,5 +542,30 @@ mod tests {
             readiness.reasons(),
             Err("draining: the proxy is shutting down".into())
         );
+    }
+
+    #[test]
+    fn a_listener_the_relay_guard_stopped_is_not_ready_until_it_clears() {
+        let readiness = Readiness::new(None, Vec::new(), Duration::from_secs(60));
+        readiness.set_serving();
+        assert_eq!(readiness.reasons(), Ok(()));
+        readiness.set_relay_open("mx", Some("backend b:25 would relay".into()));
+        readiness.set_relay_open("submission", Some("first".into()));
+        readiness.set_relay_open("submission", Some("backend c:25 would relay".into()));
+        assert_eq!(
+            readiness.reasons(),
+            Err(
+                "listener mx: backend b:25 would relay\nlistener submission: backend c:25 would relay"
+                    .into()
+            )
+        );
+        readiness.set_relay_open("mx", None);
+        readiness.set_relay_open("other", None);
+        assert_eq!(
+            readiness.reasons(),
+            Err("listener submission: backend c:25 would relay".into())
+        );
+        readiness.set_relay_open("submission", None);
+        assert_eq!(readiness.reasons(), Ok(()));
     }
 }

@@ -1,5 +1,6 @@
 //! Start-up and the accept loops: binds every listener, loads certificates,
-//! and spawns one task per accepted connection.
+//! asks the relay guard about every SMTP backend before serving, and spawns
+//! one task per accepted connection.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,6 +18,7 @@ use crate::config::Config;
 use crate::limits::{GlobalLimit, PerIpLimit};
 use crate::metrics::{self, ListenerMetrics};
 use crate::readiness::{self, BackendProbe, Readiness};
+use crate::relay_guard::{self, Guard, OpenRelay, Target};
 use crate::session::{self, ListenerContext};
 use crate::tls::{self, CertificateError, CertificateStore, ReloadStats, Reloader};
 
@@ -36,6 +38,10 @@ pub enum StartError {
     Tls(#[from] rustls::Error),
     #[error("metrics: {0}")]
     Metrics(String),
+    /// The relay guard found an SMTP backend that would relay for anyone
+    /// arriving through its listener (`relay_check = "refuse"`).
+    #[error(transparent)]
+    OpenRelay(#[from] OpenRelay),
 }
 
 /// Loads and checks every configured certificate, or generates the
@@ -56,10 +62,16 @@ pub struct Proxy {
     readiness: Arc<Readiness>,
     shutdown: watch::Sender<bool>,
     shutdown_grace: Duration,
+    /// One periodic relay check per guarded SMTP listener.
+    relay_guards: Vec<Guard>,
+    relay_check_interval: Duration,
 }
 
 impl Proxy {
-    /// Loads certificates and binds every socket; fails before serving anything.
+    /// Loads certificates, binds every socket and asks the relay guard about
+    /// every SMTP backend (all at once); fails before serving anything,
+    /// including when a backend would relay for anyone under
+    /// `relay_check = "refuse"` ([`StartError::OpenRelay`]).
     pub async fn bind(config: &Config) -> Result<Proxy, StartError> {
         let metrics_handle = metrics::install().map_err(StartError::Metrics)?;
         let mut reloader = load_certificates(config)?;
@@ -131,6 +143,7 @@ impl Proxy {
             config.listeners.iter().map(backend_probe).collect(),
             config.readiness_interval,
         );
+        let relay_guards = guard_relays(config, &listeners, &readiness).await?;
         Ok(Proxy {
             listeners,
             admin,
@@ -141,6 +154,8 @@ impl Proxy {
             readiness,
             shutdown,
             shutdown_grace: config.shutdown_grace,
+            relay_guards,
+            relay_check_interval: config.relay_check_interval,
         })
     }
 
@@ -222,6 +237,10 @@ impl Proxy {
                 upkeep.run_upkeep();
             }
         });
+        let mut relay_guard_tasks = JoinSet::new();
+        for guard in self.relay_guards {
+            relay_guard_tasks.spawn(guard.run(self.relay_check_interval));
+        }
         let mut admin_task = JoinSet::new();
         if let Some(admin) = self.admin {
             info!(
@@ -239,6 +258,7 @@ impl Proxy {
 
         self.readiness.set_draining();
         accept_tasks.shutdown().await;
+        relay_guard_tasks.shutdown().await;
         let _ = self.shutdown.send(true);
         info!(
             open_sessions = sessions.open(),
@@ -259,6 +279,39 @@ impl Proxy {
         admin_task.shutdown().await;
         reload_task.shutdown().await;
     }
+}
+
+/// Checks every guarded SMTP listener's backend at once, as its clients
+/// arrive (the bound address, for listeners on port 0); returns the
+/// periodic guards, or the error for a backend that would relay for anyone
+/// under `relay_check = "refuse"`.
+async fn guard_relays(
+    config: &Config,
+    listeners: &[(TcpListener, Arc<ListenerContext>)],
+    readiness: &Arc<Readiness>,
+) -> Result<Vec<Guard>, OpenRelay> {
+    let mut contexts = Vec::new();
+    let mut targets = Vec::new();
+    for (listener, (socket, context)) in config.listeners.iter().zip(listeners) {
+        let listening_on = socket.local_addr().unwrap_or(listener.listen);
+        if let Some(target) = Target::for_listener(listener, &config.hostname, listening_on) {
+            targets.push(target);
+            contexts.push(context.clone());
+        }
+    }
+    if targets.is_empty() {
+        return Ok(Vec::new());
+    }
+    let findings = relay_guard::check_all(targets).await;
+    relay_guard::judge_at_start(&findings)?;
+    Ok(findings
+        .into_iter()
+        .zip(contexts)
+        .map(|(finding, context)| {
+            let first = finding.verdict.result();
+            Guard::new(finding.target, context, readiness.clone(), first)
+        })
+        .collect())
 }
 
 /// What the readiness check needs to know about a listener's backend.
@@ -336,8 +389,15 @@ async fn accept_loop(
                 let id = ids.fetch_add(1, Ordering::Relaxed);
                 let tracked = sessions.start();
                 let context = context.clone();
+                // The relay guard found the backend open: new connections
+                // get a temporary refusal, never the backend.
+                let refused = context.relay_open.load(Ordering::Acquire);
                 tokio::spawn(async move {
-                    session::serve(context, stream, peer, id).await;
+                    if refused {
+                        relay_guard::turn_away(context, stream, peer, id).await;
+                    } else {
+                        session::serve(context, stream, peer, id).await;
+                    }
                     drop(tracked);
                 });
             }

@@ -330,6 +330,11 @@ pub enum Refusal {
     TooManyConnections,
     /// The client sent a PROXY protocol header (only trusted proxies may).
     ClientProxyHeader,
+    /// The relay guard found that the backend would relay for anyone
+    /// arriving through this listener ([`crate::relay_guard`]): a temporary
+    /// refusal, so a sending server retries once it is fixed. The reply
+    /// does not say why: that is for the operator, not the internet.
+    OpenRelay,
 }
 
 /// The reply a client gets when it is turned away before any machine exists
@@ -356,6 +361,15 @@ pub fn refusal_reply(protocol: Protocol, refusal: Refusal) -> &'static [u8] {
         }
         (Protocol::Pop3, Refusal::ClientProxyHeader) => {
             b"-ERR PROXY protocol headers are not accepted from clients\r\n"
+        }
+        (Protocol::Smtp, Refusal::OpenRelay) => {
+            b"421 4.3.2 Service temporarily unavailable, try again later\r\n"
+        }
+        (Protocol::Imap, Refusal::OpenRelay) => {
+            b"* BYE [UNAVAILABLE] Service temporarily unavailable, try again later\r\n"
+        }
+        (Protocol::Pop3, Refusal::OpenRelay) => {
+            b"-ERR [SYS/TEMP] Service temporarily unavailable, try again later\r\n"
         }
     }
 }

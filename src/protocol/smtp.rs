@@ -432,14 +432,10 @@ impl SmtpInspector {
             // A refusal at connect (554, 421): the client hears it as is.
             Step::Greeting => self.relay_collected(out),
             Step::Ehlo => {
-                let offered = if (200..300).contains(&code) {
-                    self.collected_lines()
-                        .skip(1)
-                        .map(reply_text)
-                        .find(|text| is_keyword(text, b"XCLIENT"))
-                        .and_then(|text| self.xclient_command(split_word(text).1))
-                } else {
-                    None
+                let offered = match (self.client, (200..300).contains(&code)) {
+                    (Some(client), true) => xclient_offer(self.collected_lines())
+                        .and_then(|offered| xclient_command(offered, client, self.server)),
+                    _ => None,
                 };
                 match offered {
                     Some(command) => {
@@ -475,46 +471,61 @@ impl SmtpInspector {
         self.reply_line_ends.clear();
         self.state = State::Identify(step);
     }
+}
 
-    /// `XCLIENT` with the attributes the backend offers (`offered` is the
-    /// text after the XCLIENT keyword in its EHLO reply), or `None` when it
-    /// does not take ADDR. The values need no xtext encoding: digits, dots,
-    /// colons, `IPV6:` and `[UNAVAILABLE]` are all plain xtext characters.
-    ///
-    /// NAME is `[UNAVAILABLE]`: the proxy does not look up host names, and
-    /// leaving NAME out would keep the name the backend found for the
-    /// *proxy's* address (`localhost`, say) next to the client's address.
-    /// HELO, PROTO and LOGIN are not sent: the client's own EHLO/HELO and
-    /// AUTH, which come after the new greeting, set them.
-    fn xclient_command(&self, offered: &[u8]) -> Option<Vec<u8>> {
-        let client = self.client?;
-        let offers = |name: &[u8]| {
-            offered
-                .split(|&b| b == b' ')
-                .any(|word| word.eq_ignore_ascii_case(name))
-        };
-        if !offers(b"ADDR") {
-            return None;
-        }
-        let mut command = String::from("XCLIENT");
-        if offers(b"NAME") {
-            command.push_str(" NAME=[UNAVAILABLE]");
-        }
-        command.push_str(&format!(" ADDR={}", xclient_address(client.ip())));
-        if offers(b"PORT") {
-            command.push_str(&format!(" PORT={}", client.port()));
-        }
-        if let Some(server) = self.server {
-            if offers(b"DESTADDR") {
-                command.push_str(&format!(" DESTADDR={}", xclient_address(server.ip())));
-            }
-            if offers(b"DESTPORT") {
-                command.push_str(&format!(" DESTPORT={}", server.port()));
-            }
-        }
-        command.push_str("\r\n");
-        Some(command.into_bytes())
+/// The attributes an EHLO reply (all its lines, the first being the
+/// greeting line) offers after the XCLIENT keyword, if it offers XCLIENT.
+pub(crate) fn xclient_offer<'a>(ehlo_reply: impl Iterator<Item = &'a [u8]>) -> Option<&'a [u8]> {
+    ehlo_reply
+        .skip(1)
+        .map(reply_text)
+        .find(|text| is_keyword(text, b"XCLIENT"))
+        .map(|text| split_word(text).1)
+}
+
+/// `XCLIENT` with the attributes the backend offers (`offered`, from
+/// [`xclient_offer`]) for a client at `client` that connected to `server`,
+/// or `None` when the backend does not take ADDR. The values need no xtext
+/// encoding: digits, dots, colons, `IPV6:` and `[UNAVAILABLE]` are all plain
+/// xtext characters. Also what the relay guard's probe sends
+/// ([`crate::relay_guard`]), so it presents itself as sessions do.
+///
+/// NAME is `[UNAVAILABLE]`: the proxy does not look up host names, and
+/// leaving NAME out would keep the name the backend found for the
+/// *proxy's* address (`localhost`, say) next to the client's address.
+/// HELO, PROTO and LOGIN are not sent: the client's own EHLO/HELO and
+/// AUTH, which come after the new greeting, set them.
+pub(crate) fn xclient_command(
+    offered: &[u8],
+    client: SocketAddr,
+    server: Option<SocketAddr>,
+) -> Option<Vec<u8>> {
+    let offers = |name: &[u8]| {
+        offered
+            .split(|&b| b == b' ')
+            .any(|word| word.eq_ignore_ascii_case(name))
+    };
+    if !offers(b"ADDR") {
+        return None;
     }
+    let mut command = String::from("XCLIENT");
+    if offers(b"NAME") {
+        command.push_str(" NAME=[UNAVAILABLE]");
+    }
+    command.push_str(&format!(" ADDR={}", xclient_address(client.ip())));
+    if offers(b"PORT") {
+        command.push_str(&format!(" PORT={}", client.port()));
+    }
+    if let Some(server) = server {
+        if offers(b"DESTADDR") {
+            command.push_str(&format!(" DESTADDR={}", xclient_address(server.ip())));
+        }
+        if offers(b"DESTPORT") {
+            command.push_str(&format!(" DESTPORT={}", server.port()));
+        }
+    }
+    command.push_str("\r\n");
+    Some(command.into_bytes())
 }
 
 /// An address as XCLIENT wants it: IPv4 dotted, IPv6 with an `IPV6:` prefix
@@ -805,7 +816,7 @@ impl Inspector for SmtpInspector {
 /// The reply code and whether this is the reply's last line. A line that is
 /// not `ddd`, `ddd text` or `ddd-text` ends the reply (code 0), so a broken
 /// backend cannot keep the machine collecting forever.
-fn parse_reply_line(line: &[u8]) -> (u16, bool) {
+pub(crate) fn parse_reply_line(line: &[u8]) -> (u16, bool) {
     let text = trim_eol(line);
     let code = match text.get(..3) {
         Some(digits) if digits.iter().all(u8::is_ascii_digit) => digits

@@ -9,6 +9,7 @@
 //! directions without looking at them.
 
 mod balancer;
+pub mod core;
 mod dialogue;
 mod relay;
 mod streams;
@@ -330,7 +331,7 @@ const PROXY_HEADER_REASON: &str = "proxy_header";
 
 /// Turns a connection away with the protocol's own temporary error; on an
 /// implicit listener the reply needs TLS first.
-async fn refuse(context: &ListenerContext, client: TcpStream, refusal: Refusal) {
+pub(crate) async fn refuse(context: &ListenerContext, client: TcpStream, refusal: Refusal) {
     let reply = protocol::refusal_reply(context.protocol, refusal);
     match context.mode {
         TlsMode::StartTls => {

@@ -47,8 +47,10 @@ enum Command {
         #[arg(long, env = "MAIL_TLS_PROXY_CONFIG")]
         config: PathBuf,
     },
-    /// Load and validate the configuration and every certificate, print what
-    /// would be served, and exit (non-zero on any error).
+    /// Load and validate the configuration and every certificate, ask every
+    /// SMTP backend whether it would relay for anyone arriving through the
+    /// proxy, print what would be served, and exit (non-zero on any error,
+    /// or on an open relay under relay_check = "refuse").
     Check {
         #[arg(long, env = "MAIL_TLS_PROXY_CONFIG")]
         config: PathBuf,
@@ -208,7 +210,58 @@ fn check(path: &Path) -> anyhow::Result<()> {
         Some(address) => println!("metrics: http://{address}/metrics, /healthz, /readyz"),
         None => println!("metrics: not served (no [metrics] listen)"),
     }
-    Ok(())
+    check_relays(&config)
+}
+
+/// The relay guard's start-up checks, one line per SMTP listener; an open
+/// backend under `relay_check = "refuse"` is the error `run` would stop with.
+fn check_relays(config: &Config) -> anyhow::Result<()> {
+    use mail_tls_proxy::config::RelayCheck;
+    use mail_tls_proxy::protocol::Protocol;
+    use mail_tls_proxy::relay_guard::{self, Verdict};
+    let targets = relay_guard::targets(config);
+    let findings = if targets.is_empty() {
+        Vec::new()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?
+            .block_on(relay_guard::check_all(targets))
+    };
+    let mut refusal = None;
+    for listener in &config.listeners {
+        if listener.protocol != Protocol::Smtp {
+            continue;
+        }
+        let name = &listener.name;
+        let Some(finding) = findings
+            .iter()
+            .find(|finding| &finding.target.listener == name)
+        else {
+            println!("relay check: listener {name}: off (relay_check = \"off\")");
+            continue;
+        };
+        let verdict = &finding.verdict;
+        match (verdict, finding.refusal()) {
+            (Verdict::Open { .. }, Some(open)) => {
+                println!("relay check: listener {name}: {verdict}");
+                refusal.get_or_insert(open);
+            }
+            (Verdict::Open { .. }, None) => println!(
+                "warning: relay check: listener {name}: {verdict}; relay_check = \"{}\": served anyway",
+                RelayCheck::Warn.as_str()
+            ),
+            (Verdict::Unknown { .. }, _) => println!(
+                "warning: relay check: listener {name}: {verdict}; the proxy starts anyway and asks again"
+            ),
+            (Verdict::Closed { .. }, _) => println!("relay check: listener {name}: {verdict}"),
+        }
+    }
+    match refusal {
+        Some(open) => Err(open.into()),
+        None => Ok(()),
+    }
 }
 
 /// One block per certificate: what it is for, until when, from where.

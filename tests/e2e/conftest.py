@@ -85,7 +85,10 @@ def mail_servers(scratch_dir) -> MailServerEndpoints:
     for abandoned in stop_abandoned_instances(f"/tmp/{SCRATCH_DIR_PREFIX}*/servers"):
         stop_abandoned_proxy(abandoned.parent / "proxy")
         shutil.rmtree(abandoned.parent, ignore_errors=True)
-    servers = MailServers(scratch_dir / "servers", owner_pid=os.getpid())
+    # smtp_haproxy: the smtpd service the shipped configurations' SMTP
+    # listeners (client_identity = "proxy-v2") are meant to front.
+    servers = MailServers(scratch_dir / "servers", owner_pid=os.getpid(),
+                          extra_smtpd={"smtp_haproxy": ["smtpd_upstream_proxy_protocol=haproxy"]})
     _logs_to_show_on_failure["Postfix maillog"] = servers.postfix_log
     _logs_to_show_on_failure["Dovecot log"] = servers.dovecot_log
     try:

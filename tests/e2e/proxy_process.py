@@ -10,6 +10,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -172,6 +173,47 @@ def wait_for_proxy_ports(running: RunningProxy) -> str | None:
         if waiting_for:
             time.sleep(0.1)
     return None
+
+
+def start_proxy_with_config(binary: Path, certificate_dir: Path, stem: str, names: list[str],
+                            config_text: Callable[[dict[str, int], int], str], working_dir: Path,
+                            hostname: str = "localhost") -> RunningProxy:
+    """`mail-tls-proxy run` on a configuration of the caller's:
+    config_text(ports, metrics_port) returns the TOML for the listener ports
+    picked free (name -> port).  It is written to certificate_dir/STEM.toml
+    (next to fullchain.pem and privkey.pem), the log goes to STEM.log, and
+    start-up is retried with fresh ports when one was taken meanwhile."""
+    config_file = certificate_dir / f"{stem}.toml"
+    log_file = certificate_dir / f"{stem}.log"
+    for attempt in range(1, START_ATTEMPTS + 1):
+        *listener_ports, metrics_port = pick_free_loopback_ports(len(names) + 1)
+        ports = dict(zip(names, listener_ports))
+        config_file.write_text(config_text(ports, metrics_port))
+        environment = dict(os.environ, NO_COLOR="1")
+        environment.setdefault("RUST_LOG", "info")
+        with open(log_file, "ab") as log:
+            process = subprocess.Popen(
+                [str(binary), "run", "--config", str(config_file)], cwd=working_dir,
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=environment,
+            )
+        running = RunningProxy(ports=ports, metrics_port=metrics_port, ca_file=certificate_dir / "fullchain.pem",
+                               hostname=hostname, config_file=config_file, log_file=log_file, process=process)
+        problem = wait_for_proxy_ports(running)
+        if problem is None:
+            return running
+        stop_proxy(running)
+        log_tail = tail_of_file(log_file)
+        port_was_taken = any(marker in log_tail.lower() for marker in ADDRESS_IN_USE_MARKERS)
+        if not port_was_taken or attempt == START_ATTEMPTS:
+            pytest.fail(f"{problem}; log:\n{log_tail}", pytrace=False)
+    raise AssertionError("unreachable")
+
+
+def run_check(binary: Path, config_file: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`mail-tls-proxy check --config FILE`, its output captured as text."""
+    environment = dict(os.environ, NO_COLOR="1")
+    return subprocess.run([str(binary), "check", "--config", str(config_file)], stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=timeout, env=environment)
 
 
 def stop_abandoned_proxy(certificate_dir: Path) -> None:

@@ -38,6 +38,14 @@ TEST_ADDRESS = f"{TEST_USER}@{TEST_DOMAIN}"
 # creating accounts; Dovecot and Postfix only need *some* non-root uid.
 DEFAULT_MAIL_STORAGE_USER = os.environ.get("E2E_MAIL_STORAGE_USER", "mail")
 
+# Postfix's mynetworks: the clients it lets relay mail anywhere
+# (permit_mynetworks).  None by default, as on a server behind the proxy:
+# the proxy connects from this host, so a Postfix trusting 127.0.0.0/8 (the
+# stock Debian setting) would relay for every client whose address the
+# proxy does not pass on, and the proxy's relay guard refuses to front it.
+# Mail for the test domain needs no relay permission.
+DEFAULT_POSTFIX_MYNETWORKS = ""
+
 REQUIRED_PROGRAMS = ("dovecot", "postfix", "postconf")
 STATE_FILE_NAME = "servers.json"
 STARTUP_TIMEOUT_SECONDS = 30
@@ -207,16 +215,21 @@ class MailServers:
 
     def __init__(self, base_dir: str | os.PathLike, mail_storage_user: str = DEFAULT_MAIL_STORAGE_USER,
                  owner_pid: int | None = None, extra_smtpd: dict[str, list[str]] | None = None,
-                 dovecot_haproxy_trusted_networks: str | None = None):
+                 dovecot_haproxy_trusted_networks: str | None = None,
+                 mynetworks: str = DEFAULT_POSTFIX_MYNETWORKS):
         """extra_smtpd: more Postfix smtpd services, each on its own port
         (endpoints.extra_ports[name]), with its own `-o name=value` overrides
         and logging as postfix/NAME/smtpd.  dovecot_haproxy_trusted_networks:
         when set, Dovecot trusts PROXY headers from these networks and gets an
         IMAP and a POP3 listener with `haproxy = yes` (extra_ports
-        "imap_haproxy" and "pop3_haproxy").  The defaults add nothing."""
+        "imap_haproxy" and "pop3_haproxy").  The defaults add nothing.
+        mynetworks: Postfix's main.cf value (a service may override it with
+        `-o mynetworks=...`); "127.0.0.0/8" makes a Postfix that relays for
+        anything connecting from this host, as a stock Debian one does."""
         self.base_dir = Path(base_dir).resolve()
         self.owner_pid = owner_pid
         self.extra_smtpd = dict(extra_smtpd or {})
+        self.mynetworks = mynetworks
         self.dovecot_haproxy_trusted_networks = dovecot_haproxy_trusted_networks
         storage_account = pwd.getpwnam(mail_storage_user)
         self.mail_uid = storage_account.pw_uid
@@ -505,7 +518,8 @@ alias_maps =
 alias_database =
 inet_interfaces = 127.0.0.1
 inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
+# Who may relay: see DEFAULT_POSTFIX_MYNETWORKS in servers.py.
+mynetworks = {self.mynetworks}
 smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
 append_dot_mydomain = no
 biff = no
@@ -514,9 +528,12 @@ smtpd_banner = $myhostname ESMTP e2e
 # No DNS on the test machine, and the client is always 127.0.0.1.
 smtpd_peername_lookup = no
 smtp_dns_support_level = disabled
-# Anything that is not for the test domain fails at once instead of queueing.
-default_transport = error:outbound mail is disabled in e2e tests
-relay_transport = error:outbound mail is disabled in e2e tests
+# Nothing leaves this machine: mail for any other domain is discarded on
+# delivery, never queued.  (Not error:, which smtpd would already refuse at
+# RCPT: a Postfix given trusted mynetworks must answer a relay recipient
+# as a real open relay does, 250, for the relay guard's tests.)
+default_transport = discard:outbound mail is disabled in e2e tests
+relay_transport = discard:outbound mail is disabled in e2e tests
 # TLS is the proxy's job, so the backend must not offer STARTTLS itself.
 smtpd_tls_security_level = none
 smtp_tls_security_level = none

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mail_tls_proxy::config::Config;
-use mail_tls_proxy::server::Proxy;
+use mail_tls_proxy::server::{Proxy, StartError};
 use mail_tls_proxy::tls::certs::generate_pair;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -119,6 +119,18 @@ impl TestProxy {
         top_level: &str,
         per_listener: &str,
     ) -> TestProxy {
+        match Self::try_start_configured(listeners, top_level, per_listener).await {
+            Ok(proxy) => proxy,
+            Err(error) => panic!("proxy binds: {error}"),
+        }
+    }
+
+    /// As [`TestProxy::start_configured`], returning why it cannot start.
+    pub async fn try_start_configured(
+        listeners: &[ListenerSpec],
+        top_level: &str,
+        per_listener: &str,
+    ) -> Result<TestProxy, StartError> {
         let extra = per_listener;
         let pki = test_pki();
         let mut text = format!("{top_level}\n");
@@ -143,20 +155,20 @@ impl TestProxy {
         let path = pki.dir.join("config.toml");
         std::fs::write(&path, &text).expect("write config");
         let config = Config::load(&path).expect("valid test config");
-        let proxy = Proxy::bind(&config).await.expect("proxy binds");
+        let proxy = Proxy::bind(&config).await?;
         let addresses = proxy.listener_addresses();
         let metrics = proxy.metrics_address();
         let (stop, stopped) = oneshot::channel::<()>();
         let running = tokio::spawn(proxy.run(async move {
             let _ = stopped.await;
         }));
-        TestProxy {
+        Ok(TestProxy {
             pki,
             addresses,
             metrics,
             stop: Some(stop),
             running: Some(running),
-        }
+        })
     }
 
     /// Starts the graceful shutdown (as SIGTERM does) and returns the task
@@ -310,6 +322,8 @@ type Recordings = Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>>;
 /// everything each connection sent it.
 pub struct FakeBackend {
     pub address: SocketAddr,
+    /// What new connections get (see [`FakeBackend::set_script`]).
+    script: Arc<Mutex<Script>>,
     received: Recordings,
     /// Per connection, in accept order: set once its script has ended (the
     /// proxy closed the connection, or the script itself ended it).
@@ -326,13 +340,15 @@ impl FakeBackend {
         let ended: Arc<Mutex<Vec<Arc<std::sync::atomic::AtomicBool>>>> = Arc::default();
         let connections = received.clone();
         let endings = ended.clone();
+        let script = Arc::new(Mutex::new(script));
+        let current = script.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = socket.accept().await {
                 let record = Arc::new(Mutex::new(Vec::new()));
                 let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
                 endings.lock().expect("lock").push(done.clone());
                 connections.lock().expect("lock").push(record.clone());
-                let script = script.clone();
+                let script = current.lock().expect("lock").clone();
                 tokio::spawn(async move {
                     serve_script(stream, script, record).await;
                     done.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -341,9 +357,16 @@ impl FakeBackend {
         });
         FakeBackend {
             address,
+            script,
             received,
             ended,
         }
+    }
+
+    /// Connections from now on follow `script` (a backend reconfigured
+    /// while the proxy runs); open ones keep theirs.
+    pub fn set_script(&self, script: Script) {
+        *self.script.lock().expect("lock") = script;
     }
 
     /// Waits until connection `index` has ended (for a proxy session: the

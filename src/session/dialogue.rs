@@ -1,21 +1,16 @@
-//! The inspection loop: reads lines from both sides, feeds them to the
-//! protocol machine, writes what it answers, and stops when it asks for TLS,
-//! pass-through or a close.
+//! The inspection loop's I/O: reads from both sides into the session core
+//! ([`super::core`]), writes what it asks, logs what it observed, and waits
+//! where it says. Every decision is the core's.
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-
 use tracing::{debug, warn};
 
-use crate::protocol::line::LineBuffer;
-use crate::protocol::proxy_header::{self, ClientHeader};
-use crate::protocol::{
-    self, BackendFailure, ClientIdentity, Goodbye, Inspector, Next, Notice, Output, Refusal,
-};
+use crate::protocol::{ClientIdentity, Inspector, Notice};
 
+use super::core::{Action, CoreSettings, Ending, Failure, Observation, SessionCore};
 use super::{relay, ListenerContext, SessionError, MAX_BACKEND_LINE, MAX_CLIENT_LINE};
 
 /// How an inspection phase ended.
@@ -31,65 +26,32 @@ pub enum Inspected {
 
 pub struct Dialogue<'a> {
     context: &'a ListenerContext,
-    inspector: Box<dyn Inspector>,
-    client_lines: LineBuffer,
-    backend_lines: LineBuffer,
-    out: Output,
-    idle_timeout: Duration,
+    core: SessionCore,
     shutdown: tokio::sync::watch::Receiver<bool>,
-    /// Client lines read so far, against the listener's cap.
-    commands: usize,
-    /// Client bytes still to discard (a refused literal's body).
-    skip_client_bytes: u64,
-    /// The client has not sent a line yet (its first bytes are checked for
-    /// a PROXY header; a backend error before it means a refused header).
-    client_silent: bool,
-    /// The backend has not sent a line yet.
-    backend_silent: bool,
-    /// Set by a STARTTLS upgrade until the client's first command after it.
-    /// The server never speaks first after STARTTLS in any of the three
-    /// protocols, so whatever the backend sends meanwhile can only be an
-    /// unsolicited or injected line, and is dropped rather than delivered
-    /// inside TLS.
-    drop_backend_until_client_speaks: bool,
+}
+
+fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
 }
 
 impl<'a> Dialogue<'a> {
     pub fn new(context: &'a ListenerContext, inspector: Box<dyn Inspector>) -> Self {
+        let settings = CoreSettings {
+            protocol: context.protocol,
+            client_identity: context.client_identity,
+            max_inspected_commands: context.max_inspected_commands,
+            idle_timeout: context.idle_timeout,
+            max_client_line: MAX_CLIENT_LINE,
+            max_backend_line: MAX_BACKEND_LINE,
+        };
         Self {
             context,
-            inspector,
-            client_lines: LineBuffer::new(MAX_CLIENT_LINE),
-            backend_lines: LineBuffer::new(MAX_BACKEND_LINE),
-            out: Output::default(),
-            idle_timeout: context.idle_timeout,
+            core: SessionCore::new(settings, inspector, now()),
             shutdown: context.shutdown.clone(),
-            commands: 0,
-            skip_client_bytes: 0,
-            client_silent: true,
-            backend_silent: true,
-            drop_backend_until_client_speaks: false,
         }
     }
 
-    /// Whether this connection started with a PROXY header the backend may
-    /// not have expected, and nothing since tells otherwise.
-    fn header_unconfirmed(&self) -> bool {
-        self.context.client_identity.sends_proxy_header() && self.client_silent
-    }
-
-    fn header_rejected(&self, evidence: String) -> SessionError {
-        SessionError::ProxyHeaderRejected {
-            backend: self.context.backend.clone(),
-            version: match self.context.client_identity {
-                ClientIdentity::ProxyV1 => "v1",
-                _ => "v2",
-            },
-            evidence,
-        }
-    }
-
-    /// Runs until the machine asks for TLS, pass-through or a close.
+    /// Runs until the core ends the phase: TLS, pass-through or a close.
     pub async fn run<C>(
         &mut self,
         client: &mut C,
@@ -98,235 +60,79 @@ impl<'a> Dialogue<'a> {
     where
         C: AsyncRead + AsyncWrite + Unpin,
     {
-        // Silence is measured in complete lines, not bytes: a client that
-        // trickles one byte at a time (slowloris) is cut off like a silent one.
-        let mut deadline = tokio::time::Instant::now() + self.idle_timeout;
+        // Set when the backend's connection failed: reported once the
+        // client has had the protocol's answer.
+        let mut backend_error = None;
         loop {
-            // Backend lines are always taken: replies, and unsolicited lines
-            // the machine decides about.
-            loop {
-                let header_unconfirmed = self.header_unconfirmed();
-                let next = match self.backend_lines.next_line() {
-                    Ok(Some(line)) if self.drop_backend_until_client_speaks => {
-                        warn!(
-                            bytes = line.len(),
-                            "backend spoke after STARTTLS before the client did; dropped the line"
-                        );
-                        continue;
+            if *self.shutdown.borrow() {
+                self.core.shutdown_requested();
+            }
+            match self.core.poll(now()) {
+                Action::Write => self.write(client, backend).await?,
+                Action::End(ending) => {
+                    return match (ending, backend_error) {
+                        (_, Some(error)) => Err(SessionError::Backend(error)),
+                        (Ending::StartTls, None) => Ok(Inspected::StartTls),
+                        (Ending::Passthrough, None) => Ok(Inspected::Passthrough),
+                        (Ending::Closed, None) => Ok(Inspected::Closed),
+                        (Ending::Failed(failure), None) => Err(self.error_of(failure)),
                     }
-                    Ok(Some(line)) => {
-                        deadline = tokio::time::Instant::now() + self.idle_timeout;
-                        self.backend_silent = false;
-                        // A backend that did not expect the PROXY header
-                        // answers its bytes with errors right after its
-                        // greeting, before the client has said anything.
-                        if header_unconfirmed
-                            && self.inspector.wants_client_line()
-                            && protocol::is_error_reply(self.context.protocol, line)
-                        {
-                            let evidence = format!(
-                                "it answered {:?} before the client's first command",
-                                String::from_utf8_lossy(protocol::trim_eol(line))
-                            );
-                            // What earlier lines produced goes out first, as
-                            // it would have line by line.
-                            self.flush(client, backend).await?;
-                            let error = self.header_rejected(evidence);
-                            self.out.clear();
-                            self.out
-                                .to_client
-                                .extend_from_slice(protocol::refusal_reply(
-                                    self.context.protocol,
-                                    Refusal::BackendUnavailable,
-                                ));
-                            self.flush_to_client(client).await?;
-                            return Err(error);
+                }
+                Action::Wait {
+                    read_client,
+                    deadline,
+                } => {
+                    let (client_lines, backend_lines) = self.core.input_buffers();
+                    tokio::select! {
+                        read = relay::read_lines(backend, backend_lines) => match read {
+                            Ok(0) => self.core.backend_closed(),
+                            Ok(_) => {}
+                            Err(error) => {
+                                backend_error = Some(error);
+                                self.core.backend_closed();
+                            }
+                        },
+                        read = relay::read_lines(client, client_lines), if read_client => match read {
+                            Ok(0) => self.core.client_closed(),
+                            Ok(_) => {}
+                            Err(error) => return Err(SessionError::Client(error)),
+                        },
+                        changed = self.shutdown.changed() => {
+                            // The proxy itself is gone when the sender is.
+                            if changed.is_err() {
+                                self.core.shutdown_requested();
+                            }
                         }
-                        self.inspector.backend_line(line, &mut self.out)
-                    }
-                    Ok(None) => {
-                        self.flush(client, backend).await?;
-                        break;
-                    }
-                    Err(too_long) => {
-                        self.flush(client, backend).await?;
-                        self.inspector
-                            .backend_failed(BackendFailure::LineTooLong, &mut self.out);
-                        self.flush_to_client(client).await?;
-                        return Err(SessionError::BackendLineTooLong(too_long.max));
-                    }
-                };
-                // The lines of one reply (EHLO, CAPABILITY) that arrived
-                // together go out in one write (one TLS record, one packet)
-                // instead of one each: flushed when the buffered lines are
-                // used up, when the phase ends, or when there is a notice.
-                let ended = ended(next);
-                if ended.is_some() || self.out.notice.is_some() {
-                    self.flush(client, backend).await?;
-                }
-                if let Some(ended) = ended {
-                    return Ok(ended);
-                }
-            }
-
-            // One client command at a time: the rest stays buffered until the
-            // machine has its reply, so nothing behind STARTTLS is ever parsed.
-            if self.skip_client_bytes > 0 {
-                self.skip_client_bytes = self.client_lines.skip(self.skip_client_bytes);
-            }
-            // A message body or BDAT chunk: raw bytes, no line cap.
-            if self.inspector.wants_client_bytes() && self.skip_client_bytes == 0 {
-                let pending = self.client_lines.pending();
-                if !pending.is_empty() {
-                    let taken = self.inspector.client_bytes(pending, &mut self.out);
-                    if taken > 0 {
-                        self.client_lines.skip(taken as u64);
-                        deadline = tokio::time::Instant::now() + self.idle_timeout;
-                        self.flush(client, backend).await?;
-                        continue;
-                    }
-                }
-            }
-            // Only a trusted proxy may send a PROXY header, and clients are
-            // not that: one is refused before anything reaches the backend.
-            let mut undecided = false;
-            if self.client_silent
-                && self.context.client_identity != ClientIdentity::None
-                && self.inspector.wants_client_line()
-            {
-                match proxy_header::client_header(self.client_lines.pending()) {
-                    ClientHeader::Present => {
-                        self.context.metrics.policy_refusal("PROXY");
-                        self.out
-                            .to_client
-                            .extend_from_slice(protocol::refusal_reply(
-                                self.context.protocol,
-                                Refusal::ClientProxyHeader,
-                            ));
-                        self.flush_to_client(client).await?;
-                        return Err(SessionError::ClientProxyHeader);
-                    }
-                    ClientHeader::Undecided => undecided = true,
-                    ClientHeader::Absent => {}
-                }
-            }
-            if self.inspector.wants_client_line() && self.skip_client_bytes == 0 && !undecided {
-                let next = match self.client_lines.next_line() {
-                    Ok(Some(line)) => {
-                        deadline = tokio::time::Instant::now() + self.idle_timeout;
-                        self.client_silent = false;
-                        self.drop_backend_until_client_speaks = false;
-                        // A relaying machine reads commands for the whole
-                        // session; the cap is for the inspection phase.
-                        if !self.inspector.relaying() {
-                            self.commands += 1;
+                        _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => {
+                            self.core.idle_timeout();
                         }
-                        if self.commands > self.context.max_inspected_commands {
-                            return self
-                                .say_goodbye(
-                                    client,
-                                    Goodbye::TooManyCommands,
-                                    SessionError::TooManyCommands(
-                                        self.context.max_inspected_commands,
-                                    ),
-                                )
-                                .await;
-                        }
-                        Some(self.inspector.client_line(line, &mut self.out))
                     }
-                    Ok(None) => None,
-                    Err(too_long) => {
-                        return self
-                            .say_goodbye(
-                                client,
-                                Goodbye::LineTooLong,
-                                SessionError::ClientLineTooLong(too_long.max),
-                            )
-                            .await;
-                    }
-                };
-                if let Some(next) = next {
-                    if let Some(command) = self.out.refused {
-                        self.context.metrics.policy_refusal(command);
-                    }
-                    self.skip_client_bytes = self.out.skip_client_bytes;
-                    self.flush(client, backend).await?;
-                    if let Some(ended) = ended(next) {
-                        return Ok(ended);
-                    }
-                    continue;
-                }
-            }
-
-            // A relaying machine in the middle of a command (a message body,
-            // a reply on its way) finishes it first, as pass-through does.
-            let mid_command = self.inspector.relaying() && !self.inspector.wants_client_line();
-            if *self.shutdown.borrow() && !mid_command {
-                self.inspector.goodbye(Goodbye::ShuttingDown, &mut self.out);
-                self.flush_to_client(client).await?;
-                return Ok(Inspected::Closed);
-            }
-            let read_client = self.inspector.wants_client_line()
-                || self.inspector.wants_client_bytes()
-                || self.skip_client_bytes > 0;
-            // Waiting holds no read buffers: lines are read into a buffer
-            // shared by the thread and kept only while incomplete.
-            self.backend_lines.release_if_empty();
-            self.client_lines.release_if_empty();
-            tokio::select! {
-                read = relay::read_lines(backend, &mut self.backend_lines) => match read {
-                    Ok(0) => {
-                        self.inspector.backend_failed(BackendFailure::Closed, &mut self.out);
-                        self.flush_to_client(client).await?;
-                        // Closed without a word right after the header: it
-                        // was refused (malformed for it, or the proxy's
-                        // address is not trusted to send one).
-                        if self.header_unconfirmed() && self.backend_silent {
-                            return Err(self.header_rejected(
-                                "it closed the connection without a greeting".into(),
-                            ));
-                        }
-                        return Ok(Inspected::Closed);
-                    }
-                    Ok(_) => {}
-                    Err(error) => {
-                        self.inspector.backend_failed(BackendFailure::Closed, &mut self.out);
-                        self.flush_to_client(client).await?;
-                        return Err(SessionError::Backend(error));
-                    }
-                },
-                read = relay::read_lines(client, &mut self.client_lines), if read_client => match read {
-                    Ok(0) => return Ok(Inspected::Closed),
-                    Ok(_) => {}
-                    Err(error) => return Err(SessionError::Client(error)),
-                },
-                _ = self.shutdown.changed() => {}
-                _ = tokio::time::sleep_until(deadline) => {
-                    return self
-                        .say_goodbye(client, Goodbye::IdleTimeout, SessionError::IdleTimeout(self.idle_timeout))
-                        .await;
                 }
             }
         }
     }
 
-    /// Ends the session with the protocol's goodbye for `reason`.
-    async fn say_goodbye<C>(
-        &mut self,
-        client: &mut C,
-        reason: Goodbye,
-        error: SessionError,
-    ) -> Result<Inspected, SessionError>
-    where
-        C: AsyncWrite + Unpin,
-    {
-        self.inspector.goodbye(reason, &mut self.out);
-        self.flush_to_client(client).await?;
-        Err(error)
+    fn error_of(&self, failure: Failure) -> SessionError {
+        match failure {
+            Failure::ClientLineTooLong(max) => SessionError::ClientLineTooLong(max),
+            Failure::BackendLineTooLong(max) => SessionError::BackendLineTooLong(max),
+            Failure::TooManyCommands(max) => SessionError::TooManyCommands(max),
+            Failure::IdleTimeout(after) => SessionError::IdleTimeout(after),
+            Failure::ClientProxyHeader => SessionError::ClientProxyHeader,
+            Failure::ProxyHeaderRejected { evidence } => SessionError::ProxyHeaderRejected {
+                backend: self.context.backend.clone(),
+                version: match self.context.client_identity {
+                    ClientIdentity::ProxyV1 => "v1",
+                    _ => "v2",
+                },
+                evidence,
+            },
+        }
     }
 
-    /// Writes what the machine produced: backend first, then the client.
-    async fn flush<C>(
+    /// Logs and counts what the core observed, then writes what it asked:
+    /// backend first, then the client.
+    async fn write<C>(
         &mut self,
         client: &mut C,
         backend: &mut TcpStream,
@@ -334,99 +140,86 @@ impl<'a> Dialogue<'a> {
     where
         C: AsyncWrite + Unpin,
     {
-        if !self.out.to_backend.is_empty() {
+        for observation in self.core.take_observations() {
+            observe(self.context, observation);
+        }
+        let to_backend = self.core.to_backend();
+        if !to_backend.is_empty() {
             backend
-                .write_all(&self.out.to_backend)
+                .write_all(to_backend)
                 .await
                 .map_err(SessionError::Backend)?;
             self.context
                 .metrics
                 .bytes_to_backend
-                .increment(self.out.to_backend.len() as u64);
-            self.out.to_backend.clear();
+                .increment(to_backend.len() as u64);
         }
-        self.flush_to_client(client).await
-    }
-
-    async fn flush_to_client<C>(&mut self, client: &mut C) -> Result<(), SessionError>
-    where
-        C: AsyncWrite + Unpin,
-    {
-        if let Some(notice) = self.out.notice.take() {
-            self.log_notice(notice);
-        }
-        if !self.out.to_client.is_empty() {
+        let to_client = self.core.to_client();
+        if !to_client.is_empty() {
             client
-                .write_all(&self.out.to_client)
+                .write_all(to_client)
                 .await
                 .map_err(SessionError::Client)?;
             client.flush().await.map_err(SessionError::Client)?;
             self.context
                 .metrics
                 .bytes_to_client
-                .increment(self.out.to_client.len() as u64);
+                .increment(to_client.len() as u64);
         }
-        self.out.clear();
+        self.core.written();
         Ok(())
-    }
-
-    /// Logs what the machine noticed; a backend without working XCLIENT is
-    /// a warning once per listener (every session would repeat it).
-    fn log_notice(&self, notice: Notice) {
-        let first_warning = || {
-            !self
-                .context
-                .identity_warning_logged
-                .swap(true, Ordering::Relaxed)
-        };
-        match notice {
-            Notice::XclientAccepted => debug!("backend accepted XCLIENT"),
-            Notice::XclientNotOffered if first_warning() => warn!(
-                backend = %self.context.backend,
-                "backend does not offer XCLIENT to this proxy: sessions go on without it and the \
-                 backend sees the proxy's address (Postfix: list the proxy's address in \
-                 smtpd_authorized_xclient_hosts); logged once per listener"
-            ),
-            Notice::XclientRefused(code) if first_warning() => warn!(
-                backend = %self.context.backend,
-                code,
-                "backend refused XCLIENT: sessions go on without it and the backend sees the \
-                 proxy's address; logged once per listener"
-            ),
-            Notice::XclientNotOffered => debug!("backend does not offer XCLIENT"),
-            Notice::XclientRefused(code) => debug!(code, "backend refused XCLIENT"),
-        }
     }
 
     /// The client's bytes after the upgrade command (the handshake's start).
     pub fn take_client_pending(&mut self) -> Vec<u8> {
-        self.client_lines.take_pending()
+        self.core.take_client_pending()
     }
 
     /// Drops the backend's unread bytes; returns how many.
     pub fn discard_backend_pending(&mut self) -> usize {
-        self.backend_lines.discard_pending()
+        self.core.discard_backend_pending()
     }
 
     pub fn tls_established(&mut self) {
-        self.inspector.tls_established();
-        self.drop_backend_until_client_speaks = true;
+        self.core.tls_established(now());
     }
 
     /// The unconsumed bytes of (client, backend), for pass-through.
-    pub fn into_pending(mut self) -> (Vec<u8>, Vec<u8>) {
-        (
-            self.client_lines.take_pending(),
-            self.backend_lines.take_pending(),
-        )
+    pub fn into_pending(self) -> (Vec<u8>, Vec<u8>) {
+        self.core.into_pending()
     }
 }
 
-fn ended(next: Next) -> Option<Inspected> {
-    match next {
-        Next::Continue => None,
-        Next::StartTls => Some(Inspected::StartTls),
-        Next::Passthrough => Some(Inspected::Passthrough),
-        Next::Close => Some(Inspected::Closed),
+/// Logs or counts one observation; a backend without working XCLIENT is a
+/// warning once per listener (every session would repeat it).
+fn observe(context: &ListenerContext, observation: Observation) {
+    let first_warning = || {
+        !context
+            .identity_warning_logged
+            .swap(true, Ordering::Relaxed)
+    };
+    match observation {
+        Observation::PolicyRefusal(command) => context.metrics.policy_refusal(command),
+        Observation::DroppedBackendLine { bytes } => warn!(
+            bytes,
+            "backend spoke after STARTTLS before the client did; dropped the line"
+        ),
+        Observation::Notice(Notice::XclientAccepted) => debug!("backend accepted XCLIENT"),
+        Observation::Notice(Notice::XclientNotOffered) if first_warning() => warn!(
+            backend = %context.backend,
+            "backend does not offer XCLIENT to this proxy: sessions go on without it and the \
+             backend sees the proxy's address (Postfix: list the proxy's address in \
+             smtpd_authorized_xclient_hosts); logged once per listener"
+        ),
+        Observation::Notice(Notice::XclientRefused(code)) if first_warning() => warn!(
+            backend = %context.backend,
+            code,
+            "backend refused XCLIENT: sessions go on without it and the backend sees the \
+             proxy's address; logged once per listener"
+        ),
+        Observation::Notice(Notice::XclientNotOffered) => debug!("backend does not offer XCLIENT"),
+        Observation::Notice(Notice::XclientRefused(code)) => {
+            debug!(code, "backend refused XCLIENT")
+        }
     }
 }

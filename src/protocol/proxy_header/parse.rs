@@ -222,7 +222,8 @@ fn parse_v2(bytes: &[u8]) -> Result<Parsed, HeaderError> {
     // endpoints"); PROXY must be TCP or carry no address.
     let family = transport >> 4;
     let stream = transport & 0x0F;
-    if !local && !(matches!((family, stream), (1 | 2 | 3, 1)) || transport == 0x00) {
+    let tcp_or_unspecified = matches!((family, stream), (1..=3, 1)) || transport == 0x00;
+    if !local && !tcp_or_unspecified {
         return Err(HeaderError::V2Transport(transport));
     }
     let needed = match (local, family) {

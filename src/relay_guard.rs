@@ -293,7 +293,7 @@ pub(crate) fn judge_at_start(findings: &[Finding]) -> Result<(), OpenRelay> {
                 listener = %target.listener,
                 backend = %target.backend,
                 %reason,
-                "relay check: cannot tell whether the backend would relay for anyone; starting anyway and asking again soon"
+                "relay check: cannot tell whether the backend would relay for anyone (not a reason to refuse to start); asking again soon"
             ),
         }
     }

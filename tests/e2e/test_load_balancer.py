@@ -293,6 +293,7 @@ def lb_servers(scratch_dir) -> MailServers:
     missing = missing_programs()
     if missing:
         unavailable(f"{', '.join(missing)} not installed; run tests/e2e/install-deps.sh")
+    find_haproxy()  # before starting anything for it
     # Backends whose test process is gone, and the balancer and proxy that
     # run left in front of them.
     for abandoned in stop_abandoned_instances(f"/tmp/mail-e2e-*/{SERVERS_DIR_NAME}"):
@@ -378,7 +379,6 @@ def lb(lb_servers, test_certificate, scratch_dir) -> LbSetup:
     binary = proxy_binary_path()
     if not (binary.is_file() and os.access(binary, os.X_OK)):
         unavailable(f"proxy binary {binary} not built (cargo build, or set MAIL_TLS_PROXY_BIN)")
-    find_haproxy()
     lb_dir = scratch_dir / LB_DIR_NAME
     lb_dir.mkdir(exist_ok=True)
     endpoints = lb_servers.endpoints

@@ -91,8 +91,6 @@ LB_LISTENERS = (
                max_connections_per_ip=PER_IP_LIMIT),
 )
 LISTENER_BY_NAME = {spec.name: spec for spec in LB_LISTENERS}
-# Postfix's syslog_name of the smtpd service each SMTP backend port is.
-POSTFIX_SERVICE = {"smtp_xclient": "smtp_xclient", "smtp_haproxy": "smtp_haproxy"}
 # The HAProxy backend whose health check sends no PROXY header at all.
 NO_HEADER_CONTROL = "control-no-header"
 NO_HEADER_CONTROL_TARGET = "pop3"
@@ -681,9 +679,9 @@ def test_postfix_sees_the_client_behind_haproxy(lb, tls_context, listener, versi
     assert "[127.0.0.1]" not in received, received
     queue_id = re.search(r"\bid ([0-9A-F]+)\b", received)
     assert queue_id, received
-    service = POSTFIX_SERVICE[spec.backend]
+    # The smtpd service logs as postfix/<its extra_smtpd name>/smtpd.
     line = wait_for_log_line(lb.servers.postfix_log,
-                             rf"postfix/{service}/smtpd\[\d+\]: {queue_id.group(1)}: client=(\S+)$",
+                             rf"postfix/{spec.backend}/smtpd\[\d+\]: {queue_id.group(1)}: client=(\S+)$",
                              start["postfix"])
     assert line.group(1) == f"unknown[{CLIENT_IP}]", line.group(0)
     assert_proxy_logged_the_client(lb, listener, frontend_name(listener, version), client_address,

@@ -18,13 +18,13 @@
 //! recipient domains in DNS before its relay policy answers `.invalid` with
 //! a refusal and counts as closed: the reply text says which it was.)
 //!
-//! This module owns the dialogue ([`Probe`]: sans-IO, fed backend bytes,
+//! This module owns the dialogue (`Probe`: sans-IO, fed backend bytes,
 //! returns bytes to send and finally a verdict), its thin async runner
 //! ([`probe`]), the start-up judgement (`Proxy::bind` fails with
 //! [`OpenRelay`] under `relay_check = "refuse"`), and the periodic re-check
-//! ([`Guard`]): an open finding sets `ListenerContext::relay_open`, which
+//! (`Guard`): an open finding sets `ListenerContext::relay_open`, which
 //! makes the accept loop answer new connections with the protocol's
-//! temporary refusal ([`turn_away`]) and `/readyz` answer 503, until a later
+//! temporary refusal (`turn_away`) and `/readyz` answer 503, until a later
 //! check finds the backend closed again. Established sessions are never
 //! touched. Every check sets `mail_tls_proxy_relay_check{listener, result}`.
 

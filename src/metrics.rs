@@ -94,7 +94,7 @@ fn describe() {
     );
     describe_counter!(
         REJECTED_CONNECTIONS_TOTAL,
-        "Connections turned away, by reason: a limit (max_connections, max_connections_per_ip), or a trusted load balancer's connection without a valid PROXY header (proxy_header)."
+        "Connections turned away, by reason: a limit (max_connections, max_connections_per_ip), a trusted load balancer's connection without a valid PROXY header (proxy_header), or the relay guard refusing new connections while the backend would relay for anyone (relay_open)."
     );
     describe_counter!(
         TIMEOUTS_TOTAL,

@@ -36,15 +36,14 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tracing::{debug, error, info, warn, Instrument};
+use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, ListenerConfig, RelayCheck};
-use crate::limits;
 use crate::protocol::line::LineBuffer;
 use crate::protocol::smtp::{parse_reply_line, xclient_command, xclient_offer};
-use crate::protocol::{proxy_header, trim_eol, ClientIdentity, Protocol, Refusal};
+use crate::protocol::{proxy_header, trim_eol, ClientIdentity, Protocol};
 use crate::readiness::Readiness;
-use crate::session::{self, ListenerContext};
+use crate::session::ListenerContext;
 
 /// Who the probe says it is: an address reserved for documentation
 /// (RFC 5737), so it is in no backend's trusted networks, with a port from
@@ -409,29 +408,6 @@ impl Guard {
         }
         self.last = result;
     }
-}
-
-/// Turns a new connection away while the guard has found the listener's
-/// backend open: the protocol's temporary refusal (after the TLS handshake
-/// on implicit listeners), so a sending server retries later. Within the
-/// connection limits; beyond them the connection is closed without a word.
-pub(crate) async fn turn_away(
-    context: Arc<ListenerContext>,
-    client: TcpStream,
-    peer: SocketAddr,
-    id: u64,
-) {
-    let span = tracing::info_span!("connection", listener = %context.name, peer = %peer, id = id);
-    async move {
-        let Ok(_slot) = limits::acquire(&context.global_limit, &context.per_ip_limit, peer.ip())
-        else {
-            return;
-        };
-        debug!("connection refused: the relay guard found the backend open");
-        session::refuse(&context, client, Refusal::OpenRelay).await;
-    }
-    .instrument(span)
-    .await
 }
 
 /// Runs one check against the target's backend.

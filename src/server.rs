@@ -205,11 +205,12 @@ impl Proxy {
                 tls = %context.mode,
                 require_tls = context.require_tls.as_str(),
                 client_identity = context.client_identity.as_str(),
-                accept_proxy_from = ?context
+                accept_proxy_from = %context
                     .accept_proxy_from
                     .iter()
                     .map(ToString::to_string)
-                    .collect::<Vec<_>>(),
+                    .collect::<Vec<_>>()
+                    .join(","),
                 address = %socket.local_addr().map(|a| a.to_string()).unwrap_or_default(),
                 backend = %context.backend,
                 "listening"
@@ -389,15 +390,8 @@ async fn accept_loop(
                 let id = ids.fetch_add(1, Ordering::Relaxed);
                 let tracked = sessions.start();
                 let context = context.clone();
-                // The relay guard found the backend open: new connections
-                // get a temporary refusal, never the backend.
-                let refused = context.relay_open.load(Ordering::Acquire);
                 tokio::spawn(async move {
-                    if refused {
-                        relay_guard::turn_away(context, stream, peer, id).await;
-                    } else {
-                        session::serve(context, stream, peer, id).await;
-                    }
+                    session::serve(context, stream, peer, id).await;
                     drop(tracked);
                 });
             }

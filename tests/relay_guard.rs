@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use mail_tls_proxy::server::StartError;
 use support::*;
+use tokio::io::AsyncWriteExt;
 
 const OPEN: &[u8] = b"250 2.1.5 Ok\r\n";
 const CLOSED: &[u8] = b"554 5.7.1 Relay access denied\r\n";
@@ -305,4 +306,33 @@ async fn a_backend_that_turns_open_is_refused_until_it_closes_again() {
         read_until(&mut client, b"\r\n").await,
         b"220 fake.example ESMTP\r\n"
     );
+}
+
+#[tokio::test]
+async fn behind_a_balancer_the_refusal_comes_after_the_header_and_the_handshake() {
+    let backend = FakeBackend::start(backend_script(CLOSED)).await;
+    let proxy = TestProxy::start_configured(
+        &[listener("flip-lb", "smtp", "implicit", backend.address)],
+        &format!("{TOP}\nrelay_check_interval = 1"),
+        "relay_check = \"refuse\"\naccept_proxy_from = [\"127.0.0.1\"]\n",
+    )
+    .await;
+    readyz_until(&proxy, |status, _| status == 200).await;
+    backend.set_script(backend_script(OPEN));
+    readyz_until(&proxy, |status, body| {
+        status == 503 && body.contains("listener flip-lb:")
+    })
+    .await;
+
+    let mut stream = proxy.connect("flip-lb").await;
+    stream
+        .write_all(b"PROXY TCP4 203.0.113.9 198.51.100.1 40000 465\r\n")
+        .await
+        .expect("write header");
+    let mut refused = proxy.upgrade(stream).await;
+    assert_eq!(read_to_close(&mut refused).await, REFUSED);
+    let metrics = http_get_metrics(&proxy).await;
+    let series =
+        "mail_tls_proxy_rejected_connections_total{listener=\"flip-lb\",reason=\"relay_open\"} 1\n";
+    assert!(metrics.contains(series), "{series} not in\n{metrics}");
 }

@@ -18,6 +18,9 @@ use crate::protocol::proxy_header::parse::{self, HeaderError, Parsed, Received};
 pub(crate) enum BalancerHeaderError {
     #[error("{0}")]
     Invalid(HeaderError),
+    /// Closed before sending a byte: a balancer's plain TCP health check.
+    #[error("connection closed before sending anything")]
+    ClosedSilent,
     #[error("connection closed before a complete PROXY header")]
     Closed,
     #[error("reading the PROXY header failed: {0}")]
@@ -41,7 +44,11 @@ pub(crate) async fn read_header(stream: &mut TcpStream) -> Result<Received, Bala
         }
         let peeked = stream.peek(&mut scratch[..room]).await?;
         if peeked == 0 {
-            return Err(BalancerHeaderError::Closed);
+            return Err(if header.is_empty() {
+                BalancerHeaderError::ClosedSilent
+            } else {
+                BalancerHeaderError::Closed
+            });
         }
         let held = header.len();
         header.extend_from_slice(&scratch[..peeked]);
@@ -140,6 +147,13 @@ mod tests {
         assert!(matches!(
             read_header(&mut accepted).await,
             Err(BalancerHeaderError::Closed)
+        ));
+
+        let (balancer, mut accepted) = pair().await;
+        drop(balancer);
+        assert!(matches!(
+            read_header(&mut accepted).await,
+            Err(BalancerHeaderError::ClosedSilent)
         ));
     }
 }

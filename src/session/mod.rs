@@ -240,6 +240,19 @@ pub async fn serve(
                 return;
             }
         };
+        // The relay guard found that the backend would relay for anyone
+        // arriving here: new connections get a temporary refusal, never the
+        // backend. Checked per connection, after a balancer has named the
+        // client, so the refusal is the protocol's own answer either way.
+        if context
+            .relay_open
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            context.metrics.rejected(RELAY_OPEN_REASON);
+            debug!("connection refused: the relay guard found the backend open");
+            refuse(&context, client, Refusal::OpenRelay).await;
+            return;
+        }
         let result = match context.mode {
             TlsMode::Implicit => serve_implicit(&context, client, endpoints).await,
             TlsMode::StartTls => serve_starttls(&context, client, endpoints).await,
@@ -302,16 +315,18 @@ async fn identify_via_balancer(
             debug!("PROXY header: the balancer's own connection (health check)");
             Some(balancer)
         }
+        // A balancer's plain TCP health check connects and leaves: neither
+        // a header nor a wrong one, so not counted as a rejection.
+        Ok(Err(BalancerHeaderError::ClosedSilent)) => {
+            debug!("trusted source closed without sending anything");
+            None
+        }
         Ok(Err(error)) => {
             context.metrics.rejected(PROXY_HEADER_REASON);
-            match error {
-                // A balancer's plain TCP health check connects and leaves.
-                BalancerHeaderError::Closed => debug!(%error, "trusted source closed"),
-                _ => info!(
-                    %error,
-                    "trusted source sent no valid PROXY header; connection closed without a reply"
-                ),
-            }
+            info!(
+                %error,
+                "trusted source sent no valid PROXY header; connection closed without a reply"
+            );
             None
         }
         Err(_) => {
@@ -328,10 +343,13 @@ async fn identify_via_balancer(
 /// The `reason` of `rejected_connections_total` and the `phase` of
 /// `timeouts_total` for a trusted source without a header.
 const PROXY_HEADER_REASON: &str = "proxy_header";
+/// The `reason` of `rejected_connections_total` while the relay guard
+/// refuses new connections.
+const RELAY_OPEN_REASON: &str = "relay_open";
 
 /// Turns a connection away with the protocol's own temporary error; on an
 /// implicit listener the reply needs TLS first.
-pub(crate) async fn refuse(context: &ListenerContext, client: TcpStream, refusal: Refusal) {
+async fn refuse(context: &ListenerContext, client: TcpStream, refusal: Refusal) {
     let reply = protocol::refusal_reply(context.protocol, refusal);
     match context.mode {
         TlsMode::StartTls => {

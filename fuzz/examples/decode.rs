@@ -18,7 +18,7 @@ fn main() {
                     _ => Protocol::Pop3,
                 };
                 print!("== {path}\n{}", describe(&data));
-                run_protocol(protocol, &data, &mail_tls_proxy_fuzz::allowed_from_env)
+                run_protocol(protocol, &data, mail_tls_proxy_fuzz::allowed_from_env)
             }
             "line" => {
                 println!("== {path}\n{}", mail_tls_proxy_fuzz::escape(&data));

@@ -115,17 +115,18 @@ pub fn parse(bytes: &[u8]) -> Result<Parsed, HeaderError> {
 /// or `PROXY UNKNOWN` followed by anything up to the CRLF.
 fn parse_v1(bytes: &[u8]) -> Result<Parsed, HeaderError> {
     let window = &bytes[..bytes.len().min(MAX_V1_LINE)];
-    let Some(end) = window.windows(2).position(|pair| pair == b"\r\n") else {
-        if window.contains(&b'\n') {
-            // A bare LF can never become the CRLF the line must end with.
-            return Err(HeaderError::V1Malformed("line ends without CR"));
-        }
+    // The line ends at its first LF, which must follow a CR.
+    let Some(lf) = window.iter().position(|&byte| byte == b'\n') else {
         return if window.len() >= MAX_V1_LINE {
             Err(HeaderError::V1TooLong)
         } else {
             Ok(Parsed::Incomplete)
         };
     };
+    if lf == 0 || window[lf - 1] != b'\r' {
+        return Err(HeaderError::V1Malformed("line ends without CR"));
+    }
+    let end = lf - 1;
     let line = &bytes[V1_PREFIX.len()..end];
     let length = end + 2;
     if line.starts_with(b"UNKNOWN") && matches!(line.get(7), None | Some(b' ')) {
@@ -376,6 +377,10 @@ mod tests {
             b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443 \r\n",
             b"PROXY TCP4 \xff.168.0.1 192.168.0.11 56324 443\r\n",
             b"PROXY \r\n",
+            // A bare LF inside an UNKNOWN line ends it, malformed, even
+            // with a CRLF further on (found by fuzzing: the prefix and the
+            // whole line must be judged alike).
+            b"PROXY UNKNOWN a\nb\r\n",
         ] {
             assert!(
                 matches!(parse(line), Err(HeaderError::V1Malformed(_))),

@@ -561,7 +561,7 @@ def test_alert_rules_pass_promtool_check():
         pytest.skip("promtool not installed; only the rule structure was checked")
     result = run([need("promtool"), "check", "rules", str(DEPLOY / "prometheus" / "alerts.yaml")])
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 6 rules found" in result.stdout
+    assert "SUCCESS: 8 rules found" in result.stdout
 
 
 def test_alerts_fire_when_they_should_promtool_unit_tests():
@@ -570,7 +570,7 @@ def test_alerts_fire_when_they_should_promtool_unit_tests():
     assert "SUCCESS" in result.stdout
 
 
-def test_alerts_cover_expiry_reload_handshakes_backend_and_readiness():
+def test_alerts_cover_expiry_reload_handshakes_backend_readiness_and_relaying():
     rules = {rule["alert"]: rule for rule in alert_rules()}
     assert "14 * 86400" in rules["MailTlsProxyCertificateExpiresSoon"]["expr"]
     assert rules["MailTlsProxyCertificateExpiresSoon"]["labels"]["severity"] == "warning"
@@ -580,6 +580,14 @@ def test_alerts_cover_expiry_reload_handshakes_backend_and_readiness():
     assert "tls_handshakes_total" in rules["MailTlsProxyHandshakeErrorRatioHigh"]["expr"]
     assert "backend_up" in rules["MailTlsProxyBackendUnavailable"]["expr"]
     assert "up{" in rules["MailTlsProxyNoReadyEndpoint"]["expr"]
+    open_relay = rules["MailTlsProxyOpenRelay"]
+    assert open_relay["expr"] == 'mail_tls_proxy_relay_check{result="open"} == 1'
+    assert open_relay["labels"]["severity"] == "critical" and "for" not in open_relay
+    for fix in ("client_identity", "smtpd_upstream_proxy_protocol", "mynetworks", "relay_from_hosts"):
+        assert fix in open_relay["annotations"]["description"], fix
+    unknown = rules["MailTlsProxyRelayCheckUnknown"]
+    assert unknown["expr"] == 'mail_tls_proxy_relay_check{result="unknown"} == 1'
+    assert unknown["labels"]["severity"] == "warning" and unknown["for"] == "2h"
 
 
 # -- Compose -------------------------------------------------------------------------------------
@@ -872,6 +880,41 @@ def test_measured_memory_fits_the_kubernetes_request(static_binary):
 
 
 # -- documentation ---------------------------------------------------------------------------------
+
+
+def shipped_proxy_configurations() -> dict[str, str]:
+    """Every proxy configuration an operator may copy: the example, the
+    deployment files, and the TOML blocks of the README and the backends
+    guide."""
+    shipped = {
+        "examples/quickstart.toml": (REPO_ROOT / "examples" / "quickstart.toml").read_text(),
+        "deploy/kubernetes/configmap.yaml": sidecar_config()[0],
+        "deploy/compose/mail-tls-proxy.toml": (DEPLOY / "compose" / "mail-tls-proxy.toml").read_text(),
+    }
+    for document in ("README.md", "docs/backends.md"):
+        blocks = re.findall(r"```toml\n(.*?)```", (REPO_ROOT / document).read_text(), re.S)
+        shipped.update({f"{document} TOML block {index}": block for index, block in enumerate(blocks, 1)})
+    return shipped
+
+
+def test_shipped_smtp_listeners_tell_the_backend_who_the_client_is():
+    """A proxy in front of a server that trusts the proxy's address makes it
+    an open relay unless the backend learns each client's address; and the
+    relay guard that catches it stays on everywhere."""
+    smtp_listeners = 0
+    for where, text in shipped_proxy_configurations().items():
+        for listener in tomllib.loads(text).get("listener", []):
+            if listener["protocol"] != "smtp":
+                continue
+            smtp_listeners += 1
+            assert listener.get("client_identity") in ("proxy-v2", "xclient"), (where, listener["name"])
+            assert listener.get("relay_check", "refuse") == "refuse", (where, listener["name"])
+    assert smtp_listeners >= 12, smtp_listeners
+    # Compose's Postfix expects the header on both services the proxy uses.
+    master = (DEPLOY / "compose" / "mail" / "master.cf").read_text()
+    services = re.findall(r"^(smtp|submission)\s+inet\b.*\n((?:[ \t]+-o .*\n)*)", master, re.M)
+    assert [name for name, _ in services] == ["smtp", "submission"], services
+    assert all("-o smtpd_upstream_proxy_protocol=haproxy" in options for _, options in services), services
 
 
 def test_readme_deploy_section_links_every_artifact():

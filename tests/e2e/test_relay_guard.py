@@ -70,11 +70,22 @@ LOG_WAIT_SECONDS = 10
 # is start-up on a loaded 2-core machine.
 RUN_EXIT_TIMEOUT_SECONDS = 60
 
+
+
+def documented_configurations(document: str) -> dict[str, callable]:
+    """The TOML blocks of a document that configure listeners."""
+    blocks = re.findall(r"```toml\n(.*?)```", (REPO_ROOT / document).read_text(), re.S)
+    return {f"{document} TOML block {index}": (lambda block=block: block)
+            for index, block in enumerate(blocks, 1) if "[[listener]]" in block}
+
+
 SHIPPED_CONFIGURATIONS = {
     "examples/quickstart.toml": lambda: (REPO_ROOT / "examples" / "quickstart.toml").read_text(),
     "deploy/kubernetes/configmap.yaml": lambda: yaml.safe_load(
         (REPO_ROOT / "deploy" / "kubernetes" / "configmap.yaml").read_text())["data"]["config.toml"],
     "deploy/compose/mail-tls-proxy.toml": lambda: (REPO_ROOT / "deploy" / "compose" / "mail-tls-proxy.toml").read_text(),
+    **documented_configurations("README.md"),
+    **documented_configurations("docs/backends.md"),
 }
 
 
@@ -241,9 +252,8 @@ def test_a_backend_trusting_the_proxy_address_fails_check_and_run(relay_servers,
 
     # Postfix accepted the stranger's recipient (rcpt=1/1), and the guard
     # reset and quit: nothing was queued.
-    line = wait_for_log_line(relay_servers.postfix_log,
-                             r"postfix/smtpd\[\d+\]: disconnect from \S+\[127\.0\.0\.1\] .*$", start).group(0)
-    assert "ehlo=1 mail=1 rcpt=1 rset=1 quit=1 commands=5" in line, line
+    wait_for_log_line(relay_servers.postfix_log, r"postfix/smtpd\[\d+\]: disconnect from \S+\[127\.0\.0\.1\] "
+                                                 r"ehlo=1 mail=1 rcpt=1 rset=1 quit=1 commands=5$", start)
     assert "data=" not in relay_servers.postfix_log.read_bytes()[start:].decode(errors="replace")
     assert_queue_is_empty(relay_servers.postfix_config_dir)
 
@@ -398,7 +408,7 @@ def test_shipped_configuration_passes_its_own_relay_guard(shipped, relay_servers
     for listener in smtp:
         assert listener.get("client_identity") in ("proxy-v2", "xclient"), (shipped, listener)
         assert listener.get("relay_check", "refuse") != "off", (shipped, listener)
-    config = test_certificate.chain.parent / f"shipped-{Path(shipped).stem}.toml"
+    config = test_certificate.chain.parent / f"shipped-{re.sub(r'[^a-z0-9]+', '-', shipped.lower())}.toml"
     config.write_text(for_this_machine(text, relay_servers.endpoints, test_certificate.chain.parent))
     checked = run_check(binary, config)
     output = checked.stdout + checked.stderr

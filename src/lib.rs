@@ -17,6 +17,8 @@
 //! - [`logging`]: text or JSON log lines; [`healthcheck`]: the container
 //!   health check client.
 
+#![forbid(unsafe_code)]
+
 pub mod admin;
 pub mod config;
 pub mod healthcheck;

@@ -1,5 +1,7 @@
 //! The `mail-tls-proxy` command line: parse, set up logging, hand over to the library.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 

@@ -15,7 +15,8 @@
 //!   stranger arriving through the proxy; refuses to start, or stops serving
 //!   a listener, while one would.
 //! - [`logging`]: text or JSON log lines; [`healthcheck`]: the container
-//!   health check client.
+//!   health check client; [`time`]: Unix times as UTC dates (one calendar
+//!   for logs and certificates).
 
 #![forbid(unsafe_code)]
 
@@ -30,4 +31,5 @@ pub mod readiness;
 pub mod relay_guard;
 pub mod server;
 pub mod session;
+pub mod time;
 pub mod tls;

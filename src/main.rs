@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use mail_tls_proxy::config::Config;
 use mail_tls_proxy::logging::{self, LogFormat};
 use mail_tls_proxy::server::{self, Proxy};
-use mail_tls_proxy::tls::certs::generate_pair;
+use mail_tls_proxy::tls::generate_pair;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -271,7 +271,8 @@ fn print_certificates(
     config: &Config,
     certificates: &[std::sync::Arc<mail_tls_proxy::tls::LoadedCertificate>],
 ) {
-    use mail_tls_proxy::tls::certs::{format_unix_time, unix_now, Expiry};
+    use mail_tls_proxy::time::{format_unix_time, unix_now};
+    use mail_tls_proxy::tls::Expiry;
     let now = unix_now();
     for (index, certificate) in certificates.iter().enumerate() {
         let role = if index == 0 { " (default)" } else { "" };

@@ -150,7 +150,8 @@ mod tests {
     use super::*;
     use crate::config::TlsVersion;
     use crate::protocol::Protocol;
-    use crate::tls::certs::{generate_pair, parse_certified_key};
+    use crate::tls::certs::parse_certified_key;
+    use crate::tls::generate::generate_pair;
     use crate::tls::resolver::CertificateSet;
     use rustls::pki_types::{CertificateDer, ServerName};
 

@@ -1,5 +1,4 @@
-//! Loading certificate/key pairs from PEM files, and generating the
-//! self-signed default.
+//! Loading certificate/key pairs from PEM files.
 //!
 //! A pair is only returned once everything about it has been checked: the
 //! chain parses and is not empty, every certificate in it is X.509, the key
@@ -13,13 +12,9 @@ use std::sync::Arc;
 use rustls::crypto::CryptoProvider;
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::{self, PemObject};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::CertificateFiles;
-
-/// A certificate that expires within this many days is warned about at load
-/// and daily.
-pub const EXPIRY_WARNING_DAYS: i64 = 14;
 
 /// Why a certificate pair cannot be used; each names the file and the reason.
 #[derive(Debug, thiserror::Error)]
@@ -63,11 +58,6 @@ pub struct LoadedCertificate {
 }
 
 impl LoadedCertificate {
-    /// How the leaf's validity period looks at `now` (a Unix time).
-    pub fn expiry(&self, now: i64) -> Expiry {
-        Expiry::at(self.not_before, self.not_after, now)
-    }
-
     /// A short name for logs and the metrics label: the first DNS name, else
     /// the certificate file's name, else `self-signed`.
     pub fn label(&self) -> String {
@@ -91,71 +81,6 @@ impl LoadedCertificate {
             None => "generated self-signed".to_string(),
         }
     }
-}
-
-/// A leaf's validity at some moment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Expiry {
-    /// Valid for more than [`EXPIRY_WARNING_DAYS`] days.
-    Valid { days_left: i64 },
-    /// Valid, but for [`EXPIRY_WARNING_DAYS`] days or fewer.
-    ExpiresSoon { days_left: i64 },
-    /// Not After has passed.
-    Expired { days_ago: i64 },
-    /// Not Before is still to come.
-    NotYetValid { days_until: i64 },
-}
-
-impl Expiry {
-    pub fn at(not_before: i64, not_after: i64, now: i64) -> Expiry {
-        const DAY: i64 = 86_400;
-        if now > not_after {
-            Expiry::Expired {
-                days_ago: (now - not_after) / DAY,
-            }
-        } else if now < not_before {
-            Expiry::NotYetValid {
-                days_until: (not_before - now) / DAY,
-            }
-        } else {
-            let days_left = (not_after - now) / DAY;
-            if not_after - now <= EXPIRY_WARNING_DAYS * DAY {
-                Expiry::ExpiresSoon { days_left }
-            } else {
-                Expiry::Valid { days_left }
-            }
-        }
-    }
-}
-
-/// The current time as a Unix time.
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_secs() as i64)
-        .unwrap_or(0)
-}
-
-/// A Unix time as `YYYY-MM-DD HH:MM:SS UTC`.
-pub fn format_unix_time(time: i64) -> String {
-    let days = time.div_euclid(86_400);
-    let seconds = time.rem_euclid(86_400);
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
-        seconds / 3600,
-        seconds / 60 % 60,
-        seconds % 60
-    )
 }
 
 /// Reads a whole file, naming it in the error.
@@ -218,13 +143,13 @@ fn pem_reason(error: &pem::Error) -> String {
 }
 
 /// What the leaf says about itself: DNS names, Not Before, Not After.
-struct LeafInfo {
-    names: Vec<String>,
-    not_before: i64,
-    not_after: i64,
+pub(super) struct LeafInfo {
+    pub(super) names: Vec<String>,
+    pub(super) not_before: i64,
+    pub(super) not_after: i64,
 }
 
-fn leaf_info(der: &[u8]) -> Result<LeafInfo, String> {
+pub(super) fn leaf_info(der: &[u8]) -> Result<LeafInfo, String> {
     let (_, certificate) = x509_parser::parse_x509_certificate(der)
         .map_err(|error| format!("the leaf is not a valid X.509 certificate: {error}"))?;
     let mut names = Vec::new();
@@ -317,64 +242,11 @@ fn mismatch_reason(error: &rustls::Error) -> String {
     }
 }
 
-/// A PEM pair generated in memory, for development and tests.
-#[derive(Debug, Clone)]
-pub struct GeneratedPair {
-    pub cert_pem: String,
-    pub key_pem: String,
-    pub cert_der: CertificateDer<'static>,
-    pub key_der: Vec<u8>,
-}
-
-/// Generates an ECDSA P-256 self-signed certificate for `names`.
-pub fn generate_pair(names: &[String]) -> Result<GeneratedPair, CertificateError> {
-    let generated = rcgen::generate_simple_self_signed(names.to_vec()).map_err(|error| {
-        CertificateError::Generate {
-            name: names.join(","),
-            reason: error.to_string(),
-        }
-    })?;
-    Ok(GeneratedPair {
-        cert_pem: generated.cert.pem(),
-        key_pem: generated.signing_key.serialize_pem(),
-        cert_der: generated.cert.der().clone(),
-        key_der: generated.signing_key.serialize_der(),
-    })
-}
-
-/// The default when no certificate is configured: self-signed for `hostname`
-/// (and `localhost`), generated at start-up and never written to disk.
-pub fn self_signed(
-    hostname: &str,
-    provider: &CryptoProvider,
-) -> Result<LoadedCertificate, CertificateError> {
-    let mut names = vec![hostname.to_string()];
-    if hostname != "localhost" {
-        names.push("localhost".to_string());
-    }
-    let failed = |reason: String| CertificateError::Generate {
-        name: hostname.to_string(),
-        reason,
-    };
-    let pair = generate_pair(&names)?;
-    let info = leaf_info(&pair.cert_der).map_err(failed)?;
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pair.key_der));
-    let signing_key = provider
-        .key_provider
-        .load_private_key(key)
-        .map_err(|error| failed(error.to_string()))?;
-    Ok(LoadedCertificate {
-        certified_key: Arc::new(CertifiedKey::new(vec![pair.cert_der], signing_key)),
-        files: None,
-        names: info.names,
-        not_before: info.not_before,
-        not_after: info.not_after,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::time::format_unix_time;
+    use crate::tls::generate::generate_pair;
     use crate::tls::provider::provider;
     use rcgen::{CertificateParams, KeyPair, SignatureAlgorithm};
 
@@ -618,50 +490,5 @@ mod tests {
         };
         let loaded = load_certified_key(&files, &provider()).expect("load");
         assert_eq!(loaded.certified_key.cert[0], pair.cert_der);
-    }
-
-    #[test]
-    fn the_self_signed_default_names_the_host() {
-        let loaded = self_signed("mx.example.org", &provider()).expect("generate");
-        assert!(loaded.files.is_none());
-        assert_eq!(loaded.certified_key.cert.len(), 1);
-        assert_eq!(loaded.names, vec!["mx.example.org", "localhost"]);
-        loaded
-            .certified_key
-            .keys_match()
-            .expect("generated key matches");
-    }
-
-    #[test]
-    fn expiry_classification() {
-        let day = 86_400;
-        let (start, end) = (0, 100 * day);
-        assert_eq!(
-            Expiry::at(start, end, 10 * day),
-            Expiry::Valid { days_left: 90 }
-        );
-        assert_eq!(
-            Expiry::at(start, end, end - 14 * day),
-            Expiry::ExpiresSoon { days_left: 14 }
-        );
-        assert_eq!(
-            Expiry::at(start, end, end - 1),
-            Expiry::ExpiresSoon { days_left: 0 }
-        );
-        assert_eq!(
-            Expiry::at(start, end, end + 3 * day),
-            Expiry::Expired { days_ago: 3 }
-        );
-        assert_eq!(
-            Expiry::at(10 * day, end, 0),
-            Expiry::NotYetValid { days_until: 10 }
-        );
-    }
-
-    #[test]
-    fn unix_times_format_as_utc() {
-        assert_eq!(format_unix_time(0), "1970-01-01 00:00:00 UTC");
-        assert_eq!(format_unix_time(951_825_600), "2000-02-29 12:00:00 UTC");
-        assert_eq!(format_unix_time(1_767_225_599), "2025-12-31 23:59:59 UTC");
     }
 }

@@ -3,15 +3,25 @@
 //!
 //! Certificates live behind a [`CertificateStore`] that rustls asks at every
 //! handshake, so a reload swaps one pointer and new handshakes see the new
-//! pair while established sessions keep theirs. [`reload`] decides when to
-//! swap (file watch, SIGHUP, polling); [`acceptor`] applies a listener's SNI
-//! policy.
+//! pair while established sessions keep theirs.
+//!
+//! - [`certs`]: loading and checking a pair from its PEM files.
+//! - [`generate`]: self-signed pairs (the default without certificates).
+//! - [`expiry`]: validity over time and the warnings about it.
+//! - [`resolver`]: the swappable store and SNI selection.
+//! - [`reload`]: whether and what to swap; [`watch`]: what sets a reload off
+//!   (directory watch, SIGHUP).
+//! - [`acceptor`]: a listener's handshake with its SNI policy;
+//!   [`provider`]: the crypto backend.
 
 pub mod acceptor;
 pub mod certs;
+pub mod expiry;
+pub mod generate;
 pub mod provider;
 pub mod reload;
 pub mod resolver;
+pub mod watch;
 
 use std::sync::Arc;
 
@@ -21,7 +31,9 @@ use crate::config::TlsVersion;
 use crate::protocol::Protocol;
 
 pub use acceptor::{Acceptor, UnrecognizedName};
-pub use certs::{load_certified_key, self_signed, CertificateError, LoadedCertificate};
+pub use certs::{load_certified_key, CertificateError, LoadedCertificate};
+pub use expiry::Expiry;
+pub use generate::{generate_pair, self_signed, GeneratedPair};
 pub use reload::{ReloadStats, Reloader};
 pub use resolver::{CertificateSet, CertificateStore};
 

@@ -1,15 +1,10 @@
-//! Certificate rotation without restart.
+//! Certificate rotation without restart: the decision.
 //!
 //! The [`Reloader`] owns the configured `[[certificate]]` files and the store
-//! rustls reads from. It re-reads the files when
-//! - something changes in a directory that holds one of them (each file's
-//!   parent directory is watched, not the file: editors and ACME clients
-//!   rename over files, and Kubernetes Secret volumes swap a `..data`
-//!   symlink, which a watch on the file itself would miss); bursts of events
-//!   are debounced,
-//! - the process gets SIGHUP (always a full reload),
-//! - every `certificate_poll_interval` (a fallback for filesystems without
-//!   inotify, e.g. some network filesystems).
+//! rustls reads from. It re-reads the files when [`super::watch`] reports a
+//! change in a directory that holds one of them, on SIGHUP (always a full
+//! re-check), and every `certificate_poll_interval` (a fallback for
+//! filesystems without inotify, e.g. some network filesystems).
 //!
 //! Each pair's bytes are compared with what was last read; only a pair that
 //! changed is parsed and checked (chain, key, key matches leaf). A pair that
@@ -19,31 +14,26 @@
 //! served and the new pair is picked up as soon as both files are in place.
 //! The new set is swapped in with one atomic pointer store: new handshakes
 //! see it, established sessions keep the certificate they were made with.
+//! Every reload is counted in the certificate metrics; expiry warnings come
+//! from [`super::expiry`].
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::crypto::CryptoProvider;
-use tokio::sync::mpsc;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
-use super::certs::{
-    self, format_unix_time, parse_certified_key, read_file, unix_now, CertificateError, Expiry,
-    LoadedCertificate,
-};
+use super::certs::{parse_certified_key, read_file, CertificateError, LoadedCertificate};
+use super::expiry::{warn_about_expiry, EXPIRY_WARNING_INTERVAL};
+use super::generate::self_signed;
 use super::resolver::{CertificateSet, CertificateStore};
+use super::watch::{parent_directory, Triggers};
 use crate::config::CertificateFiles;
 use crate::metrics;
-
-/// Events closer together than this are one change.
-pub const DEBOUNCE: Duration = Duration::from_millis(200);
-/// A stream of events that never pauses still gets a reload this often.
-pub const DEBOUNCE_MAX: Duration = Duration::from_secs(2);
-/// How often certificates near or past expiry are warned about again.
-pub const EXPIRY_WARNING_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
+use crate::time::{format_unix_time, unix_now};
 
 /// What made a reload happen (a log field).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,18 +115,9 @@ pub struct Reloader {
     store: Arc<CertificateStore>,
     provider: Arc<CryptoProvider>,
     stats: Arc<ReloadStats>,
-    /// The directory watch and its events, once started.
-    watch: Option<Watch>,
-    /// SIGHUP, once listened for.
-    hangup: Option<tokio::signal::unix::Signal>,
-    /// Whether [`Reloader::start_watching`] ran (it does its work once).
-    started: bool,
-}
-
-/// A running directory watch: dropping the watcher stops it.
-struct Watch {
-    _watcher: notify::RecommendedWatcher,
-    changes: mpsc::UnboundedReceiver<()>,
+    /// SIGHUP and the directory watch, once [`Reloader::start_watching`]
+    /// ran (until [`Reloader::run`] takes them).
+    triggers: Option<Triggers>,
 }
 
 fn read_pair(files: &CertificateFiles) -> Result<(Vec<u8>, Vec<u8>), CertificateError> {
@@ -177,7 +158,7 @@ impl Reloader {
                 %hostname,
                 "no [[certificate]] configured: serving a generated self-signed certificate that clients will not trust"
             );
-            Some(Arc::new(certs::self_signed(hostname, &provider)?))
+            Some(Arc::new(self_signed(hostname, &provider)?))
         } else {
             None
         };
@@ -192,9 +173,7 @@ impl Reloader {
             store: Arc::new(CertificateStore::new(set)),
             provider,
             stats: Arc::new(ReloadStats::default()),
-            watch: None,
-            hangup: None,
-            started: false,
+            triggers: None,
         };
         let now = unix_now();
         for (label, certificate) in reloader.labelled() {
@@ -394,36 +373,18 @@ impl Reloader {
     /// change or SIGHUP from then on is acted on (and a SIGHUP never falls
     /// to its default action, ending the process). Does its work once.
     pub fn start_watching(&mut self) {
-        if self.started {
+        if self.triggers.is_some() {
             return;
         }
-        self.started = true;
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(stream) => self.hangup = Some(stream),
-            Err(error) => warn!(
-                %error,
-                "cannot listen for SIGHUP; certificates reload on file changes and polling only"
-            ),
-        }
-        if !self.has_files() {
-            return;
-        }
-        let (events, changes) = mpsc::unbounded_channel::<()>();
-        if let Some(watcher) = watch(&self.watched_directories(), events) {
-            self.watch = Some(Watch {
-                _watcher: watcher,
-                changes,
-            });
-        }
+        self.triggers = Some(Triggers::start(&self.watched_directories()));
         self.reload(Trigger::Watch);
     }
 
     /// Watches, polls and listens for SIGHUP until the task is dropped.
     pub async fn run(mut self, poll_interval: Duration) {
         self.start_watching();
-        // Kept here for the life of the task: dropping it stops the watch.
-        let mut watch = self.watch.take();
-        let mut hangup = self.hangup.take();
+        // Kept here for the life of the task: dropping them stops the watch.
+        let mut triggers = self.triggers.take().expect("started above");
         let start = tokio::time::Instant::now();
         let mut poll = tokio::time::interval_at(start + poll_interval, poll_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -433,25 +394,11 @@ impl Reloader {
         let mut reloader = self;
         loop {
             let trigger = tokio::select! {
-                Some(()) = async {
-                    match watch.as_mut() {
-                        Some(watch) => watch.changes.recv().await,
-                        None => std::future::pending().await,
+                trigger = triggers.next() => {
+                    if trigger == Trigger::Watch {
+                        triggers.settle().await;
                     }
-                } => {
-                    if let Some(watch) = watch.as_mut() {
-                        debounce(&mut watch.changes).await;
-                    }
-                    Trigger::Watch
-                }
-                Some(()) = async {
-                    match hangup.as_mut() {
-                        Some(stream) => stream.recv().await,
-                        None => std::future::pending().await,
-                    }
-                } => {
-                    info!("SIGHUP received: reloading certificates");
-                    Trigger::Signal
+                    trigger
                 }
                 _ = poll.tick(), if reloader.has_files() => Trigger::Poll,
                 _ = daily.tick() => {
@@ -477,107 +424,10 @@ impl Reloader {
     }
 }
 
-/// Waits until events pause for [`DEBOUNCE`] (at most [`DEBOUNCE_MAX`]).
-async fn debounce(changes: &mut mpsc::UnboundedReceiver<()>) {
-    let deadline = tokio::time::Instant::now() + DEBOUNCE_MAX;
-    loop {
-        let quiet = tokio::time::Instant::now() + DEBOUNCE;
-        match tokio::time::timeout_at(quiet.min(deadline), changes.recv()).await {
-            Ok(Some(())) if tokio::time::Instant::now() < deadline => continue,
-            _ => return,
-        }
-    }
-}
-
-/// Starts a watcher on `directories`; `None` (with a warning) if the
-/// platform or a limit refuses, leaving polling and SIGHUP.
-fn watch(
-    directories: &[PathBuf],
-    events: mpsc::UnboundedSender<()>,
-) -> Option<notify::RecommendedWatcher> {
-    use notify::event::{AccessKind, AccessMode, EventKind};
-    use notify::Watcher;
-    let handler = move |event: notify::Result<notify::Event>| match event {
-        // Opening and reading (the proxy's own reads included) change nothing.
-        Ok(event)
-            if matches!(event.kind, EventKind::Access(kind)
-                if kind != AccessKind::Close(AccessMode::Write)) => {}
-        Ok(event) => {
-            debug!(kind = ?event.kind, paths = ?event.paths, "certificate directory changed");
-            let _ = events.send(());
-        }
-        Err(error) => {
-            warn!(%error, "certificate watch error; checking the files");
-            let _ = events.send(());
-        }
-    };
-    let mut watcher = match notify::recommended_watcher(handler) {
-        Ok(watcher) => watcher,
-        Err(error) => {
-            warn!(%error, "cannot watch certificate directories; certificates reload on SIGHUP and polling only");
-            return None;
-        }
-    };
-    let mut watching = 0;
-    for directory in directories {
-        match watcher.watch(directory, notify::RecursiveMode::NonRecursive) {
-            Ok(()) => {
-                watching += 1;
-                debug!(directory = %directory.display(), "watching for certificate changes");
-            }
-            Err(error) => warn!(
-                directory = %directory.display(),
-                %error,
-                "cannot watch this certificate directory; its changes are found by polling and SIGHUP"
-            ),
-        }
-    }
-    (watching > 0).then_some(watcher)
-}
-
-/// Logs a loud warning for a certificate that is expired, expires within
-/// [`certs::EXPIRY_WARNING_DAYS`] days, or is not valid yet. An expired
-/// certificate is still served: refusing would take mail down.
-pub fn warn_about_expiry(label: &str, certificate: &LoadedCertificate, now: i64) {
-    let not_after = format_unix_time(certificate.not_after);
-    match certificate.expiry(now) {
-        Expiry::Valid { .. } => {}
-        Expiry::ExpiresSoon { days_left } => warn!(
-            certificate = %label,
-            %not_after,
-            days_left,
-            source = %certificate.source(),
-            "certificate expires soon: renew it (the proxy picks up the new files by itself)"
-        ),
-        Expiry::Expired { days_ago } => error!(
-            certificate = %label,
-            %not_after,
-            days_ago,
-            source = %certificate.source(),
-            "CERTIFICATE EXPIRED: still serving it so mail keeps flowing, but clients that verify will refuse it; renew it now"
-        ),
-        Expiry::NotYetValid { days_until } => warn!(
-            certificate = %label,
-            not_before = %format_unix_time(certificate.not_before),
-            days_until,
-            source = %certificate.source(),
-            "certificate is not valid yet (check the clock); serving it anyway"
-        ),
-    }
-}
-
-/// The directory a path's change shows up in.
-pub fn parent_directory(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tls::certs::generate_pair;
+    use crate::tls::generate::{generate_pair, GeneratedPair};
 
     struct Dir(PathBuf);
 
@@ -608,7 +458,7 @@ mod tests {
         }
     }
 
-    fn write(files: &CertificateFiles, names: &[&str]) -> certs::GeneratedPair {
+    fn write(files: &CertificateFiles, names: &[&str]) -> GeneratedPair {
         let names: Vec<String> = names.iter().map(|name| name.to_string()).collect();
         let pair = generate_pair(&names).expect("generate");
         std::fs::write(&files.cert, &pair.cert_pem).expect("write");
@@ -754,6 +604,5 @@ mod tests {
             vec!["mail.example".to_string(), b.cert.display().to_string()]
         );
         assert_eq!(reloader.watched_directories(), vec![dir.0.clone()]);
-        assert_eq!(parent_directory(Path::new("cert.pem")), PathBuf::from("."));
     }
 }

@@ -204,7 +204,8 @@ impl ResolvesServerCert for CertificateStore {
 mod tests {
     use super::*;
     use crate::config::CertificateFiles;
-    use crate::tls::certs::{generate_pair, parse_certified_key};
+    use crate::tls::certs::parse_certified_key;
+    use crate::tls::generate::generate_pair;
     use crate::tls::provider::provider;
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use mail_tls_proxy::config::Config;
 use mail_tls_proxy::server::{Proxy, StartError};
-use mail_tls_proxy::tls::certs::generate_pair;
+use mail_tls_proxy::tls::generate_pair;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

@@ -15,7 +15,7 @@ use mail_tls_bench::record::{Labels, Record};
 use mail_tls_bench::report;
 use mail_tls_proxy::config::Config;
 use mail_tls_proxy::server::Proxy;
-use mail_tls_proxy::tls::certs::generate_pair;
+use mail_tls_proxy::tls::generate_pair;
 
 const WINDOW: Window = Window {
     warmup: Duration::from_millis(100),

@@ -1,0 +1,85 @@
+//! Generated self-signed certificates: the default served when no
+//! `[[certificate]]` is configured, and the pairs `mail-tls-proxy cert
+//! self-signed` and the tests write. Nothing here is ever trusted by a
+//! client; it only lets a proxy start (and a test run) without a CA.
+
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+use super::certs::{leaf_info, CertificateError, LoadedCertificate};
+
+/// A PEM pair generated in memory, for development and tests.
+#[derive(Debug, Clone)]
+pub struct GeneratedPair {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub cert_der: CertificateDer<'static>,
+    pub key_der: Vec<u8>,
+}
+
+/// Generates an ECDSA P-256 self-signed certificate for `names`.
+pub fn generate_pair(names: &[String]) -> Result<GeneratedPair, CertificateError> {
+    let generated = rcgen::generate_simple_self_signed(names.to_vec()).map_err(|error| {
+        CertificateError::Generate {
+            name: names.join(","),
+            reason: error.to_string(),
+        }
+    })?;
+    Ok(GeneratedPair {
+        cert_pem: generated.cert.pem(),
+        key_pem: generated.signing_key.serialize_pem(),
+        cert_der: generated.cert.der().clone(),
+        key_der: generated.signing_key.serialize_der(),
+    })
+}
+
+/// The default when no certificate is configured: self-signed for `hostname`
+/// (and `localhost`), generated at start-up and never written to disk.
+pub fn self_signed(
+    hostname: &str,
+    provider: &CryptoProvider,
+) -> Result<LoadedCertificate, CertificateError> {
+    let mut names = vec![hostname.to_string()];
+    if hostname != "localhost" {
+        names.push("localhost".to_string());
+    }
+    let failed = |reason: String| CertificateError::Generate {
+        name: hostname.to_string(),
+        reason,
+    };
+    let pair = generate_pair(&names)?;
+    let info = leaf_info(&pair.cert_der).map_err(failed)?;
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pair.key_der));
+    let signing_key = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|error| failed(error.to_string()))?;
+    Ok(LoadedCertificate {
+        certified_key: Arc::new(CertifiedKey::new(vec![pair.cert_der], signing_key)),
+        files: None,
+        names: info.names,
+        not_before: info.not_before,
+        not_after: info.not_after,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::provider::provider;
+
+    #[test]
+    fn the_self_signed_default_names_the_host() {
+        let loaded = self_signed("mx.example.org", &provider()).expect("generate");
+        assert!(loaded.files.is_none());
+        assert_eq!(loaded.certified_key.cert.len(), 1);
+        assert_eq!(loaded.names, vec!["mx.example.org", "localhost"]);
+        loaded
+            .certified_key
+            .keys_match()
+            .expect("generated key matches");
+    }
+}

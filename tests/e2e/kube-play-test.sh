@@ -10,9 +10,17 @@
 # sysctl it ignores, and the directory kubelet makes for a Secret volume
 # (bind-mounted; podman crashes on secret volumes), which the test then
 # renews the way kubelet does.
-# Then: /readyz 200 (every backend greeted across the pod's loopback), an
-# IMAPS handshake with the Secret's certificate, the proxy running as uid
-# 65532 with ports below 1024 bound, and `podman kube down` draining it.
+# Then: /readyz 200 (every backend greeted across the pod's loopback), the
+# relay guard's result for each SMTP listener, an IMAPS handshake with the
+# Secret's certificate, the proxy running as uid 65532 with ports below 1024
+# bound, and `podman kube down` draining it.
+#
+# The stand-in greets but speaks no PROXY protocol, which the ConfigMap's
+# SMTP listeners send (client_identity = "proxy-v2", for a legacy server
+# configured as its comments say): SMTP sessions through this pod are not
+# exercised, and the relay guard cannot get an answer from the stand-in
+# (result "unknown", which never stops the proxy). Real Postfix behind the
+# ConfigMap's configuration: test_deploy.py and test_relay_guard.py.
 #
 #   tests/e2e/kube-play-test.sh PROXY_STATIC_BINARY BACKEND_STATIC_BINARY WORK_DIR
 #
@@ -188,6 +196,18 @@ except Exception as e: print(getattr(e, 'read', lambda: str(e).encode())().decod
     fail "/readyz never answered 200"
 fi
 log "/readyz 200: all seven listeners bound, the Secret's certificate loaded, every backend greeted over the pod's loopback"
+
+python3 - "$metrics_port" <<'PY' || fail "the relay guard's metric is missing or open"
+import re, sys, urllib.request
+with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=5) as response:
+    text = response.read().decode()
+for listener in ("smtp", "submissions", "submission"):
+    values = {result: float(value) for result, value in re.findall(
+        rf'^mail_tls_proxy_relay_check\{{listener="{listener}",result="(\w+)"\}} (\S+)$', text, re.M)}
+    assert set(values) == {"closed", "open", "unknown"} and sum(values.values()) == 1, (listener, values)
+    assert values["open"] == 0, (listener, values)
+PY
+log "relay guard checked the three SMTP listeners' backend, none open"
 [ "$(p inspect -f '{{.RestartCount}}' "$proxy_ctr")" = 0 ] || fail "the proxy container restarted"
 
 served_certificate_is "$imaps_port" "$work/tls.crt" || fail "IMAPS did not present the Secret's certificate"

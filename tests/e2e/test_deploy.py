@@ -852,7 +852,8 @@ def test_kubernetes_pod_runs_under_podman_kube_play(podman_ready, static_binary,
                   str(tmp_path / "kube")], timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
-    for step in ("/readyz 200", "handshake with the Secret's certificate", "the renewed certificate is served",
+    for step in ("/readyz 200", "relay guard checked the three SMTP listeners' backend, none open",
+                 "handshake with the Secret's certificate", "the renewed certificate is served",
                  "uid 65532 and listens on 25", "drains, exit 0", "passed"):
         assert step in output, output[-6000:]
 

@@ -261,17 +261,6 @@ pub const DEFAULT_RELAY_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
 /// A load balancer sends its header with the connection's first bytes.
 pub const DEFAULT_PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// The protocols' own idle limits: RFC 5321 section 4.5.3.2.7 (5 minutes for
-/// the server), RFC 9051 section 5.4 (at least 30 minutes), RFC 1939 section 3
-/// (at least 10 minutes).
-pub fn default_idle_timeout(protocol: Protocol) -> Duration {
-    match protocol {
-        Protocol::Smtp => Duration::from_secs(5 * 60),
-        Protocol::Imap => Duration::from_secs(30 * 60),
-        Protocol::Pop3 => Duration::from_secs(10 * 60),
-    }
-}
-
 impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -503,7 +492,7 @@ impl Config {
                 idle_timeout: seconds(
                     raw.idle_timeout,
                     "idle_timeout",
-                    default_idle_timeout(protocol),
+                    protocol.default_idle_timeout(),
                 )?,
                 require_tls,
                 min_tls_version,
@@ -924,7 +913,9 @@ idle_timeout = 60
             "backend = \"127.0.0.1:143\"\nrelay_check = \"warn\"",
         ));
         assert!(
-            message.contains("listener[0].relay_check: applies to smtp listeners only (this one is imap)"),
+            message.contains(
+                "listener[0].relay_check: applies to smtp listeners only (this one is imap)"
+            ),
             "{message}"
         );
         let message = error_of(&MINIMAL.replace("idle_timeout = 60", "relay_check = \"maybe\""));
@@ -968,7 +959,9 @@ idle_timeout = 60
         for bad in ["10.0.0.0/33", "example.org", "", "10.0.0"] {
             let message = error_of(&MINIMAL.replace(
                 "backend = \"127.0.0.1:143\"",
-                &format!("backend = \"127.0.0.1:143\"\naccept_proxy_from = [\"192.0.2.1\", \"{bad}\"]"),
+                &format!(
+                    "backend = \"127.0.0.1:143\"\naccept_proxy_from = [\"192.0.2.1\", \"{bad}\"]"
+                ),
             ));
             assert!(
                 message.contains("listener[0].accept_proxy_from[1]: ")

@@ -28,7 +28,7 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::metrics::BACKEND_UP;
-use crate::protocol::Protocol;
+use crate::protocol::{Greeting, Protocol};
 use crate::tls::CertificateStore;
 
 /// What a backend expecting a PROXY protocol v1 header gets before a health
@@ -301,11 +301,7 @@ pub fn check_backend(
         };
         if verdict.is_ok() {
             // Politely: the backend logs a normal logout, not a dropped client.
-            let goodbye: &[u8] = match probe.protocol {
-                Protocol::Smtp | Protocol::Pop3 => b"QUIT\r\n",
-                Protocol::Imap => b"r1 LOGOUT\r\n",
-            };
-            if stream.write_all(goodbye).await.is_ok() {
+            if stream.write_all(probe.protocol.polite_quit()).await.is_ok() {
                 let mut sink = [0u8; 512];
                 let _ = tokio::time::timeout(Duration::from_secs(1), async {
                     while let Ok(n) = stream.read(&mut sink).await {
@@ -340,7 +336,7 @@ async fn read_greeting(stream: &mut TcpStream, protocol: Protocol) -> Result<(),
                 "greeting line longer than {MAX_GREETING_LINE} bytes"
             ));
         }
-        match judge_greeting_line(protocol, &line) {
+        match protocol.judge_greeting(&line) {
             Greeting::Good => return Ok(()),
             Greeting::More => continue,
             Greeting::Bad => {
@@ -348,7 +344,7 @@ async fn read_greeting(stream: &mut TcpStream, protocol: Protocol) -> Result<(),
                 return Err(format!(
                     "greeting {:?} is not {}",
                     shown.trim_end(),
-                    expected_greeting(protocol)
+                    protocol.expected_greeting()
                 ));
             }
         }
@@ -356,69 +352,10 @@ async fn read_greeting(stream: &mut TcpStream, protocol: Protocol) -> Result<(),
     Err(format!("greeting longer than {MAX_GREETING_LINES} lines"))
 }
 
-fn expected_greeting(protocol: Protocol) -> &'static str {
-    match protocol {
-        Protocol::Smtp => "220",
-        Protocol::Imap => "* OK",
-        Protocol::Pop3 => "+OK",
-    }
-}
-
-#[derive(Debug, PartialEq, Eq)]
-enum Greeting {
-    Good,
-    /// An SMTP `220-` continuation: the greeting goes on.
-    More,
-    Bad,
-}
-
-fn judge_greeting_line(protocol: Protocol, line: &[u8]) -> Greeting {
-    let starts = |prefix: &[u8]| {
-        line.len() >= prefix.len() && line[..prefix.len()].eq_ignore_ascii_case(prefix)
-    };
-    match protocol {
-        Protocol::Smtp if starts(b"220-") => Greeting::More,
-        Protocol::Smtp if starts(b"220 ") || line.trim_ascii_end() == b"220" => Greeting::Good,
-        Protocol::Imap if starts(b"* OK") || starts(b"* PREAUTH") => Greeting::Good,
-        Protocol::Pop3 if starts(b"+OK") => Greeting::Good,
-        _ => Greeting::Bad,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::net::TcpListener;
-
-    #[test]
-    fn greetings_are_judged_by_protocol() {
-        use Greeting::*;
-        let cases: &[(Protocol, &[u8], Greeting)] = &[
-            (Protocol::Smtp, b"220 mx ESMTP\r\n", Good),
-            (Protocol::Smtp, b"220\r\n", Good),
-            (Protocol::Smtp, b"220-first\r\n", More),
-            (Protocol::Smtp, b"421 4.3.2 busy\r\n", Bad),
-            (Protocol::Smtp, b"554 no\r\n", Bad),
-            (
-                Protocol::Imap,
-                b"* OK [CAPABILITY IMAP4rev1] ready\r\n",
-                Good,
-            ),
-            (Protocol::Imap, b"* ok ready\r\n", Good),
-            (Protocol::Imap, b"* PREAUTH hi\r\n", Good),
-            (Protocol::Imap, b"* BYE go away\r\n", Bad),
-            (Protocol::Pop3, b"+OK ready\r\n", Good),
-            (Protocol::Pop3, b"-ERR [SYS/TEMP] busy\r\n", Bad),
-        ];
-        for (protocol, line, expected) in cases {
-            assert_eq!(
-                &judge_greeting_line(*protocol, line),
-                expected,
-                "{protocol} {}",
-                String::from_utf8_lossy(line)
-            );
-        }
-    }
 
     #[test]
     fn the_proxy_v2_local_header_is_well_formed() {

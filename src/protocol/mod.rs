@@ -16,8 +16,11 @@ pub mod line;
 pub mod pop3;
 pub mod proxy_header;
 pub mod smtp;
+mod spec;
 #[cfg(test)]
 mod testing;
+
+pub(crate) use spec::{starts_with_ignore_case, Greeting, Replies, Spec};
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -34,11 +37,7 @@ pub enum Protocol {
 impl Protocol {
     /// The name used in configuration files, logs and metrics.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Smtp => "smtp",
-            Protocol::Imap => "imap",
-            Protocol::Pop3 => "pop3",
-        }
+        self.spec().name
     }
 }
 
@@ -133,16 +132,9 @@ impl ClientIdentity {
     pub fn backend_requirement(self, protocol: Protocol) -> Option<&'static str> {
         match (self, protocol) {
             (ClientIdentity::None, _) => None,
-            (ClientIdentity::ProxyV1 | ClientIdentity::ProxyV2, Protocol::Smtp) => Some(
-                "Postfix: smtpd_upstream_proxy_protocol = haproxy on the smtpd service the proxy \
-                 connects to, reachable only by the proxy (a backend not expecting the header \
-                 fails every session with a temporary error)",
-            ),
-            (ClientIdentity::ProxyV1 | ClientIdentity::ProxyV2, _) => Some(
-                "Dovecot: haproxy = yes on the inet_listener the proxy connects to and the \
-                 proxy's address in haproxy_trusted_networks (a backend not expecting the \
-                 header fails every session with a temporary error)",
-            ),
+            (ClientIdentity::ProxyV1 | ClientIdentity::ProxyV2, _) => {
+                Some(protocol.spec().proxy_header_requirement)
+            }
             (ClientIdentity::Xclient, _) => Some(
                 "Postfix: the proxy's address in smtpd_authorized_xclient_hosts (without it \
                  sessions still work, but the backend sees the proxy's address)",
@@ -340,72 +332,20 @@ pub enum Refusal {
 /// The reply a client gets when it is turned away before any machine exists
 /// (backend unreachable, connection limits).
 pub fn refusal_reply(protocol: Protocol, refusal: Refusal) -> &'static [u8] {
-    match (protocol, refusal) {
-        (Protocol::Smtp, Refusal::BackendUnavailable) => smtp::SERVICE_UNAVAILABLE,
-        (Protocol::Imap, Refusal::BackendUnavailable) => imap::SERVICE_UNAVAILABLE,
-        (Protocol::Pop3, Refusal::BackendUnavailable) => pop3::SERVICE_UNAVAILABLE,
-        (Protocol::Smtp, Refusal::TooManyConnections) => {
-            b"421 4.7.0 Too many connections, try again later\r\n"
-        }
-        (Protocol::Imap, Refusal::TooManyConnections) => {
-            b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n"
-        }
-        (Protocol::Pop3, Refusal::TooManyConnections) => {
-            b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"
-        }
-        (Protocol::Smtp, Refusal::ClientProxyHeader) => {
-            b"554 5.7.0 PROXY protocol headers are not accepted from clients\r\n"
-        }
-        (Protocol::Imap, Refusal::ClientProxyHeader) => {
-            b"* BYE PROXY protocol headers are not accepted from clients\r\n"
-        }
-        (Protocol::Pop3, Refusal::ClientProxyHeader) => {
-            b"-ERR PROXY protocol headers are not accepted from clients\r\n"
-        }
-        (Protocol::Smtp, Refusal::OpenRelay) => {
-            b"421 4.3.2 Service temporarily unavailable, try again later\r\n"
-        }
-        (Protocol::Imap, Refusal::OpenRelay) => {
-            b"* BYE [UNAVAILABLE] Service temporarily unavailable, try again later\r\n"
-        }
-        (Protocol::Pop3, Refusal::OpenRelay) => {
-            b"-ERR [SYS/TEMP] Service temporarily unavailable, try again later\r\n"
-        }
-    }
+    protocol.refusal_reply(refusal)
 }
 
-/// Whether a backend line is an error answer: SMTP `4xx`/`5xx`, IMAP
-/// `BAD`/`NO`/`BYE` (tagged or untagged), POP3 `-ERR`. The session uses it to
-/// recognise a backend that did not expect the PROXY protocol header it was
-/// sent: such a backend answers the header's bytes with errors before the
-/// client has said anything.
+/// Whether a backend line is an error answer in `protocol`'s words. The
+/// session uses it to recognise a backend that did not expect the PROXY
+/// protocol header it was sent: such a backend answers the header's bytes
+/// with errors before the client has said anything.
 pub fn is_error_reply(protocol: Protocol, line: &[u8]) -> bool {
-    let line = trim_eol(line);
-    match protocol {
-        Protocol::Smtp => {
-            matches!(line.first(), Some(b'4' | b'5'))
-                && line
-                    .get(1..3)
-                    .is_some_and(|d| d.iter().all(u8::is_ascii_digit))
-        }
-        Protocol::Imap => {
-            let (_tag, rest) = split_word(line);
-            let (status, _) = split_word(rest);
-            [&b"BAD"[..], b"NO", b"BYE"]
-                .iter()
-                .any(|word| status.eq_ignore_ascii_case(word))
-        }
-        Protocol::Pop3 => line.starts_with(b"-ERR"),
-    }
+    protocol.is_error_reply(line)
 }
 
 /// Builds the inspector for a connection.
 pub fn new_inspector(protocol: Protocol, options: &InspectorOptions) -> Box<dyn Inspector> {
-    match protocol {
-        Protocol::Smtp => Box::new(smtp::SmtpInspector::new(options.clone())),
-        Protocol::Imap => Box::new(imap::ImapInspector::new(options.mode, options.require_tls)),
-        Protocol::Pop3 => Box::new(pop3::Pop3Inspector::new(options.mode, options.require_tls)),
-    }
+    protocol.new_inspector(options)
 }
 
 /// A fixed label for a refused command (metrics must not take arbitrary

@@ -43,19 +43,42 @@
 //! again, and the answer no longer offers STARTTLS.
 
 mod capability;
+mod probe;
 mod replies;
 #[cfg(test)]
 mod tests;
 
+use std::time::Duration;
+
 use super::{
-    command_label, lenient_verb, split_word, trim_eol, BackendFailure, Goodbye, Inspector, Next,
-    Output, RequireTls, TlsMode,
+    command_label, lenient_verb, split_word, trim_eol, BackendFailure, Goodbye, Inspector,
+    InspectorOptions, Next, Output, RequireTls, Spec, TlsMode,
 };
 
 #[cfg(test)]
 use capability::{capability_list, LOGINDISABLED};
 use capability::{write_rewritten, Rewrite, STARTTLS};
 pub use replies::*;
+
+/// IMAP as the rest of the proxy sees it.
+pub(crate) const SPEC: Spec = Spec {
+    name: "imap",
+    // RFC 9051 section 5.4: at least 30 minutes.
+    default_idle_timeout: Duration::from_secs(30 * 60),
+    replies: &REPLIES,
+    is_error_reply,
+    judge_greeting: probe::judge_greeting,
+    expected_greeting: probe::EXPECTED_GREETING,
+    polite_quit: probe::POLITE_QUIT,
+    proxy_header_requirement: "Dovecot: haproxy = yes on the inet_listener the proxy connects to \
+        and the proxy's address in haproxy_trusted_networks (a backend not expecting the header \
+        fails every session with a temporary error)",
+    new_inspector,
+};
+
+fn new_inspector(options: &InspectorOptions) -> Box<dyn Inspector> {
+    Box::new(ImapInspector::new(options.mode, options.require_tls))
+}
 
 /// The commands that carry credentials.
 const CREDENTIAL_COMMANDS: &[&[u8]] = &[b"LOGIN", b"AUTHENTICATE"];
@@ -332,14 +355,7 @@ impl Inspector for ImapInspector {
     }
 
     fn goodbye(&mut self, reason: Goodbye, out: &mut Output) {
-        if self.state != State::AwaitTlsHandshake {
-            out.to_client.extend_from_slice(match reason {
-                Goodbye::LineTooLong => LINE_TOO_LONG,
-                Goodbye::TooManyCommands => TOO_MANY_COMMANDS,
-                Goodbye::IdleTimeout => IDLE_TIMEOUT,
-                Goodbye::ShuttingDown => SHUTTING_DOWN,
-            });
-        }
+        REPLIES.write_goodbye(reason, self.state == State::AwaitTlsHandshake, out);
         self.state = State::Done;
     }
 

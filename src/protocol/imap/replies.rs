@@ -1,4 +1,20 @@
-//! IMAP's own words: the proxy's replies.
+//! IMAP's own words: the proxy's replies, and whether a backend line is an
+//! error answer.
+
+use crate::protocol::{split_word, trim_eol, Replies};
+
+/// The proxy's fixed replies (temporary failures carry RFC 5530's
+/// `[UNAVAILABLE]`; each `* BYE` is followed by the close).
+pub(crate) const REPLIES: Replies = Replies {
+    service_unavailable: SERVICE_UNAVAILABLE,
+    too_many_connections: b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n",
+    client_proxy_header: b"* BYE PROXY protocol headers are not accepted from clients\r\n",
+    open_relay: b"* BYE [UNAVAILABLE] Service temporarily unavailable, try again later\r\n",
+    line_too_long: LINE_TOO_LONG,
+    too_many_commands: TOO_MANY_COMMANDS,
+    idle_timeout: IDLE_TIMEOUT,
+    shutting_down: SHUTTING_DOWN,
+};
 
 /// Reply when a backend pre-authenticates a session before TLS on a
 /// listener with `require_tls = "all"`.
@@ -32,3 +48,13 @@ pub const LITERAL_BEFORE_TLS: &[u8] =
 /// Reply to a line that is not `tag SP command` before TLS under a
 /// restricting policy.
 pub const GARBAGE_BEFORE_TLS: &[u8] = b"* BAD [PRIVACYREQUIRED] Must issue STARTTLS first\r\n";
+
+/// Whether a backend line is an error answer: `BAD`, `NO` or `BYE`, tagged
+/// or untagged.
+pub(crate) fn is_error_reply(line: &[u8]) -> bool {
+    let (_tag, rest) = split_word(trim_eol(line));
+    let (status, _) = split_word(rest);
+    [&b"BAD"[..], b"NO", b"BYE"]
+        .iter()
+        .any(|word| status.eq_ignore_ascii_case(word))
+}

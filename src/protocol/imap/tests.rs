@@ -1129,3 +1129,21 @@ proptest::proptest! {
         machine.backend_failed(BackendFailure::Closed, &mut out);
     }
 }
+
+#[test]
+fn greetings_are_judged_for_the_readiness_check() {
+    use crate::protocol::{Greeting::*, Protocol};
+    for (line, expected) in [
+        (&b"* OK [CAPABILITY IMAP4rev1] ready\r\n"[..], Good),
+        (b"* ok ready\r\n", Good),
+        (b"* PREAUTH hi\r\n", Good),
+        (b"* BYE go away\r\n", Bad),
+    ] {
+        assert_eq!(
+            Protocol::Imap.judge_greeting(line),
+            expected,
+            "{}",
+            String::from_utf8_lossy(line)
+        );
+    }
+}

@@ -1,4 +1,20 @@
-//! POP3's own words: the proxy's replies.
+//! POP3's own words: the proxy's replies, and whether a backend line is an
+//! error answer.
+
+use crate::protocol::Replies;
+
+/// The proxy's fixed replies (temporary failures carry RFC 3206's
+/// `[SYS/TEMP]`; the proxy closes after each of them).
+pub(crate) const REPLIES: Replies = Replies {
+    service_unavailable: SERVICE_UNAVAILABLE,
+    too_many_connections: b"-ERR [SYS/TEMP] Too many connections, try again later\r\n",
+    client_proxy_header: b"-ERR PROXY protocol headers are not accepted from clients\r\n",
+    open_relay: b"-ERR [SYS/TEMP] Service temporarily unavailable, try again later\r\n",
+    line_too_long: LINE_TOO_LONG,
+    too_many_commands: TOO_MANY_COMMANDS,
+    idle_timeout: IDLE_TIMEOUT,
+    shutting_down: SHUTTING_DOWN,
+};
 
 /// Reply to a client whose backend cannot be reached (RFC 3206 response code).
 pub const SERVICE_UNAVAILABLE: &[u8] = b"-ERR [SYS/TEMP] Backend server not available\r\n";
@@ -23,3 +39,8 @@ pub const SYNTHESIZED_CAPA: &[u8] = b"+OK Capability list follows\r\nSTLS\r\n.\r
 pub const AUTH_BEFORE_TLS: &[u8] = b"-ERR [AUTH] Must issue STLS command first\r\n";
 /// Reply to other commands refused by the policy before TLS.
 pub const COMMAND_BEFORE_TLS: &[u8] = b"-ERR Must issue STLS command first\r\n";
+
+/// Whether a backend line is an error answer: `-ERR`.
+pub(crate) fn is_error_reply(line: &[u8]) -> bool {
+    line.starts_with(b"-ERR")
+}

@@ -742,3 +742,19 @@ proptest::proptest! {
         machine.backend_failed(BackendFailure::Closed, &mut out);
     }
 }
+
+#[test]
+fn greetings_are_judged_for_the_readiness_check() {
+    use crate::protocol::{Greeting::*, Protocol};
+    for (line, expected) in [
+        (&b"+OK ready\r\n"[..], Good),
+        (b"-ERR [SYS/TEMP] busy\r\n", Bad),
+    ] {
+        assert_eq!(
+            Protocol::Pop3.judge_greeting(line),
+            expected,
+            "{}",
+            String::from_utf8_lossy(line)
+        );
+    }
+}

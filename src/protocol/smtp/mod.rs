@@ -42,6 +42,7 @@
 
 mod body;
 mod ehlo;
+mod probe;
 mod replies;
 #[cfg(test)]
 mod tests;
@@ -49,10 +50,11 @@ mod xclient;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::{
     command_label, is_blank, split_word, trim_eol, BackendFailure, ClientIdentity, Goodbye,
-    Inspector, InspectorOptions, Next, Notice, Output, RequireTls, TlsMode,
+    Inspector, InspectorOptions, Next, Notice, Output, RequireTls, Spec, TlsMode,
 };
 
 use body::{bdat_size, BodyScan};
@@ -60,6 +62,26 @@ use ehlo::is_keyword;
 pub use replies::*;
 use xclient::Step;
 pub(crate) use xclient::{xclient_command, xclient_offer};
+
+/// SMTP as the rest of the proxy sees it.
+pub(crate) const SPEC: Spec = Spec {
+    name: "smtp",
+    // RFC 5321 section 4.5.3.2.7: 5 minutes for the server.
+    default_idle_timeout: Duration::from_secs(5 * 60),
+    replies: &REPLIES,
+    is_error_reply,
+    judge_greeting: probe::judge_greeting,
+    expected_greeting: probe::EXPECTED_GREETING,
+    polite_quit: probe::POLITE_QUIT,
+    proxy_header_requirement: "Postfix: smtpd_upstream_proxy_protocol = haproxy on the smtpd \
+        service the proxy connects to, reachable only by the proxy (a backend not expecting the \
+        header fails every session with a temporary error)",
+    new_inspector,
+};
+
+fn new_inspector(options: &InspectorOptions) -> Box<dyn Inspector> {
+    Box::new(SmtpInspector::new(options.clone()))
+}
 
 /// What the machine waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -386,14 +408,7 @@ impl Inspector for SmtpInspector {
     }
 
     fn goodbye(&mut self, reason: Goodbye, out: &mut Output) {
-        if self.state != State::AwaitTlsHandshake {
-            out.to_client.extend_from_slice(match reason {
-                Goodbye::LineTooLong => LINE_TOO_LONG,
-                Goodbye::TooManyCommands => TOO_MANY_COMMANDS,
-                Goodbye::IdleTimeout => IDLE_TIMEOUT,
-                Goodbye::ShuttingDown => SHUTTING_DOWN,
-            });
-        }
+        REPLIES.write_goodbye(reason, self.state == State::AwaitTlsHandshake, out);
         self.state = State::Done;
     }
 

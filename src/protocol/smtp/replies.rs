@@ -1,6 +1,20 @@
-//! SMTP's own words: the proxy's replies and how a backend reply line reads.
+//! SMTP's own words: the proxy's replies, and how a backend reply line
+//! reads (its code, whether it is the last line, whether it is an error).
 
-use super::super::trim_eol;
+use crate::protocol::{trim_eol, Replies};
+
+/// The proxy's fixed replies (temporary failures are 421: the client
+/// retries; the proxy closes after each of them).
+pub(crate) const REPLIES: Replies = Replies {
+    service_unavailable: SERVICE_UNAVAILABLE,
+    too_many_connections: b"421 4.7.0 Too many connections, try again later\r\n",
+    client_proxy_header: b"554 5.7.0 PROXY protocol headers are not accepted from clients\r\n",
+    open_relay: b"421 4.3.2 Service temporarily unavailable, try again later\r\n",
+    line_too_long: LINE_TOO_LONG,
+    too_many_commands: TOO_MANY_COMMANDS,
+    idle_timeout: IDLE_TIMEOUT,
+    shutting_down: SHUTTING_DOWN,
+};
 
 /// Reply to a client whose backend cannot be reached.
 pub const SERVICE_UNAVAILABLE: &[u8] =
@@ -46,4 +60,13 @@ pub(crate) fn parse_reply_line(line: &[u8]) -> (u16, bool) {
 /// The text of a reply line after `ddd-` / `ddd `, without terminator.
 pub(super) fn reply_text(line: &[u8]) -> &[u8] {
     trim_eol(line).get(4..).unwrap_or_default()
+}
+
+/// Whether a backend line is an error answer: `4xx` or `5xx`.
+pub(crate) fn is_error_reply(line: &[u8]) -> bool {
+    let line = trim_eol(line);
+    matches!(line.first(), Some(b'4' | b'5'))
+        && line
+            .get(1..3)
+            .is_some_and(|d| d.iter().all(u8::is_ascii_digit))
 }

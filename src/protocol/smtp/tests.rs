@@ -897,3 +897,22 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn greetings_are_judged_for_the_readiness_check() {
+    use crate::protocol::{Greeting::*, Protocol};
+    for (line, expected) in [
+        (&b"220 mx ESMTP\r\n"[..], Good),
+        (b"220\r\n", Good),
+        (b"220-first\r\n", More),
+        (b"421 4.3.2 busy\r\n", Bad),
+        (b"554 no\r\n", Bad),
+    ] {
+        assert_eq!(
+            Protocol::Smtp.judge_greeting(line),
+            expected,
+            "{}",
+            String::from_utf8_lossy(line)
+        );
+    }
+}

@@ -10,6 +10,8 @@ use std::time::Duration;
 use metrics::{Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
+use crate::limits::LimitReached;
+
 pub const CONNECTIONS_TOTAL: &str = "mail_tls_proxy_connections_total";
 pub const ACTIVE_CONNECTIONS: &str = "mail_tls_proxy_active_connections";
 pub const TLS_HANDSHAKES_TOTAL: &str = "mail_tls_proxy_tls_handshakes_total";
@@ -137,6 +139,148 @@ pub fn set_relay_check(listener: &str, result: crate::relay_guard::RelayResult) 
     }
 }
 
+/// Why a TLS handshake with a client failed: the `reason` of
+/// [`TLS_HANDSHAKE_ERRORS_TOTAL`]. Classified by
+/// [`crate::tls::acceptor::handshake_failure`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    /// The client closed the connection before the handshake ended.
+    Eof,
+    /// `sni_strict`: the client asked for a name no certificate covers.
+    UnrecognizedName,
+    /// The client offers no TLS version the listener accepts (TLS 1.0/1.1,
+    /// or 1.2 where `min_tls_version = "1.3"`).
+    ProtocolVersion,
+    /// Some other parameter in common is missing (cipher suite, group,
+    /// signature scheme).
+    Incompatible,
+    /// The client offers ALPN, but not this listener's protocol (ALPACA).
+    NoApplicationProtocol,
+    /// The client's bytes are not a valid TLS message (e.g. plaintext).
+    InvalidMessage,
+    /// Any other TLS error.
+    Other,
+    /// An I/O error that is not a TLS error.
+    Io,
+    /// The handshake did not finish within `handshake_timeout`.
+    Timeout,
+}
+
+impl HandshakeFailure {
+    pub const ALL: [HandshakeFailure; 9] = [
+        HandshakeFailure::Eof,
+        HandshakeFailure::UnrecognizedName,
+        HandshakeFailure::ProtocolVersion,
+        HandshakeFailure::Incompatible,
+        HandshakeFailure::NoApplicationProtocol,
+        HandshakeFailure::InvalidMessage,
+        HandshakeFailure::Other,
+        HandshakeFailure::Io,
+        HandshakeFailure::Timeout,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandshakeFailure::Eof => "eof",
+            HandshakeFailure::UnrecognizedName => "unrecognized_name",
+            HandshakeFailure::ProtocolVersion => "protocol_version",
+            HandshakeFailure::Incompatible => "incompatible",
+            HandshakeFailure::NoApplicationProtocol => "no_application_protocol",
+            HandshakeFailure::InvalidMessage => "invalid_message",
+            HandshakeFailure::Other => "other",
+            HandshakeFailure::Io => "io",
+            HandshakeFailure::Timeout => "timeout",
+        }
+    }
+}
+
+/// Where a session was when a timeout ended it: the `phase` of
+/// [`TIMEOUTS_TOTAL`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeoutPhase {
+    /// A trusted load balancer sent no complete PROXY header in time.
+    ProxyHeader,
+    /// The client's TLS handshake took longer than `handshake_timeout`.
+    Handshake,
+    /// The backend did not accept the connection in time.
+    BackendConnect,
+    /// Neither side sent anything for `idle_timeout`.
+    Idle,
+}
+
+impl TimeoutPhase {
+    pub const ALL: [TimeoutPhase; 4] = [
+        TimeoutPhase::ProxyHeader,
+        TimeoutPhase::Handshake,
+        TimeoutPhase::BackendConnect,
+        TimeoutPhase::Idle,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TimeoutPhase::ProxyHeader => "proxy_header",
+            TimeoutPhase::Handshake => "handshake",
+            TimeoutPhase::BackendConnect => "backend_connect",
+            TimeoutPhase::Idle => "idle",
+        }
+    }
+}
+
+/// Why a connection was turned away before it reached the backend: the
+/// `reason` of [`REJECTED_CONNECTIONS_TOTAL`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// A connection limit was full (see [`crate::limits`]).
+    Limit(LimitReached),
+    /// A trusted load balancer's connection came without a valid PROXY
+    /// header.
+    ProxyHeader,
+    /// The relay guard found the backend open and refuses new connections.
+    RelayOpen,
+}
+
+impl Rejection {
+    pub const ALL: [Rejection; 4] = [
+        Rejection::Limit(LimitReached::Global),
+        Rejection::Limit(LimitReached::PerIp),
+        Rejection::ProxyHeader,
+        Rejection::RelayOpen,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rejection::Limit(limit) => limit.as_str(),
+            Rejection::ProxyHeader => "proxy_header",
+            Rejection::RelayOpen => "relay_open",
+        }
+    }
+}
+
+/// What a certificate reload came to: the `result` of
+/// [`CERTIFICATE_RELOADS_TOTAL`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadResult {
+    /// New certificates were swapped in (or SIGHUP re-checked them all).
+    Ok,
+    /// A changed pair could not be used; its previous version is served.
+    Error,
+}
+
+impl ReloadResult {
+    pub const ALL: [ReloadResult; 2] = [ReloadResult::Ok, ReloadResult::Error];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReloadResult::Ok => "ok",
+            ReloadResult::Error => "error",
+        }
+    }
+}
+
 /// Handles for one listener's metrics, resolved once at start-up.
 #[derive(Clone)]
 pub struct ListenerMetrics {
@@ -184,15 +328,15 @@ impl ListenerMetrics {
         metrics
     }
 
-    /// A connection turned away by `limit` (see [`crate::limits`]).
-    pub fn rejected(&self, reason: &'static str) {
-        metrics::counter!(REJECTED_CONNECTIONS_TOTAL, "listener" => self.listener.clone(), "reason" => reason)
+    /// A connection turned away, and why.
+    pub fn rejected(&self, reason: Rejection) {
+        metrics::counter!(REJECTED_CONNECTIONS_TOTAL, "listener" => self.listener.clone(), "reason" => reason.as_str())
             .increment(1);
     }
 
     /// A session ended by a timeout in `phase`.
-    pub fn timed_out(&self, phase: &'static str) {
-        metrics::counter!(TIMEOUTS_TOTAL, "listener" => self.listener.clone(), "phase" => phase)
+    pub fn timed_out(&self, phase: TimeoutPhase) {
+        metrics::counter!(TIMEOUTS_TOTAL, "listener" => self.listener.clone(), "phase" => phase.as_str())
             .increment(1);
     }
 
@@ -203,8 +347,8 @@ impl ListenerMetrics {
     }
 
     /// A failed handshake, by reason.
-    pub fn handshake_error(&self, reason: &'static str) {
-        metrics::counter!(TLS_HANDSHAKE_ERRORS_TOTAL, "listener" => self.listener.clone(), "reason" => reason)
+    pub fn handshake_error(&self, reason: HandshakeFailure) {
+        metrics::counter!(TLS_HANDSHAKE_ERRORS_TOTAL, "listener" => self.listener.clone(), "reason" => reason.as_str())
             .increment(1);
     }
 
@@ -215,5 +359,55 @@ impl ListenerMetrics {
             self.handshakes_error.increment(1);
         }
         self.handshake_duration.record(took.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The label values dashboards, alerts and the help texts name: they
+    /// must never change, and no two variants may share one.
+    #[test]
+    fn label_values_are_fixed_and_distinct() {
+        fn labels<T: Copy>(all: &[T], as_str: fn(T) -> &'static str) -> Vec<&'static str> {
+            let labels: Vec<&'static str> = all.iter().map(|each| as_str(*each)).collect();
+            let mut unique = labels.clone();
+            unique.sort_unstable();
+            unique.dedup();
+            assert_eq!(unique.len(), labels.len(), "{labels:?}");
+            labels
+        }
+        assert_eq!(
+            labels(&HandshakeFailure::ALL, HandshakeFailure::as_str),
+            [
+                "eof",
+                "unrecognized_name",
+                "protocol_version",
+                "incompatible",
+                "no_application_protocol",
+                "invalid_message",
+                "other",
+                "io",
+                "timeout"
+            ]
+        );
+        assert_eq!(
+            labels(&TimeoutPhase::ALL, TimeoutPhase::as_str),
+            ["proxy_header", "handshake", "backend_connect", "idle"]
+        );
+        assert_eq!(
+            labels(&Rejection::ALL, Rejection::as_str),
+            [
+                "max_connections",
+                "max_connections_per_ip",
+                "proxy_header",
+                "relay_open"
+            ]
+        );
+        assert_eq!(
+            labels(&ReloadResult::ALL, ReloadResult::as_str),
+            ["ok", "error"]
+        );
     }
 }

@@ -27,7 +27,7 @@ use tracing::{debug, error, info, warn, Instrument};
 
 use crate::config::source_is_trusted;
 use crate::limits::{self, GlobalLimit, PerIpLimit};
-use crate::metrics::ListenerMetrics;
+use crate::metrics::{HandshakeFailure, ListenerMetrics, Rejection, TimeoutPhase};
 use crate::protocol::proxy_header::parse::Received;
 use crate::protocol::proxy_header::{self, TlsFacts};
 use crate::protocol::{
@@ -234,7 +234,7 @@ pub async fn serve(
         let _slot = match limits::acquire(&context.global_limit, &context.per_ip_limit, peer.ip()) {
             Ok(slot) => slot,
             Err(limit) => {
-                context.metrics.rejected(limit.as_str());
+                context.metrics.rejected(Rejection::Limit(limit));
                 info!(limit = limit.as_str(), "connection refused: limit reached");
                 refuse(&context, client, Refusal::TooManyConnections).await;
                 return;
@@ -248,7 +248,7 @@ pub async fn serve(
             .relay_open
             .load(std::sync::atomic::Ordering::Acquire)
         {
-            context.metrics.rejected(RELAY_OPEN_REASON);
+            context.metrics.rejected(Rejection::RelayOpen);
             debug!("connection refused: the relay guard found the backend open");
             refuse(&context, client, Refusal::OpenRelay).await;
             return;
@@ -262,11 +262,13 @@ pub async fn serve(
             Ok(()) => debug!(seconds, "session closed"),
             Err(error) => {
                 match &error {
-                    SessionError::HandshakeTimeout(_) => context.metrics.timed_out("handshake"),
-                    SessionError::IdleTimeout(_) => context.metrics.timed_out("idle"),
+                    SessionError::HandshakeTimeout(_) => {
+                        context.metrics.timed_out(TimeoutPhase::Handshake)
+                    }
+                    SessionError::IdleTimeout(_) => context.metrics.timed_out(TimeoutPhase::Idle),
                     SessionError::BackendUnreachable {
                         timed_out: true, ..
-                    } => context.metrics.timed_out("backend_connect"),
+                    } => context.metrics.timed_out(TimeoutPhase::BackendConnect),
                     _ => {}
                 }
                 match error.side() {
@@ -322,7 +324,7 @@ async fn identify_via_balancer(
             None
         }
         Ok(Err(error)) => {
-            context.metrics.rejected(PROXY_HEADER_REASON);
+            context.metrics.rejected(Rejection::ProxyHeader);
             info!(
                 %error,
                 "trusted source sent no valid PROXY header; connection closed without a reply"
@@ -330,7 +332,7 @@ async fn identify_via_balancer(
             None
         }
         Err(_) => {
-            context.metrics.timed_out(PROXY_HEADER_REASON);
+            context.metrics.timed_out(TimeoutPhase::ProxyHeader);
             info!(
                 seconds = context.proxy_header_timeout.as_secs(),
                 "trusted source sent no complete PROXY header in time; connection closed without a reply"
@@ -339,13 +341,6 @@ async fn identify_via_balancer(
         }
     }
 }
-
-/// The `reason` of `rejected_connections_total` and the `phase` of
-/// `timeouts_total` for a trusted source without a header.
-const PROXY_HEADER_REASON: &str = "proxy_header";
-/// The `reason` of `rejected_connections_total` while the relay guard
-/// refuses new connections.
-const RELAY_OPEN_REASON: &str = "relay_open";
 
 /// Turns a connection away with the protocol's own temporary error; on an
 /// implicit listener the reply needs TLS first.
@@ -492,9 +487,9 @@ where
         }
         Ok(Err(error)) => {
             context.metrics.handshake_finished(false, took);
-            let reason = handshake_error_reason(&error);
+            let reason = crate::tls::acceptor::handshake_failure(&error);
             context.metrics.handshake_error(reason);
-            if reason == "protocol_version" {
+            if reason == HandshakeFailure::ProtocolVersion {
                 info!(
                     %error,
                     "refused a client without TLS 1.2 or 1.3 (TLS 1.0/1.1 are not supported, RFC 8996)"
@@ -504,41 +499,9 @@ where
         }
         Err(_) => {
             context.metrics.handshake_finished(false, took);
-            context.metrics.handshake_error("timeout");
+            context.metrics.handshake_error(HandshakeFailure::Timeout);
             Err(SessionError::HandshakeTimeout(context.handshake_timeout))
         }
-    }
-}
-
-/// A short, fixed label for why a handshake failed (a metric label).
-fn handshake_error_reason(error: &std::io::Error) -> &'static str {
-    use rustls::PeerIncompatible;
-    if error.kind() == std::io::ErrorKind::UnexpectedEof {
-        return "eof";
-    }
-    if crate::tls::UnrecognizedName::is(error) {
-        return "unrecognized_name";
-    }
-    match error
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-    {
-        // TLS 1.0/1.1 clients send no signature_algorithms extension (it
-        // came with TLS 1.2), which rustls checks before the version itself.
-        Some(rustls::Error::PeerIncompatible(
-            PeerIncompatible::Tls12NotOffered
-            | PeerIncompatible::Tls12NotOfferedOrEnabled
-            | PeerIncompatible::SupportedVersionsExtensionRequired
-            | PeerIncompatible::SignatureAlgorithmsExtensionRequired,
-        )) => "protocol_version",
-        Some(rustls::Error::PeerIncompatible(_)) => "incompatible",
-        Some(rustls::Error::NoApplicationProtocol) => "no_application_protocol",
-        Some(rustls::Error::General(message)) if message.contains("certificate") => {
-            "unrecognized_name"
-        }
-        Some(rustls::Error::InvalidMessage(_)) => "invalid_message",
-        Some(_) => "other",
-        None => "io",
     }
 }
 

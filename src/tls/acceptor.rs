@@ -20,6 +20,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::{StartHandshake, TlsAcceptor};
 
 use super::resolver::CertificateStore;
+use crate::metrics::HandshakeFailure;
 
 /// A plaintext TLS record: fatal alert, unrecognized_name (112).
 const UNRECOGNIZED_NAME_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70];
@@ -38,6 +39,43 @@ impl UnrecognizedName {
         error
             .get_ref()
             .is_some_and(|inner| inner.is::<UnrecognizedName>())
+    }
+}
+
+/// Why a handshake that [`Acceptor::accept`] returned as `error` failed
+/// (the `reason` label of the handshake errors metric).
+///
+/// Only typed errors are looked at, never message text. rustls reports a
+/// resolver that finds no certificate as `Error::General` with text alone;
+/// that cannot happen here: [`CertificateStore`] always resolves (its set is
+/// never empty: no SNI match gets the default), and strict SNI refuses
+/// before rustls with the typed [`UnrecognizedName`]. Such an error would
+/// count as `other`.
+pub fn handshake_failure(error: &io::Error) -> HandshakeFailure {
+    use rustls::PeerIncompatible;
+    if error.kind() == io::ErrorKind::UnexpectedEof {
+        return HandshakeFailure::Eof;
+    }
+    if UnrecognizedName::is(error) {
+        return HandshakeFailure::UnrecognizedName;
+    }
+    match error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        // TLS 1.0/1.1 clients send no signature_algorithms extension (it
+        // came with TLS 1.2), which rustls checks before the version itself.
+        Some(rustls::Error::PeerIncompatible(
+            PeerIncompatible::Tls12NotOffered
+            | PeerIncompatible::Tls12NotOfferedOrEnabled
+            | PeerIncompatible::SupportedVersionsExtensionRequired
+            | PeerIncompatible::SignatureAlgorithmsExtensionRequired,
+        )) => HandshakeFailure::ProtocolVersion,
+        Some(rustls::Error::PeerIncompatible(_)) => HandshakeFailure::Incompatible,
+        Some(rustls::Error::NoApplicationProtocol) => HandshakeFailure::NoApplicationProtocol,
+        Some(rustls::Error::InvalidMessage(_)) => HandshakeFailure::InvalidMessage,
+        Some(_) => HandshakeFailure::Other,
+        None => HandshakeFailure::Io,
     }
 }
 
@@ -302,5 +340,59 @@ mod tests {
             .expect("write");
         let error = accept.await.expect("join").expect("an error");
         assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{error}");
+    }
+
+    #[test]
+    fn handshake_failures_are_told_apart_by_type() {
+        use rustls::{InvalidMessage, PeerIncompatible};
+        let tls = |error: rustls::Error| io::Error::new(io::ErrorKind::InvalidData, error);
+        let cases = [
+            (
+                io::Error::from(io::ErrorKind::UnexpectedEof),
+                HandshakeFailure::Eof,
+            ),
+            (
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    UnrecognizedName {
+                        name: "other.example".into(),
+                    },
+                ),
+                HandshakeFailure::UnrecognizedName,
+            ),
+            (
+                tls(rustls::Error::PeerIncompatible(
+                    PeerIncompatible::SignatureAlgorithmsExtensionRequired,
+                )),
+                HandshakeFailure::ProtocolVersion,
+            ),
+            (
+                tls(rustls::Error::PeerIncompatible(
+                    PeerIncompatible::NoCipherSuitesInCommon,
+                )),
+                HandshakeFailure::Incompatible,
+            ),
+            (
+                tls(rustls::Error::NoApplicationProtocol),
+                HandshakeFailure::NoApplicationProtocol,
+            ),
+            (
+                tls(rustls::Error::InvalidMessage(
+                    InvalidMessage::InvalidContentType,
+                )),
+                HandshakeFailure::InvalidMessage,
+            ),
+            (
+                tls(rustls::Error::General("anything".into())),
+                HandshakeFailure::Other,
+            ),
+            (
+                io::Error::from(io::ErrorKind::ConnectionReset),
+                HandshakeFailure::Io,
+            ),
+        ];
+        for (error, expected) in cases {
+            assert_eq!(handshake_failure(&error), expected, "{error}");
+        }
     }
 }

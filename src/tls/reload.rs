@@ -32,7 +32,7 @@ use super::generate::self_signed;
 use super::resolver::{CertificateSet, CertificateStore};
 use super::watch::{parent_directory, Triggers};
 use crate::config::CertificateFiles;
-use crate::metrics;
+use crate::metrics::{self, ReloadResult};
 use crate::time::{format_unix_time, unix_now};
 
 /// What made a reload happen (a log field).
@@ -239,8 +239,10 @@ impl Reloader {
         }
         ::metrics::gauge!(metrics::CERTIFICATE_RELOAD_TIMESTAMP_SECONDS).set(unix_now() as f64);
         // Both series exist from the start, at zero.
-        ::metrics::counter!(metrics::CERTIFICATE_RELOADS_TOTAL, "result" => "ok").increment(0);
-        ::metrics::counter!(metrics::CERTIFICATE_RELOADS_TOTAL, "result" => "error").increment(0);
+        for result in ReloadResult::ALL {
+            ::metrics::counter!(metrics::CERTIFICATE_RELOADS_TOTAL, "result" => result.as_str())
+                .increment(0);
+        }
     }
 
     /// Re-reads every pair and swaps in those that changed and check out.
@@ -329,11 +331,12 @@ impl Reloader {
         let succeeded = outcome.errors.is_empty() && (!outcome.replaced.is_empty() || force);
         if succeeded {
             self.stats.ok.fetch_add(1, Ordering::AcqRel);
-            ::metrics::counter!(metrics::CERTIFICATE_RELOADS_TOTAL, "result" => "ok").increment(1);
+            ::metrics::counter!(metrics::CERTIFICATE_RELOADS_TOTAL, "result" => ReloadResult::Ok.as_str())
+                .increment(1);
             ::metrics::gauge!(metrics::CERTIFICATE_RELOAD_TIMESTAMP_SECONDS).set(now as f64);
         } else if !outcome.errors.is_empty() {
             self.stats.errors.fetch_add(1, Ordering::AcqRel);
-            ::metrics::counter!(metrics::CERTIFICATE_RELOADS_TOTAL, "result" => "error")
+            ::metrics::counter!(metrics::CERTIFICATE_RELOADS_TOTAL, "result" => ReloadResult::Error.as_str())
                 .increment(1);
         }
         if !outcome.replaced.is_empty() {

@@ -914,95 +914,107 @@ async fn still_serves(proxy: &TestProxy, proto: Proto, backend: &FakeBackend) {
     backend.assert_received(index, probe).await;
 }
 
+/// Before TLS, whatever `require_tls` says, a command line holding a NUL is
+/// refused with the protocol's own error and never reaches the backend: one
+/// that ends strings at NUL would read `STARTTLS\0` as STARTTLS, which only
+/// the proxy may answer. The session goes on and upgrades as usual; after
+/// TLS such lines are the backend's to judge.
 #[tokio::test]
-async fn smtp_nul_bytes_in_commands_are_forwarded_verbatim_and_never_upgrade() {
+async fn smtp_nul_bytes_in_commands_are_refused_before_tls_and_never_upgrade() {
+    const REFUSED: &[u8] = b"500 5.5.2 Syntax error: NUL in a command line\r\n";
     let backend = FakeBackend::start(Script::smtp()).await;
-    let proxy = starttls_proxy(Smtp, backend.address, "").await;
-
-    // NUL inside an inspected command: still that command, forwarded as is.
-    let mut client = greeted(&proxy).await;
-    expect_exchange(
-        &mut client,
-        b"EHLO a\0b\r\n",
-        b"250-fake.example\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 STARTTLS\r\n",
-    )
-    .await;
-    // NUL glued to STARTTLS: the proxy reads the word as STARTTLS with an
-    // argument and refuses it itself; it never reaches the backend and
-    // never upgrades.
-    expect_exchange(
-        &mut client,
-        b"STARTTLS\0\r\n",
-        b"501 5.5.4 Syntax error (no parameters allowed)\r\n",
-    )
-    .await;
-    backend.assert_received(0, b"EHLO a\0b\r\n").await;
-    drop(client);
-
-    let mut client = greeted(&proxy).await;
-    expect_exchange(
-        &mut client,
-        b"\0\r\n",
-        b"502 5.5.2 Error: command not recognized\r\n",
-    )
-    .await;
-    backend.assert_received(1, b"\0\r\n").await;
-    drop(client);
-
-    still_serves(&proxy, Smtp, &backend).await;
+    for require_tls in ["auth", "none"] {
+        let proxy = starttls_proxy(
+            Smtp,
+            backend.address,
+            &format!("require_tls = \"{require_tls}\""),
+        )
+        .await;
+        let connection = backend.connections();
+        let mut client = greeted(&proxy).await;
+        for line in [&b"EHLO a\0b\r\n"[..], b"STARTTLS\0\r\n", b"\0\r\n"] {
+            expect_exchange(&mut client, line, REFUSED).await;
+        }
+        expect_exchange(
+            &mut client,
+            b"EHLO a\r\n",
+            b"250-fake.example\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 STARTTLS\r\n",
+        )
+        .await;
+        expect_exchange(&mut client, Smtp.upgrade(), Smtp.upgrade_reply()).await;
+        let mut tls = proxy.upgrade(client).await;
+        expect_exchange(&mut tls, b"NOOP\0\r\n", b"250 2.0.0 Ok\r\n").await;
+        backend
+            .assert_received(connection, b"EHLO a\r\nNOOP\0\r\n")
+            .await;
+        drop(tls);
+        still_serves(&proxy, Smtp, &backend).await;
+    }
 }
 
 #[tokio::test]
-async fn imap_nul_bytes_in_commands_are_refused_or_forwarded_never_upgrade() {
+async fn imap_nul_bytes_in_commands_are_refused_before_tls_and_never_upgrade() {
+    const REFUSED: &[u8] = b"* BAD [PRIVACYREQUIRED] Must issue STARTTLS first\r\n";
     let script = Script::imap().on(b"n NO\0OP", b"n BAD Unknown command\r\n");
     let backend = FakeBackend::start(script).await;
-    let proxy = starttls_proxy(Imap, backend.address, "").await;
-
-    // A NUL in the tag: not `tag SP command`; under require_tls = auth the
-    // proxy refuses it locally before TLS.
-    let mut client = greeted(&proxy).await;
-    expect_exchange(
-        &mut client,
-        b"s\0 STARTTLS\r\n",
-        b"* BAD [PRIVACYREQUIRED] Must issue STARTTLS first\r\n",
-    )
-    .await;
-    // A NUL inside the command word: an unknown command the backend judges.
-    expect_exchange(&mut client, b"n NO\0OP\r\n", b"n BAD Unknown command\r\n").await;
-    // Inspection goes on: NOOP and STARTTLS still work.
-    expect_exchange(&mut client, b"n NOOP\r\n", b"n OK NOOP completed.\r\n").await;
-    expect_exchange(&mut client, Imap.upgrade(), Imap.upgrade_reply()).await;
-    let mut tls = proxy.upgrade(client).await;
-    let (probe, answer) = Imap.probe_after_tls();
-    expect_exchange(&mut tls, probe, answer).await;
-    backend
-        .assert_received(0, b"n NO\0OP\r\nn NOOP\r\nb CAPABILITY\r\n")
+    for require_tls in ["auth", "none"] {
+        let proxy = starttls_proxy(
+            Imap,
+            backend.address,
+            &format!("require_tls = \"{require_tls}\""),
+        )
         .await;
-    drop(tls);
-
-    still_serves(&proxy, Imap, &backend).await;
+        let connection = backend.connections();
+        let mut client = greeted(&proxy).await;
+        // In the tag, in the command word, glued to STARTTLS: refused, and
+        // no tag is echoed.
+        for line in [
+            &b"s\0 STARTTLS\r\n"[..],
+            b"n NO\0OP\r\n",
+            b"s STARTTLS\0\r\n",
+        ] {
+            expect_exchange(&mut client, line, REFUSED).await;
+        }
+        // Inspection goes on: NOOP and STARTTLS still work.
+        expect_exchange(&mut client, b"n NOOP\r\n", b"n OK NOOP completed.\r\n").await;
+        expect_exchange(&mut client, Imap.upgrade(), Imap.upgrade_reply()).await;
+        let mut tls = proxy.upgrade(client).await;
+        let (probe, answer) = Imap.probe_after_tls();
+        expect_exchange(&mut tls, probe, answer).await;
+        expect_exchange(&mut tls, b"n NO\0OP\r\n", b"n BAD Unknown command\r\n").await;
+        backend
+            .assert_received(connection, b"n NOOP\r\nb CAPABILITY\r\nn NO\0OP\r\n")
+            .await;
+        drop(tls);
+        still_serves(&proxy, Imap, &backend).await;
+    }
 }
 
 #[tokio::test]
-async fn pop3_nul_bytes_in_commands_are_forwarded_verbatim_and_never_upgrade() {
+async fn pop3_nul_bytes_in_commands_are_refused_before_tls_and_never_upgrade() {
+    const REFUSED: &[u8] = b"-ERR Must issue STLS command first\r\n";
     let backend = FakeBackend::start(Script::pop3()).await;
-    let proxy = starttls_proxy(Pop3, backend.address, "").await;
-
-    let mut client = greeted(&proxy).await;
-    // STLS with a NUL glued on is not STLS: the backend judges it, and
-    // inspection goes on before TLS.
-    expect_exchange(&mut client, b"STLS\0\r\n", b"-ERR Unknown command\r\n").await;
-    expect_exchange(&mut client, b"ST\0AT\r\n", b"-ERR Unknown command\r\n").await;
-    expect_exchange(&mut client, Pop3.upgrade(), Pop3.upgrade_reply()).await;
-    let mut tls = proxy.upgrade(client).await;
-    let (probe, answer) = Pop3.probe_after_tls();
-    expect_exchange(&mut tls, probe, answer).await;
-    backend
-        .assert_received(0, b"STLS\0\r\nST\0AT\r\nCAPA\r\n")
+    for require_tls in ["auth", "none"] {
+        let proxy = starttls_proxy(
+            Pop3,
+            backend.address,
+            &format!("require_tls = \"{require_tls}\""),
+        )
         .await;
-    drop(tls);
-
-    still_serves(&proxy, Pop3, &backend).await;
+        let connection = backend.connections();
+        let mut client = greeted(&proxy).await;
+        // STLS with a NUL glued on is refused by the proxy, not judged by
+        // the backend, and inspection goes on before TLS.
+        expect_exchange(&mut client, b"STLS\0\r\n", REFUSED).await;
+        expect_exchange(&mut client, b"ST\0AT\r\n", REFUSED).await;
+        expect_exchange(&mut client, Pop3.upgrade(), Pop3.upgrade_reply()).await;
+        let mut tls = proxy.upgrade(client).await;
+        let (probe, answer) = Pop3.probe_after_tls();
+        expect_exchange(&mut tls, probe, answer).await;
+        backend.assert_received(connection, b"CAPA\r\n").await;
+        drop(tls);
+        still_serves(&proxy, Pop3, &backend).await;
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@
 //! output buffers are reused), or panics on any byte input: the machines are
 //! unit-tested with exact bytes, property-tested and fuzzed.
 
+mod gate;
 pub mod imap;
 pub mod line;
 pub mod pop3;
@@ -20,6 +21,7 @@ mod spec;
 #[cfg(test)]
 mod testing;
 
+pub(crate) use gate::{StartTlsReplies, TlsGate, UnsafeLine};
 pub(crate) use spec::{starts_with_ignore_case, Greeting, Replies, Spec};
 
 use std::fmt;
@@ -404,21 +406,30 @@ pub(crate) fn is_blank(byte: u8) -> bool {
     matches!(byte, b' ' | b'\t' | 0x0b | 0x0c)
 }
 
-/// The command word as a lenient server might read it: leading blanks
-/// skipped, up to the first byte that is not a letter (`LOGIN\talice`,
-/// `\x0cUSER joe`). The policy checks use it so that no spelling a backend
-/// would accept slips credentials past them.
-pub(crate) fn lenient_verb(text: &[u8]) -> &[u8] {
+/// The command word and its argument as a lenient server might read them:
+/// leading blanks skipped, the word up to the first byte that is not a
+/// letter (`LOGIN\talice`, `\x0cUSER joe`, ` AUTH PLAIN` are LOGIN, USER and
+/// AUTH), the argument after the blanks that follow it. The policy checks
+/// use it so that no spelling a backend would accept slips credentials past
+/// them.
+pub(crate) fn lenient_command(text: &[u8]) -> (&[u8], &[u8]) {
     let start = text
         .iter()
         .position(|&b| !is_blank(b))
         .unwrap_or(text.len());
     let text = &text[start..];
-    let len = text
+    let end = text
         .iter()
         .position(|b| !b.is_ascii_alphabetic())
         .unwrap_or(text.len());
-    &text[..len]
+    let rest = &text[end..];
+    let skip = rest.iter().take_while(|&&b| is_blank(b)).count();
+    (&text[..end], &rest[skip..])
+}
+
+/// The command word of [`lenient_command`].
+pub(crate) fn lenient_verb(text: &[u8]) -> &[u8] {
+    lenient_command(text).0
 }
 
 /// Splits off the first space-separated word; the rest has its leading spaces

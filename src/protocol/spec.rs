@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use super::gate::StartTlsReplies;
 use super::{Goodbye, Inspector, InspectorOptions, Output, Protocol, Refusal};
 
 /// One protocol's knowledge outside its machine.
@@ -50,6 +51,8 @@ pub(crate) struct Replies {
     pub(crate) too_many_commands: &'static [u8],
     pub(crate) idle_timeout: &'static [u8],
     pub(crate) shutting_down: &'static [u8],
+    /// The answers to STARTTLS.
+    pub(crate) starttls: StartTlsReplies,
 }
 
 impl Replies {

@@ -50,9 +50,10 @@ mod tests;
 
 use std::time::Duration;
 
+use super::gate::StartTls;
 use super::{
     command_label, lenient_verb, split_word, trim_eol, BackendFailure, Goodbye, Inspector,
-    InspectorOptions, Next, Output, RequireTls, Spec, TlsMode,
+    InspectorOptions, Next, Output, RequireTls, Spec, TlsGate, TlsMode,
 };
 
 #[cfg(test)]
@@ -119,10 +120,7 @@ struct Literal {
 /// The IMAP inspection state machine.
 #[derive(Debug)]
 pub struct ImapInspector {
-    mode: TlsMode,
-    /// The listener's policy for commands before TLS.
-    require_tls: RequireTls,
-    tls_active: bool,
+    gate: TlsGate,
     state: State,
     /// The tag of the command whose completion is awaited (reused buffer).
     tag: Vec<u8>,
@@ -134,32 +132,20 @@ pub struct ImapInspector {
 impl ImapInspector {
     pub fn new(mode: TlsMode, require_tls: RequireTls) -> Self {
         Self {
-            mode,
-            require_tls,
-            tls_active: mode == TlsMode::Implicit,
+            gate: TlsGate::new(&InspectorOptions::new(mode, require_tls)),
             state: State::ExpectGreeting,
             tag: Vec::with_capacity(16),
             bye_relayed: false,
         }
     }
 
-    /// Whether capability lists must offer the proxy's STARTTLS right now.
-    fn offers_starttls(&self) -> bool {
-        self.mode == TlsMode::StartTls && !self.tls_active
-    }
-
-    /// Whether the listener's policy restricts the dialogue right now.
-    fn restricted(&self) -> bool {
-        self.offers_starttls() && self.require_tls != RequireTls::None
-    }
-
     /// How capability lists are rewritten right now.
     fn rewrite(&self) -> Rewrite {
-        let restricted = self.restricted();
+        let restricted = self.gate.restricted();
         Rewrite {
             hide_auth: restricted,
             login_disabled: restricted,
-            starttls: self.offers_starttls(),
+            starttls: self.gate.offers_starttls(),
         }
     }
 
@@ -177,10 +163,7 @@ impl ImapInspector {
             self.relay(line, out);
             self.state = State::Idle;
             Next::Continue
-        } else if is_untagged(text, b"PREAUTH")
-            && self.offers_starttls()
-            && self.require_tls == RequireTls::All
-        {
+        } else if is_untagged(text, b"PREAUTH") && self.gate.road_to_tls_only() {
             // The backend authenticated the session in clear, where STARTTLS
             // is no longer possible; `all` forbids such a session.
             out.to_client.extend_from_slice(PREAUTH_WITHOUT_TLS);
@@ -193,7 +176,7 @@ impl ImapInspector {
             // under a restricting policy the (now meaningless) SASL
             // mechanisms are still not shown in clear.
             let rewrite = Rewrite {
-                hide_auth: self.restricted(),
+                hide_auth: self.gate.restricted(),
                 login_disabled: false,
                 starttls: false,
             };
@@ -217,7 +200,7 @@ impl ImapInspector {
         let (command, arguments) = split_word(rest);
         let literal = trailing_literal(text);
         let well_formed = is_tag(tag) && !command.is_empty();
-        if self.restricted() {
+        if self.gate.restricted() || self.gate.refuses_line(text).is_some() {
             // The verb as a lenient backend reads it: blanks of any kind may
             // stand between tag and command.
             let verb = lenient_verb(rest);
@@ -230,18 +213,13 @@ impl ImapInspector {
             return self.pass_through(line, out);
         }
         if command.eq_ignore_ascii_case(STARTTLS) {
-            if !arguments.is_empty() {
-                write_tagged(tag, STARTTLS_SYNTAX, out);
-                Next::Continue
-            } else if self.tls_active {
-                write_tagged(tag, TLS_ALREADY_ACTIVE, out);
-                Next::Continue
-            } else {
-                write_tagged(tag, BEGIN_TLS, out);
+            let answer = self.gate.starttls(arguments);
+            write_tagged(tag, answer.reply(&REPLIES.starttls), out);
+            if answer == StartTls::Begin {
                 self.state = State::AwaitTlsHandshake;
-                Next::StartTls
             }
-        } else if is_one_of(command, INSPECTED) || self.restricted() {
+            answer.next()
+        } else if is_one_of(command, INSPECTED) || self.gate.restricted() {
             // Before TLS under a restricting policy nothing ends inspection:
             // a LOGIN sent later must still be seen.
             out.to_backend.extend_from_slice(line);
@@ -256,8 +234,8 @@ impl ImapInspector {
         }
     }
 
-    /// Answers locally, before TLS under a restricting policy, a line the
-    /// policy does not let through; `None` lets it be served.
+    /// Answers locally, before TLS, a line the listener's policy or the
+    /// pre-TLS line policy does not let through; `None` lets it be served.
     fn refuse_before_tls(
         &mut self,
         text: &[u8],
@@ -267,13 +245,14 @@ impl ImapInspector {
         literal: Option<Literal>,
         out: &mut Output,
     ) -> Option<Next> {
-        // A bare CR inside the line could end a command for a lenient
-        // backend and start another one (a LOGIN) it would read in clear.
-        if !is_tag(tag) || command.is_empty() || text.contains(&b'\r') {
+        // A NUL or a bare CR inside the line could end a command for a
+        // lenient backend and start another one (a LOGIN, a STARTTLS) it
+        // would read in clear ([`TlsGate::refuses_line`]).
+        if !is_tag(tag) || command.is_empty() || self.gate.refuses_line(text).is_some() {
             out.to_client.extend_from_slice(GARBAGE_BEFORE_TLS);
         } else if is_one_of(verb, CREDENTIAL_COMMANDS) {
             write_tagged(tag, LOGIN_BEFORE_TLS, out);
-        } else if self.require_tls == RequireTls::All && !is_one_of(command, ROAD_TO_TLS) {
+        } else if self.gate.road_to_tls_only() && !is_one_of(command, ROAD_TO_TLS) {
             write_tagged(tag, COMMAND_BEFORE_TLS, out);
         } else if literal.is_some() {
             write_tagged(tag, LITERAL_BEFORE_TLS, out);
@@ -350,7 +329,7 @@ impl Inspector for ImapInspector {
     }
 
     fn tls_established(&mut self) {
-        self.tls_active = true;
+        self.gate.tls_established();
         self.state = State::Idle;
     }
 

@@ -1,7 +1,7 @@
 //! IMAP's own words: the proxy's replies, and whether a backend line is an
 //! error answer.
 
-use crate::protocol::{split_word, trim_eol, Replies};
+use crate::protocol::{split_word, trim_eol, Replies, StartTlsReplies};
 
 /// The proxy's fixed replies (temporary failures carry RFC 5530's
 /// `[UNAVAILABLE]`; each `* BYE` is followed by the close).
@@ -14,6 +14,11 @@ pub(crate) const REPLIES: Replies = Replies {
     too_many_commands: TOO_MANY_COMMANDS,
     idle_timeout: IDLE_TIMEOUT,
     shutting_down: SHUTTING_DOWN,
+    starttls: StartTlsReplies {
+        begin: BEGIN_TLS,
+        already_active: TLS_ALREADY_ACTIVE,
+        syntax: STARTTLS_SYNTAX,
+    },
 };
 
 /// Reply when a backend pre-authenticates a session before TLS on a
@@ -46,7 +51,9 @@ pub const COMMAND_BEFORE_TLS: &[u8] = b"BAD [PRIVACYREQUIRED] Must issue STARTTL
 pub const LITERAL_BEFORE_TLS: &[u8] =
     b"BAD [PRIVACYREQUIRED] Literals are not accepted before STARTTLS\r\n";
 /// Reply to a line that is not `tag SP command` before TLS under a
-/// restricting policy.
+/// restricting policy, and to a line holding a NUL or a bare CR before TLS
+/// under any policy (the pre-TLS line policy); it is not tagged, since the
+/// line is not trusted to be a command.
 pub const GARBAGE_BEFORE_TLS: &[u8] = b"* BAD [PRIVACYREQUIRED] Must issue STARTTLS first\r\n";
 
 /// Whether a backend line is an error answer: `BAD`, `NO` or `BYE`, tagged

@@ -1147,3 +1147,41 @@ fn greetings_are_judged_for_the_readiness_check() {
         );
     }
 }
+
+#[test]
+fn nul_and_bare_cr_lines_are_refused_before_tls_under_every_policy() {
+    const REFUSED: &[u8] = b"* BAD [PRIVACYREQUIRED] Must issue STARTTLS first\r\n";
+    for policy in POLICIES {
+        for (line, skip) in [
+            (&b"a STARTTLS\0\r\n"[..], 0),
+            (b"a NOOP\0\r\n", 0),
+            (b"a LOGIN\0alice secret\r\n", 0),
+            (b"a\0 CAPABILITY\n", 0),
+            (b"a NOOP\rb STARTTLS\r\n", 0),
+            (b"a NOOP\rb LOGIN alice secret\r\n", 0),
+            // The body of a non-synchronizing literal is still discarded.
+            (b"a APPEND INBOX\0 {5+}\r\n", 5),
+        ] {
+            let mut machine = with_policy(policy);
+            let (out, next) = client_out(&mut machine, line);
+            assert_eq!(
+                (out.to_client.as_slice(), out.to_backend.as_slice(), next),
+                (REFUSED, &b""[..], Next::Continue),
+                "{policy:?} {line:?}"
+            );
+            assert_eq!(out.skip_client_bytes, skip);
+            assert!(out.refused.is_some());
+            assert!(machine.wants_client_line());
+        }
+    }
+    // After TLS (and on implicit listeners) the backend judges such lines.
+    let mut machine = upgraded();
+    let (to_client, to_backend, _) = client(&mut machine, b"a NOOP\0\r\n");
+    assert_eq!(
+        (to_client.as_slice(), to_backend.as_slice()),
+        (&b""[..], &b"a NOOP\0\r\n"[..])
+    );
+    let mut machine = greeted(TlsMode::Implicit);
+    let (_, to_backend, _) = client(&mut machine, b"a STARTTLS\0\r\n");
+    assert_eq!(to_backend, b"a STARTTLS\0\r\n");
+}

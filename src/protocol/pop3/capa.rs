@@ -15,7 +15,7 @@ impl Pop3Inspector {
             return;
         }
         // `-ERR` (or anything that is not `+OK`): a backend without CAPA.
-        if self.offers_starttls() {
+        if self.gate.offers_starttls() {
             out.to_client.extend_from_slice(SYNTHESIZED_CAPA);
         } else {
             out.to_client.extend_from_slice(line);
@@ -26,13 +26,13 @@ impl Pop3Inspector {
     pub(super) fn capa_body(&mut self, line: &[u8], out: &mut Output) {
         let text = trim_eol(line);
         if text == b"." {
-            if self.offers_starttls() {
+            if self.gate.offers_starttls() {
                 out.to_client.extend_from_slice(STLS_CAPABILITY);
             }
             out.to_client.extend_from_slice(line);
             self.state = State::Idle;
         } else if split_word(text).0.eq_ignore_ascii_case(b"STLS")
-            || (self.restricted() && is_one_of(lenient_verb(text), CREDENTIAL_CAPABILITIES))
+            || (self.gate.restricted() && is_one_of(lenient_verb(text), CREDENTIAL_CAPABILITIES))
         {
             // Dropped: the backend's STLS, and the ways to log in that the
             // policy does not allow before TLS.

@@ -36,9 +36,10 @@ mod tests;
 
 use std::time::Duration;
 
+use super::gate::StartTls;
 use super::{
     command_label, lenient_verb, split_word, trim_eol, BackendFailure, Goodbye, Inspector,
-    InspectorOptions, Next, Output, RequireTls, Spec, TlsMode,
+    InspectorOptions, Next, Output, RequireTls, Spec, TlsGate, TlsMode,
 };
 
 pub use replies::*;
@@ -91,53 +92,35 @@ enum State {
 /// The POP3 inspection state machine.
 #[derive(Debug)]
 pub struct Pop3Inspector {
-    mode: TlsMode,
-    /// The listener's policy for commands before TLS.
-    require_tls: RequireTls,
-    tls_active: bool,
+    gate: TlsGate,
     state: State,
 }
 
 impl Pop3Inspector {
     pub fn new(mode: TlsMode, require_tls: RequireTls) -> Self {
         Self {
-            mode,
-            require_tls,
-            tls_active: mode == TlsMode::Implicit,
+            gate: TlsGate::new(&InspectorOptions::new(mode, require_tls)),
             state: State::ExpectGreeting,
         }
-    }
-
-    /// Whether CAPA replies must offer the proxy's STLS right now.
-    fn offers_starttls(&self) -> bool {
-        self.mode == TlsMode::StartTls && !self.tls_active
-    }
-
-    /// Whether the listener's policy restricts the dialogue right now.
-    fn restricted(&self) -> bool {
-        self.offers_starttls() && self.require_tls != RequireTls::None
     }
 
     fn command(&mut self, line: &[u8], out: &mut Output) -> Next {
         let text = trim_eol(line);
         let (keyword, argument) = split_word(text);
-        // A bare CR inside the line could end a command for a lenient
-        // backend and start another one (a USER) it would read in clear.
-        if self.restricted() && text.contains(&b'\r') {
+        // A NUL or a bare CR inside the line could end a command for a
+        // lenient backend and start another one (a USER, an STLS) it would
+        // read in clear ([`TlsGate::refuses_line`]).
+        if self.gate.refuses_line(text).is_some() {
             return self.refuse(text, out);
         }
         if keyword.eq_ignore_ascii_case(b"STLS") {
-            if !argument.is_empty() {
-                out.to_client.extend_from_slice(STLS_SYNTAX);
-                Next::Continue
-            } else if self.tls_active {
-                out.to_client.extend_from_slice(TLS_ALREADY_ACTIVE);
-                Next::Continue
-            } else {
-                out.to_client.extend_from_slice(BEGIN_TLS);
+            let answer = self.gate.starttls(argument);
+            out.to_client
+                .extend_from_slice(answer.reply(&REPLIES.starttls));
+            if answer == StartTls::Begin {
                 self.state = State::AwaitTlsHandshake;
-                Next::StartTls
             }
+            answer.next()
         } else if keyword.eq_ignore_ascii_case(b"CAPA") {
             out.to_backend.extend_from_slice(line);
             self.state = State::ExpectCapaStatus;
@@ -146,10 +129,8 @@ impl Pop3Inspector {
             out.to_backend.extend_from_slice(line);
             self.state = State::ExpectStatus;
             Next::Continue
-        } else if self.restricted() {
-            if self.require_tls == RequireTls::All
-                || is_one_of(lenient_verb(text), CREDENTIAL_COMMANDS)
-            {
+        } else if self.gate.restricted() {
+            if self.gate.road_to_tls_only() || is_one_of(lenient_verb(text), CREDENTIAL_COMMANDS) {
                 return self.refuse(text, out);
             }
             // Before TLS nothing ends inspection: a USER sent later must
@@ -226,7 +207,7 @@ impl Inspector for Pop3Inspector {
     }
 
     fn tls_established(&mut self) {
-        self.tls_active = true;
+        self.gate.tls_established();
         self.state = State::Idle;
     }
 

@@ -1,7 +1,7 @@
 //! POP3's own words: the proxy's replies, and whether a backend line is an
 //! error answer.
 
-use crate::protocol::Replies;
+use crate::protocol::{Replies, StartTlsReplies};
 
 /// The proxy's fixed replies (temporary failures carry RFC 3206's
 /// `[SYS/TEMP]`; the proxy closes after each of them).
@@ -14,6 +14,11 @@ pub(crate) const REPLIES: Replies = Replies {
     too_many_commands: TOO_MANY_COMMANDS,
     idle_timeout: IDLE_TIMEOUT,
     shutting_down: SHUTTING_DOWN,
+    starttls: StartTlsReplies {
+        begin: BEGIN_TLS,
+        already_active: TLS_ALREADY_ACTIVE,
+        syntax: STLS_SYNTAX,
+    },
 };
 
 /// Reply to a client whose backend cannot be reached (RFC 3206 response code).
@@ -37,7 +42,9 @@ pub const SYNTHESIZED_CAPA: &[u8] = b"+OK Capability list follows\r\nSTLS\r\n.\r
 /// Reply to USER, PASS, APOP and AUTH refused by the listener's policy
 /// before TLS (RFC 3206 response code).
 pub const AUTH_BEFORE_TLS: &[u8] = b"-ERR [AUTH] Must issue STLS command first\r\n";
-/// Reply to other commands refused by the policy before TLS.
+/// Reply to other commands refused by the policy before TLS, and to a line
+/// holding a NUL or a bare CR before TLS under any policy (the pre-TLS line
+/// policy) unless its word is one of the above.
 pub const COMMAND_BEFORE_TLS: &[u8] = b"-ERR Must issue STLS command first\r\n";
 
 /// Whether a backend line is an error answer: `-ERR`.

@@ -758,3 +758,45 @@ fn greetings_are_judged_for_the_readiness_check() {
         );
     }
 }
+
+#[test]
+fn nul_and_bare_cr_lines_are_refused_before_tls_under_every_policy() {
+    for policy in POLICIES {
+        for (line, reply) in [
+            (
+                &b"STLS\0\r\n"[..],
+                &b"-ERR Must issue STLS command first\r\n"[..],
+            ),
+            (b"CAPA\0\r\n", b"-ERR Must issue STLS command first\r\n"),
+            (b"NOOP\rSTLS\r\n", b"-ERR Must issue STLS command first\r\n"),
+            (
+                b"USER\0joe\r\n",
+                b"-ERR [AUTH] Must issue STLS command first\r\n",
+            ),
+            (
+                b"USER joe\rPASS secret\n",
+                b"-ERR [AUTH] Must issue STLS command first\r\n",
+            ),
+        ] {
+            let mut machine = with_policy(policy);
+            let (out, next) = client_out(&mut machine, line);
+            assert_eq!(
+                (out.to_client.as_slice(), out.to_backend.as_slice(), next),
+                (reply, &b""[..], Next::Continue),
+                "{policy:?} {line:?}"
+            );
+            assert!(out.refused.is_some());
+            assert!(machine.wants_client_line());
+        }
+    }
+    // After TLS (and on implicit listeners) the backend judges such lines.
+    let mut machine = upgraded();
+    let (to_client, to_backend, _) = client(&mut machine, b"STLS\0\r\n");
+    assert_eq!(
+        (to_client.as_slice(), to_backend.as_slice()),
+        (&b""[..], &b"STLS\0\r\n"[..])
+    );
+    let mut machine = greeted(TlsMode::Implicit);
+    let (_, to_backend, _) = client(&mut machine, b"NOOP\rUSER joe\r\n");
+    assert_eq!(to_backend, b"NOOP\rUSER joe\r\n");
+}

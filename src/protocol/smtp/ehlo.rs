@@ -21,15 +21,20 @@ impl SmtpInspector {
                     texts.extend_from_slice(b"\r\n");
                 }
             }
-            if !self.tls_active {
+            if !self.gate.tls_active() {
                 self.capabilities_before_tls = Some(texts.clone());
             }
-            write_ehlo_reply(&texts, self.offers_starttls(), self.hides_auth(), out);
+            write_ehlo_reply(
+                &texts,
+                self.gate.offers_starttls(),
+                self.gate.restricted(),
+                out,
+            );
             self.state = State::Idle;
             return Next::Continue;
         }
         let refused = matches!(code, 500 | 502 | 503 | 504);
-        if refused && self.tls_active {
+        if refused && self.gate.tls_active() {
             if let Some(texts) = &self.capabilities_before_tls {
                 // RFC 3207 wants a fresh EHLO after TLS; a backend that does
                 // not allow a second one still has the session it greeted,
@@ -60,7 +65,7 @@ impl SmtpInspector {
                 texts.extend_from_slice(reply_text(first));
             }
             texts.extend_from_slice(b"\r\n");
-            write_ehlo_reply(&texts, self.offers_starttls(), false, out);
+            write_ehlo_reply(&texts, self.gate.offers_starttls(), false, out);
         } else {
             self.relay_collected(out);
         }

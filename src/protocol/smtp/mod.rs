@@ -52,9 +52,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::gate::StartTls;
 use super::{
-    command_label, is_blank, split_word, trim_eol, BackendFailure, ClientIdentity, Goodbye,
-    Inspector, InspectorOptions, Next, Notice, Output, RequireTls, Spec, TlsMode,
+    command_label, lenient_command, split_word, trim_eol, BackendFailure, ClientIdentity, Goodbye,
+    Inspector, InspectorOptions, Next, Notice, Output, Spec, TlsGate, UnsafeLine,
 };
 
 use body::{bdat_size, BodyScan};
@@ -126,8 +127,7 @@ enum Pending {
 /// The SMTP inspection state machine.
 #[derive(Debug)]
 pub struct SmtpInspector {
-    mode: TlsMode,
-    require_tls: RequireTls,
+    gate: TlsGate,
     identity: ClientIdentity,
     client: Option<SocketAddr>,
     server: Option<SocketAddr>,
@@ -141,7 +141,6 @@ pub struct SmtpInspector {
     /// XCLIENT mode: the DATA command line ended in CRLF (which counts as the
     /// CRLF before the dot of an empty body).
     data_line_crlf: bool,
-    tls_active: bool,
     state: State,
     /// The lines of the reply being collected (EHLO and HELO fallback).
     reply: Vec<u8>,
@@ -162,8 +161,7 @@ impl SmtpInspector {
         let identify =
             options.client_identity == ClientIdentity::Xclient && options.client.is_some();
         Self {
-            mode: options.mode,
-            require_tls: options.require_tls,
+            gate: TlsGate::new(&options),
             identity: options.client_identity,
             client: options.client,
             server: options.server,
@@ -171,7 +169,6 @@ impl SmtpInspector {
             relaying: false,
             held_greeting: Vec::new(),
             data_line_crlf: true,
-            tls_active: options.mode == TlsMode::Implicit,
             state: if identify {
                 State::Identify(Step::Greeting)
             } else {
@@ -190,59 +187,45 @@ impl SmtpInspector {
     /// `require_tls = "auth" | "all"` (an AUTH after a refused MAIL must not
     /// cross in clear; plaintext mail still flows, bodies relayed raw).
     fn relays_everything(&self) -> bool {
-        self.identity == ClientIdentity::Xclient || self.hides_auth()
+        self.identity == ClientIdentity::Xclient || self.gate.restricted()
     }
 
-    /// Whether EHLO replies must offer the proxy's STARTTLS right now.
-    fn offers_starttls(&self) -> bool {
-        self.mode == TlsMode::StartTls && !self.tls_active
-    }
-
-    /// Whether AUTH must be hidden and refused right now.
-    fn hides_auth(&self) -> bool {
-        self.offers_starttls() && self.require_tls != RequireTls::None
-    }
-
-    /// Whether the listener's policy lets `verb` through before TLS.
-    fn allowed_before_tls(&self, verb: &[u8]) -> bool {
-        if !self.offers_starttls() {
-            return true;
-        }
-        match self.require_tls {
-            RequireTls::None => true,
-            RequireTls::Auth => verb != b"AUTH",
-            RequireTls::All => matches!(
+    /// Whether the listener's policy lets `verb` through right now.
+    fn allowed(&self, verb: &[u8]) -> bool {
+        if self.gate.road_to_tls_only() {
+            matches!(
                 verb,
                 b"EHLO" | b"HELO" | b"NOOP" | b"RSET" | b"QUIT" | b"STARTTLS"
-            ),
+            )
+        } else {
+            !(self.gate.restricted() && verb == b"AUTH")
         }
+    }
+
+    /// Why a command line is refused for its bytes: the pre-TLS line policy
+    /// ([`TlsGate::refuses_line`]), and in XCLIENT mode a bare CR for the
+    /// whole session, since the proxy reads every command for a backend
+    /// that trusts it (a NUL only cuts a line short: no second command).
+    fn unsafe_line(&self, text: &[u8]) -> Option<UnsafeLine> {
+        self.gate.refuses_line(text).or_else(|| {
+            (self.identity == ClientIdentity::Xclient && text.contains(&b'\r'))
+                .then_some(UnsafeLine::BareCr)
+        })
     }
 
     fn command(&mut self, line: &[u8], out: &mut Output) -> Next {
         let text = trim_eol(line);
-        if self.relays_everything() && text.contains(&b'\r') {
-            out.to_client.extend_from_slice(BARE_CR);
-            out.refused = Some("other");
-            return Next::Continue;
-        }
-        let (verb, argument) = command_verb(text);
+        let (verb, argument) = lenient_command(text);
         let verb = verb.to_ascii_uppercase();
-        if !self.allowed_before_tls(&verb) {
-            out.to_client.extend_from_slice(MUST_STARTTLS);
-            out.refused = Some(command_label(&verb));
-            if verb == b"BDAT" {
-                // The chunk follows the command without waiting for a reply
-                // (RFC 3030): it is data, to be thrown away unread. A chunk
-                // whose size cannot be read cannot be skipped: close.
-                match bdat_size(argument) {
-                    Some(size) => out.skip_client_bytes = size,
-                    None => {
-                        self.state = State::Done;
-                        return Next::Close;
-                    }
-                }
-            }
-            return Next::Continue;
+        if let Some(found) = self.unsafe_line(text) {
+            let reply = match found {
+                UnsafeLine::Nul => NUL_IN_LINE,
+                UnsafeLine::BareCr => BARE_CR,
+            };
+            return self.refuse(&verb, argument, reply, "other", out);
+        }
+        if !self.allowed(&verb) {
+            return self.refuse(&verb, argument, MUST_STARTTLS, command_label(&verb), out);
         }
         match verb.as_slice() {
             b"XCLIENT" | b"XFORWARD" => {
@@ -251,17 +234,13 @@ impl SmtpInspector {
                 Next::Continue
             }
             b"STARTTLS" => {
-                if !argument.is_empty() {
-                    out.to_client.extend_from_slice(STARTTLS_SYNTAX);
-                    Next::Continue
-                } else if self.tls_active {
-                    out.to_client.extend_from_slice(TLS_ALREADY_ACTIVE);
-                    Next::Continue
-                } else {
-                    out.to_client.extend_from_slice(READY_TO_START_TLS);
+                let answer = self.gate.starttls(argument);
+                out.to_client
+                    .extend_from_slice(answer.reply(&REPLIES.starttls));
+                if answer == StartTls::Begin {
                     self.state = State::AwaitTlsHandshake;
-                    Next::StartTls
                 }
+                answer.next()
             }
             b"EHLO" => {
                 self.ehlo_domain.clear();
@@ -289,6 +268,32 @@ impl SmtpInspector {
         }
     }
 
+    /// Answers a command line with `reply` and forwards nothing. A refused
+    /// BDAT's chunk follows the command without waiting for a reply (RFC
+    /// 3030): it is data, to be thrown away unread; a chunk whose size
+    /// cannot be read cannot be skipped, and the session closes.
+    fn refuse(
+        &mut self,
+        verb: &[u8],
+        argument: &[u8],
+        reply: &'static [u8],
+        label: &'static str,
+        out: &mut Output,
+    ) -> Next {
+        out.to_client.extend_from_slice(reply);
+        out.refused = Some(label);
+        if verb == b"BDAT" {
+            match bdat_size(argument) {
+                Some(size) => out.skip_client_bytes = size,
+                None => {
+                    self.state = State::Done;
+                    return Next::Close;
+                }
+            }
+        }
+        Next::Continue
+    }
+
     fn start_collecting(&mut self, pending: Pending) {
         self.reply.clear();
         self.reply_line_ends.clear();
@@ -309,24 +314,6 @@ impl SmtpInspector {
             out.to_client.extend_from_slice(line);
         }
     }
-}
-
-/// The command word and its argument. Leading blanks are skipped and the
-/// word ends at the first byte that is not a letter, the way a lenient
-/// backend reads it: `AUTH\tPLAIN`, ` AUTH PLAIN` and `\x0cAUTH` are AUTH.
-fn command_verb(text: &[u8]) -> (&[u8], &[u8]) {
-    let start = text
-        .iter()
-        .position(|&b| !is_blank(b))
-        .unwrap_or(text.len());
-    let text = &text[start..];
-    let end = text
-        .iter()
-        .position(|b| !b.is_ascii_alphabetic())
-        .unwrap_or(text.len());
-    let rest = &text[end..];
-    let skip = rest.iter().take_while(|&&b| is_blank(b)).count();
-    (&text[..end], &rest[skip..])
 }
 
 impl Inspector for SmtpInspector {
@@ -400,7 +387,7 @@ impl Inspector for SmtpInspector {
     }
 
     fn tls_established(&mut self) {
-        self.tls_active = true;
+        self.gate.tls_established();
         self.state = State::Idle;
         // Before TLS the session may have been relayed command by command
         // (require_tls); after it, only XCLIENT mode keeps doing so.

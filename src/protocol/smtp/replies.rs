@@ -1,7 +1,7 @@
 //! SMTP's own words: the proxy's replies, and how a backend reply line
 //! reads (its code, whether it is the last line, whether it is an error).
 
-use crate::protocol::{trim_eol, Replies};
+use crate::protocol::{trim_eol, Replies, StartTlsReplies};
 
 /// The proxy's fixed replies (temporary failures are 421: the client
 /// retries; the proxy closes after each of them).
@@ -14,6 +14,11 @@ pub(crate) const REPLIES: Replies = Replies {
     too_many_commands: TOO_MANY_COMMANDS,
     idle_timeout: IDLE_TIMEOUT,
     shutting_down: SHUTTING_DOWN,
+    starttls: StartTlsReplies {
+        begin: READY_TO_START_TLS,
+        already_active: TLS_ALREADY_ACTIVE,
+        syntax: STARTTLS_SYNTAX,
+    },
 };
 
 /// Reply to a client whose backend cannot be reached.
@@ -42,6 +47,9 @@ pub const BDAT_SYNTAX: &[u8] = b"501 5.5.4 Syntax: BDAT chunk-size [LAST]\r\n";
 /// Reply to a command line holding a bare CR while the proxy reads the
 /// session: a backend that ends lines at CR would see a second command.
 pub const BARE_CR: &[u8] = b"500 5.5.2 Syntax error: bare CR in a command line\r\n";
+/// Reply to a command line holding a NUL before TLS: a backend that ends
+/// strings at NUL would read another command than the proxy judged.
+pub const NUL_IN_LINE: &[u8] = b"500 5.5.2 Syntax error: NUL in a command line\r\n";
 
 /// The reply code and whether this is the reply's last line. A line that is
 /// not `ddd`, `ddd text` or `ddd-text` ends the reply (code 0), so a broken

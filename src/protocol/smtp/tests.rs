@@ -1,4 +1,5 @@
 use super::*;
+use crate::protocol::{RequireTls, TlsMode};
 
 use crate::protocol::testing::{backend, client};
 
@@ -373,7 +374,18 @@ fn auth_in_disguise_behind_any_blank_and_bare_cr_lines_are_refused_before_tls() 
         (out.to_client.as_slice(), out.to_backend.as_slice()),
         (BARE_CR, &b""[..])
     );
-    // STARTTLS with a NUL behind it is STARTTLS with an argument.
+    // STARTTLS with a NUL behind it is refused before TLS (the pre-TLS
+    // line policy), never begun nor forwarded.
+    let mut out = Output::default();
+    let next = machine.client_line(b"STARTTLS\0\r\n", &mut out);
+    assert_eq!(
+        (out.to_client.as_slice(), out.to_backend.as_slice(), next),
+        (NUL_IN_LINE, &b""[..], Next::Continue)
+    );
+    // After TLS it is STARTTLS with an argument.
+    let mut machine = with_policy(RequireTls::Auth);
+    client(&mut machine, b"STARTTLS\r\n");
+    machine.tls_established();
     let mut out = Output::default();
     machine.client_line(b"STARTTLS\0\r\n", &mut out);
     assert_eq!(out.to_client, STARTTLS_SYNTAX);
@@ -915,4 +927,64 @@ fn greetings_are_judged_for_the_readiness_check() {
             String::from_utf8_lossy(line)
         );
     }
+}
+
+#[test]
+fn nul_and_bare_cr_lines_are_refused_before_tls_under_every_policy() {
+    const NUL: &[u8] = b"500 5.5.2 Syntax error: NUL in a command line\r\n";
+    const CR: &[u8] = b"500 5.5.2 Syntax error: bare CR in a command line\r\n";
+    for policy in [RequireTls::Auth, RequireTls::All, RequireTls::None] {
+        for (line, reply, next) in [
+            (&b"STARTTLS\0\r\n"[..], NUL, Next::Continue),
+            (b"NOOP\0\r\n", NUL, Next::Continue),
+            (b"AUTH\0PLAIN AGFsaWNlAHNlY3JldA==\r\n", NUL, Next::Continue),
+            (b"MAIL FROM:<a@b.example>\0\n", NUL, Next::Continue),
+            (b"NOOP\rSTARTTLS\r\n", CR, Next::Continue),
+            (b"NOOP\rAUTH PLAIN x\r\n", CR, Next::Continue),
+            // A chunk whose size cannot be read cannot be skipped.
+            (b"BDAT 3\0\r\n", NUL, Next::Close),
+        ] {
+            let mut machine = with_policy(policy);
+            let mut out = Output::default();
+            let result = machine.client_line(line, &mut out);
+            assert_eq!(
+                (out.to_client.as_slice(), out.to_backend.as_slice(), result),
+                (reply, &b""[..], next),
+                "{policy:?} {line:?}"
+            );
+            assert_eq!(out.refused, Some("other"));
+            assert_eq!(machine.wants_client_line(), next == Next::Continue);
+        }
+    }
+    // After TLS (and on implicit listeners) the backend judges such lines.
+    let mut machine = with_policy(RequireTls::None);
+    client(&mut machine, b"STARTTLS\r\n");
+    machine.tls_established();
+    let (to_client, to_backend, _) = client(&mut machine, b"NOOP\0\r\n");
+    assert_eq!(
+        (to_client.as_slice(), to_backend.as_slice()),
+        (&b""[..], &b"NOOP\0\r\n"[..])
+    );
+    let mut machine = greeted(TlsMode::Implicit);
+    let (to_client, to_backend, _) = client(&mut machine, b"NOOP\rQUIT\r\n");
+    assert_eq!(
+        (to_client.as_slice(), to_backend.as_slice()),
+        (&b""[..], &b"NOOP\rQUIT\r\n"[..])
+    );
+}
+
+#[test]
+fn xclient_mode_refuses_a_bare_cr_after_tls_too() {
+    let mut machine = identified();
+    client(&mut machine, b"STARTTLS\r\n");
+    machine.tls_established();
+    let mut out = Output::default();
+    machine.client_line(b"NOOP\rXCLIENT ADDR=192.0.2.1\r\n", &mut out);
+    assert_eq!(
+        (out.to_client.as_slice(), out.to_backend.as_slice()),
+        (BARE_CR, &b""[..])
+    );
+    // A NUL only cuts a line short: no second command for the backend.
+    let (_, to_backend, _) = client(&mut machine, b"NOOP\0\r\n");
+    assert_eq!(to_backend, b"NOOP\0\r\n");
 }

@@ -317,7 +317,7 @@ pub trait Inspector: Send {
 
 /// Why a connection is turned away before any dialogue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// The backend cannot be reached.
     BackendUnavailable,
     /// A connection limit is reached.
@@ -333,7 +333,7 @@ pub enum Refusal {
 
 /// The reply a client gets when it is turned away before any machine exists
 /// (backend unreachable, connection limits).
-pub fn refusal_reply(protocol: Protocol, refusal: Refusal) -> &'static [u8] {
+pub(crate) fn refusal_reply(protocol: Protocol, refusal: Refusal) -> &'static [u8] {
     protocol.refusal_reply(refusal)
 }
 
@@ -341,7 +341,7 @@ pub fn refusal_reply(protocol: Protocol, refusal: Refusal) -> &'static [u8] {
 /// session uses it to recognise a backend that did not expect the PROXY
 /// protocol header it was sent: such a backend answers the header's bytes
 /// with errors before the client has said anything.
-pub fn is_error_reply(protocol: Protocol, line: &[u8]) -> bool {
+pub(crate) fn is_error_reply(protocol: Protocol, line: &[u8]) -> bool {
     protocol.is_error_reply(line)
 }
 

@@ -110,24 +110,24 @@ impl Protocol {
     /// The idle limit of a listener that sets none: RFC 5321 section
     /// 4.5.3.2.7 (5 minutes for the server), RFC 9051 section 5.4 (at least
     /// 30 minutes), RFC 1939 section 3 (at least 10 minutes).
-    pub fn default_idle_timeout(self) -> Duration {
+    pub(crate) fn default_idle_timeout(self) -> Duration {
         self.spec().default_idle_timeout
     }
 
     /// The reply a client gets when it is turned away before any machine
     /// exists (backend unreachable, connection limits).
-    pub fn refusal_reply(self, refusal: Refusal) -> &'static [u8] {
+    pub(crate) fn refusal_reply(self, refusal: Refusal) -> &'static [u8] {
         self.spec().replies.refusal(refusal)
     }
 
     /// Whether a backend line is an error answer: SMTP `4xx`/`5xx`, IMAP
     /// `BAD`/`NO`/`BYE` (tagged or untagged), POP3 `-ERR`.
-    pub fn is_error_reply(self, line: &[u8]) -> bool {
+    pub(crate) fn is_error_reply(self, line: &[u8]) -> bool {
         (self.spec().is_error_reply)(line)
     }
 
     /// Builds the inspection machine for a connection.
-    pub fn new_inspector(self, options: &InspectorOptions) -> Box<dyn Inspector> {
+    pub(crate) fn new_inspector(self, options: &InspectorOptions) -> Box<dyn Inspector> {
         (self.spec().new_inspector)(options)
     }
 

@@ -53,7 +53,7 @@ use std::time::Duration;
 use super::gate::StartTls;
 use super::{
     command_label, lenient_verb, split_word, trim_eol, BackendFailure, Goodbye, Inspector,
-    InspectorOptions, Next, Output, RequireTls, Spec, TlsGate, TlsMode,
+    InspectorOptions, Next, Output, Spec, TlsGate,
 };
 
 #[cfg(test)]
@@ -78,7 +78,7 @@ pub(crate) const SPEC: Spec = Spec {
 };
 
 fn new_inspector(options: &InspectorOptions) -> Box<dyn Inspector> {
-    Box::new(ImapInspector::new(options.mode, options.require_tls))
+    Box::new(ImapInspector::new(options))
 }
 
 /// The commands that carry credentials.
@@ -119,7 +119,7 @@ struct Literal {
 
 /// The IMAP inspection state machine.
 #[derive(Debug)]
-pub struct ImapInspector {
+pub(crate) struct ImapInspector {
     gate: TlsGate,
     state: State,
     /// The tag of the command whose completion is awaited (reused buffer).
@@ -130,9 +130,9 @@ pub struct ImapInspector {
 }
 
 impl ImapInspector {
-    pub fn new(mode: TlsMode, require_tls: RequireTls) -> Self {
+    pub(crate) fn new(options: &InspectorOptions) -> Self {
         Self {
-            gate: TlsGate::new(&InspectorOptions::new(mode, require_tls)),
+            gate: TlsGate::new(options),
             state: State::ExpectGreeting,
             tag: Vec::with_capacity(16),
             bye_relayed: false,

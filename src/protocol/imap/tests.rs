@@ -1,6 +1,11 @@
+use super::*;
+use crate::protocol::testing::{backend, client};
+use crate::protocol::{RequireTls, TlsMode};
+
 #[test]
 fn a_preauth_greeting_before_tls_is_refused_under_require_tls_all() {
-    let mut machine = ImapInspector::new(TlsMode::StartTls, RequireTls::All);
+    let mut machine =
+        ImapInspector::new(&InspectorOptions::new(TlsMode::StartTls, RequireTls::All));
     let (to_client, to_backend, next) = backend(
         &mut machine,
         b"* PREAUTH [CAPABILITY IMAP4rev1] Logged in as joe\r\n",
@@ -13,7 +18,8 @@ fn a_preauth_greeting_before_tls_is_refused_under_require_tls_all() {
 
 #[test]
 fn capability_codes_in_continuations_are_rewritten_too() {
-    let mut machine = ImapInspector::new(TlsMode::StartTls, RequireTls::None);
+    let mut machine =
+        ImapInspector::new(&InspectorOptions::new(TlsMode::StartTls, RequireTls::None));
     backend(&mut machine, b"* OK ready\r\n");
     client(&mut machine, b"s STARTTLS\r\n");
     machine.tls_established();
@@ -28,19 +34,16 @@ fn login_behind_any_blanks_after_the_tag_is_refused_before_tls() {
         &b"a \t LOGIN joe secret\r\n"[..],
         b"a \x0bLOGIN joe secret\r\n",
     ] {
-        let mut machine = ImapInspector::new(TlsMode::StartTls, RequireTls::Auth);
+        let mut machine =
+            ImapInspector::new(&InspectorOptions::new(TlsMode::StartTls, RequireTls::Auth));
         backend(&mut machine, b"* OK ready\r\n");
         let (_, to_backend, _) = client(&mut machine, line);
         assert_eq!(to_backend, b"", "{line:?}");
     }
 }
 
-use super::*;
-
-use crate::protocol::testing::{backend, client};
-
 fn greeted(mode: TlsMode) -> ImapInspector {
-    let mut machine = ImapInspector::new(mode, RequireTls::None);
+    let mut machine = ImapInspector::new(&InspectorOptions::new(mode, RequireTls::None));
     let (to_client, _, next) = backend(&mut machine, b"* OK IMAP4rev1 server ready\r\n");
     assert_eq!(
         (to_client.as_slice(), next),
@@ -72,7 +75,8 @@ fn rewritten(line: &[u8], offer: bool) -> Vec<u8> {
 
 #[test]
 fn greeting_capability_code_gains_starttls_before_tls() {
-    let mut machine = ImapInspector::new(TlsMode::StartTls, RequireTls::None);
+    let mut machine =
+        ImapInspector::new(&InspectorOptions::new(TlsMode::StartTls, RequireTls::None));
     assert!(!machine.wants_client_line());
     let (to_client, to_backend, next) = backend(
         &mut machine,
@@ -88,7 +92,8 @@ fn greeting_capability_code_gains_starttls_before_tls() {
 
 #[test]
 fn backend_starttls_in_the_greeting_is_moved_to_the_end() {
-    let mut machine = ImapInspector::new(TlsMode::StartTls, RequireTls::None);
+    let mut machine =
+        ImapInspector::new(&InspectorOptions::new(TlsMode::StartTls, RequireTls::None));
     let (to_client, _, _) = backend(
         &mut machine,
         b"* OK [CAPABILITY IMAP4rev1 LITERAL+ STARTTLS AUTH=PLAIN] Dovecot ready.\r\n",
@@ -101,7 +106,8 @@ fn backend_starttls_in_the_greeting_is_moved_to_the_end() {
 
 #[test]
 fn implicit_tls_strips_starttls_and_logindisabled_from_the_greeting() {
-    let mut machine = ImapInspector::new(TlsMode::Implicit, RequireTls::None);
+    let mut machine =
+        ImapInspector::new(&InspectorOptions::new(TlsMode::Implicit, RequireTls::None));
     let (to_client, _, _) = backend(
         &mut machine,
         b"* ok [capability IMAP4rev1 starttls LOGINDISABLED] ready\n",
@@ -226,7 +232,8 @@ fn only_the_matching_tag_completes_the_command() {
 
 #[test]
 fn dovecot_waiting_line_then_the_real_greeting_later() {
-    let mut machine = ImapInspector::new(TlsMode::StartTls, RequireTls::None);
+    let mut machine =
+        ImapInspector::new(&InspectorOptions::new(TlsMode::StartTls, RequireTls::None));
     let (to_client, _, _) = backend(
         &mut machine,
         b"* OK Waiting for authentication process to respond..\r\n",
@@ -428,7 +435,8 @@ fn unsolicited_lines_in_idle_are_relayed() {
 
 #[test]
 fn preauth_greeting_ends_inspection_without_offering_starttls() {
-    let mut machine = ImapInspector::new(TlsMode::StartTls, RequireTls::None);
+    let mut machine =
+        ImapInspector::new(&InspectorOptions::new(TlsMode::StartTls, RequireTls::None));
     let (to_client, to_backend, next) = backend(
         &mut machine,
         b"* PREAUTH [CAPABILITY IMAP4rev1 STARTTLS] Logged in as joe\r\n",
@@ -443,7 +451,8 @@ fn preauth_greeting_ends_inspection_without_offering_starttls() {
 
 #[test]
 fn bye_greeting_is_relayed_and_nothing_more() {
-    let mut machine = ImapInspector::new(TlsMode::StartTls, RequireTls::None);
+    let mut machine =
+        ImapInspector::new(&InspectorOptions::new(TlsMode::StartTls, RequireTls::None));
     let (to_client, _, next) = backend(&mut machine, b"* BYE Too many connections\r\n");
     assert_eq!(
         (to_client.as_slice(), next),
@@ -457,7 +466,8 @@ fn bye_greeting_is_relayed_and_nothing_more() {
 
 #[test]
 fn a_line_that_is_not_a_greeting_is_relayed_and_the_greeting_still_awaited() {
-    let mut machine = ImapInspector::new(TlsMode::StartTls, RequireTls::None);
+    let mut machine =
+        ImapInspector::new(&InspectorOptions::new(TlsMode::StartTls, RequireTls::None));
     let (to_client, _, _) = backend(&mut machine, b"hello?\r\n");
     assert_eq!(to_client, b"hello?\r\n");
     assert!(!machine.wants_client_line());
@@ -476,7 +486,8 @@ fn overlong_client_line_gets_bye() {
 
 #[test]
 fn backend_failure_gets_bye_unavailable_unless_inspection_is_over() {
-    let mut machine = ImapInspector::new(TlsMode::StartTls, RequireTls::None);
+    let mut machine =
+        ImapInspector::new(&InspectorOptions::new(TlsMode::StartTls, RequireTls::None));
     let mut out = Output::default();
     machine.backend_failed(BackendFailure::Unreachable, &mut out);
     assert_eq!(
@@ -500,7 +511,8 @@ fn backend_failure_gets_bye_unavailable_unless_inspection_is_over() {
 
 #[test]
 fn wants_client_line_only_while_idle() {
-    let mut machine = ImapInspector::new(TlsMode::StartTls, RequireTls::None);
+    let mut machine =
+        ImapInspector::new(&InspectorOptions::new(TlsMode::StartTls, RequireTls::None));
     assert!(!machine.wants_client_line());
     backend(&mut machine, b"* OK hi\r\n");
     assert!(machine.wants_client_line());
@@ -522,7 +534,7 @@ fn wants_client_line_only_while_idle() {
 
 /// A greeted STARTTLS-mode machine under `policy`.
 fn with_policy(policy: RequireTls) -> ImapInspector {
-    let mut machine = ImapInspector::new(TlsMode::StartTls, policy);
+    let mut machine = ImapInspector::new(&InspectorOptions::new(TlsMode::StartTls, policy));
     backend(&mut machine, b"* OK ready\r\n");
     assert!(machine.wants_client_line());
     machine
@@ -545,7 +557,7 @@ fn dovecot_greeting_before_tls_under_each_policy() {
         (RequireTls::All, b"* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ LOGINDISABLED STARTTLS] Dovecot ready.\r\n"),
         (RequireTls::None, b"* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ AUTH=PLAIN STARTTLS] Dovecot ready.\r\n"),
     ] {
-        let mut machine = ImapInspector::new(TlsMode::StartTls, policy);
+        let mut machine = ImapInspector::new(&InspectorOptions::new(TlsMode::StartTls, policy));
         let (to_client, to_backend, next) = backend(&mut machine, greeting);
         assert_eq!(to_client, expected, "{policy:?}");
         assert_eq!((to_backend.as_slice(), next), (&b""[..], Next::Continue));
@@ -585,7 +597,7 @@ fn backend_starttls_logindisabled_and_sasl_under_each_policy_and_after_tls() {
 #[test]
 fn implicit_listeners_ignore_the_policy() {
     for policy in POLICIES {
-        let mut machine = ImapInspector::new(TlsMode::Implicit, policy);
+        let mut machine = ImapInspector::new(&InspectorOptions::new(TlsMode::Implicit, policy));
         let (to_client, _, _) = backend(
             &mut machine,
             b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED AUTH=PLAIN] hi\r\n",
@@ -892,7 +904,8 @@ fn after_tls_login_is_forwarded_and_ends_inspection() {
 fn preauth_greeting_under_a_policy_offers_nothing_and_shows_no_sasl() {
     // (Under `all` a PREAUTH before TLS is refused outright; see
     // a_preauth_greeting_before_tls_is_refused_under_require_tls_all.)
-    let mut machine = ImapInspector::new(TlsMode::StartTls, RequireTls::Auth);
+    let mut machine =
+        ImapInspector::new(&InspectorOptions::new(TlsMode::StartTls, RequireTls::Auth));
     let (to_client, _, next) = backend(
         &mut machine,
         b"* PREAUTH [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED AUTH=PLAIN] Logged in\r\n",
@@ -1078,7 +1091,7 @@ proptest::proptest! {
         steps in proptest::collection::vec(step(), 0..32),
     ) {
         let mode = if implicit { TlsMode::Implicit } else { TlsMode::StartTls };
-        let mut machine = ImapInspector::new(mode, policy);
+        let mut machine = ImapInspector::new(&InspectorOptions::new(mode, policy));
         let mut out = Output::default();
         let mut upgraded = false;
         for (index, (follow, from_client, client_line, backend_line, terminator)) in steps.into_iter().enumerate() {

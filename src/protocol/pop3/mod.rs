@@ -39,7 +39,7 @@ use std::time::Duration;
 use super::gate::StartTls;
 use super::{
     command_label, lenient_verb, split_word, trim_eol, BackendFailure, Goodbye, Inspector,
-    InspectorOptions, Next, Output, RequireTls, Spec, TlsGate, TlsMode,
+    InspectorOptions, Next, Output, Spec, TlsGate,
 };
 
 pub use replies::*;
@@ -61,7 +61,7 @@ pub(crate) const SPEC: Spec = Spec {
 };
 
 fn new_inspector(options: &InspectorOptions) -> Box<dyn Inspector> {
-    Box::new(Pop3Inspector::new(options.mode, options.require_tls))
+    Box::new(Pop3Inspector::new(options))
 }
 
 /// The commands that carry credentials.
@@ -91,15 +91,15 @@ enum State {
 
 /// The POP3 inspection state machine.
 #[derive(Debug)]
-pub struct Pop3Inspector {
+pub(crate) struct Pop3Inspector {
     gate: TlsGate,
     state: State,
 }
 
 impl Pop3Inspector {
-    pub fn new(mode: TlsMode, require_tls: RequireTls) -> Self {
+    pub(crate) fn new(options: &InspectorOptions) -> Self {
         Self {
-            gate: TlsGate::new(&InspectorOptions::new(mode, require_tls)),
+            gate: TlsGate::new(options),
             state: State::ExpectGreeting,
         }
     }

@@ -24,28 +24,28 @@ pub(crate) const REPLIES: Replies = Replies {
 /// Reply to a client whose backend cannot be reached (RFC 3206 response code).
 pub const SERVICE_UNAVAILABLE: &[u8] = b"-ERR [SYS/TEMP] Backend server not available\r\n";
 /// Reply to a client line over the cap, before the connection is closed.
-pub const LINE_TOO_LONG: &[u8] = b"-ERR Line too long\r\n";
+pub(crate) const LINE_TOO_LONG: &[u8] = b"-ERR Line too long\r\n";
 /// Goodbyes for sessions the proxy ends during inspection.
-pub const TOO_MANY_COMMANDS: &[u8] = b"-ERR Too many commands\r\n";
-pub const IDLE_TIMEOUT: &[u8] = b"-ERR Idle timeout\r\n";
-pub const SHUTTING_DOWN: &[u8] = b"-ERR [SYS/TEMP] Server shutting down\r\n";
+pub(crate) const TOO_MANY_COMMANDS: &[u8] = b"-ERR Too many commands\r\n";
+pub(crate) const IDLE_TIMEOUT: &[u8] = b"-ERR Idle timeout\r\n";
+pub(crate) const SHUTTING_DOWN: &[u8] = b"-ERR [SYS/TEMP] Server shutting down\r\n";
 /// Reply to STLS; the handshake starts right after it.
 pub const BEGIN_TLS: &[u8] = b"+OK Begin TLS negotiation\r\n";
 /// Reply to STLS once TLS is already active (RFC 2595 section 4 wording).
-pub const TLS_ALREADY_ACTIVE: &[u8] = b"-ERR Command not permitted when TLS active\r\n";
+pub(crate) const TLS_ALREADY_ACTIVE: &[u8] = b"-ERR Command not permitted when TLS active\r\n";
 /// Reply to STLS with arguments.
-pub const STLS_SYNTAX: &[u8] = b"-ERR STLS takes no arguments\r\n";
+pub(crate) const STLS_SYNTAX: &[u8] = b"-ERR STLS takes no arguments\r\n";
 /// The capability line the proxy adds to CAPA replies before TLS.
-pub const STLS_CAPABILITY: &[u8] = b"STLS\r\n";
+pub(crate) const STLS_CAPABILITY: &[u8] = b"STLS\r\n";
 /// The CAPA reply served before TLS when the backend does not know CAPA.
 pub const SYNTHESIZED_CAPA: &[u8] = b"+OK Capability list follows\r\nSTLS\r\n.\r\n";
 /// Reply to USER, PASS, APOP and AUTH refused by the listener's policy
 /// before TLS (RFC 3206 response code).
-pub const AUTH_BEFORE_TLS: &[u8] = b"-ERR [AUTH] Must issue STLS command first\r\n";
+pub(crate) const AUTH_BEFORE_TLS: &[u8] = b"-ERR [AUTH] Must issue STLS command first\r\n";
 /// Reply to other commands refused by the policy before TLS, and to a line
 /// holding a NUL or a bare CR before TLS under any policy (the pre-TLS line
 /// policy) unless its word is one of the above.
-pub const COMMAND_BEFORE_TLS: &[u8] = b"-ERR Must issue STLS command first\r\n";
+pub(crate) const COMMAND_BEFORE_TLS: &[u8] = b"-ERR Must issue STLS command first\r\n";
 
 /// Whether a backend line is an error answer: `-ERR`.
 pub(crate) fn is_error_reply(line: &[u8]) -> bool {

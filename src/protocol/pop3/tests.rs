@@ -1,7 +1,12 @@
+use super::*;
+use crate::protocol::testing::{backend, client};
+use crate::protocol::{RequireTls, TlsMode};
+
 #[test]
 fn user_behind_a_vertical_tab_or_form_feed_is_refused_before_tls() {
     for line in [&b"\x0bUSER joe\r\n"[..], b"\x0cUSER joe\r\n"] {
-        let mut machine = Pop3Inspector::new(TlsMode::StartTls, RequireTls::Auth);
+        let mut machine =
+            Pop3Inspector::new(&InspectorOptions::new(TlsMode::StartTls, RequireTls::Auth));
         backend(&mut machine, b"+OK ready\r\n");
         let (to_client, to_backend, _) = client(&mut machine, line);
         assert_eq!(to_backend, b"", "{line:?}");
@@ -9,12 +14,8 @@ fn user_behind_a_vertical_tab_or_form_feed_is_refused_before_tls() {
     }
 }
 
-use super::*;
-
-use crate::protocol::testing::{backend, client};
-
 fn greeted(mode: TlsMode) -> Pop3Inspector {
-    let mut machine = Pop3Inspector::new(mode, RequireTls::None);
+    let mut machine = Pop3Inspector::new(&InspectorOptions::new(mode, RequireTls::None));
     assert!(!machine.wants_client_line());
     let (to_client, _, next) = backend(
         &mut machine,
@@ -229,7 +230,8 @@ fn unsolicited_lines_in_idle_are_relayed() {
 
 #[test]
 fn negative_greeting_is_relayed_and_nothing_more() {
-    let mut machine = Pop3Inspector::new(TlsMode::StartTls, RequireTls::None);
+    let mut machine =
+        Pop3Inspector::new(&InspectorOptions::new(TlsMode::StartTls, RequireTls::None));
     let (to_client, _, next) = backend(&mut machine, b"-ERR too many connections\r\n");
     assert_eq!(
         (to_client.as_slice(), next),
@@ -251,7 +253,8 @@ fn overlong_client_line_gets_an_error() {
 
 #[test]
 fn backend_failure_gets_sys_temp_unless_inspection_is_over() {
-    let mut machine = Pop3Inspector::new(TlsMode::StartTls, RequireTls::None);
+    let mut machine =
+        Pop3Inspector::new(&InspectorOptions::new(TlsMode::StartTls, RequireTls::None));
     let mut out = Output::default();
     machine.backend_failed(BackendFailure::Unreachable, &mut out);
     assert_eq!(
@@ -289,7 +292,7 @@ const POLICIES: [RequireTls; 3] = [RequireTls::Auth, RequireTls::All, RequireTls
 
 /// A greeted STARTTLS-mode machine under `policy`.
 fn with_policy(policy: RequireTls) -> Pop3Inspector {
-    let mut machine = Pop3Inspector::new(TlsMode::StartTls, policy);
+    let mut machine = Pop3Inspector::new(&InspectorOptions::new(TlsMode::StartTls, policy));
     backend(&mut machine, b"+OK ready\r\n");
     assert!(machine.wants_client_line());
     machine
@@ -341,7 +344,7 @@ fn capa_under_each_policy_and_after_tls() {
 #[test]
 fn implicit_listeners_ignore_the_policy() {
     for policy in POLICIES {
-        let mut machine = Pop3Inspector::new(TlsMode::Implicit, policy);
+        let mut machine = Pop3Inspector::new(&InspectorOptions::new(TlsMode::Implicit, policy));
         backend(&mut machine, b"+OK ready\r\n");
         assert_eq!(capa(&mut machine, CAPA_WITH_LOGINS), CAPA_WITHOUT_STLS);
         let (out, next) = client_out(&mut machine, b"USER joe\r\n");
@@ -686,7 +689,7 @@ proptest::proptest! {
         steps in proptest::collection::vec(step(), 0..48),
     ) {
         let mode = if implicit { TlsMode::Implicit } else { TlsMode::StartTls };
-        let mut machine = Pop3Inspector::new(mode, policy);
+        let mut machine = Pop3Inspector::new(&InspectorOptions::new(mode, policy));
         let mut checker = CapaChecker::default();
         let mut out = Output::default();
         let mut upgraded = false;

@@ -81,7 +81,7 @@ pub(crate) const SPEC: Spec = Spec {
 };
 
 fn new_inspector(options: &InspectorOptions) -> Box<dyn Inspector> {
-    Box::new(SmtpInspector::new(options.clone()))
+    Box::new(SmtpInspector::new(options))
 }
 
 /// What the machine waits for.
@@ -126,7 +126,7 @@ enum Pending {
 
 /// The SMTP inspection state machine.
 #[derive(Debug)]
-pub struct SmtpInspector {
+pub(crate) struct SmtpInspector {
     gate: TlsGate,
     identity: ClientIdentity,
     client: Option<SocketAddr>,
@@ -155,17 +155,17 @@ pub struct SmtpInspector {
 }
 
 impl SmtpInspector {
-    pub fn new(options: InspectorOptions) -> Self {
+    pub(crate) fn new(options: &InspectorOptions) -> Self {
         // XCLIENT needs the client's address; without one there is nothing
         // to tell the backend.
         let identify =
             options.client_identity == ClientIdentity::Xclient && options.client.is_some();
         Self {
-            gate: TlsGate::new(&options),
+            gate: TlsGate::new(options),
             identity: options.client_identity,
             client: options.client,
             server: options.server,
-            hostname: options.hostname,
+            hostname: options.hostname.clone(),
             relaying: false,
             held_greeting: Vec::new(),
             data_line_crlf: true,

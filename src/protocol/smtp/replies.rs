@@ -27,29 +27,29 @@ pub const SERVICE_UNAVAILABLE: &[u8] =
 /// Reply to STARTTLS; the handshake starts right after it.
 pub const READY_TO_START_TLS: &[u8] = b"220 2.0.0 Ready to start TLS\r\n";
 /// Reply to STARTTLS once TLS is already active (implicit TLS or a second STARTTLS).
-pub const TLS_ALREADY_ACTIVE: &[u8] = b"503 5.5.1 TLS already active\r\n";
+pub(crate) const TLS_ALREADY_ACTIVE: &[u8] = b"503 5.5.1 TLS already active\r\n";
 /// Reply to STARTTLS with parameters (RFC 3207 section 4).
-pub const STARTTLS_SYNTAX: &[u8] = b"501 5.5.4 Syntax error (no parameters allowed)\r\n";
+pub(crate) const STARTTLS_SYNTAX: &[u8] = b"501 5.5.4 Syntax error (no parameters allowed)\r\n";
 /// Reply to a client line over the cap, before the connection is closed.
-pub const LINE_TOO_LONG: &[u8] = b"421 4.7.0 Line too long, closing connection\r\n";
+pub(crate) const LINE_TOO_LONG: &[u8] = b"421 4.7.0 Line too long, closing connection\r\n";
 /// Reply to commands the listener's TLS policy refuses before STARTTLS (RFC 3207).
-pub const MUST_STARTTLS: &[u8] = b"530 5.7.0 Must issue a STARTTLS command first\r\n";
+pub(crate) const MUST_STARTTLS: &[u8] = b"530 5.7.0 Must issue a STARTTLS command first\r\n";
 /// Goodbyes for sessions the proxy ends during inspection.
-pub const TOO_MANY_COMMANDS: &[u8] = b"421 4.7.0 Too many commands, closing connection\r\n";
-pub const IDLE_TIMEOUT: &[u8] = b"421 4.4.2 Idle timeout, closing connection\r\n";
-pub const SHUTTING_DOWN: &[u8] = b"421 4.3.2 Service shutting down, closing connection\r\n";
+pub(crate) const TOO_MANY_COMMANDS: &[u8] = b"421 4.7.0 Too many commands, closing connection\r\n";
+pub(crate) const IDLE_TIMEOUT: &[u8] = b"421 4.4.2 Idle timeout, closing connection\r\n";
+pub(crate) const SHUTTING_DOWN: &[u8] = b"421 4.3.2 Service shutting down, closing connection\r\n";
 /// Reply to a client's own XCLIENT or XFORWARD: only the proxy may tell the
 /// backend who the client is.
-pub const IDENTITY_COMMAND_REFUSED: &[u8] =
+pub(crate) const IDENTITY_COMMAND_REFUSED: &[u8] =
     b"550 5.7.1 XCLIENT and XFORWARD are not accepted from clients\r\n";
 /// Reply to a BDAT whose size cannot be read (the chunk cannot be framed).
-pub const BDAT_SYNTAX: &[u8] = b"501 5.5.4 Syntax: BDAT chunk-size [LAST]\r\n";
+pub(crate) const BDAT_SYNTAX: &[u8] = b"501 5.5.4 Syntax: BDAT chunk-size [LAST]\r\n";
 /// Reply to a command line holding a bare CR while the proxy reads the
 /// session: a backend that ends lines at CR would see a second command.
-pub const BARE_CR: &[u8] = b"500 5.5.2 Syntax error: bare CR in a command line\r\n";
+pub(crate) const BARE_CR: &[u8] = b"500 5.5.2 Syntax error: bare CR in a command line\r\n";
 /// Reply to a command line holding a NUL before TLS: a backend that ends
 /// strings at NUL would read another command than the proxy judged.
-pub const NUL_IN_LINE: &[u8] = b"500 5.5.2 Syntax error: NUL in a command line\r\n";
+pub(crate) const NUL_IN_LINE: &[u8] = b"500 5.5.2 Syntax error: NUL in a command line\r\n";
 
 /// The reply code and whether this is the reply's last line. A line that is
 /// not `ddd`, `ddd text` or `ddd-text` ends the reply (code 0), so a broken

@@ -1,10 +1,9 @@
 use super::*;
+use crate::protocol::testing::{backend, client};
 use crate::protocol::{RequireTls, TlsMode};
 
-use crate::protocol::testing::{backend, client};
-
 fn greeted(mode: TlsMode) -> SmtpInspector {
-    let mut machine = SmtpInspector::new(InspectorOptions::new(mode, RequireTls::None));
+    let mut machine = SmtpInspector::new(&InspectorOptions::new(mode, RequireTls::None));
     let (to_client, _, _) = backend(&mut machine, b"220 mx.example ESMTP\r\n");
     assert_eq!(to_client, b"220 mx.example ESMTP\r\n");
     assert!(machine.wants_client_line());
@@ -14,7 +13,7 @@ fn greeted(mode: TlsMode) -> SmtpInspector {
 #[test]
 fn multi_line_greeting_is_relayed_and_waits_for_its_last_line() {
     let mut machine =
-        SmtpInspector::new(InspectorOptions::new(TlsMode::StartTls, RequireTls::None));
+        SmtpInspector::new(&InspectorOptions::new(TlsMode::StartTls, RequireTls::None));
     let (to_client, _, _) = backend(&mut machine, b"220-mx.example\r\n");
     assert_eq!(to_client, b"220-mx.example\r\n");
     assert!(!machine.wants_client_line());
@@ -147,7 +146,7 @@ fn starttls_with_parameters_is_a_syntax_error() {
 #[test]
 fn helo_only_backend_gets_helo_and_the_client_a_synthesized_ehlo_reply() {
     let mut machine =
-        SmtpInspector::new(InspectorOptions::new(TlsMode::StartTls, RequireTls::None));
+        SmtpInspector::new(&InspectorOptions::new(TlsMode::StartTls, RequireTls::None));
     backend(&mut machine, b"220 old.example SMTP\r\n");
     let (_, to_backend, _) = client(&mut machine, b"EHLO client.example\r\n");
     assert_eq!(to_backend, b"EHLO client.example\r\n");
@@ -261,7 +260,7 @@ fn backend_closing_after_the_quit_reply_adds_nothing() {
 }
 
 fn with_policy(require_tls: RequireTls) -> SmtpInspector {
-    let mut machine = SmtpInspector::new(InspectorOptions::new(TlsMode::StartTls, require_tls));
+    let mut machine = SmtpInspector::new(&InspectorOptions::new(TlsMode::StartTls, require_tls));
     backend(&mut machine, b"220 mx.example ESMTP\r\n");
     machine
 }
@@ -460,7 +459,8 @@ fn require_tls_all_serves_only_the_road_to_tls() {
 
 #[test]
 fn implicit_listeners_ignore_the_starttls_policy() {
-    let mut machine = SmtpInspector::new(InspectorOptions::new(TlsMode::Implicit, RequireTls::All));
+    let mut machine =
+        SmtpInspector::new(&InspectorOptions::new(TlsMode::Implicit, RequireTls::All));
     backend(&mut machine, b"220 mx\r\n");
     client(&mut machine, b"EHLO c\r\n");
     let (to_client, _, _) = backend(&mut machine, EHLO_WITH_AUTH);
@@ -519,7 +519,7 @@ fn backend_out(machine: &mut SmtpInspector, bytes: &[u8]) -> Output {
 
 /// A machine that has identified the client and greeted it.
 fn identified() -> SmtpInspector {
-    let mut machine = SmtpInspector::new(xclient_options("127.0.0.2:40000"));
+    let mut machine = SmtpInspector::new(&xclient_options("127.0.0.2:40000"));
     backend(&mut machine, b"220 mx.example ESMTP\r\n");
     backend(&mut machine, POSTFIX_EHLO);
     let (to_client, _, _) = backend(&mut machine, b"220 mx.example ESMTP\r\n");
@@ -530,7 +530,7 @@ fn identified() -> SmtpInspector {
 
 #[test]
 fn xclient_is_sent_after_the_greeting_and_its_220_becomes_the_greeting() {
-    let mut machine = SmtpInspector::new(xclient_options("127.0.0.2:40000"));
+    let mut machine = SmtpInspector::new(&xclient_options("127.0.0.2:40000"));
     let (to_client, to_backend, _) = backend(
         &mut machine,
         b"220-mx.example ESMTP\r\n220 first greeting\r\n",
@@ -572,7 +572,7 @@ fn only_offered_attributes_are_sent_and_addresses_follow_the_readme() {
             b"XCLIENT ADDR=192.0.2.7 PORT=9\r\n",
         ),
     ] {
-        let mut machine = SmtpInspector::new(xclient_options(client));
+        let mut machine = SmtpInspector::new(&xclient_options(client));
         backend(&mut machine, b"220 mx\r\n");
         let (_, to_backend, _) = backend(&mut machine, offered);
         assert_eq!(text_of(&to_backend), text_of(expected));
@@ -590,7 +590,7 @@ fn without_xclient_on_offer_the_client_gets_the_first_greeting_and_a_notice() {
         b"250-mx.example\r\n250 XCLIENT NAME HELO\r\n",
         b"502 5.5.2 Error: command not recognized\r\n",
     ] {
-        let mut machine = SmtpInspector::new(xclient_options("127.0.0.2:40000"));
+        let mut machine = SmtpInspector::new(&xclient_options("127.0.0.2:40000"));
         backend(&mut machine, b"220 mx.example ESMTP\r\n");
         let out = backend_out(&mut machine, ehlo_reply);
         assert_eq!(out.to_client, b"220 mx.example ESMTP\r\n");
@@ -602,7 +602,7 @@ fn without_xclient_on_offer_the_client_gets_the_first_greeting_and_a_notice() {
 
 #[test]
 fn a_refused_xclient_leaves_the_first_greeting_and_a_notice() {
-    let mut machine = SmtpInspector::new(xclient_options("127.0.0.2:40000"));
+    let mut machine = SmtpInspector::new(&xclient_options("127.0.0.2:40000"));
     backend(&mut machine, b"220 mx.example ESMTP\r\n");
     backend(&mut machine, POSTFIX_EHLO);
     let out = backend_out(
@@ -616,7 +616,7 @@ fn a_refused_xclient_leaves_the_first_greeting_and_a_notice() {
 
 #[test]
 fn a_greeting_that_refuses_the_connection_is_relayed_without_xclient() {
-    let mut machine = SmtpInspector::new(xclient_options("127.0.0.2:40000"));
+    let mut machine = SmtpInspector::new(&xclient_options("127.0.0.2:40000"));
     let (to_client, to_backend, _) = backend(&mut machine, b"554 5.7.1 go away\r\n");
     assert_eq!(
         (to_client.as_slice(), to_backend.as_slice()),
@@ -626,7 +626,7 @@ fn a_greeting_that_refuses_the_connection_is_relayed_without_xclient() {
 
 #[test]
 fn the_backend_failing_during_identification_gets_the_client_a_421() {
-    let mut machine = SmtpInspector::new(xclient_options("127.0.0.2:40000"));
+    let mut machine = SmtpInspector::new(&xclient_options("127.0.0.2:40000"));
     backend(&mut machine, b"220 mx.example ESMTP\r\n");
     let mut out = Output::default();
     machine.backend_failed(BackendFailure::Closed, &mut out);
@@ -893,7 +893,7 @@ proptest::proptest! {
         lines in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40), 0..20),
         from_client in proptest::collection::vec(proptest::prelude::any::<bool>(), 20),
     ) {
-        let mut machine = SmtpInspector::new(InspectorOptions::new(TlsMode::StartTls, RequireTls::None));
+        let mut machine = SmtpInspector::new(&InspectorOptions::new(TlsMode::StartTls, RequireTls::None));
         let mut out = Output::default();
         for (index, mut line) in lines.into_iter().enumerate() {
             line.extend_from_slice(b"\r\n");

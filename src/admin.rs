@@ -20,7 +20,11 @@ use tracing::{debug, warn};
 use crate::readiness::Readiness;
 
 /// Serves the admin endpoint until the task is dropped.
-pub async fn serve(listener: TcpListener, handle: PrometheusHandle, readiness: Arc<Readiness>) {
+pub(crate) async fn serve(
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    readiness: Arc<Readiness>,
+) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,

@@ -2,7 +2,7 @@
 //!
 //! Parsing happens in two steps ("parse, don't validate"): serde reads the
 //! file into raw structs that reject unknown keys (a typo must never silently
-//! disable a security setting), then [`Config::from_raw`] checks every value
+//! disable a security setting), then `Config::from_raw` checks every value
 //! and produces typed settings the rest of the proxy can trust. Every error
 //! names the file, the key and the reason.
 
@@ -164,13 +164,13 @@ pub struct ListenerConfig {
     pub listen: SocketAddr,
     /// `host:port`; resolved at each connect so a backend's DNS name may change.
     pub backend: String,
-    pub handshake_timeout: Duration,
-    pub backend_connect_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub require_tls: RequireTls,
-    pub min_tls_version: TlsVersion,
-    pub max_connections_per_ip: usize,
-    pub max_inspected_commands: usize,
+    pub(crate) handshake_timeout: Duration,
+    pub(crate) backend_connect_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) require_tls: RequireTls,
+    pub(crate) min_tls_version: TlsVersion,
+    pub(crate) max_connections_per_ip: usize,
+    pub(crate) max_inspected_commands: usize,
     /// Refuse a handshake whose SNI names a host no certificate covers,
     /// instead of serving the default certificate.
     pub sni_strict: bool,
@@ -178,12 +178,12 @@ pub struct ListenerConfig {
     pub client_identity: ClientIdentity,
     /// What the relay guard does if the backend would relay for a stranger
     /// arriving through this listener (`Off` for IMAP and POP3).
-    pub relay_check: RelayCheck,
+    pub(crate) relay_check: RelayCheck,
     /// Load balancers whose connections start with a PROXY protocol header;
     /// empty: no source may send one.
-    pub accept_proxy_from: Vec<IpNet>,
+    pub(crate) accept_proxy_from: Vec<IpNet>,
     /// How long a trusted source has to send its PROXY header.
-    pub proxy_header_timeout: Duration,
+    pub(crate) proxy_header_timeout: Duration,
 }
 
 /// What the relay guard does when an SMTP backend accepts a relay recipient
@@ -213,7 +213,7 @@ impl RelayCheck {
 
 /// The lowest TLS version a listener accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TlsVersion {
+pub(crate) enum TlsVersion {
     Tls12,
     Tls13,
 }
@@ -221,45 +221,43 @@ pub enum TlsVersion {
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Where the configuration was read from (relative paths resolve against its folder).
-    pub source: PathBuf,
     /// The name a generated self-signed certificate is issued for.
     pub hostname: String,
     /// The first is the default certificate. Empty: a self-signed one is generated.
-    pub certificates: Vec<CertificateFiles>,
+    pub(crate) certificates: Vec<CertificateFiles>,
     pub metrics_listen: Option<SocketAddr>,
     pub listeners: Vec<ListenerConfig>,
-    pub max_connections: usize,
-    pub shutdown_grace: Duration,
+    pub(crate) max_connections: usize,
+    pub(crate) shutdown_grace: Duration,
     /// How often certificate files are re-read even without a change event.
-    pub certificate_poll_interval: Duration,
+    pub(crate) certificate_poll_interval: Duration,
     /// How often `/readyz` re-checks that every backend greets.
-    pub readiness_interval: Duration,
+    pub(crate) readiness_interval: Duration,
     /// How often the relay guard asks each SMTP backend again.
-    pub relay_check_interval: Duration,
+    pub(crate) relay_check_interval: Duration,
 }
 
 /// RFC 8314 and common practice: a TLS handshake finishes in seconds.
-pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-pub const DEFAULT_BACKEND_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_BACKEND_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Enough for a busy small-site mail server; each idle TLS session costs
 /// tens of KiB, so this bounds memory too.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+pub(crate) const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// One address rarely needs more; NAT gateways may, so it is configurable.
-pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 100;
+pub(crate) const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 100;
 /// Real clients need a handful of commands before TLS or login; a loop of
 /// NOOPs is cut off here.
 pub const DEFAULT_MAX_INSPECTED_COMMANDS: usize = 50;
-pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Certificate files are watched; this poll only catches what a watch misses.
-pub const DEFAULT_CERTIFICATE_POLL_INTERVAL: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_CERTIFICATE_POLL_INTERVAL: Duration = Duration::from_secs(60);
 /// Kubernetes probes every 10 s by default: one backend check per probe.
-pub const DEFAULT_READINESS_INTERVAL: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_READINESS_INTERVAL: Duration = Duration::from_secs(10);
 /// A backend's relay policy changes with its configuration, rarely: hourly
 /// costs it one short SMTP dialogue per listener.
-pub const DEFAULT_RELAY_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
+pub(crate) const DEFAULT_RELAY_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
 /// A load balancer sends its header with the connection's first bytes.
-pub const DEFAULT_PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(3);
+pub(crate) const DEFAULT_PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl Config {
     /// Reads and validates a configuration file.
@@ -272,7 +270,7 @@ impl Config {
     }
 
     /// Parses and validates configuration text that was read from `path`.
-    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    pub(crate) fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|error| ConfigError::Syntax {
             path: path.to_path_buf(),
             message: error.to_string().trim_end().to_string(),
@@ -557,7 +555,6 @@ impl Config {
         };
 
         Ok(Config {
-            source: path.to_path_buf(),
             hostname,
             certificates,
             metrics_listen,
@@ -585,7 +582,7 @@ fn parse_source(text: &str) -> Option<IpNet> {
 /// Whether a connection from `peer` comes from one of `sources`. A
 /// dual-stack listener sees IPv4 clients as IPv4-mapped IPv6 addresses; they
 /// match the IPv4 prefixes they belong to.
-pub fn source_is_trusted(sources: &[IpNet], peer: IpAddr) -> bool {
+pub(crate) fn source_is_trusted(sources: &[IpNet], peer: IpAddr) -> bool {
     let peer = peer.to_canonical();
     sources.iter().any(|net| net.contains(&peer))
 }

@@ -15,16 +15,16 @@ const MAX_RESPONSE: usize = 16 * 1024;
 
 /// An `http://host:port/path` URL, split.
 #[derive(Debug, PartialEq, Eq)]
-pub struct HttpUrl {
+pub(crate) struct HttpUrl {
     /// `host:port`, as connected to (port 80 if none was given).
-    pub authority: String,
+    pub(crate) authority: String,
     /// The `Host` header value (as written in the URL).
-    pub host_header: String,
-    pub path: String,
+    pub(crate) host_header: String,
+    pub(crate) path: String,
 }
 
 /// Splits an `http://` URL; the error says what is wrong.
-pub fn parse_url(url: &str) -> Result<HttpUrl, String> {
+pub(crate) fn parse_url(url: &str) -> Result<HttpUrl, String> {
     let rest = url
         .strip_prefix("http://")
         .ok_or_else(|| format!("{url:?}: only http:// URLs are supported"))?;

@@ -9,8 +9,8 @@
 //!   machine, then unparsed copying.
 //! - [`server`]: start-up, listeners and accept loops.
 //! - [`tls`]: crypto provider, certificate loading, the swappable store.
-//! - [`metrics`]: every metric name; [`admin`]: `/metrics`, `/healthz`, `/readyz`;
-//!   [`readiness`]: what `/readyz` checks (listeners, certificates, backends).
+//! - `metrics`: every metric name; `admin`: `/metrics`, `/healthz`, `/readyz`;
+//!   `readiness`: what `/readyz` checks (listeners, certificates, backends).
 //! - [`relay_guard`]: asks each SMTP backend whether it would relay for a
 //!   stranger arriving through the proxy; refuses to start, or stops serving
 //!   a listener, while one would.
@@ -20,14 +20,14 @@
 
 #![forbid(unsafe_code)]
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod config;
 pub mod healthcheck;
-pub mod limits;
+pub(crate) mod limits;
 pub mod logging;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod protocol;
-pub mod readiness;
+pub(crate) mod readiness;
 pub mod relay_guard;
 pub mod server;
 pub mod session;

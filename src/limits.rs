@@ -9,13 +9,13 @@ use std::sync::{Arc, Mutex};
 
 /// Which limit turned a connection away (the metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LimitReached {
+pub(crate) enum LimitReached {
     Global,
     PerIp,
 }
 
 impl LimitReached {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             LimitReached::Global => "max_connections",
             LimitReached::PerIp => "max_connections_per_ip",
@@ -25,33 +25,34 @@ impl LimitReached {
 
 /// The process-wide count of open client connections.
 #[derive(Debug)]
-pub struct GlobalLimit {
+pub(crate) struct GlobalLimit {
     open: AtomicUsize,
     max: usize,
 }
 
 impl GlobalLimit {
-    pub fn new(max: usize) -> Arc<Self> {
+    pub(crate) fn new(max: usize) -> Arc<Self> {
         Arc::new(Self {
             open: AtomicUsize::new(0),
             max,
         })
     }
 
-    pub fn open(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn open(&self) -> usize {
         self.open.load(Ordering::Relaxed)
     }
 }
 
 /// Open connections per client address, for one listener.
 #[derive(Debug)]
-pub struct PerIpLimit {
+pub(crate) struct PerIpLimit {
     open: Mutex<HashMap<IpAddr, usize>>,
     max: usize,
 }
 
 impl PerIpLimit {
-    pub fn new(max: usize) -> Arc<Self> {
+    pub(crate) fn new(max: usize) -> Arc<Self> {
         Arc::new(Self {
             open: Mutex::new(HashMap::new()),
             max,
@@ -61,14 +62,14 @@ impl PerIpLimit {
 
 /// Holds one slot in both limits until dropped.
 #[derive(Debug)]
-pub struct ConnectionSlot {
+pub(crate) struct ConnectionSlot {
     global: Arc<GlobalLimit>,
     per_ip: Arc<PerIpLimit>,
     ip: IpAddr,
 }
 
 /// Takes a slot for a connection from `ip`, or says which limit is full.
-pub fn acquire(
+pub(crate) fn acquire(
     global: &Arc<GlobalLimit>,
     per_ip: &Arc<PerIpLimit>,
     ip: IpAddr,

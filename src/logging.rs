@@ -45,11 +45,11 @@ pub fn init(format: LogFormat, filter: EnvFilter) {
 }
 
 /// Formats one event as one JSON object on one line.
-pub struct JsonLines;
+pub(crate) struct JsonLines;
 
 /// Formats span fields as JSON members (`"key":value,...`, no braces), so
 /// [`JsonLines`] can splice them into the event's object.
-pub struct JsonFields;
+pub(crate) struct JsonFields;
 
 impl<'writer> FormatFields<'writer> for JsonFields {
     fn format_fields<R: tracing_subscriber::field::RecordFields>(

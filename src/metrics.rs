@@ -12,29 +12,30 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::limits::LimitReached;
 
-pub const CONNECTIONS_TOTAL: &str = "mail_tls_proxy_connections_total";
-pub const ACTIVE_CONNECTIONS: &str = "mail_tls_proxy_active_connections";
-pub const TLS_HANDSHAKES_TOTAL: &str = "mail_tls_proxy_tls_handshakes_total";
-pub const TLS_HANDSHAKE_DURATION_SECONDS: &str = "mail_tls_proxy_tls_handshake_duration_seconds";
-pub const STARTTLS_TOTAL: &str = "mail_tls_proxy_starttls_total";
-pub const BACKEND_CONNECT_ERRORS_TOTAL: &str = "mail_tls_proxy_backend_connect_errors_total";
-pub const BYTES_TOTAL: &str = "mail_tls_proxy_bytes_total";
-pub const TLS_HANDSHAKE_ERRORS_TOTAL: &str = "mail_tls_proxy_tls_handshake_errors_total";
-pub const REJECTED_CONNECTIONS_TOTAL: &str = "mail_tls_proxy_rejected_connections_total";
-pub const TIMEOUTS_TOTAL: &str = "mail_tls_proxy_timeouts_total";
-pub const POLICY_REFUSALS_TOTAL: &str = "mail_tls_proxy_policy_refusals_total";
+pub(crate) const CONNECTIONS_TOTAL: &str = "mail_tls_proxy_connections_total";
+pub(crate) const ACTIVE_CONNECTIONS: &str = "mail_tls_proxy_active_connections";
+pub(crate) const TLS_HANDSHAKES_TOTAL: &str = "mail_tls_proxy_tls_handshakes_total";
+pub(crate) const TLS_HANDSHAKE_DURATION_SECONDS: &str =
+    "mail_tls_proxy_tls_handshake_duration_seconds";
+pub(crate) const STARTTLS_TOTAL: &str = "mail_tls_proxy_starttls_total";
+pub(crate) const BACKEND_CONNECT_ERRORS_TOTAL: &str = "mail_tls_proxy_backend_connect_errors_total";
+pub(crate) const BYTES_TOTAL: &str = "mail_tls_proxy_bytes_total";
+pub(crate) const TLS_HANDSHAKE_ERRORS_TOTAL: &str = "mail_tls_proxy_tls_handshake_errors_total";
+pub(crate) const REJECTED_CONNECTIONS_TOTAL: &str = "mail_tls_proxy_rejected_connections_total";
+pub(crate) const TIMEOUTS_TOTAL: &str = "mail_tls_proxy_timeouts_total";
+pub(crate) const POLICY_REFUSALS_TOTAL: &str = "mail_tls_proxy_policy_refusals_total";
 /// Process-wide (no `listener` label): certificates are shared by listeners.
-pub const CERTIFICATE_RELOADS_TOTAL: &str = "mail_tls_proxy_certificate_reloads_total";
-pub const CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS: &str =
+pub(crate) const CERTIFICATE_RELOADS_TOTAL: &str = "mail_tls_proxy_certificate_reloads_total";
+pub(crate) const CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS: &str =
     "mail_tls_proxy_certificate_expiry_timestamp_seconds";
-pub const CERTIFICATE_RELOAD_TIMESTAMP_SECONDS: &str =
+pub(crate) const CERTIFICATE_RELOAD_TIMESTAMP_SECONDS: &str =
     "mail_tls_proxy_certificate_reload_timestamp_seconds";
 /// Set by the readiness checks (see [`crate::readiness`]), once they run.
-pub const BACKEND_UP: &str = "mail_tls_proxy_backend_up";
+pub(crate) const BACKEND_UP: &str = "mail_tls_proxy_backend_up";
 /// Set by the relay guard (see [`crate::relay_guard`]) for every SMTP
 /// listener it checks: `result` is closed, open or unknown; 1 for the
 /// latest result, 0 for the other two.
-pub const RELAY_CHECK: &str = "mail_tls_proxy_relay_check";
+pub(crate) const RELAY_CHECK: &str = "mail_tls_proxy_relay_check";
 
 /// Handshakes take milliseconds; the buckets resolve 1 ms to 10 s.
 const HANDSHAKE_BUCKETS: &[f64] = &[
@@ -46,7 +47,7 @@ static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
 /// Installs the process-wide Prometheus recorder (once; later calls, e.g.
 /// from tests that start several proxies in one process, share it) and
 /// returns the handle that renders `/metrics`.
-pub fn install() -> Result<PrometheusHandle, String> {
+pub(crate) fn install() -> Result<PrometheusHandle, String> {
     HANDLE
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
@@ -132,7 +133,7 @@ fn describe() {
 
 /// Records the latest relay guard result of `listener`: 1 for `result`, 0
 /// for the others, so all three series always exist.
-pub fn set_relay_check(listener: &str, result: crate::relay_guard::RelayResult) {
+pub(crate) fn set_relay_check(listener: &str, result: crate::relay_guard::RelayResult) {
     for each in crate::relay_guard::RelayResult::ALL {
         metrics::gauge!(RELAY_CHECK, "listener" => listener.to_string(), "result" => each.as_str())
             .set(if each == result { 1.0 } else { 0.0 });
@@ -143,7 +144,7 @@ pub fn set_relay_check(listener: &str, result: crate::relay_guard::RelayResult) 
 /// [`TLS_HANDSHAKE_ERRORS_TOTAL`]. Classified by
 /// [`crate::tls::acceptor::handshake_failure`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HandshakeFailure {
+pub(crate) enum HandshakeFailure {
     /// The client closed the connection before the handshake ended.
     Eof,
     /// `sni_strict`: the client asked for a name no certificate covers.
@@ -167,7 +168,8 @@ pub enum HandshakeFailure {
 }
 
 impl HandshakeFailure {
-    pub const ALL: [HandshakeFailure; 9] = [
+    #[cfg(test)]
+    pub(crate) const ALL: [HandshakeFailure; 9] = [
         HandshakeFailure::Eof,
         HandshakeFailure::UnrecognizedName,
         HandshakeFailure::ProtocolVersion,
@@ -180,7 +182,7 @@ impl HandshakeFailure {
     ];
 
     /// The label value.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             HandshakeFailure::Eof => "eof",
             HandshakeFailure::UnrecognizedName => "unrecognized_name",
@@ -198,7 +200,7 @@ impl HandshakeFailure {
 /// Where a session was when a timeout ended it: the `phase` of
 /// [`TIMEOUTS_TOTAL`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TimeoutPhase {
+pub(crate) enum TimeoutPhase {
     /// A trusted load balancer sent no complete PROXY header in time.
     ProxyHeader,
     /// The client's TLS handshake took longer than `handshake_timeout`.
@@ -210,7 +212,8 @@ pub enum TimeoutPhase {
 }
 
 impl TimeoutPhase {
-    pub const ALL: [TimeoutPhase; 4] = [
+    #[cfg(test)]
+    pub(crate) const ALL: [TimeoutPhase; 4] = [
         TimeoutPhase::ProxyHeader,
         TimeoutPhase::Handshake,
         TimeoutPhase::BackendConnect,
@@ -218,7 +221,7 @@ impl TimeoutPhase {
     ];
 
     /// The label value.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             TimeoutPhase::ProxyHeader => "proxy_header",
             TimeoutPhase::Handshake => "handshake",
@@ -231,7 +234,7 @@ impl TimeoutPhase {
 /// Why a connection was turned away before it reached the backend: the
 /// `reason` of [`REJECTED_CONNECTIONS_TOTAL`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rejection {
+pub(crate) enum Rejection {
     /// A connection limit was full (see [`crate::limits`]).
     Limit(LimitReached),
     /// A trusted load balancer's connection came without a valid PROXY
@@ -242,7 +245,8 @@ pub enum Rejection {
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 4] = [
+    #[cfg(test)]
+    pub(crate) const ALL: [Rejection; 4] = [
         Rejection::Limit(LimitReached::Global),
         Rejection::Limit(LimitReached::PerIp),
         Rejection::ProxyHeader,
@@ -250,7 +254,7 @@ impl Rejection {
     ];
 
     /// The label value.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Rejection::Limit(limit) => limit.as_str(),
             Rejection::ProxyHeader => "proxy_header",
@@ -262,7 +266,7 @@ impl Rejection {
 /// What a certificate reload came to: the `result` of
 /// [`CERTIFICATE_RELOADS_TOTAL`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReloadResult {
+pub(crate) enum ReloadResult {
     /// New certificates were swapped in (or SIGHUP re-checked them all).
     Ok,
     /// A changed pair could not be used; its previous version is served.
@@ -270,10 +274,10 @@ pub enum ReloadResult {
 }
 
 impl ReloadResult {
-    pub const ALL: [ReloadResult; 2] = [ReloadResult::Ok, ReloadResult::Error];
+    pub(crate) const ALL: [ReloadResult; 2] = [ReloadResult::Ok, ReloadResult::Error];
 
     /// The label value.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ReloadResult::Ok => "ok",
             ReloadResult::Error => "error",
@@ -283,21 +287,21 @@ impl ReloadResult {
 
 /// Handles for one listener's metrics, resolved once at start-up.
 #[derive(Clone)]
-pub struct ListenerMetrics {
+pub(crate) struct ListenerMetrics {
     listener: String,
-    pub connections: Counter,
-    pub active: Gauge,
-    pub handshakes_ok: Counter,
-    pub handshakes_error: Counter,
-    pub handshake_duration: Histogram,
-    pub starttls: Counter,
-    pub backend_connect_errors: Counter,
-    pub bytes_to_backend: Counter,
-    pub bytes_to_client: Counter,
+    pub(crate) connections: Counter,
+    pub(crate) active: Gauge,
+    pub(crate) handshakes_ok: Counter,
+    pub(crate) handshakes_error: Counter,
+    pub(crate) handshake_duration: Histogram,
+    pub(crate) starttls: Counter,
+    pub(crate) backend_connect_errors: Counter,
+    pub(crate) bytes_to_backend: Counter,
+    pub(crate) bytes_to_client: Counter,
 }
 
 impl ListenerMetrics {
-    pub fn new(listener: &str) -> Self {
+    pub(crate) fn new(listener: &str) -> Self {
         let name = listener.to_string();
         let metrics = Self {
             listener: name.clone(),
@@ -329,30 +333,30 @@ impl ListenerMetrics {
     }
 
     /// A connection turned away, and why.
-    pub fn rejected(&self, reason: Rejection) {
+    pub(crate) fn rejected(&self, reason: Rejection) {
         metrics::counter!(REJECTED_CONNECTIONS_TOTAL, "listener" => self.listener.clone(), "reason" => reason.as_str())
             .increment(1);
     }
 
     /// A session ended by a timeout in `phase`.
-    pub fn timed_out(&self, phase: TimeoutPhase) {
+    pub(crate) fn timed_out(&self, phase: TimeoutPhase) {
         metrics::counter!(TIMEOUTS_TOTAL, "listener" => self.listener.clone(), "phase" => phase.as_str())
             .increment(1);
     }
 
     /// A command refused by the listener's TLS policy.
-    pub fn policy_refusal(&self, command: &'static str) {
+    pub(crate) fn policy_refusal(&self, command: &'static str) {
         metrics::counter!(POLICY_REFUSALS_TOTAL, "listener" => self.listener.clone(), "command" => command)
             .increment(1);
     }
 
     /// A failed handshake, by reason.
-    pub fn handshake_error(&self, reason: HandshakeFailure) {
+    pub(crate) fn handshake_error(&self, reason: HandshakeFailure) {
         metrics::counter!(TLS_HANDSHAKE_ERRORS_TOTAL, "listener" => self.listener.clone(), "reason" => reason.as_str())
             .increment(1);
     }
 
-    pub fn handshake_finished(&self, ok: bool, took: Duration) {
+    pub(crate) fn handshake_finished(&self, ok: bool, took: Duration) {
         if ok {
             self.handshakes_ok.increment(1);
         } else {

@@ -34,12 +34,12 @@ use crate::tls::CertificateStore;
 /// What a backend expecting a PROXY protocol v1 header gets before a health
 /// check: the form the specification reserves for connections that do not
 /// relay a client (health checks).
-pub const PROXY_V1_HEALTH_CHECK: &[u8] = b"PROXY UNKNOWN\r\n";
+pub(crate) const PROXY_V1_HEALTH_CHECK: &[u8] = b"PROXY UNKNOWN\r\n";
 
 /// The PROXY protocol v2 `LOCAL` command with no addresses: "the connection
 /// was established on purpose by the proxy without being relayed", as a
 /// health check is.
-pub const PROXY_V2_LOCAL: &[u8] = b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00";
+pub(crate) const PROXY_V2_LOCAL: &[u8] = b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00";
 
 /// The longest greeting line read (longer is a failure, not a wait).
 const MAX_GREETING_LINE: u64 = 8 * 1024;
@@ -52,15 +52,15 @@ const FIRST_ROUND_WAIT: Duration = Duration::from_secs(3);
 
 /// One listener's backend, as the readiness check sees it.
 #[derive(Clone, Debug)]
-pub struct BackendProbe {
-    pub listener: String,
-    pub protocol: Protocol,
+pub(crate) struct BackendProbe {
+    pub(crate) listener: String,
+    pub(crate) protocol: Protocol,
     /// `host:port`, resolved at each check.
-    pub backend: String,
-    pub connect_timeout: Duration,
+    pub(crate) backend: String,
+    pub(crate) connect_timeout: Duration,
     /// Bytes sent before the greeting is read (a PROXY protocol header for
     /// backends that expect one; empty otherwise).
-    pub preamble: Vec<u8>,
+    pub(crate) preamble: Vec<u8>,
 }
 
 /// The outcome of the latest check of one listener's backend.
@@ -73,7 +73,7 @@ enum BackendState {
 }
 
 /// Shared between the admin endpoint, the proxy's life cycle and the checks.
-pub struct Readiness {
+pub(crate) struct Readiness {
     serving: AtomicBool,
     draining: AtomicBool,
     certificates: Option<Arc<CertificateStore>>,
@@ -88,7 +88,7 @@ pub struct Readiness {
 }
 
 impl Readiness {
-    pub fn new(
+    pub(crate) fn new(
         certificates: Option<Arc<CertificateStore>>,
         probes: Vec<BackendProbe>,
         interval: Duration,
@@ -108,18 +108,18 @@ impl Readiness {
     }
 
     /// Every listener is bound and accepting.
-    pub fn set_serving(&self) {
+    pub(crate) fn set_serving(&self) {
         self.serving.store(true, Ordering::Release);
     }
 
     /// Shutdown has begun: not ready from now on.
-    pub fn set_draining(&self) {
+    pub(crate) fn set_draining(&self) {
         self.draining.store(true, Ordering::Release);
     }
 
     /// The relay guard found `listener`'s backend open (`Some(reason)`):
     /// not ready, for that reason; or closed again (`None`).
-    pub fn set_relay_open(&self, listener: &str, reason: Option<String>) {
+    pub(crate) fn set_relay_open(&self, listener: &str, reason: Option<String>) {
         let mut open = self.relay_open.lock().unwrap_or_else(|e| e.into_inner());
         let at = open.iter().position(|(name, _)| name == listener);
         match (at, reason) {
@@ -133,7 +133,7 @@ impl Readiness {
     }
 
     /// `Ok(())` when ready, else every reason it is not, one per line.
-    pub fn reasons(&self) -> Result<(), String> {
+    pub(crate) fn reasons(&self) -> Result<(), String> {
         if self.draining.load(Ordering::Acquire) {
             return Err("draining: the proxy is shutting down".into());
         }
@@ -174,7 +174,7 @@ impl Readiness {
 
     /// The `/readyz` answer: starts the backend checks on first use and
     /// waits (briefly) for their first round.
-    pub async fn check(self: &Arc<Self>) -> Result<(), String> {
+    pub(crate) async fn check(self: &Arc<Self>) -> Result<(), String> {
         if !self.checks_started.swap(true, Ordering::AcqRel) && !self.probes.is_empty() {
             let finished = self.round_finished.notified();
             tokio::pin!(finished);
@@ -262,7 +262,7 @@ where
 }
 
 /// One check: connect, send the preamble, read the greeting, say goodbye.
-pub fn check_backend(
+pub(crate) fn check_backend(
     probe: &BackendProbe,
 ) -> impl std::future::Future<Output = Result<(), String>> + Send + 'static {
     let probe = probe.clone();

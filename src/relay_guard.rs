@@ -9,7 +9,7 @@
 //!
 //! How: a short SMTP dialogue on a fresh backend connection, presented the
 //! way that listener's clients arrive (a PROXY header naming the
-//! documentation address [`PROBE_CLIENT`], or `XCLIENT ADDR=` that address,
+//! documentation address `PROBE_CLIENT`, or `XCLIENT ADDR=` that address,
 //! or nothing): `EHLO`, `MAIL FROM:<>`, `RCPT TO:<random@random.invalid>`,
 //! then `RSET` and `QUIT`; never `DATA`, so nothing is ever sent. A 2xx to
 //! the recipient means the backend would relay ([`Verdict::Open`]); 4xx/5xx
@@ -20,7 +20,7 @@
 //!
 //! This module owns the dialogue (`Probe`: sans-IO, fed backend bytes,
 //! returns bytes to send and finally a verdict), its thin async runner
-//! ([`probe`]), the start-up judgement (`Proxy::bind` fails with
+//! (`probe`), the start-up judgement (`Proxy::bind` fails with
 //! [`OpenRelay`] under `relay_check = "refuse"`), and the periodic re-check
 //! (`Guard`): an open finding sets `ListenerContext::relay_open`, which
 //! makes the accept loop answer new connections with the protocol's
@@ -48,7 +48,7 @@ use crate::session::ListenerContext;
 /// Who the probe says it is: an address reserved for documentation
 /// (RFC 5737), so it is in no backend's trusted networks, with a port from
 /// the dynamic range.
-pub const PROBE_CLIENT: SocketAddr =
+pub(crate) const PROBE_CLIENT: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 50000));
 /// The longest backend line the probe reads (EHLO lines are far shorter).
 const MAX_LINE: usize = 4096;
@@ -65,7 +65,7 @@ const MAX_SHOWN: usize = 300;
 
 /// What a check found, as a label (the `result` of the metric).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum RelayResult {
+pub(crate) enum RelayResult {
     /// The backend refused a stranger's relay recipient.
     Closed,
     /// The backend accepted it: it would relay for anyone.
@@ -75,11 +75,11 @@ pub enum RelayResult {
 }
 
 impl RelayResult {
-    pub const ALL: [RelayResult; 3] =
+    pub(crate) const ALL: [RelayResult; 3] =
         [RelayResult::Closed, RelayResult::Open, RelayResult::Unknown];
 
     /// The metric label and the word `check` prints.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             RelayResult::Closed => "closed",
             RelayResult::Open => "open",
@@ -107,7 +107,7 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    pub fn result(&self) -> RelayResult {
+    pub(crate) fn result(&self) -> RelayResult {
         match self {
             Verdict::Closed { .. } => RelayResult::Closed,
             Verdict::Open { .. } => RelayResult::Open,
@@ -139,23 +139,23 @@ impl fmt::Display for Verdict {
 pub struct Target {
     pub listener: String,
     /// `host:port`, resolved at each check.
-    pub backend: String,
+    pub(crate) backend: String,
     /// What to do with an open finding.
-    pub check: RelayCheck,
+    pub(crate) check: RelayCheck,
     /// How the probe presents itself: as the listener's sessions do.
-    pub client_identity: ClientIdentity,
+    pub(crate) client_identity: ClientIdentity,
     /// The name the probe gives in `EHLO` (the proxy's `hostname`).
-    pub hostname: Arc<str>,
+    pub(crate) hostname: Arc<str>,
     /// The address the probe says it connected to: the listener's, with an
     /// unspecified address (`0.0.0.0`, `[::]`) replaced by 127.0.0.1.
-    pub destination: SocketAddr,
-    pub connect_timeout: Duration,
+    pub(crate) destination: SocketAddr,
+    pub(crate) connect_timeout: Duration,
 }
 
 impl Target {
     /// The target for a listener listening on `listening_on`, or `None` when
     /// the guard does not check it (not SMTP, or `relay_check = "off"`).
-    pub fn for_listener(
+    pub(crate) fn for_listener(
         listener: &ListenerConfig,
         hostname: &str,
         listening_on: SocketAddr,
@@ -230,11 +230,11 @@ impl Finding {
     probe_client = PROBE_CLIENT.ip()
 )]
 pub struct OpenRelay {
-    pub listener: String,
-    pub backend: String,
-    pub client_identity: ClientIdentity,
+    pub(crate) listener: String,
+    pub(crate) backend: String,
+    pub(crate) client_identity: ClientIdentity,
     /// The backend's reply to RCPT.
-    pub reply: String,
+    pub(crate) reply: String,
 }
 
 /// Checks every target at once; one finding per target, in their order.
@@ -411,7 +411,7 @@ impl Guard {
 }
 
 /// Runs one check against the target's backend.
-pub async fn probe(target: &Target) -> Verdict {
+pub(crate) async fn probe(target: &Target) -> Verdict {
     let recipient = match random_recipient() {
         Ok(recipient) => recipient,
         Err(reason) => return Verdict::unknown(reason),
@@ -542,9 +542,9 @@ impl Awaiting {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Progress {
     /// Bytes to send to the backend now.
-    pub send: Vec<u8>,
+    pub(crate) send: Vec<u8>,
     /// The dialogue is over (after sending `send`): close the connection.
-    pub finished: bool,
+    pub(crate) finished: bool,
 }
 
 /// The probe's SMTP dialogue, sans-IO: no sockets, no timers. The runner

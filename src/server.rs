@@ -20,7 +20,7 @@ use crate::metrics::{self, ListenerMetrics};
 use crate::readiness::{self, BackendProbe, Readiness};
 use crate::relay_guard::{self, Guard, OpenRelay, Target};
 use crate::session::{self, ListenerContext};
-use crate::tls::{self, CertificateError, CertificateStore, ReloadStats, Reloader};
+use crate::tls::{self, CertificateError, ReloadStats, Reloader};
 
 /// Why the proxy cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -56,7 +56,6 @@ pub struct Proxy {
     listeners: Vec<(TcpListener, Arc<ListenerContext>)>,
     admin: Option<TcpListener>,
     metrics_handle: PrometheusHandle,
-    certificates: Arc<CertificateStore>,
     reloader: Reloader,
     certificate_poll_interval: Duration,
     readiness: Arc<Readiness>,
@@ -148,7 +147,6 @@ impl Proxy {
             listeners,
             admin,
             metrics_handle,
-            certificates,
             reloader,
             certificate_poll_interval: config.certificate_poll_interval,
             readiness,
@@ -178,11 +176,6 @@ impl Proxy {
         self.admin
             .as_ref()
             .and_then(|socket| socket.local_addr().ok())
-    }
-
-    /// The certificates served now (swapped by reloads).
-    pub fn certificates(&self) -> Arc<CertificateStore> {
-        self.certificates.clone()
     }
 
     /// How many certificate reloads this proxy made, by result.

@@ -7,7 +7,7 @@
 //! detection of a backend that did not expect the proxy's PROXY header, the
 //! dropping of backend lines that arrive between STARTTLS and the client's
 //! next command, idle and shutdown goodbyes. It never touches a socket, a
-//! timer or a task: the driver ([`super::dialogue`]) feeds it what arrived
+//! timer or a task: the driver (`session::dialogue`) feeds it what arrived
 //! (bytes, end of stream, the TLS handshake's end, a shutdown request, the
 //! idle deadline passing) and carries out what [`SessionCore::poll`] asks:
 //! write the pending bytes, wait for more input (and until when), or end
@@ -44,7 +44,7 @@ pub struct CoreSettings {
 pub enum Action {
     /// Log [`SessionCore::take_observations`], write
     /// [`SessionCore::to_backend`] to the backend, then
-    /// [`SessionCore::to_client`] to the client, then call
+    /// `SessionCore::to_client` to the client, then call
     /// [`SessionCore::written`].
     Write,
     /// Nothing to do until something arrives: read the backend, the client
@@ -67,7 +67,7 @@ pub enum Ending {
     /// [`SessionCore::tls_established`] and go on polling.
     StartTls,
     /// Copy bytes without parsing from now on, starting with
-    /// [`SessionCore::into_pending`].
+    /// `SessionCore::into_pending`.
     Passthrough,
     /// The dialogue is over (a peer closed, or the machine said so).
     Closed,
@@ -187,12 +187,12 @@ impl SessionCore {
         }
     }
 
-    /// Bytes for the backend, to be written before [`Self::to_client`].
+    /// Bytes for the backend, to be written before `Self::to_client`.
     pub fn to_backend(&self) -> &[u8] {
         &self.out.to_backend
     }
 
-    pub fn to_client(&self) -> &[u8] {
+    pub(crate) fn to_client(&self) -> &[u8] {
         &self.out.to_client
     }
 
@@ -217,12 +217,12 @@ impl SessionCore {
     /// The (client, backend) input buffers, for a driver that reads into
     /// them in place; the same as [`Self::client_received`] and
     /// [`Self::backend_received`] without a copy.
-    pub fn input_buffers(&mut self) -> (&mut LineBuffer, &mut LineBuffer) {
+    pub(crate) fn input_buffers(&mut self) -> (&mut LineBuffer, &mut LineBuffer) {
         (&mut self.client_lines, &mut self.backend_lines)
     }
 
     /// The client closed its side.
-    pub fn client_closed(&mut self) {
+    pub(crate) fn client_closed(&mut self) {
         self.ending = Some(Ending::Closed);
     }
 
@@ -276,7 +276,7 @@ impl SessionCore {
     }
 
     /// The unconsumed bytes of (client, backend), for pass-through.
-    pub fn into_pending(mut self) -> (Vec<u8>, Vec<u8>) {
+    pub(crate) fn into_pending(mut self) -> (Vec<u8>, Vec<u8>) {
         (
             self.client_lines.take_pending(),
             self.backend_lines.take_pending(),

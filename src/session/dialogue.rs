@@ -15,7 +15,7 @@ use super::{relay, ListenerContext, SessionError, MAX_BACKEND_LINE, MAX_CLIENT_L
 
 /// How an inspection phase ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Inspected {
+pub(crate) enum Inspected {
     /// Upgrade the client connection now.
     StartTls,
     /// Copy bytes without parsing from now on.
@@ -24,7 +24,7 @@ pub enum Inspected {
     Closed,
 }
 
-pub struct Dialogue<'a> {
+pub(crate) struct Dialogue<'a> {
     context: &'a ListenerContext,
     core: SessionCore,
     shutdown: tokio::sync::watch::Receiver<bool>,
@@ -35,7 +35,7 @@ fn now() -> std::time::Instant {
 }
 
 impl<'a> Dialogue<'a> {
-    pub fn new(context: &'a ListenerContext, inspector: Box<dyn Inspector>) -> Self {
+    pub(crate) fn new(context: &'a ListenerContext, inspector: Box<dyn Inspector>) -> Self {
         let settings = CoreSettings {
             protocol: context.protocol,
             client_identity: context.client_identity,
@@ -52,7 +52,7 @@ impl<'a> Dialogue<'a> {
     }
 
     /// Runs until the core ends the phase: TLS, pass-through or a close.
-    pub async fn run<C>(
+    pub(crate) async fn run<C>(
         &mut self,
         client: &mut C,
         backend: &mut TcpStream,
@@ -171,21 +171,21 @@ impl<'a> Dialogue<'a> {
     }
 
     /// The client's bytes after the upgrade command (the handshake's start).
-    pub fn take_client_pending(&mut self) -> Vec<u8> {
+    pub(crate) fn take_client_pending(&mut self) -> Vec<u8> {
         self.core.take_client_pending()
     }
 
     /// Drops the backend's unread bytes; returns how many.
-    pub fn discard_backend_pending(&mut self) -> usize {
+    pub(crate) fn discard_backend_pending(&mut self) -> usize {
         self.core.discard_backend_pending()
     }
 
-    pub fn tls_established(&mut self) {
+    pub(crate) fn tls_established(&mut self) {
         self.core.tls_established(now());
     }
 
     /// The unconsumed bytes of (client, backend), for pass-through.
-    pub fn into_pending(self) -> (Vec<u8>, Vec<u8>) {
+    pub(crate) fn into_pending(self) -> (Vec<u8>, Vec<u8>) {
         self.core.into_pending()
     }
 }

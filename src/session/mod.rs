@@ -5,7 +5,7 @@
 //! port scan or a failed handshake costs the backend nothing. STARTTLS:
 //! connect to the backend at accept and relay its greeting. Either way the
 //! protocol's inspection machine ([`crate::protocol`]) then judges every line
-//! until it hands the session to [`splice`], which copies bytes in both
+//! until it hands the session to `splice`, which copies bytes in both
 //! directions without looking at them.
 
 mod balancer;
@@ -37,7 +37,7 @@ use crate::protocol::{
 use balancer::BalancerHeaderError;
 use dialogue::{Dialogue, Inspected};
 use relay::ReadAhead;
-pub use streams::{ActivityFlag, Counted};
+pub(crate) use streams::{ActivityFlag, Counted};
 
 /// The most a client line may hold before TLS or during inspection (RFC
 /// 5321's command line limit is 512; IMAP commands before login are short).
@@ -47,39 +47,39 @@ pub const MAX_CLIENT_LINE: usize = 8 * 1024;
 pub const MAX_BACKEND_LINE: usize = 64 * 1024;
 
 /// What every connection of one listener shares.
-pub struct ListenerContext {
-    pub name: String,
-    pub protocol: Protocol,
-    pub mode: TlsMode,
-    pub backend: String,
+pub(crate) struct ListenerContext {
+    pub(crate) name: String,
+    pub(crate) protocol: Protocol,
+    pub(crate) mode: TlsMode,
+    pub(crate) backend: String,
     /// TLS for this listener, with its SNI policy (`sni_strict`).
-    pub acceptor: crate::tls::Acceptor,
-    pub metrics: ListenerMetrics,
-    pub handshake_timeout: Duration,
-    pub backend_connect_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub require_tls: RequireTls,
-    pub max_inspected_commands: usize,
-    pub global_limit: Arc<GlobalLimit>,
-    pub per_ip_limit: Arc<PerIpLimit>,
+    pub(crate) acceptor: crate::tls::Acceptor,
+    pub(crate) metrics: ListenerMetrics,
+    pub(crate) handshake_timeout: Duration,
+    pub(crate) backend_connect_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) require_tls: RequireTls,
+    pub(crate) max_inspected_commands: usize,
+    pub(crate) global_limit: Arc<GlobalLimit>,
+    pub(crate) per_ip_limit: Arc<PerIpLimit>,
     /// Turns true when the proxy starts shutting down.
-    pub shutdown: watch::Receiver<bool>,
+    pub(crate) shutdown: watch::Receiver<bool>,
     /// How the backend learns who the client is.
-    pub client_identity: ClientIdentity,
+    pub(crate) client_identity: ClientIdentity,
     /// The proxy's host name (its EHLO before XCLIENT).
-    pub hostname: Arc<str>,
+    pub(crate) hostname: Arc<str>,
     /// Set once a backend's missing or refused XCLIENT has been logged as a
     /// warning: once per listener, later sessions at debug level.
-    pub identity_warning_logged: AtomicBool,
+    pub(crate) identity_warning_logged: AtomicBool,
     /// Load balancers whose connections begin with a PROXY protocol header
     /// naming the real client; empty: none.
-    pub accept_proxy_from: Vec<ipnet::IpNet>,
+    pub(crate) accept_proxy_from: Vec<ipnet::IpNet>,
     /// How long a trusted source has to send that header.
-    pub proxy_header_timeout: Duration,
+    pub(crate) proxy_header_timeout: Duration,
     /// Set while the relay guard (`relay_check = "refuse"`) has found that
     /// the backend would relay for anyone arriving here: new connections
     /// get the protocol's temporary refusal instead of the backend.
-    pub relay_open: AtomicBool,
+    pub(crate) relay_open: AtomicBool,
 }
 
 /// The two ends of the client's TCP connection.
@@ -93,7 +93,7 @@ struct Endpoints {
 
 /// Which side ended a session abnormally; a log field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
+pub(crate) enum Side {
     Client,
     Backend,
 }
@@ -109,7 +109,7 @@ impl Side {
 
 /// Why a session ended early.
 #[derive(Debug, thiserror::Error)]
-pub enum SessionError {
+pub(crate) enum SessionError {
     #[error("TLS handshake failed: {0}")]
     Handshake(std::io::Error),
     #[error("TLS handshake did not finish within {0:?}")]
@@ -161,7 +161,7 @@ impl SessionError {
     }
 
     /// The side at fault, for the log line.
-    pub fn side(&self) -> Side {
+    pub(crate) fn side(&self) -> Side {
         match self {
             SessionError::BackendUnreachable { .. }
             | SessionError::Backend(_)
@@ -190,7 +190,7 @@ impl Drop for ActiveGuard<'_> {
 }
 
 /// Serves one accepted connection to its end, logging the outcome once.
-pub async fn serve(
+pub(crate) async fn serve(
     context: Arc<ListenerContext>,
     mut client: TcpStream,
     peer: SocketAddr,

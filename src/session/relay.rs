@@ -62,7 +62,7 @@ fn with_scratch<R>(
 /// Copies `a` to `b` and `b` to `a` until both have reached end of file,
 /// shutting down each writer when its reader ends (like tokio's
 /// `copy_bidirectional`). Returns the bytes copied (a to b, b to a).
-pub async fn copy_bidirectional<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+pub(crate) async fn copy_bidirectional<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -220,7 +220,7 @@ impl Direction {
 /// inspection holds no read buffer of its own (two 4 KiB reservations
 /// before). Cancel-safe: bytes are appended in the poll that reads them.
 /// Returns the bytes read; 0 is end of file.
-pub async fn read_lines<R>(reader: &mut R, lines: &mut LineBuffer) -> io::Result<usize>
+pub(crate) async fn read_lines<R>(reader: &mut R, lines: &mut LineBuffer) -> io::Result<usize>
 where
     R: AsyncRead + Unpin + ?Sized,
 {
@@ -238,13 +238,13 @@ where
 
 /// A socket read in large gulps: whatever the caller cannot take is kept
 /// (on the heap, only until taken) and handed out by the next reads.
-pub struct ReadAhead<S> {
+pub(crate) struct ReadAhead<S> {
     inner: S,
     surplus: HeldBytes,
 }
 
 impl<S> ReadAhead<S> {
-    pub fn new(inner: S) -> Self {
+    pub(crate) fn new(inner: S) -> Self {
         Self::after(Vec::new(), inner)
     }
 
@@ -252,7 +252,7 @@ impl<S> ReadAhead<S> {
     /// client sent behind the command are handed to the TLS handshake this
     /// way: a client that pipelines its ClientHello still works, and injected
     /// plaintext only fails the handshake.
-    pub fn after(received: Vec<u8>, inner: S) -> Self {
+    pub(crate) fn after(received: Vec<u8>, inner: S) -> Self {
         Self {
             inner,
             surplus: HeldBytes::new(received),

@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// Marks that bytes moved; a watchdog reads and clears it. One relaxed
 /// store per read or write keeps the hot path free of clocks and timers.
 #[derive(Clone, Default)]
-pub struct ActivityFlag(Arc<AtomicBool>);
+pub(crate) struct ActivityFlag(Arc<AtomicBool>);
 
 impl ActivityFlag {
     fn touch(&self) {
@@ -22,7 +22,7 @@ impl ActivityFlag {
 
     /// Completes once no byte has moved for `limit` (to within a quarter of
     /// it: the flag is checked four times per period).
-    pub async fn idle_for(&self, limit: Duration) {
+    pub(crate) async fn idle_for(&self, limit: Duration) {
         let tick = limit / 4;
         let mut quiet_ticks = 0;
         loop {
@@ -42,7 +42,7 @@ impl ActivityFlag {
 /// The backend socket during pass-through, counting the plaintext bytes that
 /// cross it (one atomic add per read or write, no per-byte work) and marking
 /// activity for the idle watchdog.
-pub struct Counted<S> {
+pub(crate) struct Counted<S> {
     inner: S,
     read: Counter,
     written: Counter,
@@ -50,7 +50,7 @@ pub struct Counted<S> {
 }
 
 impl<S> Counted<S> {
-    pub fn new(inner: S, read: Counter, written: Counter, activity: ActivityFlag) -> Self {
+    pub(crate) fn new(inner: S, read: Counter, written: Counter, activity: ActivityFlag) -> Self {
         Self {
             inner,
             read,

@@ -29,13 +29,13 @@ const UNRECOGNIZED_NAME_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x
 /// Carried inside the [`io::Error`] that [`Acceptor::accept`] returns.
 #[derive(Debug, thiserror::Error)]
 #[error("unrecognized_name: no certificate names {name:?} (sni_strict)")]
-pub struct UnrecognizedName {
-    pub name: String,
+pub(crate) struct UnrecognizedName {
+    pub(crate) name: String,
 }
 
 impl UnrecognizedName {
     /// Whether a handshake error is this refusal.
-    pub fn is(error: &io::Error) -> bool {
+    pub(crate) fn is(error: &io::Error) -> bool {
         error
             .get_ref()
             .is_some_and(|inner| inner.is::<UnrecognizedName>())
@@ -51,7 +51,7 @@ impl UnrecognizedName {
 /// never empty: no SNI match gets the default), and strict SNI refuses
 /// before rustls with the typed [`UnrecognizedName`]. Such an error would
 /// count as `other`.
-pub fn handshake_failure(error: &io::Error) -> HandshakeFailure {
+pub(crate) fn handshake_failure(error: &io::Error) -> HandshakeFailure {
     use rustls::PeerIncompatible;
     if error.kind() == io::ErrorKind::UnexpectedEof {
         return HandshakeFailure::Eof;
@@ -81,7 +81,7 @@ pub fn handshake_failure(error: &io::Error) -> HandshakeFailure {
 
 /// Accepts TLS for one listener.
 #[derive(Clone)]
-pub struct Acceptor {
+pub(crate) struct Acceptor {
     inner: TlsAcceptor,
     store: Arc<CertificateStore>,
     sni_strict: bool,
@@ -89,7 +89,11 @@ pub struct Acceptor {
 
 impl Acceptor {
     /// `config` must resolve certificates from `store`.
-    pub fn new(config: Arc<ServerConfig>, store: Arc<CertificateStore>, sni_strict: bool) -> Self {
+    pub(crate) fn new(
+        config: Arc<ServerConfig>,
+        store: Arc<CertificateStore>,
+        sni_strict: bool,
+    ) -> Self {
         Self {
             inner: TlsAcceptor::from(config),
             store,
@@ -97,16 +101,8 @@ impl Acceptor {
         }
     }
 
-    pub fn config(&self) -> &Arc<ServerConfig> {
-        self.inner.config()
-    }
-
-    pub fn sni_strict(&self) -> bool {
-        self.sni_strict
-    }
-
     /// Runs the server side of a TLS handshake over `io`.
-    pub async fn accept<IO>(&self, io: IO) -> io::Result<TlsStream<IO>>
+    pub(crate) async fn accept<IO>(&self, io: IO) -> io::Result<TlsStream<IO>>
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {

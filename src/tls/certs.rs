@@ -52,7 +52,7 @@ pub struct LoadedCertificate {
     /// (wildcards as written, e.g. `*.example.com`).
     pub names: Vec<String>,
     /// The leaf's Not Before, as a Unix time.
-    pub not_before: i64,
+    pub(crate) not_before: i64,
     /// The leaf's Not After, as a Unix time.
     pub not_after: i64,
 }
@@ -60,7 +60,7 @@ pub struct LoadedCertificate {
 impl LoadedCertificate {
     /// A short name for logs and the metrics label: the first DNS name, else
     /// the certificate file's name, else `self-signed`.
-    pub fn label(&self) -> String {
+    pub(crate) fn label(&self) -> String {
         if let Some(name) = self.names.first() {
             return name.clone();
         }
@@ -75,7 +75,7 @@ impl LoadedCertificate {
     }
 
     /// Where the pair came from, for logs.
-    pub fn source(&self) -> String {
+    pub(crate) fn source(&self) -> String {
         match &self.files {
             Some(files) => files.cert.display().to_string(),
             None => "generated self-signed".to_string(),
@@ -84,21 +84,16 @@ impl LoadedCertificate {
 }
 
 /// Reads a whole file, naming it in the error.
-pub fn read_file(path: &Path) -> Result<Vec<u8>, CertificateError> {
+pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>, CertificateError> {
     std::fs::read(path).map_err(|source| CertificateError::Read {
         path: path.to_path_buf(),
         source,
     })
 }
 
-/// Reads a PEM chain, leaf first.
-pub fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertificateError> {
-    parse_chain(path, &read_file(path)?)
-}
-
 /// Parses PEM text read from `path` into a chain, leaf first. Other PEM
 /// sections (a key in a combined file) are skipped.
-pub fn parse_chain(
+pub(crate) fn parse_chain(
     path: &Path,
     pem: &[u8],
 ) -> Result<Vec<CertificateDer<'static>>, CertificateError> {
@@ -116,13 +111,11 @@ pub fn parse_chain(
     Ok(chain)
 }
 
-/// Reads a PEM private key in any of the formats rustls knows.
-pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, CertificateError> {
-    parse_key(path, &read_file(path)?)
-}
-
 /// Parses the first PEM private key (PKCS#8, PKCS#1 or SEC1) in `pem`.
-pub fn parse_key(path: &Path, pem: &[u8]) -> Result<PrivateKeyDer<'static>, CertificateError> {
+pub(crate) fn parse_key(
+    path: &Path,
+    pem: &[u8],
+) -> Result<PrivateKeyDer<'static>, CertificateError> {
     PrivateKeyDer::from_pem_slice(pem).map_err(|error| CertificateError::BadKey {
         path: path.to_path_buf(),
         reason: match error {
@@ -174,19 +167,9 @@ pub(super) fn leaf_info(der: &[u8]) -> Result<LeafInfo, String> {
     })
 }
 
-/// Loads and checks one configured pair from its files.
-pub fn load_certified_key(
-    files: &CertificateFiles,
-    provider: &CryptoProvider,
-) -> Result<LoadedCertificate, CertificateError> {
-    let cert_pem = read_file(&files.cert)?;
-    let key_pem = read_file(&files.key)?;
-    parse_certified_key(files, &cert_pem, &key_pem, provider)
-}
-
 /// Checks one pair from the PEM bytes read from `files` (which only name
 /// the files in errors).
-pub fn parse_certified_key(
+pub(crate) fn parse_certified_key(
     files: &CertificateFiles,
     cert_pem: &[u8],
     key_pem: &[u8],
@@ -249,6 +232,16 @@ mod tests {
     use crate::tls::generate::generate_pair;
     use crate::tls::provider::provider;
     use rcgen::{CertificateParams, KeyPair, SignatureAlgorithm};
+
+    /// Loads and checks one configured pair from its files.
+    fn load_certified_key(
+        files: &CertificateFiles,
+        provider: &CryptoProvider,
+    ) -> Result<LoadedCertificate, CertificateError> {
+        let cert_pem = read_file(&files.cert)?;
+        let key_pem = read_file(&files.key)?;
+        parse_certified_key(files, &cert_pem, &key_pem, provider)
+    }
 
     fn write_pair(dir: &Path, name: &str, cert_pem: &str, key_pem: &str) -> CertificateFiles {
         let cert = dir.join(format!("{name}.crt"));

@@ -13,16 +13,16 @@ use crate::time::format_unix_time;
 
 /// A certificate that expires within this many days is warned about at load
 /// and daily.
-pub const EXPIRY_WARNING_DAYS: i64 = 14;
+pub(crate) const EXPIRY_WARNING_DAYS: i64 = 14;
 /// How often certificates near or past expiry are warned about again.
-pub const EXPIRY_WARNING_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
+pub(crate) const EXPIRY_WARNING_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// A leaf's validity at some moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Expiry {
-    /// Valid for more than [`EXPIRY_WARNING_DAYS`] days.
+    /// Valid for more than `EXPIRY_WARNING_DAYS` (14) days.
     Valid { days_left: i64 },
-    /// Valid, but for [`EXPIRY_WARNING_DAYS`] days or fewer.
+    /// Valid, but for `EXPIRY_WARNING_DAYS` (14) days or fewer.
     ExpiresSoon { days_left: i64 },
     /// Not After has passed.
     Expired { days_ago: i64 },
@@ -31,7 +31,7 @@ pub enum Expiry {
 }
 
 impl Expiry {
-    pub fn at(not_before: i64, not_after: i64, now: i64) -> Expiry {
+    pub(crate) fn at(not_before: i64, not_after: i64, now: i64) -> Expiry {
         const DAY: i64 = 86_400;
         if now > not_after {
             Expiry::Expired {
@@ -62,7 +62,7 @@ impl LoadedCertificate {
 /// Logs a loud warning for a certificate that is expired, expires within
 /// [`EXPIRY_WARNING_DAYS`] days, or is not valid yet. An expired
 /// certificate is still served: refusing would take mail down.
-pub fn warn_about_expiry(label: &str, certificate: &LoadedCertificate, now: i64) {
+pub(crate) fn warn_about_expiry(label: &str, certificate: &LoadedCertificate, now: i64) {
     let not_after = format_unix_time(certificate.not_after);
     match certificate.expiry(now) {
         Expiry::Valid { .. } => {}

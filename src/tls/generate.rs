@@ -17,7 +17,7 @@ pub struct GeneratedPair {
     pub cert_pem: String,
     pub key_pem: String,
     pub cert_der: CertificateDer<'static>,
-    pub key_der: Vec<u8>,
+    pub(crate) key_der: Vec<u8>,
 }
 
 /// Generates an ECDSA P-256 self-signed certificate for `names`.
@@ -38,7 +38,7 @@ pub fn generate_pair(names: &[String]) -> Result<GeneratedPair, CertificateError
 
 /// The default when no certificate is configured: self-signed for `hostname`
 /// (and `localhost`), generated at start-up and never written to disk.
-pub fn self_signed(
+pub(crate) fn self_signed(
     hostname: &str,
     provider: &CryptoProvider,
 ) -> Result<LoadedCertificate, CertificateError> {

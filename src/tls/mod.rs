@@ -1,27 +1,28 @@
 //! Everything TLS: the crypto provider, certificate loading, and the rustls
 //! server configuration each listener accepts with.
 //!
-//! Certificates live behind a [`CertificateStore`] that rustls asks at every
+//! Certificates live behind a `CertificateStore` that rustls asks at every
 //! handshake, so a reload swaps one pointer and new handshakes see the new
 //! pair while established sessions keep theirs.
 //!
-//! - [`certs`]: loading and checking a pair from its PEM files.
-//! - [`generate`]: self-signed pairs (the default without certificates).
-//! - [`expiry`]: validity over time and the warnings about it.
-//! - [`resolver`]: the swappable store and SNI selection.
-//! - [`reload`]: whether and what to swap; [`watch`]: what sets a reload off
+//! One concept per (crate-private) module:
+//! - `certs`: loading and checking a pair from its PEM files.
+//! - `generate`: self-signed pairs (the default without certificates).
+//! - `expiry`: validity over time and the warnings about it.
+//! - `resolver`: the swappable store and SNI selection.
+//! - `reload`: whether and what to swap; `watch`: what sets a reload off
 //!   (directory watch, SIGHUP).
-//! - [`acceptor`]: a listener's handshake with its SNI policy;
-//!   [`provider`]: the crypto backend.
+//! - `acceptor`: a listener's handshake with its SNI policy;
+//!   `provider`: the crypto backend.
 
-pub mod acceptor;
-pub mod certs;
-pub mod expiry;
-pub mod generate;
-pub mod provider;
-pub mod reload;
-pub mod resolver;
-pub mod watch;
+pub(crate) mod acceptor;
+pub(crate) mod certs;
+pub(crate) mod expiry;
+pub(crate) mod generate;
+pub(crate) mod provider;
+pub(crate) mod reload;
+pub(crate) mod resolver;
+pub(crate) mod watch;
 
 use std::sync::Arc;
 
@@ -30,12 +31,13 @@ use rustls::ServerConfig;
 use crate::config::TlsVersion;
 use crate::protocol::Protocol;
 
-pub use acceptor::{Acceptor, UnrecognizedName};
-pub use certs::{load_certified_key, CertificateError, LoadedCertificate};
+pub use certs::{CertificateError, LoadedCertificate};
 pub use expiry::Expiry;
-pub use generate::{generate_pair, self_signed, GeneratedPair};
+pub use generate::{generate_pair, GeneratedPair};
 pub use reload::{ReloadStats, Reloader};
-pub use resolver::{CertificateSet, CertificateStore};
+
+pub(crate) use acceptor::Acceptor;
+pub(crate) use resolver::CertificateStore;
 
 /// One listener's server configuration: TLS 1.2 and 1.3 only (or 1.3 only),
 /// the provider's AEAD, forward-secret suites, certificates from `store`, and
@@ -45,7 +47,7 @@ pub use resolver::{CertificateSet, CertificateStore};
 /// ALPN must offer this listener's protocol id, or rustls refuses the
 /// handshake with the no_application_protocol alert. A client offering no
 /// ALPN at all (most mail clients) is served.
-pub fn server_config(
+pub(crate) fn server_config(
     store: Arc<CertificateStore>,
     min_version: TlsVersion,
     protocol: Protocol,

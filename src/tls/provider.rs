@@ -12,19 +12,19 @@ use rustls::SupportedProtocolVersion;
 
 /// TLS 1.3 and 1.2 only: rustls implements nothing older, by design
 /// (RFC 8996 deprecates TLS 1.0 and 1.1).
-pub const PROTOCOL_VERSIONS: &[&SupportedProtocolVersion] =
+pub(crate) const PROTOCOL_VERSIONS: &[&SupportedProtocolVersion] =
     &[&rustls::version::TLS13, &rustls::version::TLS12];
 
 /// For listeners configured with `min_tls_version = "1.3"`.
-pub const TLS13_ONLY: &[&SupportedProtocolVersion] = &[&rustls::version::TLS13];
+pub(crate) const TLS13_ONLY: &[&SupportedProtocolVersion] = &[&rustls::version::TLS13];
 
 /// aws-lc-rs with its default suites: all AEAD (AES-GCM, ChaCha20-Poly1305)
 /// with ephemeral key exchange, i.e. forward secrecy.
-pub fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 /// Session ticket encryption with keys rotated every few hours.
-pub fn ticketer() -> Result<Arc<dyn ProducesTickets>, rustls::Error> {
+pub(crate) fn ticketer() -> Result<Arc<dyn ProducesTickets>, rustls::Error> {
     rustls::crypto::aws_lc_rs::Ticketer::new()
 }

@@ -37,7 +37,7 @@ use crate::time::{format_unix_time, unix_now};
 
 /// What made a reload happen (a log field).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Trigger {
+pub(crate) enum Trigger {
     /// A file system event in a watched directory.
     Watch,
     /// The poll interval.
@@ -47,7 +47,7 @@ pub enum Trigger {
 }
 
 impl Trigger {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Trigger::Watch => "watch",
             Trigger::Poll => "poll",
@@ -78,11 +78,11 @@ impl ReloadStats {
 
 /// What one reload did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct ReloadOutcome {
+pub(crate) struct ReloadOutcome {
     /// Labels of the certificates now served in a new version.
-    pub replaced: Vec<String>,
+    pub(crate) replaced: Vec<String>,
     /// One message per pair that could not be used (file and reason).
-    pub errors: Vec<String>,
+    pub(crate) errors: Vec<String>,
 }
 
 /// What reading a pair's two files gave, to tell whether anything changed.
@@ -192,11 +192,11 @@ impl Reloader {
     }
 
     /// The store the rustls configurations resolve from.
-    pub fn store(&self) -> Arc<CertificateStore> {
+    pub(crate) fn store(&self) -> Arc<CertificateStore> {
         self.store.clone()
     }
 
-    pub fn stats(&self) -> Arc<ReloadStats> {
+    pub(crate) fn stats(&self) -> Arc<ReloadStats> {
         self.stats.clone()
     }
 
@@ -206,12 +206,12 @@ impl Reloader {
     }
 
     /// Whether certificates come from files (and so can be reloaded).
-    pub fn has_files(&self) -> bool {
+    pub(crate) fn has_files(&self) -> bool {
         !self.sources.is_empty()
     }
 
     /// The directories to watch: each file's parent, once.
-    pub fn watched_directories(&self) -> Vec<PathBuf> {
+    pub(crate) fn watched_directories(&self) -> Vec<PathBuf> {
         let mut directories = BTreeSet::new();
         for source in &self.sources {
             for path in [&source.files.cert, &source.files.key] {
@@ -248,7 +248,7 @@ impl Reloader {
     /// Re-reads every pair and swaps in those that changed and check out.
     /// Without `Trigger::Signal`, a pair whose files read the same as last
     /// time is skipped (nothing is logged or counted for it).
-    pub fn reload(&mut self, trigger: Trigger) -> ReloadOutcome {
+    pub(crate) fn reload(&mut self, trigger: Trigger) -> ReloadOutcome {
         let mut outcome = ReloadOutcome::default();
         if self.sources.is_empty() {
             if trigger == Trigger::Signal {
@@ -353,7 +353,7 @@ impl Reloader {
 
     /// The daily reminder: certificates expired or expiring soon, and pairs
     /// whose files are still broken.
-    pub fn remind(&self) {
+    pub(crate) fn remind(&self) {
         let now = unix_now();
         for (label, certificate) in self.labelled() {
             warn_about_expiry(&label, &certificate, now);
@@ -375,7 +375,7 @@ impl Reloader {
     /// the runtime) before announcing that the proxy serves, so that any
     /// change or SIGHUP from then on is acted on (and a SIGHUP never falls
     /// to its default action, ending the process). Does its work once.
-    pub fn start_watching(&mut self) {
+    pub(crate) fn start_watching(&mut self) {
         if self.triggers.is_some() {
             return;
         }
@@ -384,7 +384,7 @@ impl Reloader {
     }
 
     /// Watches, polls and listens for SIGHUP until the task is dropped.
-    pub async fn run(mut self, poll_interval: Duration) {
+    pub(crate) async fn run(mut self, poll_interval: Duration) {
         self.start_watching();
         // Kept here for the life of the task: dropping them stops the watch.
         let mut triggers = self.triggers.take().expect("started above");

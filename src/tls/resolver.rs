@@ -20,7 +20,7 @@ use super::certs::LoadedCertificate;
 
 /// How a certificate name matched an SNI name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum NameMatch {
+pub(crate) enum NameMatch {
     Exact,
     Wildcard,
 }
@@ -30,7 +30,7 @@ pub enum NameMatch {
 /// A wildcard is only a whole left-most label (`*.example.com`) and stands
 /// for exactly one non-empty label: it matches `mail.example.com`, not
 /// `example.com` nor `a.b.example.com`.
-pub fn name_matches(pattern: &str, host: &str) -> Option<NameMatch> {
+pub(crate) fn name_matches(pattern: &str, host: &str) -> Option<NameMatch> {
     let host = normalize(host);
     if host.contains('*') {
         return None;
@@ -53,47 +53,46 @@ fn normalize(host: &str) -> String {
 
 /// Every certificate the proxy serves; never empty. The first is the default.
 #[derive(Debug, Clone)]
-pub struct CertificateSet {
+pub(crate) struct CertificateSet {
     entries: Vec<Arc<LoadedCertificate>>,
 }
 
 /// What [`CertificateSet::select`] found for a handshake.
 #[derive(Debug, Clone)]
-pub struct Selection {
-    pub certificate: Arc<LoadedCertificate>,
+pub(crate) struct Selection {
+    pub(crate) certificate: Arc<LoadedCertificate>,
     /// `false` when the client sent an SNI name that no entry covers (the
     /// default was picked).
-    pub matched: bool,
+    pub(crate) matched: bool,
 }
 
 impl CertificateSet {
     /// `None` if `entries` is empty.
-    pub fn new(entries: Vec<Arc<LoadedCertificate>>) -> Option<Self> {
+    pub(crate) fn new(entries: Vec<Arc<LoadedCertificate>>) -> Option<Self> {
         (!entries.is_empty()).then_some(Self { entries })
     }
 
-    pub fn entries(&self) -> &[Arc<LoadedCertificate>] {
+    pub(crate) fn entries(&self) -> &[Arc<LoadedCertificate>] {
         &self.entries
     }
 
     /// The certificate served without SNI, or for a name nothing covers.
-    pub fn default_entry(&self) -> &Arc<LoadedCertificate> {
+    pub(crate) fn default_entry(&self) -> &Arc<LoadedCertificate> {
         &self.entries[0]
     }
 
     /// Whether some entry covers `host`.
-    pub fn covers(&self, host: &str) -> bool {
-        self.entries.iter().any(|entry| {
-            entry
-                .names
-                .iter()
-                .any(|name| name_matches(name, host).is_some())
-        })
+    pub(crate) fn covers(&self, host: &str) -> bool {
+        self.select(Some(host), &[]).matched
     }
 
     /// The certificate for a handshake with SNI `server_name` from a client
     /// that verifies `schemes` (empty: do not filter by scheme).
-    pub fn select(&self, server_name: Option<&str>, schemes: &[SignatureScheme]) -> Selection {
+    pub(crate) fn select(
+        &self,
+        server_name: Option<&str>,
+        schemes: &[SignatureScheme],
+    ) -> Selection {
         let Some(host) = server_name else {
             return Selection {
                 certificate: self.default_entry().clone(),
@@ -143,36 +142,30 @@ impl CertificateSet {
 /// Holds the certificate set currently served; rustls consults it on every
 /// handshake. Replacing it is one atomic pointer swap: handshakes that already
 /// picked a certificate, and established sessions, are unaffected.
-pub struct CertificateStore {
+pub(crate) struct CertificateStore {
     current: ArcSwap<CertificateSet>,
 }
 
 impl CertificateStore {
-    pub fn new(initial: CertificateSet) -> Self {
+    pub(crate) fn new(initial: CertificateSet) -> Self {
         Self {
             current: ArcSwap::from_pointee(initial),
         }
     }
 
-    /// A store serving one certificate for every name.
-    pub fn single(certificate: LoadedCertificate) -> Self {
-        Self::new(CertificateSet {
-            entries: vec![Arc::new(certificate)],
-        })
-    }
-
     /// Serves `next` to every handshake from now on.
-    pub fn replace(&self, next: CertificateSet) {
+    pub(crate) fn replace(&self, next: CertificateSet) {
         self.current.store(Arc::new(next));
     }
 
     /// The set served right now.
-    pub fn current(&self) -> Arc<CertificateSet> {
+    pub(crate) fn current(&self) -> Arc<CertificateSet> {
         self.current.load_full()
     }
 
     /// The default certificate served right now.
-    pub fn default_certified_key(&self) -> Arc<CertifiedKey> {
+    #[cfg(test)]
+    pub(crate) fn default_certified_key(&self) -> Arc<CertifiedKey> {
         self.current.load().default_entry().certified_key.clone()
     }
 }

@@ -11,6 +11,8 @@
 //! output buffers are reused), or panics on any byte input: the machines are
 //! unit-tested with exact bytes, property-tested and fuzzed.
 
+#[cfg(test)]
+mod contract;
 mod gate;
 pub mod imap;
 pub mod line;
@@ -22,7 +24,7 @@ mod spec;
 mod testing;
 
 pub(crate) use gate::{StartTlsReplies, TlsGate, UnsafeLine};
-pub(crate) use spec::{starts_with_ignore_case, Greeting, Replies, Spec};
+pub(crate) use spec::{starts_with_ignore_case, Greeting, Replies, Spec, DOVECOT_PROXY_HEADER};
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -37,6 +39,10 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// Every protocol, for the tests that check them all.
+    #[cfg(test)]
+    pub(crate) const ALL: [Protocol; 3] = [Protocol::Smtp, Protocol::Imap, Protocol::Pop3];
+
     /// The name used in configuration files, logs and metrics.
     pub fn as_str(self) -> &'static str {
         self.spec().name

@@ -32,6 +32,9 @@ pub(crate) struct Spec {
     pub(crate) proxy_header_requirement: &'static str,
     /// Builds the protocol's inspection machine.
     pub(crate) new_inspector: fn(&InspectorOptions) -> Box<dyn Inspector>,
+    /// What the machine contract test ([`super::contract`]) drives it with.
+    #[cfg(test)]
+    pub(crate) contract: &'static super::contract::Fixture,
 }
 
 /// The proxy's fixed replies in one protocol's words, each one CRLF line.
@@ -146,6 +149,12 @@ impl Protocol {
         self.spec().polite_quit
     }
 }
+
+/// What Dovecot, which serves IMAP and POP3 alike, needs to accept the
+/// PROXY header.
+pub(crate) const DOVECOT_PROXY_HEADER: &str = "Dovecot: haproxy = yes on the inet_listener the \
+    proxy connects to and the proxy's address in haproxy_trusted_networks (a backend not \
+    expecting the header fails every session with a temporary error)";
 
 /// Whether `line` starts with `prefix`, ASCII case ignored.
 pub(crate) fn starts_with_ignore_case(line: &[u8], prefix: &[u8]) -> bool {

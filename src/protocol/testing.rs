@@ -4,16 +4,26 @@
 use super::{Inspector, Next, Output};
 
 /// Feeds backend bytes line by line; returns (to_client, to_backend, last Next).
-pub(crate) fn backend(machine: &mut impl Inspector, bytes: &[u8]) -> (Vec<u8>, Vec<u8>, Next) {
+pub(crate) fn backend(
+    machine: &mut (impl Inspector + ?Sized),
+    bytes: &[u8],
+) -> (Vec<u8>, Vec<u8>, Next) {
     feed(machine, bytes, false)
 }
 
 /// Feeds client bytes line by line; returns (to_client, to_backend, last Next).
-pub(crate) fn client(machine: &mut impl Inspector, bytes: &[u8]) -> (Vec<u8>, Vec<u8>, Next) {
+pub(crate) fn client(
+    machine: &mut (impl Inspector + ?Sized),
+    bytes: &[u8],
+) -> (Vec<u8>, Vec<u8>, Next) {
     feed(machine, bytes, true)
 }
 
-fn feed(machine: &mut impl Inspector, bytes: &[u8], from_client: bool) -> (Vec<u8>, Vec<u8>, Next) {
+fn feed(
+    machine: &mut (impl Inspector + ?Sized),
+    bytes: &[u8],
+    from_client: bool,
+) -> (Vec<u8>, Vec<u8>, Next) {
     let mut out = Output::default();
     let mut next = Next::Continue;
     for line in bytes.split_inclusive(|&b| b == b'\n') {

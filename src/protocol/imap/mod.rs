@@ -53,7 +53,7 @@ use std::time::Duration;
 use super::gate::StartTls;
 use super::{
     command_label, lenient_verb, split_word, trim_eol, BackendFailure, Goodbye, Inspector,
-    InspectorOptions, Next, Output, Spec, TlsGate,
+    InspectorOptions, Next, Output, Spec, TlsGate, DOVECOT_PROXY_HEADER,
 };
 
 #[cfg(test)]
@@ -71,10 +71,10 @@ pub(crate) const SPEC: Spec = Spec {
     judge_greeting: probe::judge_greeting,
     expected_greeting: probe::EXPECTED_GREETING,
     polite_quit: probe::POLITE_QUIT,
-    proxy_header_requirement: "Dovecot: haproxy = yes on the inet_listener the proxy connects to \
-        and the proxy's address in haproxy_trusted_networks (a backend not expecting the header \
-        fails every session with a temporary error)",
+    proxy_header_requirement: DOVECOT_PROXY_HEADER,
     new_inspector,
+    #[cfg(test)]
+    contract: &tests::FIXTURE,
 };
 
 fn new_inspector(options: &InspectorOptions) -> Box<dyn Inspector> {

@@ -78,6 +78,8 @@ pub(crate) const SPEC: Spec = Spec {
         service the proxy connects to, reachable only by the proxy (a backend not expecting the \
         header fails every session with a temporary error)",
     new_inspector,
+    #[cfg(test)]
+    contract: &tests::FIXTURE,
 };
 
 fn new_inspector(options: &InspectorOptions) -> Box<dyn Inspector> {

@@ -1,6 +1,87 @@
 use super::*;
+use crate::protocol::contract::Fixture;
 use crate::protocol::testing::{backend, client};
 use crate::protocol::{RequireTls, TlsMode};
+
+/// What the machine contract test ([`crate::protocol::contract`]) drives
+/// this machine with.
+pub(crate) const FIXTURE: Fixture = Fixture {
+    greeting: b"220 mx.example ESMTP\r\n",
+    starttls: &[b"STARTTLS\r\n", b"starttls\r\n", b"StartTLS\n"],
+    starttls_with_argument: b"STARTTLS now\r\n",
+    tagged: false,
+    inspected: (
+        b"EHLO client.example\r\n",
+        b"250-mx.example\r\n250 PIPELINING\r\n",
+    ),
+    passthrough: &[
+        b"MAIL FROM:<a@b>\r\n",
+        b"AUTH PLAIN AGFAYg==\r\n",
+        b"DATA\r\n",
+        b"garbage\r\n",
+        b"\r\n",
+    ],
+    credentials: b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n",
+    unsolicited: b"421 4.4.2 mx.example Error: timeout exceeded\r\n",
+    words: [
+        "220 2.0.0 Ready to start TLS\r\n",
+        "503 5.5.1 TLS already active\r\n",
+        "501 5.5.4 Syntax error (no parameters allowed)\r\n",
+        "421 4.3.2 Service not available, closing transmission channel\r\n",
+        "421 4.7.0 Line too long, closing connection\r\n",
+        "421 4.7.0 Too many commands, closing connection\r\n",
+        "421 4.4.2 Idle timeout, closing connection\r\n",
+        "421 4.3.2 Service shutting down, closing connection\r\n",
+        "421 4.7.0 Too many connections, try again later\r\n",
+        "554 5.7.0 PROXY protocol headers are not accepted from clients\r\n",
+        "421 4.3.2 Service temporarily unavailable, try again later\r\n",
+    ],
+    error_replies: &[
+        (b"421 4.3.2 bye\r\n", true),
+        (b"554 no\r\n", true),
+        (b"220 ready\r\n", false),
+        (b"4xx\r\n", false),
+    ],
+    client_lines: &[
+        b"EHLO c",
+        b"HELO c",
+        b"NOOP",
+        b"RSET",
+        b"QUIT",
+        b"STARTTLS",
+        b"starttls x",
+        b"STARTTLS\0",
+        b"AUTH PLAIN AGFsaWNlAHNlY3JldA==",
+        b"AUTH\tLOGIN",
+        b" auth plain",
+        b"NOOP\rAUTH PLAIN x",
+        b"MAIL FROM:<a@b>",
+        b"RCPT TO:<c@d>",
+        b"DATA",
+        b"BDAT 5 LAST",
+        b"BDAT x",
+        b"XCLIENT ADDR=192.0.2.1",
+        b".",
+        b"",
+    ],
+    backend_lines: &[
+        b"220 mx.example ESMTP",
+        b"220-mx.example",
+        b"250-mx.example",
+        b"250-STARTTLS",
+        b"250-AUTH PLAIN LOGIN",
+        b"250-XCLIENT NAME ADDR PORT",
+        b"250 PIPELINING",
+        b"250 2.0.0 Ok",
+        b"354 End data with <CR><LF>.<CR><LF>",
+        b"334 VXNlcm5hbWU6",
+        b"500 5.5.1 unknown",
+        b"502 5.5.2 not implemented",
+        b"503 5.5.1 bad sequence",
+        b"421 4.3.2 bye",
+        b"garbage",
+    ],
+};
 
 fn greeted(mode: TlsMode) -> SmtpInspector {
     let mut machine = SmtpInspector::new(&InspectorOptions::new(mode, RequireTls::None));
@@ -75,16 +156,6 @@ fn implicit_tls_strips_backend_starttls_even_when_it_is_the_last_line() {
 }
 
 #[test]
-fn starttls_is_answered_locally_and_never_forwarded() {
-    let mut machine = greeted(TlsMode::StartTls);
-    let (to_client, to_backend, next) = client(&mut machine, b"STARTTLS\r\n");
-    assert_eq!(to_client, READY_TO_START_TLS);
-    assert_eq!(to_backend, b"");
-    assert_eq!(next, Next::StartTls);
-    assert!(!machine.wants_client_line());
-}
-
-#[test]
 fn after_tls_the_new_ehlo_is_forwarded_and_its_reply_has_no_starttls() {
     let mut machine = greeted(TlsMode::StartTls);
     client(&mut machine, b"EHLO c\r\n");
@@ -112,35 +183,6 @@ fn a_backend_refusing_the_second_ehlo_still_gives_a_valid_reply_after_tls() {
     assert_eq!(to_client, b"250-mx.example\r\n250 SIZE 5\r\n");
     assert_eq!(to_backend, b"");
     assert!(machine.wants_client_line());
-}
-
-#[test]
-fn second_starttls_and_starttls_on_implicit_get_503() {
-    let mut machine = greeted(TlsMode::Implicit);
-    let (to_client, to_backend, next) = client(&mut machine, b"STARTTLS\r\n");
-    assert_eq!(
-        (to_client.as_slice(), to_backend.as_slice(), next),
-        (TLS_ALREADY_ACTIVE, &b""[..], Next::Continue)
-    );
-
-    let mut machine = greeted(TlsMode::StartTls);
-    client(&mut machine, b"STARTTLS\r\n");
-    machine.tls_established();
-    let (to_client, _, next) = client(&mut machine, b"starttls\r\n");
-    assert_eq!(
-        (to_client.as_slice(), next),
-        (TLS_ALREADY_ACTIVE, Next::Continue)
-    );
-}
-
-#[test]
-fn starttls_with_parameters_is_a_syntax_error() {
-    let mut machine = greeted(TlsMode::StartTls);
-    let (to_client, to_backend, next) = client(&mut machine, b"STARTTLS now\r\n");
-    assert_eq!(
-        (to_client.as_slice(), to_backend.as_slice(), next),
-        (STARTTLS_SYNTAX, &b""[..], Next::Continue)
-    );
 }
 
 #[test]
@@ -197,55 +239,6 @@ fn inspected_commands_are_relayed_with_their_replies() {
         assert_eq!(to_client, b"250-first\r\n250 2.0.0 Ok\r\n");
         assert!(machine.wants_client_line());
     }
-}
-
-#[test]
-fn the_first_other_command_ends_inspection() {
-    for command in [
-        &b"MAIL FROM:<a@b>\r\n"[..],
-        b"AUTH PLAIN AGFAYg==\r\n",
-        b"DATA\r\n",
-        b"garbage\r\n",
-        b"\r\n",
-    ] {
-        let mut machine = greeted(TlsMode::StartTls);
-        let (to_client, to_backend, next) = client(&mut machine, command);
-        assert_eq!(
-            (to_client.as_slice(), to_backend.as_slice(), next),
-            (&b""[..], command, Next::Passthrough)
-        );
-    }
-}
-
-#[test]
-fn backend_bytes_after_the_starttls_reply_are_dropped() {
-    let mut machine = greeted(TlsMode::StartTls);
-    client(&mut machine, b"STARTTLS\r\n");
-    let (to_client, _, _) = backend(&mut machine, b"250 injected\r\n");
-    assert_eq!(to_client, b"");
-}
-
-#[test]
-fn overlong_client_line_gets_421() {
-    let mut machine = greeted(TlsMode::StartTls);
-    let mut out = Output::default();
-    machine.goodbye(Goodbye::LineTooLong, &mut out);
-    assert_eq!(out.to_client, LINE_TOO_LONG);
-}
-
-#[test]
-fn backend_failure_mid_reply_gets_421_but_not_after_passthrough() {
-    let mut machine = greeted(TlsMode::StartTls);
-    client(&mut machine, b"EHLO c\r\n");
-    let mut out = Output::default();
-    machine.backend_failed(BackendFailure::Closed, &mut out);
-    assert_eq!(out.to_client, SERVICE_UNAVAILABLE);
-
-    let mut machine = greeted(TlsMode::StartTls);
-    client(&mut machine, b"MAIL FROM:<>\r\n");
-    let mut out = Output::default();
-    machine.backend_failed(BackendFailure::Closed, &mut out);
-    assert_eq!(out.to_client, b"");
 }
 
 #[test]
@@ -465,25 +458,6 @@ fn implicit_listeners_ignore_the_starttls_policy() {
     client(&mut machine, b"EHLO c\r\n");
     let (to_client, _, _) = backend(&mut machine, EHLO_WITH_AUTH);
     assert_eq!(to_client, EHLO_WITH_AUTH);
-}
-
-#[test]
-fn goodbyes_name_their_reason_and_nothing_is_said_during_a_handshake() {
-    for (reason, text) in [
-        (Goodbye::TooManyCommands, TOO_MANY_COMMANDS),
-        (Goodbye::IdleTimeout, IDLE_TIMEOUT),
-        (Goodbye::ShuttingDown, SHUTTING_DOWN),
-    ] {
-        let mut machine = greeted(TlsMode::StartTls);
-        let mut out = Output::default();
-        machine.goodbye(reason, &mut out);
-        assert_eq!(out.to_client, text);
-    }
-    let mut machine = greeted(TlsMode::StartTls);
-    client(&mut machine, b"STARTTLS\r\n");
-    let mut out = Output::default();
-    machine.goodbye(Goodbye::ShuttingDown, &mut out);
-    assert_eq!(out.to_client, b"");
 }
 
 #[test]
@@ -883,29 +857,6 @@ proptest::proptest! {
         proptest::prop_assert!(original.len() - relayed.len() <= 1);
         if pieces.2 {
             proptest::prop_assert_eq!(relayed, original);
-        }
-    }
-}
-
-proptest::proptest! {
-    #[test]
-    fn no_byte_input_panics_and_starttls_is_offered_only_before_tls(
-        lines in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40), 0..20),
-        from_client in proptest::collection::vec(proptest::prelude::any::<bool>(), 20),
-    ) {
-        let mut machine = SmtpInspector::new(&InspectorOptions::new(TlsMode::StartTls, RequireTls::None));
-        let mut out = Output::default();
-        for (index, mut line) in lines.into_iter().enumerate() {
-            line.extend_from_slice(b"\r\n");
-            if from_client[index] {
-                machine.client_line(&line, &mut out);
-            } else {
-                machine.backend_line(&line, &mut out);
-            }
-            if index == 10 {
-                machine.tls_established();
-                out.clear();
-            }
         }
     }
 }

@@ -19,7 +19,7 @@ use tracing_subscriber::fmt::{FmtContext, FormattedFields};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
 
-use crate::time::Utc;
+use crate::time::date_time;
 
 /// How log lines are written (to standard error).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -268,15 +268,7 @@ fn rfc3339_now() -> String {
 }
 
 fn rfc3339(unix_seconds: i64, millis: u32) -> String {
-    let Utc {
-        year,
-        month,
-        day,
-        hour,
-        minute,
-        second,
-    } = Utc::at(unix_seconds);
-    format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{millis:03}Z")
+    format!("{}.{millis:03}Z", date_time(unix_seconds, 'T'))
 }
 
 #[cfg(test)]

@@ -5,37 +5,6 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// A Unix time broken down into its UTC date and time of day.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Utc {
-    pub(crate) year: i64,
-    /// 1 to 12.
-    pub(crate) month: i64,
-    /// 1 to 31.
-    pub(crate) day: i64,
-    pub(crate) hour: i64,
-    pub(crate) minute: i64,
-    pub(crate) second: i64,
-}
-
-impl Utc {
-    /// The UTC date and time of `unix_seconds` (proleptic Gregorian
-    /// calendar, any year, before 1970 too).
-    pub(crate) fn at(unix_seconds: i64) -> Utc {
-        let days = unix_seconds.div_euclid(86_400);
-        let seconds = unix_seconds.rem_euclid(86_400);
-        let (year, month, day) = civil_from_days(days);
-        Utc {
-            year,
-            month,
-            day,
-            hour: seconds / 3600,
-            minute: seconds / 60 % 60,
-            second: seconds % 60,
-        }
-    }
-}
-
 /// Howard Hinnant's `civil_from_days`: the (year, month, day) of the day
 /// `days` after 1970-01-01.
 fn civil_from_days(days: i64) -> (i64, i64, i64) {
@@ -61,15 +30,20 @@ pub fn unix_now() -> i64 {
 
 /// A Unix time as `YYYY-MM-DD HH:MM:SS UTC`.
 pub fn format_unix_time(time: i64) -> String {
-    let Utc {
-        year,
-        month,
-        day,
-        hour,
-        minute,
-        second,
-    } = Utc::at(time);
-    format!("{year:04}-{month:02}-{day:02} {hour:02}:{minute:02}:{second:02} UTC")
+    format!("{} UTC", date_time(time, ' '))
+}
+
+/// The UTC date and time of `unix_seconds` as `YYYY-MM-DD`, `separator`,
+/// `HH:MM:SS` (proleptic Gregorian calendar, before 1970 too).
+pub(crate) fn date_time(unix_seconds: i64, separator: char) -> String {
+    let (year, month, day) = civil_from_days(unix_seconds.div_euclid(86_400));
+    let seconds = unix_seconds.rem_euclid(86_400);
+    format!(
+        "{year:04}-{month:02}-{day:02}{separator}{:02}:{:02}:{:02}",
+        seconds / 3600,
+        seconds / 60 % 60,
+        seconds % 60
+    )
 }
 
 #[cfg(test)]
@@ -123,20 +97,8 @@ mod tests {
 
     #[test]
     fn times_of_day_and_negative_times() {
-        assert_eq!(
-            Utc::at(-1),
-            Utc {
-                year: 1969,
-                month: 12,
-                day: 31,
-                hour: 23,
-                minute: 59,
-                second: 59
-            }
-        );
-        assert_eq!(Utc::at(1_709_210_096).hour, 12);
-        assert_eq!(Utc::at(1_709_210_096).minute, 34);
-        assert_eq!(Utc::at(1_709_210_096).second, 56);
+        assert_eq!(date_time(-1, ' '), "1969-12-31 23:59:59");
+        assert_eq!(date_time(1_709_210_096, 'T'), "2024-02-29T12:34:56");
     }
 
     #[test]

@@ -425,7 +425,7 @@ impl Config {
                 None | Some(RawClientIdentity::None) => ClientIdentity::None,
                 Some(RawClientIdentity::ProxyV1) => ClientIdentity::ProxyV1,
                 Some(RawClientIdentity::ProxyV2) => ClientIdentity::ProxyV2,
-                Some(RawClientIdentity::Xclient) if protocol == Protocol::Smtp => {
+                Some(RawClientIdentity::Xclient) if protocol.speaks_xclient() => {
                     ClientIdentity::Xclient
                 }
                 Some(RawClientIdentity::Xclient) => {
@@ -437,13 +437,13 @@ impl Config {
                     ))
                 }
             };
-            let relay_check = match (raw.relay_check, protocol) {
-                (None, Protocol::Smtp) => RelayCheck::Refuse,
-                (None, _) => RelayCheck::Off,
-                (Some(RawRelayCheck::Refuse), Protocol::Smtp) => RelayCheck::Refuse,
-                (Some(RawRelayCheck::Warn), Protocol::Smtp) => RelayCheck::Warn,
-                (Some(RawRelayCheck::Off), Protocol::Smtp) => RelayCheck::Off,
-                (Some(_), _) => {
+            let relay_check = match (raw.relay_check, protocol.relays_mail()) {
+                (None, true) => RelayCheck::Refuse,
+                (None, false) => RelayCheck::Off,
+                (Some(RawRelayCheck::Refuse), true) => RelayCheck::Refuse,
+                (Some(RawRelayCheck::Warn), true) => RelayCheck::Warn,
+                (Some(RawRelayCheck::Off), true) => RelayCheck::Off,
+                (Some(_), false) => {
                     return Err(invalid(
                         key("relay_check"),
                         format!("applies to smtp listeners only (this one is {protocol})"),

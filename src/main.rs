@@ -219,7 +219,6 @@ fn check(path: &Path) -> anyhow::Result<()> {
 /// backend under `relay_check = "refuse"` is the error `run` would stop with.
 fn check_relays(config: &Config) -> anyhow::Result<()> {
     use mail_tls_proxy::config::RelayCheck;
-    use mail_tls_proxy::protocol::Protocol;
     use mail_tls_proxy::relay_guard::{self, Verdict};
     let targets = relay_guard::targets(config);
     let findings = if targets.is_empty() {
@@ -233,7 +232,7 @@ fn check_relays(config: &Config) -> anyhow::Result<()> {
     };
     let mut refusal = None;
     for listener in &config.listeners {
-        if listener.protocol != Protocol::Smtp {
+        if !listener.protocol.relays_mail() {
             continue;
         }
         let name = &listener.name;

@@ -41,7 +41,7 @@ use tracing::{debug, error, info, warn};
 use crate::config::{Config, ListenerConfig, RelayCheck};
 use crate::protocol::line::LineBuffer;
 use crate::protocol::smtp::{parse_reply_line, xclient_command, xclient_offer};
-use crate::protocol::{proxy_header, trim_eol, ClientIdentity, Protocol};
+use crate::protocol::{proxy_header, trim_eol, ClientIdentity};
 use crate::readiness::Readiness;
 use crate::session::ListenerContext;
 
@@ -160,7 +160,7 @@ impl Target {
         hostname: &str,
         listening_on: SocketAddr,
     ) -> Option<Target> {
-        if listener.protocol != Protocol::Smtp || listener.relay_check == RelayCheck::Off {
+        if !listener.protocol.relays_mail() || listener.relay_check == RelayCheck::Off {
             return None;
         }
         let mut destination = listening_on;

@@ -28,6 +28,12 @@ pub(crate) struct Spec {
     /// What the readiness check says before it closes, so the backend logs
     /// a normal logout rather than a dropped client.
     pub(crate) polite_quit: &'static [u8],
+    /// Whether the backend can be told the client by XCLIENT (an SMTP
+    /// extension).
+    pub(crate) xclient: bool,
+    /// Whether the backend relays mail, so that the relay guard
+    /// ([`crate::relay_guard`]) checks it.
+    pub(crate) relays_mail: bool,
     /// What the backend must be configured with to accept a PROXY header.
     pub(crate) proxy_header_requirement: &'static str,
     /// Builds the protocol's inspection machine.
@@ -132,6 +138,16 @@ impl Protocol {
     /// Builds the inspection machine for a connection.
     pub(crate) fn new_inspector(self, options: &InspectorOptions) -> Box<dyn Inspector> {
         (self.spec().new_inspector)(options)
+    }
+
+    /// Whether a listener may tell its backend the client by XCLIENT.
+    pub fn speaks_xclient(self) -> bool {
+        self.spec().xclient
+    }
+
+    /// Whether the backend relays mail: the relay guard checks it.
+    pub fn relays_mail(self) -> bool {
+        self.spec().relays_mail
     }
 
     /// How the readiness check judges one line of a backend's greeting.

@@ -71,6 +71,8 @@ pub(crate) const SPEC: Spec = Spec {
     judge_greeting: probe::judge_greeting,
     expected_greeting: probe::EXPECTED_GREETING,
     polite_quit: probe::POLITE_QUIT,
+    xclient: false,
+    relays_mail: false,
     proxy_header_requirement: DOVECOT_PROXY_HEADER,
     new_inspector,
     #[cfg(test)]

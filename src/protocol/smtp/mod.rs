@@ -74,6 +74,8 @@ pub(crate) const SPEC: Spec = Spec {
     judge_greeting: probe::judge_greeting,
     expected_greeting: probe::EXPECTED_GREETING,
     polite_quit: probe::POLITE_QUIT,
+    xclient: true,
+    relays_mail: true,
     proxy_header_requirement: "Postfix: smtpd_upstream_proxy_protocol = haproxy on the smtpd \
         service the proxy connects to, reachable only by the proxy (a backend not expecting the \
         header fails every session with a temporary error)",

@@ -10,6 +10,17 @@
 //! Nothing here performs I/O, allocates per line on the steady path (the
 //! output buffers are reused), or panics on any byte input: the machines are
 //! unit-tested with exact bytes, property-tested and fuzzed.
+//!
+//! Layout: one folder per protocol ([`smtp`], [`imap`], [`pop3`]), each
+//! holding everything the proxy knows about that protocol: the machine
+//! (`mod.rs`), its capability rewrite, its replies and error-reply judge
+//! (`replies.rs`), what the readiness check expects of its backends
+//! (`probe.rs`), and its tests (`tests.rs`). Each fills in one `Spec`
+//! (`spec.rs`), which [`Protocol`]'s methods hand to the rest of the proxy.
+//! Shared by all three: the STARTTLS gate and pre-TLS line policy
+//! (`gate.rs`), the line buffer ([`line`](mod@line)), the PROXY protocol
+//! header ([`proxy_header`]), and the contract every machine is tested
+//! against (`contract.rs`).
 
 #[cfg(test)]
 mod contract;

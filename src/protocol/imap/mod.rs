@@ -20,8 +20,8 @@
 //!    the proxy's STARTTLS is appended at the end of the list. The rest of the
 //!    line, terminator included, is relayed byte for byte.
 //!
-//! The listener's [`RequireTls`] policy changes step 2 and 3 before TLS on a
-//! STARTTLS listener (and only there):
+//! The listener's [`RequireTls`](super::RequireTls) policy changes step 2
+//! and 3 before TLS on a STARTTLS listener (and only there):
 //! - `auth`: capability lists lose their `AUTH=` atoms and gain
 //!   `LOGINDISABLED` (before the proxy's STARTTLS); LOGIN and AUTHENTICATE
 //!   are answered `NO [PRIVACYREQUIRED]` by the proxy and never forwarded.

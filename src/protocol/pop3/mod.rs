@@ -15,8 +15,8 @@
 //!    TLS the client gets a capability list holding just STLS instead, so it
 //!    can still find the upgrade.
 //!
-//! The listener's [`RequireTls`] policy changes steps 2 and 3 before TLS on a
-//! STARTTLS listener (and only there):
+//! The listener's [`RequireTls`](super::RequireTls) policy changes steps 2
+//! and 3 before TLS on a STARTTLS listener (and only there):
 //! - `auth`: the CAPA reply also loses its `USER` and `SASL` lines; USER,
 //!   PASS, APOP and AUTH are answered `-ERR [AUTH]` by the proxy (RFC 3206)
 //!   and never forwarded. Nothing ends inspection before TLS: any other

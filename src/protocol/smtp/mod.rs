@@ -39,6 +39,11 @@
 //! proxy has not seen (SMTP smuggling).
 //! XCLIENT/XFORWARD are refused in every mode while the machine inspects;
 //! they are never offered to clients in EHLO replies.
+//!
+//! The machine's parts: `ehlo.rs` (the EHLO reply rewrite and the HELO
+//! fallback), `xclient.rs` (the identification exchange), `body.rs` (DATA
+//! and BDAT framing while the session is relayed command by command),
+//! `replies.rs` (the proxy's words), `probe.rs` (the readiness check's).
 
 mod body;
 mod ehlo;

@@ -14,6 +14,7 @@ from typing import Callable
 
 import pytest
 
+from proxy_config import CertificateConfig, ListenerConfig, ProxyConfig
 from servers import MailServerEndpoints, pick_free_loopback_ports, tail_of_file, terminate_pid
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -75,27 +76,16 @@ def proxy_binary_path() -> Path:
 
 def write_proxy_config(path: Path, backends: MailServerEndpoints, ports: dict[str, int], metrics_port: int) -> None:
     backend_port = {"smtp": backends.smtp_port, "imap": backends.imap_port, "pop3": backends.pop3_port}
-    # Certificate paths are relative on purpose: the format says they resolve
-    # against the config file's directory, and the proxy runs from elsewhere.
-    lines = [
-        "[[certificate]]",
-        'cert = "fullchain.pem"',
-        'key  = "privkey.pem"',
-        "",
-        "[metrics]",
-        f'listen = "127.0.0.1:{metrics_port}"',
-    ]
-    for spec in LISTENERS:
-        lines += [
-            "",
-            "[[listener]]",
-            f'name     = "{spec.name}"',
-            f'protocol = "{spec.protocol}"',
-            f'tls      = "{spec.tls}"',
-            f'listen   = "127.0.0.1:{ports[spec.name]}"',
-            f'backend  = "127.0.0.1:{backend_port[spec.protocol]}"',
-        ]
-    path.write_text("\n".join(lines) + "\n")
+    ProxyConfig(
+        # Certificate paths are relative on purpose: the format says they
+        # resolve against the config file's directory, and the proxy runs
+        # from elsewhere.
+        certificates=[CertificateConfig("fullchain.pem", "privkey.pem")],
+        metrics_port=metrics_port,
+        listeners=[ListenerConfig(spec.name, spec.protocol, spec.tls, listen_port=ports[spec.name],
+                                  backend=backend_port[spec.protocol])
+                   for spec in LISTENERS],
+    ).write(path)
 
 
 def port_accepts_connections(port: int) -> bool:

@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 
 from mail_clients import SENDER_ADDRESS, MailMessage, make_message, wait_for_delivery
+from proxy_config import CertificateConfig, ListenerConfig, ProxyConfig
 from proxy_process import (
     RunningProxy,
     proxy_binary_path,
@@ -127,30 +128,20 @@ def identity_servers(scratch_dir) -> MailServers:
 
 def write_identity_config(path: Path, ports: dict[str, int], metrics_port: int,
                           backend_ports: dict[str, int]) -> None:
-    lines = [
-        f'hostname = "{PROXY_HOSTNAME}"',
-        "",
-        "[[certificate]]",
-        'cert = "fullchain.pem"',
-        'key  = "privkey.pem"',
-        "",
-        "[metrics]",
-        f'listen = "127.0.0.1:{metrics_port}"',
-    ]
-    for spec in IDENTITY_LISTENERS:
-        lines += [
-            "",
-            "[[listener]]",
-            f'name     = "{spec.name}"',
-            f'protocol = "{spec.protocol}"',
-            f'tls      = "{spec.tls}"',
-            f'listen   = "127.0.0.1:{ports[spec.name]}"',
-            f'backend  = "127.0.0.1:{backend_ports[spec.backend]}"',
-            f'client_identity = "{spec.client_identity}"',
-            # Plaintext login before STARTTLS is not what these tests are about.
-            *(['require_tls = "none"'] if spec.tls == "starttls" else []),
-        ]
-    path.write_text("\n".join(lines) + "\n")
+    ProxyConfig(
+        hostname=PROXY_HOSTNAME,
+        certificates=[CertificateConfig("fullchain.pem", "privkey.pem")],
+        metrics_port=metrics_port,
+        listeners=[
+            ListenerConfig(
+                spec.name, spec.protocol, spec.tls, listen_port=ports[spec.name],
+                backend=backend_ports[spec.backend], client_identity=spec.client_identity,
+                # Plaintext login before STARTTLS is not what these tests are about.
+                require_tls="none" if spec.tls == "starttls" else None,
+            )
+            for spec in IDENTITY_LISTENERS
+        ],
+    ).write(path)
 
 
 @pytest.fixture(scope="module")

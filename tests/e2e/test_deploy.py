@@ -41,6 +41,7 @@ from pathlib import Path
 
 import pytest
 
+from proxy_config import CertificateConfig, ListenerConfig, ProxyConfig
 from proxy_process import REPO_ROOT, RUNNING_IN_CI, proxy_binary_path, unavailable
 from servers import pick_free_loopback_ports, tail_of_file
 
@@ -747,10 +748,12 @@ def test_systemd_unit_commands_run_as_the_unit_runs_them(mail_servers, scratch_d
     low_port = free_low_port()
     (metrics_port,) = pick_free_loopback_ports(1)
     config = etc / "config.toml"
-    config.write_text(f'[[certificate]]\ncert = "fullchain.pem"\nkey = "privkey.pem"\n[metrics]\n'
-                      f'listen = "127.0.0.1:{metrics_port}"\n[[listener]]\nname = "imaps"\nprotocol = "imap"\n'
-                      f'tls = "implicit"\nlisten = "127.0.0.1:{low_port}"\n'
-                      f'backend = "127.0.0.1:{mail_servers.imap_port}"\n')
+    ProxyConfig(
+        certificates=[CertificateConfig("fullchain.pem", "privkey.pem")],
+        metrics_port=metrics_port,
+        listeners=[ListenerConfig("imaps", "imap", "implicit", listen_port=low_port,
+                                  backend=mail_servers.imap_port)],
+    ).write(config)
     exec_start = settings["ExecStart"][0].replace("/usr/local/bin/mail-tls-proxy", str(binary)) \
         .replace("/etc/mail-tls-proxy/config.toml", str(config)).split()
     environment = {key: value for line in settings["Environment"] for key, value in [line.split("=", 1)]}

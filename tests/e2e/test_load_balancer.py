@@ -42,6 +42,7 @@ from pathlib import Path
 import pytest
 
 from mail_clients import SENDER_ADDRESS, make_message, wait_for_delivery
+from proxy_config import CertificateConfig, ListenerConfig, ProxyConfig
 from proxy_process import RunningProxy, proxy_binary_path, stop_proxy, unavailable
 from servers import (
     MailServers,
@@ -319,32 +320,21 @@ def lb_servers(scratch_dir) -> MailServers:
 
 def write_proxy_config(path: Path, certificate_dir: Path, ports: dict[str, int], metrics_port: int,
                        backend_ports: dict[str, int]) -> None:
-    lines = [
-        f'hostname = "{PROXY_HOSTNAME}"',
-        "",
-        "[[certificate]]",
-        f'cert = "{certificate_dir / "fullchain.pem"}"',
-        f'key  = "{certificate_dir / "privkey.pem"}"',
-        "",
-        "[metrics]",
-        f'listen = "127.0.0.1:{metrics_port}"',
-    ]
-    for spec in LB_LISTENERS:
-        lines += [
-            "",
-            "[[listener]]",
-            f'name     = "{spec.name}"',
-            f'protocol = "{spec.protocol}"',
-            f'tls      = "{spec.tls}"',
-            f'listen   = "127.0.0.1:{ports[spec.name]}"',
-            f'backend  = "127.0.0.1:{backend_ports[spec.backend]}"',
-            f'client_identity = "{spec.client_identity}"',
-            f'accept_proxy_from = ["{BALANCER_IP}/32"]',
-            f"proxy_header_timeout = {PROXY_HEADER_TIMEOUT_SECONDS}",
-            *([f"max_connections_per_ip = {spec.max_connections_per_ip}"]
-              if spec.max_connections_per_ip is not None else []),
-        ]
-    path.write_text("\n".join(lines) + "\n")
+    ProxyConfig(
+        hostname=PROXY_HOSTNAME,
+        certificates=[CertificateConfig(certificate_dir / "fullchain.pem", certificate_dir / "privkey.pem")],
+        metrics_port=metrics_port,
+        listeners=[
+            ListenerConfig(
+                spec.name, spec.protocol, spec.tls, listen_port=ports[spec.name],
+                backend=backend_ports[spec.backend], client_identity=spec.client_identity,
+                accept_proxy_from=[f"{BALANCER_IP}/32"],
+                proxy_header_timeout=PROXY_HEADER_TIMEOUT_SECONDS,
+                max_connections_per_ip=spec.max_connections_per_ip,
+            )
+            for spec in LB_LISTENERS
+        ],
+    ).write(path)
 
 
 PROBE_IP = "127.0.0.9"  # not in accept_proxy_from

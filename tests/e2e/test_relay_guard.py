@@ -38,6 +38,7 @@ from pathlib import Path
 import pytest
 
 from mail_clients import SENDER_ADDRESS, make_message
+from proxy_config import CertificateConfig, ListenerConfig, ProxyConfig
 from proxy_process import (
     REPO_ROOT,
     RunningProxy,
@@ -132,38 +133,28 @@ def binary() -> Path:
 # -- configurations ------------------------------------------------------------------------
 
 def smtp_listener(name: str, listen_port: int, backend_port: int, client_identity: str | None = None,
-                  tls: str = "starttls") -> list[str]:
-    return [
-        "",
-        "[[listener]]",
-        f'name     = "{name}"',
-        'protocol = "smtp"',
-        f'tls      = "{tls}"',
-        f'listen   = "127.0.0.1:{listen_port}"',
-        f'backend  = "127.0.0.1:{backend_port}"',
-        *([f'client_identity = "{client_identity}"'] if client_identity else []),
+                  tls: str = "starttls") -> ListenerConfig:
+    return ListenerConfig(
+        name, "smtp", tls, listen_port=listen_port, backend=backend_port, client_identity=client_identity,
         # Port-25 style: mail without TLS is allowed; TLS is not the subject here.
-        *(['require_tls = "none"'] if tls == "starttls" else []),
-    ]
+        require_tls="none" if tls == "starttls" else None,
+    )
 
 
-def config_head(metrics_port: int | None = None) -> list[str]:
-    return [
-        f'hostname = "{PROXY_HOSTNAME}"',
-        "",
-        "[[certificate]]",
-        'cert = "fullchain.pem"',
-        'key  = "privkey.pem"',
-        *(["", "[metrics]", f'listen = "127.0.0.1:{metrics_port}"'] if metrics_port else []),
-    ]
+def guard_config(listeners: list[ListenerConfig], metrics_port: int | None = None) -> ProxyConfig:
+    return ProxyConfig(
+        hostname=PROXY_HOSTNAME,
+        certificates=[CertificateConfig("fullchain.pem", "privkey.pem")],
+        metrics_port=metrics_port,
+        listeners=listeners,
+    )
 
 
 def write_single_listener_config(path: Path, backend_port: int) -> tuple[str, str]:
     """One submission listener with the default client_identity ("none")
     and the default relay_check ("refuse"); returns (listener, backend)."""
     listen_port, metrics_port = pick_free_loopback_ports(2)
-    path.write_text("\n".join(config_head(metrics_port) + smtp_listener("submission", listen_port, backend_port))
-                    + "\n")
+    guard_config([smtp_listener("submission", listen_port, backend_port)], metrics_port).write(path)
     return "submission", f"127.0.0.1:{backend_port}"
 
 
@@ -271,10 +262,9 @@ def guarded_proxy(relay_servers, binary, test_certificate, scratch_dir) -> Runni
     backend_ports = relay_servers.endpoints.extra_ports
 
     def config_text(ports: dict[str, int], metrics_port: int) -> str:
-        lines = config_head(metrics_port)
-        for name, (identity, service) in GUARDED_LISTENERS.items():
-            lines += smtp_listener(name, ports[name], backend_ports[service], identity)
-        return "\n".join(lines) + "\n"
+        return guard_config([smtp_listener(name, ports[name], backend_ports[service], identity)
+                             for name, (identity, service) in GUARDED_LISTENERS.items()],
+                            metrics_port).to_toml()
 
     running = start_proxy_with_config(binary, test_certificate.chain.parent, "relay-guarded",
                                       list(GUARDED_LISTENERS), config_text, working_dir=scratch_dir)

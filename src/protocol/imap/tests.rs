@@ -1110,7 +1110,37 @@ fn nul_and_bare_cr_lines_are_refused_before_tls_under_every_policy() {
         (to_client.as_slice(), to_backend.as_slice()),
         (&b""[..], &b"a NOOP\0\r\n"[..])
     );
+    // A STARTTLS in any spelling is always the proxy's to answer.
     let mut machine = greeted(TlsMode::Implicit);
-    let (_, to_backend, _) = client(&mut machine, b"a STARTTLS\0\r\n");
-    assert_eq!(to_backend, b"a STARTTLS\0\r\n");
+    let (to_client, to_backend, _) = client(&mut machine, b"a STARTTLS\0\r\n");
+    assert_eq!(
+        (to_client.as_slice(), to_backend.as_slice()),
+        (&b"a BAD STARTTLS takes no arguments\r\n"[..], &b""[..])
+    );
+}
+
+#[test]
+fn starttls_spelled_for_a_lenient_server_is_answered_never_forwarded() {
+    for policy in [RequireTls::Auth, RequireTls::All, RequireTls::None] {
+        // Under "all" the policy answers first; either way the backend
+        // never sees the line.
+        let reply: &[u8] = if policy == RequireTls::All {
+            b"a BAD [PRIVACYREQUIRED] Must issue STARTTLS first\r\n"
+        } else {
+            b"a BAD STARTTLS takes no arguments\r\n"
+        };
+        for line in [
+            &b"a \tSTARTTLS\r\n"[..],
+            b"a STARTTLS\tx\r\n",
+            b"a \x0cstarttls\r\n",
+        ] {
+            let mut machine = with_policy(policy);
+            let (out, next) = client_out(&mut machine, line);
+            assert_eq!(
+                (out.to_client.as_slice(), out.to_backend.as_slice(), next),
+                (reply, &b""[..], Next::Continue),
+                "{policy:?} {line:?}"
+            );
+        }
+    }
 }

@@ -115,8 +115,14 @@ impl Pop3Inspector {
         if self.gate.refuses_line(text).is_some() {
             return self.refuse(text, out);
         }
-        if keyword.eq_ignore_ascii_case(b"STLS") {
-            let answer = self.gate.starttls(argument);
+        let strict_stls = keyword.eq_ignore_ascii_case(b"STLS");
+        // A spelling only a lenient server reads as STLS (`STLS\tx`) is
+        // answered here too, as STLS with arguments: it never reaches the
+        // backend, which might begin a TLS the proxy does not see.
+        if strict_stls || lenient_verb(text).eq_ignore_ascii_case(b"STLS") {
+            let answer = self
+                .gate
+                .starttls(if strict_stls { argument } else { text });
             out.to_client
                 .extend_from_slice(answer.reply(&REPLIES.starttls));
             if answer == StartTls::Begin {

@@ -725,14 +725,42 @@ fn nul_and_bare_cr_lines_are_refused_before_tls_under_every_policy() {
             assert!(machine.wants_client_line());
         }
     }
-    // After TLS (and on implicit listeners) the backend judges such lines.
+    // After TLS (and on implicit listeners) the backend judges such lines,
+    // but for an STLS in any spelling: that is always the proxy's to answer.
+    let mut machine = upgraded();
+    let (to_client, to_backend, _) = client(&mut machine, b"NOOP\0\r\n");
+    assert_eq!(
+        (to_client.as_slice(), to_backend.as_slice()),
+        (&b""[..], &b"NOOP\0\r\n"[..])
+    );
     let mut machine = upgraded();
     let (to_client, to_backend, _) = client(&mut machine, b"STLS\0\r\n");
     assert_eq!(
         (to_client.as_slice(), to_backend.as_slice()),
-        (&b""[..], &b"STLS\0\r\n"[..])
+        (&b"-ERR STLS takes no arguments\r\n"[..], &b""[..])
     );
     let mut machine = greeted(TlsMode::Implicit);
     let (_, to_backend, _) = client(&mut machine, b"NOOP\rUSER joe\r\n");
     assert_eq!(to_backend, b"NOOP\rUSER joe\r\n");
+}
+
+#[test]
+fn stls_spelled_for_a_lenient_server_is_answered_never_forwarded() {
+    for policy in [RequireTls::Auth, RequireTls::All, RequireTls::None] {
+        for line in [
+            &b"STLS\tx\r\n"[..],
+            b"\tSTLS\r\n",
+            b"STLS\x0b\r\n",
+            b"stls1\r\n",
+        ] {
+            let mut machine = with_policy(policy);
+            let (out, next) = client_out(&mut machine, line);
+            assert_eq!(out.to_backend, b"", "{policy:?} {line:?}");
+            assert_eq!(
+                out.to_client, b"-ERR STLS takes no arguments\r\n",
+                "{line:?}"
+            );
+            assert_eq!(next, Next::Continue);
+        }
+    }
 }

@@ -939,8 +939,13 @@ impl Sim {
                 // The HELO sent in place of a refused EHLO.
                 self.longest_client_line + 16,
             ),
-            // One line, atoms removed, ` LOGINDISABLED STARTTLS` added once.
-            Protocol::Imap => (line.len() + b" LOGINDISABLED STARTTLS".len(), 0),
+            // One line, atoms removed, ` LOGINDISABLED STARTTLS` added once;
+            // or one of the proxy's fixed replies in its place (a PREAUTH
+            // greeting refused before TLS).
+            Protocol::Imap => (
+                (line.len() + b" LOGINDISABLED STARTTLS".len()).max(REPLY_SLACK),
+                0,
+            ),
             // The line, or the synthesized CAPA, or `STLS\r\n` before `.`.
             Protocol::Pop3 => (line.len() + pop3::SYNTHESIZED_CAPA.len(), 0),
         };

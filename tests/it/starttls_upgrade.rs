@@ -2,9 +2,7 @@
 //! in every capability answer, answers it itself, terminates TLS, and the
 //! backend sees only the plain, unmodified dialogue.
 
-mod support;
-
-use support::*;
+use crate::support::*;
 use tokio::io::AsyncWriteExt;
 
 #[tokio::test]

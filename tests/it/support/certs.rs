@@ -3,9 +3,6 @@
 //! the ways operators and tools do (in place, by rename, as a Kubernetes
 //! Secret volume), an in-process proxy started from any configuration, and
 //! handshakes on every listener kind that report the leaf the proxy served.
-//!
-//! A test binary that uses this declares both `mod support;` and
-//! `mod cert_support;`.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
@@ -26,7 +23,7 @@ use tokio::sync::oneshot;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use crate::support::{FakeBackend, Script, STEP};
+use super::{FakeBackend, Script, STEP};
 
 /// A private temporary folder, removed when dropped.
 pub struct TempDir(pub PathBuf);

@@ -1,9 +1,7 @@
 //! The operator's endpoint: Prometheus metrics with the base set of names
 //! and per-listener labels, and the health answers.
 
-mod support;
-
-use support::*;
+use crate::support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

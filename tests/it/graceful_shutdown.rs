@@ -4,11 +4,9 @@
 //! finish. Also the real binary: SIGTERM drains and exits 0, a second signal
 //! exits at once.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 use tokio::io::AsyncWriteExt;
 
 #[tokio::test]

@@ -6,12 +6,9 @@
 //! The proxies here poll only once an hour, so every reload seen is the
 //! directory watch at work.
 
-mod cert_support;
-mod support;
-
 use std::time::Duration;
 
-use cert_support::*;
+use crate::support::certs::*;
 
 /// The bound: new handshakes see a new certificate this soon.
 const WITHIN: Duration = Duration::from_secs(2);

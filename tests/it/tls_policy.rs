@@ -2,12 +2,10 @@
 //! restricted to the listener's protocol (ALPACA), and broken handshakes that
 //! end one connection cleanly while the proxy keeps serving others.
 
-mod support;
-
 use std::sync::Arc;
 
+use crate::support::*;
 use rustls::pki_types::ServerName;
-use support::*;
 use tokio::io::AsyncWriteExt;
 
 fn client_config(
@@ -36,24 +34,25 @@ const BOTH: &[&rustls::SupportedProtocolVersion] =
 #[tokio::test]
 async fn alpn_accepts_the_listeners_protocol_or_none_and_refuses_others() {
     let backend = FakeBackend::start(Script::imap()).await;
-    let proxy = TestProxy::start(&[listener("imaps", "imap", "implicit", backend.address)]).await;
+    let proxy =
+        TestProxy::start(&[listener("alpn-imaps", "imap", "implicit", backend.address)]).await;
     let name = || ServerName::try_from("localhost").expect("name");
 
     let imap = client_config(&proxy.pki.dir, &[b"imap"], BOTH);
     let tls = imap
-        .connect(name(), proxy.connect("imaps").await)
+        .connect(name(), proxy.connect("alpn-imaps").await)
         .await
         .expect("imap ALPN accepted");
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"imap"[..]));
 
     let none = client_config(&proxy.pki.dir, &[], BOTH);
-    none.connect(name(), proxy.connect("imaps").await)
+    none.connect(name(), proxy.connect("alpn-imaps").await)
         .await
         .expect("no ALPN accepted");
 
     let http = client_config(&proxy.pki.dir, &[b"http/1.1"], BOTH);
     let error = http
-        .connect(name(), proxy.connect("imaps").await)
+        .connect(name(), proxy.connect("alpn-imaps").await)
         .await
         .expect_err("http/1.1 must be refused");
     assert!(
@@ -63,7 +62,7 @@ async fn alpn_accepts_the_listeners_protocol_or_none_and_refuses_others() {
 
     let smtp_on_imap = client_config(&proxy.pki.dir, &[b"smtp"], BOTH);
     smtp_on_imap
-        .connect(name(), proxy.connect("imaps").await)
+        .connect(name(), proxy.connect("alpn-imaps").await)
         .await
         .expect_err("another mail protocol's id must be refused");
 
@@ -72,7 +71,7 @@ async fn alpn_accepts_the_listeners_protocol_or_none_and_refuses_others() {
     assert_eq!(backend.connections(), 2);
     let metrics = http_get_metrics(&proxy).await;
     assert!(
-        metrics.contains("mail_tls_proxy_tls_handshake_errors_total{listener=\"imaps\",reason=\"no_application_protocol\"} 2"),
+        metrics.contains("mail_tls_proxy_tls_handshake_errors_total{listener=\"alpn-imaps\",reason=\"no_application_protocol\"} 2"),
         "{metrics}"
     );
 }
@@ -125,8 +124,9 @@ fn tls11_client_hello() -> Vec<u8> {
 #[tokio::test]
 async fn tls_1_1_clients_are_refused_with_an_alert_and_the_proxy_keeps_serving() {
     let backend = FakeBackend::start(Script::smtp()).await;
-    let proxy = TestProxy::start(&[listener("smtps", "smtp", "implicit", backend.address)]).await;
-    let mut old = proxy.connect("smtps").await;
+    let proxy =
+        TestProxy::start(&[listener("tls11-smtps", "smtp", "implicit", backend.address)]).await;
+    let mut old = proxy.connect("tls11-smtps").await;
     old.write_all(&tls11_client_hello()).await.expect("write");
     let answer = read_to_close(&mut old).await;
     // A fatal alert record (content type 21), never a ServerHello.
@@ -134,10 +134,10 @@ async fn tls_1_1_clients_are_refused_with_an_alert_and_the_proxy_keeps_serving()
     assert!(answer.len() <= 7, "{answer:?}");
     let metrics = http_get_metrics(&proxy).await;
     assert!(
-        metrics.contains("mail_tls_proxy_tls_handshake_errors_total{listener=\"smtps\",reason=\"protocol_version\"} 1"),
+        metrics.contains("mail_tls_proxy_tls_handshake_errors_total{listener=\"tls11-smtps\",reason=\"protocol_version\"} 1"),
         "{metrics}"
     );
-    let mut modern = proxy.connect_tls("smtps").await;
+    let mut modern = proxy.connect_tls("tls11-smtps").await;
     assert_eq!(
         read_until(&mut modern, b"\r\n").await,
         b"220 fake.example ESMTP\r\n"

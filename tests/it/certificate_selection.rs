@@ -2,10 +2,7 @@
 //! selection over several `[[certificate]]`, strict SNI, full chains, every
 //! key algorithm and format, expired certificates, and the generated default.
 
-mod cert_support;
-mod support;
-
-use cert_support::*;
+use crate::support::certs::*;
 use rustls::pki_types::CertificateDer;
 
 fn kind(name: &str) -> Kind {

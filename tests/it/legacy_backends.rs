@@ -1,9 +1,7 @@
 //! Truly old backends still get STARTTLS/STLS offered: an RFC 821 SMTP server
 //! that rejects EHLO, and an RFC 1939 POP3 server that rejects CAPA.
 
-mod support;
-
-use support::*;
+use crate::support::*;
 
 #[tokio::test]
 async fn a_helo_only_smtp_backend_still_gets_starttls_offered() {

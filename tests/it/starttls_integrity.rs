@@ -9,14 +9,12 @@
 //! word STARTTLS carried as data, backends advertising their own STARTTLS,
 //! and credentials sent before TLS.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::support::*;
 use rustls::pki_types::ServerName;
-use support::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;

@@ -3,11 +3,9 @@
 //! check (SMTP 220, IMAP * OK, POP3 +OK), on a fresh connection closed with
 //! QUIT / LOGOUT. Otherwise 503 with a reason naming listener and backend.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test]
@@ -16,10 +14,10 @@ async fn ready_when_every_backend_greets_and_each_gets_a_polite_goodbye() {
     let imap = FakeBackend::start(Script::imap().on(b"r1 LOGOUT", b"* BYE\r\nr1 OK\r\n")).await;
     let pop3 = FakeBackend::start(Script::pop3()).await;
     let proxy = TestProxy::start(&[
-        listener("submission", "smtp", "starttls", smtp.address),
-        listener("imaps", "imap", "implicit", imap.address),
-        listener("imap", "imap", "starttls", imap.address),
-        listener("pop3s", "pop3", "implicit", pop3.address),
+        listener("ready-submission", "smtp", "starttls", smtp.address),
+        listener("ready-imaps", "imap", "implicit", imap.address),
+        listener("ready-imap", "imap", "starttls", imap.address),
+        listener("ready-pop3s", "pop3", "implicit", pop3.address),
     ])
     .await;
     let metrics = proxy.metrics.expect("metrics");
@@ -40,7 +38,12 @@ async fn ready_when_every_backend_greets_and_each_gets_a_polite_goodbye() {
     assert_eq!(imap.connections(), 1);
 
     let text = http_get_metrics(&proxy).await;
-    for name in ["submission", "imaps", "imap", "pop3s"] {
+    for name in [
+        "ready-submission",
+        "ready-imaps",
+        "ready-imap",
+        "ready-pop3s",
+    ] {
         assert!(
             text.contains(&format!(
                 "mail_tls_proxy_backend_up{{listener=\"{name}\"}} 1"
@@ -56,9 +59,9 @@ async fn an_unreachable_or_unwilling_backend_is_named_in_the_503() {
     let dead = dead_address().await;
     let busy = FakeBackend::start(Script::new(b"421 4.3.2 too busy\r\n")).await;
     let proxy = TestProxy::start(&[
-        listener("imaps", "imap", "implicit", imap.address),
-        listener("pop3s", "pop3", "implicit", dead),
-        listener("smtps", "smtp", "implicit", busy.address),
+        listener("unready-imaps", "imap", "implicit", imap.address),
+        listener("unready-pop3s", "pop3", "implicit", dead),
+        listener("unready-smtps", "smtp", "implicit", busy.address),
     ])
     .await;
     let metrics = proxy.metrics.expect("metrics");
@@ -68,14 +71,14 @@ async fn an_unreachable_or_unwilling_backend_is_named_in_the_503() {
     assert_eq!(lines.len(), 2, "{body}");
     assert!(
         lines[0].starts_with(&format!(
-            "not ready: listener pop3s: backend {dead} (pop3): connect failed: "
+            "not ready: listener unready-pop3s: backend {dead} (pop3): connect failed: "
         )),
         "{body}"
     );
     assert_eq!(
         lines[1],
         format!(
-            "not ready: listener smtps: backend {} (smtp): greeting \"421 4.3.2 too busy\" is not 220",
+            "not ready: listener unready-smtps: backend {} (smtp): greeting \"421 4.3.2 too busy\" is not 220",
             busy.address
         )
     );
@@ -83,11 +86,11 @@ async fn an_unreachable_or_unwilling_backend_is_named_in_the_503() {
     assert_eq!(http_get(metrics, "/healthz").await, (200, "ok\n".into()));
     let text = http_get_metrics(&proxy).await;
     assert!(
-        text.contains("mail_tls_proxy_backend_up{listener=\"pop3s\"} 0"),
+        text.contains("mail_tls_proxy_backend_up{listener=\"unready-pop3s\"} 0"),
         "{text}"
     );
     assert!(
-        text.contains("mail_tls_proxy_backend_up{listener=\"imaps\"} 1"),
+        text.contains("mail_tls_proxy_backend_up{listener=\"unready-imaps\"} 1"),
         "{text}"
     );
 }
@@ -96,7 +99,7 @@ async fn an_unreachable_or_unwilling_backend_is_named_in_the_503() {
 async fn a_backend_that_comes_back_makes_the_proxy_ready_at_the_next_check() {
     let address = dead_address().await;
     let proxy = TestProxy::start_configured(
-        &[listener("pop3", "pop3", "starttls", address)],
+        &[listener("comeback-pop3", "pop3", "starttls", address)],
         "readiness_interval = 1",
         "",
     )
@@ -138,7 +141,7 @@ async fn a_backend_expecting_a_proxy_header_gets_the_health_check_form_first() {
     ] {
         let pop3 = FakeBackend::start(Script::pop3().with_proxy_header()).await;
         let proxy = TestProxy::start_with(
-            &[listener("pop3s", "pop3", "implicit", pop3.address)],
+            &[listener("header-pop3s", "pop3", "implicit", pop3.address)],
             &format!("client_identity = \"{identity}\""),
         )
         .await;

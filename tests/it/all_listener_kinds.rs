@@ -1,9 +1,7 @@
 //! All six listener kinds (3 protocols x 2 TLS modes) in one proxy process,
 //! used at the same time.
 
-mod support;
-
-use support::*;
+use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn six_listener_kinds_serve_concurrently_in_one_process() {

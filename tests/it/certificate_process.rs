@@ -7,9 +7,6 @@
 //! folder, and the targets are changed in place: the directory watch sees
 //! nothing, so whatever reloads them is SIGHUP or the poll.
 
-mod cert_support;
-mod support;
-
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -17,9 +14,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cert_support::*;
+use crate::support::certs::*;
+use crate::support::{http_get, STEP};
 use rustls::pki_types::CertificateDer;
-use support::{http_get, STEP};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_mail-tls-proxy");
 

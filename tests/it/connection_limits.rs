@@ -2,9 +2,7 @@
 //! client gets its protocol's temporary error and a close; the slot comes back
 //! when a session ends.
 
-mod support;
-
-use support::*;
+use crate::support::*;
 
 #[tokio::test]
 async fn past_the_per_ip_limit_the_client_gets_421_and_a_close() {
@@ -54,23 +52,23 @@ async fn past_the_global_limit_every_listener_refuses_in_its_own_protocol() {
     let pop3 = FakeBackend::start(Script::pop3()).await;
     let proxy = TestProxy::start_configured(
         &[
-            listener("mx", "smtp", "starttls", smtp.address),
-            listener("imaps", "imap", "implicit", imap.address),
-            listener("pop3", "pop3", "starttls", pop3.address),
+            listener("limit-mx", "smtp", "starttls", smtp.address),
+            listener("limit-imaps", "imap", "implicit", imap.address),
+            listener("limit-pop3", "pop3", "starttls", pop3.address),
         ],
         "max_connections = 1",
         "",
     )
     .await;
-    let mut holder = proxy.connect("mx").await;
+    let mut holder = proxy.connect("limit-mx").await;
     read_until(&mut holder, b"\r\n").await;
 
-    let mut imaps = proxy.connect_tls("imaps").await;
+    let mut imaps = proxy.connect_tls("limit-imaps").await;
     assert_eq!(
         text(&read_to_close(&mut imaps).await),
         "* BYE [UNAVAILABLE] Too many connections, try again later\r\n"
     );
-    let mut pop3_client = proxy.connect("pop3").await;
+    let mut pop3_client = proxy.connect("limit-pop3").await;
     assert_eq!(
         text(&read_to_close(&mut pop3_client).await),
         "-ERR [SYS/TEMP] Too many connections, try again later\r\n"
@@ -79,7 +77,7 @@ async fn past_the_global_limit_every_listener_refuses_in_its_own_protocol() {
 
     let metrics = http_get_metrics(&proxy).await;
     assert!(
-        metrics.contains("mail_tls_proxy_rejected_connections_total{listener=\"imaps\",reason=\"max_connections\"} 1"),
+        metrics.contains("mail_tls_proxy_rejected_connections_total{listener=\"limit-imaps\",reason=\"max_connections\"} 1"),
         "{metrics}"
     );
 }

@@ -2,23 +2,26 @@
 //! handshake, and an idle pass-through session are all cut off, each with the
 //! protocol's goodbye where the client can still read one.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 use tokio::io::AsyncWriteExt;
 
 #[tokio::test]
 async fn a_client_that_never_sends_a_client_hello_is_cut_at_the_handshake_timeout() {
     let backend = FakeBackend::start(Script::imap()).await;
     let proxy = TestProxy::start_with(
-        &[listener("imaps", "imap", "implicit", backend.address)],
+        &[listener(
+            "timeout-imaps",
+            "imap",
+            "implicit",
+            backend.address,
+        )],
         "handshake_timeout = 1",
     )
     .await;
     let started = Instant::now();
-    let mut silent = proxy.connect("imaps").await;
+    let mut silent = proxy.connect("timeout-imaps").await;
     assert_eq!(read_to_close(&mut silent).await, b"");
     let took = started.elapsed();
     assert!(
@@ -28,7 +31,9 @@ async fn a_client_that_never_sends_a_client_hello_is_cut_at_the_handshake_timeou
     assert_eq!(backend.connections(), 0);
     let metrics = http_get_metrics(&proxy).await;
     assert!(
-        metrics.contains("mail_tls_proxy_timeouts_total{listener=\"imaps\",phase=\"handshake\"} 1"),
+        metrics.contains(
+            "mail_tls_proxy_timeouts_total{listener=\"timeout-imaps\",phase=\"handshake\"} 1"
+        ),
         "{metrics}"
     );
 }

@@ -2,9 +2,7 @@
 //! backends: TLS first, the backend connected only after the handshake, the
 //! backend's own STARTTLS/STLS removed from what the client sees.
 
-mod support;
-
-use support::*;
+use crate::support::*;
 use tokio::io::AsyncWriteExt;
 
 #[tokio::test]

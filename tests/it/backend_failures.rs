@@ -1,9 +1,7 @@
 //! A dead or misbehaving backend: the client gets the protocol's own
 //! temporary-failure reply and a clean close, never a silent reset.
 
-mod support;
-
-use support::*;
+use crate::support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 

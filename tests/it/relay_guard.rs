@@ -6,12 +6,10 @@
 //! turns new connections away with a 421 and `/readyz` to 503 until a check
 //! finds it closed again; established sessions go on.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use mail_tls_proxy::server::StartError;
-use support::*;
 use tokio::io::AsyncWriteExt;
 
 const OPEN: &[u8] = b"250 2.1.5 Ok\r\n";

@@ -3,11 +3,9 @@
 //! 127.0.0.2 (Linux routes all of 127/8 to the loopback interface) so the
 //! client's address differs from the proxy's own 127.0.0.1.
 
-mod support;
-
 use std::net::SocketAddr;
 
-use support::*;
+use crate::support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 

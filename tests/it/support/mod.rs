@@ -3,6 +3,8 @@
 //! time, and small client helpers that read exact replies.
 #![allow(dead_code)]
 
+pub mod certs;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};

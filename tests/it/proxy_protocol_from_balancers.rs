@@ -3,11 +3,9 @@
 //! everywhere (what the backend is told, the per-address limit). The test
 //! plays the balancer from 127.0.0.1; scripted backends record every byte.
 
-mod support;
-
 use std::net::SocketAddr;
 
-use support::*;
+use crate::support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -12,14 +12,11 @@
 //!   keep the certificate they were made with;
 //! - the proxy counts exactly one successful reload per rotation.
 
-mod cert_support;
-mod support;
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cert_support::*;
+use crate::support::certs::*;
 use tokio::time::Instant;
 
 const ROTATIONS: usize = 50;

@@ -9,7 +9,7 @@ async fn six_listener_kinds_serve_concurrently_in_one_process() {
     let imap = FakeBackend::start(Script::imap()).await;
     let pop3 = FakeBackend::start(Script::pop3()).await;
     let proxy = std::sync::Arc::new(
-        TestProxy::start(&[
+        TestProxy::start([
             listener("smtp-starttls", "smtp", "starttls", smtp.address),
             listener("smtps", "smtp", "implicit", smtp.address),
             listener("imap-starttls", "imap", "starttls", imap.address),

@@ -21,7 +21,7 @@ const UNAVAILABLE: [(&str, &[u8]); 3] = [
 async fn unreachable_backend_gets_a_temporary_failure_on_starttls_listeners() {
     let dead = dead_address().await;
     for (protocol, reply) in UNAVAILABLE {
-        let proxy = TestProxy::start(&[listener("plain", protocol, "starttls", dead)]).await;
+        let proxy = TestProxy::start([listener("plain", protocol, "starttls", dead)]).await;
         let mut client = proxy.connect("plain").await;
         assert_eq!(
             text(&read_to_close(&mut client).await),
@@ -35,7 +35,7 @@ async fn unreachable_backend_gets_a_temporary_failure_on_starttls_listeners() {
 async fn unreachable_backend_gets_a_temporary_failure_inside_tls_on_implicit_listeners() {
     let dead = dead_address().await;
     for (protocol, reply) in UNAVAILABLE {
-        let proxy = TestProxy::start(&[listener("tls", protocol, "implicit", dead)]).await;
+        let proxy = TestProxy::start([listener("tls", protocol, "implicit", dead)]).await;
         let mut client = proxy.connect_tls("tls").await;
         assert_eq!(
             text(&read_to_close(&mut client).await),
@@ -55,7 +55,7 @@ async fn a_backend_that_closes_before_greeting_gets_a_temporary_failure() {
         }
     });
     for (protocol, reply) in UNAVAILABLE {
-        let proxy = TestProxy::start(&[listener("plain", protocol, "starttls", address)]).await;
+        let proxy = TestProxy::start([listener("plain", protocol, "starttls", address)]).await;
         let mut client = proxy.connect("plain").await;
         assert_eq!(
             text(&read_to_close(&mut client).await),
@@ -73,7 +73,7 @@ async fn an_overlong_client_line_gets_the_protocols_error_and_a_close() {
         ("pop3", Script::pop3(), b"+OK fake POP3 ready\r\n-ERR Line too long\r\n"),
     ] {
         let backend = FakeBackend::start(script).await;
-        let proxy = TestProxy::start(&[listener("plain", protocol, "starttls", backend.address)]).await;
+        let proxy = TestProxy::start([listener("plain", protocol, "starttls", backend.address)]).await;
         let mut client = proxy.connect("plain").await;
         // 16 KiB without a line end: over the 8 KiB cap before it ever ends.
         let _ = client.write_all(&vec![b'A'; 16 * 1024]).await;
@@ -86,7 +86,7 @@ async fn an_overlong_client_line_gets_the_protocols_error_and_a_close() {
 async fn an_overlong_backend_line_gets_a_temporary_failure() {
     let greeting = [b"220 ".as_slice(), &vec![b'x'; 70 * 1024], b"\r\n"].concat();
     let backend = FakeBackend::start(Script::new(&greeting)).await;
-    let proxy = TestProxy::start(&[listener("plain", "smtp", "starttls", backend.address)]).await;
+    let proxy = TestProxy::start([listener("plain", "smtp", "starttls", backend.address)]).await;
     let mut client = proxy.connect("plain").await;
     assert_eq!(
         text(&read_to_close(&mut client).await),
@@ -97,7 +97,7 @@ async fn an_overlong_backend_line_gets_a_temporary_failure() {
 #[tokio::test]
 async fn one_broken_session_does_not_disturb_others() {
     let backend = FakeBackend::start(Script::pop3()).await;
-    let proxy = TestProxy::start(&[listener("pop3", "pop3", "starttls", backend.address)]).await;
+    let proxy = TestProxy::start([listener("pop3", "pop3", "starttls", backend.address)]).await;
     let mut healthy = proxy.connect("pop3").await;
     read_until(&mut healthy, b"\r\n").await;
     let mut broken = proxy.connect("pop3").await;

@@ -7,120 +7,18 @@
 //! folder, and the targets are changed in place: the directory watch sees
 //! nothing, so whatever reloads them is SIGHUP or the poll.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::support::certs::*;
-use crate::support::{http_get, STEP};
+use crate::support::*;
 use rustls::pki_types::CertificateDer;
-
-const BINARY: &str = env!("CARGO_BIN_EXE_mail-tls-proxy");
 
 const IMAPS: Kind = Kind {
     name: "imaps",
     protocol: "imap",
     tls: "implicit",
 };
-
-/// The proxy binary, running, with its log lines collected.
-struct ProxyProcess {
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::new();
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-impl ProxyProcess {
-    fn spawn(config: &Path) -> ProxyProcess {
-        let mut child = Command::new(BINARY)
-            .args(["run", "--config"])
-            .arg(config)
-            .env("NO_COLOR", "1")
-            .env("MAIL_TLS_PROXY_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the proxy binary");
-        let stderr = child.stderr.take().expect("stderr");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().expect("lock").push(strip_ansi(&line));
-            }
-        });
-        ProxyProcess { child, log }
-    }
-
-    /// Waits for a log line containing every one of `parts`; returns it.
-    async fn wait_for_log(&self, parts: &[&str]) -> String {
-        let deadline = tokio::time::Instant::now() + STEP;
-        loop {
-            if let Some(line) = self
-                .log
-                .lock()
-                .expect("lock")
-                .iter()
-                .find(|line| parts.iter().all(|part| line.contains(part)))
-            {
-                return line.clone();
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no log line with {parts:?}; log:\n{}",
-                self.log.lock().expect("lock").join("\n")
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// The address a `listening` (or metrics) log line announces.
-    async fn address(&self, parts: &[&str]) -> SocketAddr {
-        let line = self.wait_for_log(parts).await;
-        let field = line
-            .split_whitespace()
-            .find_map(|field| field.strip_prefix("address="))
-            .unwrap_or_else(|| panic!("no address in {line:?}"));
-        field.parse().expect("an address")
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("kill");
-        assert!(status.success());
-    }
-}
-
-impl Drop for ProxyProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// `served/tls.crt -> real/tls.crt` and the same for the key, so that
 /// writing into `real/` changes nothing in the watched folder `served/`.
@@ -141,11 +39,19 @@ fn linked_pair(dir: &TempDir, issued: &Issued) -> LinkedPair {
     LinkedPair { real, served }
 }
 
-fn config_text(pair: &PairPaths, poll: u64, backend: SocketAddr) -> String {
-    format!(
-        "certificate_poll_interval = {poll}\n{}[metrics]\nlisten = \"127.0.0.1:0\"\n\n[[listener]]\nname = \"imaps\"\nprotocol = \"imap\"\ntls = \"implicit\"\nlisten = \"127.0.0.1:0\"\nbackend = \"{backend}\"\n",
-        certificate_tables(&[pair])
-    )
+/// The proxy in front of `backend` with one IMAPS listener and `pair`,
+/// polling every `poll` seconds.
+fn reloading_config(pair: &PairPaths, poll: u64, backend: SocketAddr) -> TestConfig {
+    TestConfig::new()
+        .certificate_poll_interval(poll)
+        .certificate(pair)
+        .metrics()
+        .listener(listener("imaps", "imap", "implicit", backend))
+}
+
+/// A configuration that `check` and `run` load without contacting anyone.
+fn imaps_only() -> TestConfig {
+    TestConfig::new().listener(listener("imaps", "imap", "implicit", "127.0.0.1:143"))
 }
 
 fn not_after(leaf: &CertificateDer<'_>) -> i64 {
@@ -153,49 +59,18 @@ fn not_after(leaf: &CertificateDer<'_>) -> i64 {
     certificate.validity().not_after.timestamp()
 }
 
-/// The value of the series `name` (with its labels, exactly as exported).
-async fn metric(address: SocketAddr, series: &str) -> f64 {
-    let (status, body) = http_get(address, "/metrics").await;
-    assert_eq!(status, 200);
-    body.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no {series} in:\n{body}"))
-        .trim()
-        .parse()
-        .expect("a number")
-}
-
-async fn wait_for_metric(address: SocketAddr, series: &str, value: f64) {
-    let deadline = tokio::time::Instant::now() + STEP;
-    loop {
-        let got = metric(address, series).await;
-        if got == value {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{series} is {got}, expected {value}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn served(address: SocketAddr, ca: &TestCa) -> CertificateDer<'static> {
-    open_session_at(address, IMAPS, &ca.connector(), "localhost")
+    served_leaf(&address, IMAPS, &ca.connector(), "localhost")
         .await
         .expect("handshake")
-        .leaf
 }
 
-async fn wait_until_served_at(address: SocketAddr, ca: &TestCa, expected: &CertificateDer<'_>) {
-    let deadline = tokio::time::Instant::now() + STEP;
-    while &served(address, ca).await != expected {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the new certificate was not served"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+async fn wait_until_served_at(
+    address: SocketAddr,
+    ca: &TestCa,
+    expected: &CertificateDer<'static>,
+) {
+    wait_until_served(&address, &[IMAPS], &ca.connector(), expected, STEP).await;
 }
 
 const OK: &str = "mail_tls_proxy_certificate_reloads_total{result=\"ok\"}";
@@ -225,12 +100,7 @@ async fn sighup_reloads_and_the_metrics_say_so() {
     let (first, second, third) = (issue(2031), issue(2032), issue(2033));
     let pair = linked_pair(&dir, &first);
     let backends = Backends::start().await;
-    let config = dir.join("config.toml");
-    std::fs::write(
-        &config,
-        config_text(&pair.served, 3600, backends.imap.address),
-    )
-    .expect("config");
+    let config = reloading_config(&pair.served, 3600, backends.imap.address).write_in(dir.path());
     let before_start = unix_now();
     let proxy = ProxyProcess::spawn(&config);
     let imaps = proxy.address(&["listening", "listener=imaps"]).await;
@@ -293,10 +163,7 @@ async fn sighup_reloads_and_the_metrics_say_so() {
     assert_eq!(metric(metrics, EXPIRY).await, not_after(&third.leaf) as f64);
     // SIGHUP never stops the process.
     let mut proxy = proxy;
-    assert!(
-        proxy.child.try_wait().expect("wait").is_none(),
-        "the proxy is still running"
-    );
+    assert!(proxy.is_running(), "the proxy is still running");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -306,8 +173,7 @@ async fn polling_reloads_what_no_event_announced() {
     let (first, second) = (ca.issue(&["localhost"]), ca.issue(&["localhost"]));
     let pair = linked_pair(&dir, &first);
     let backends = Backends::start().await;
-    let config = dir.join("config.toml");
-    std::fs::write(&config, config_text(&pair.served, 1, backends.imap.address)).expect("config");
+    let config = reloading_config(&pair.served, 1, backends.imap.address).write_in(dir.path());
     let proxy = ProxyProcess::spawn(&config);
     let imaps = proxy.address(&["listening", "listener=imaps"]).await;
     let metrics = proxy.address(&["serving /metrics"]).await;
@@ -319,20 +185,6 @@ async fn polling_reloads_what_no_event_announced() {
     proxy
         .wait_for_log(&["certificate reloaded", "trigger=poll"])
         .await;
-}
-
-fn run_binary(args: &[&str], config: Option<&Path>) -> (bool, String, String) {
-    let mut command = Command::new(BINARY);
-    command.args(args).env("NO_COLOR", "1");
-    if let Some(config) = config {
-        command.arg("--config").arg(config);
-    }
-    let output = command.output().expect("run the binary");
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        strip_ansi(&String::from_utf8_lossy(&output.stderr)),
-    )
 }
 
 #[test]
@@ -355,15 +207,10 @@ fn check_prints_every_certificate_with_names_and_not_after() {
     );
     a.write_in_place(&default);
     b.write_by_rename(&expired);
-    let config = dir.join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "{}[[listener]]\nname = \"imaps\"\nprotocol = \"imap\"\ntls = \"implicit\"\nlisten = \"127.0.0.1:0\"\nbackend = \"127.0.0.1:143\"\nsni_strict = true\n",
-            certificate_tables(&[&a, &b])
-        ),
-    )
-    .expect("config");
+    let config = TestConfig::new()
+        .certificates([&a, &b])
+        .listener(listener("imaps", "imap", "implicit", "127.0.0.1:143").sni_strict(true))
+        .write_in(dir.path());
     let (ok, stdout, stderr) = run_binary(&["check"], Some(&config));
     assert!(ok, "{stdout}{stderr}");
     for expected in [
@@ -399,15 +246,7 @@ fn check_and_run_refuse_a_broken_pair_naming_the_file_and_the_reason() {
     let pair = PairPaths::in_dir(dir.path(), "mail");
     std::fs::write(&pair.cert, &one.fullchain_pem).expect("write");
     std::fs::write(&pair.key, &two.key_pem).expect("write");
-    let config = dir.join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "{}[[listener]]\nname = \"imaps\"\nprotocol = \"imap\"\ntls = \"implicit\"\nlisten = \"127.0.0.1:0\"\nbackend = \"127.0.0.1:143\"\n",
-            certificate_tables(&[&pair])
-        ),
-    )
-    .expect("config");
+    let config = imaps_only().certificate(&pair).write_in(dir.path());
     let expected = format!(
         "{}: the private key does not belong to the certificate in {}",
         pair.key.display(),
@@ -433,12 +272,7 @@ fn check_and_run_refuse_a_broken_pair_naming_the_file_and_the_reason() {
 #[test]
 fn check_without_certificates_describes_the_generated_default() {
     let dir = TempDir::new("check-default");
-    let config = dir.join("config.toml");
-    std::fs::write(
-        &config,
-        "hostname = \"mx.example.net\"\n[[listener]]\nname = \"imaps\"\nprotocol = \"imap\"\ntls = \"implicit\"\nlisten = \"127.0.0.1:0\"\nbackend = \"127.0.0.1:143\"\n",
-    )
-    .expect("config");
+    let config = imaps_only().hostname("mx.example.net").write_in(dir.path());
     let (ok, stdout, stderr) = run_binary(&["check"], Some(&config));
     assert!(ok, "{stderr}");
     assert!(
@@ -491,13 +325,8 @@ fn cert_self_signed_writes_a_pair_the_proxy_loads() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_right_after_start_up_never_ends_the_process() {
     let dir = TempDir::new("early-hup");
-    let config = dir.join("config.toml");
     // No [[certificate]]: the generated default, nothing to reload.
-    std::fs::write(
-        &config,
-        "hostname = \"localhost\"\n[[listener]]\nname = \"imaps\"\nprotocol = \"imap\"\ntls = \"implicit\"\nlisten = \"127.0.0.1:0\"\nbackend = \"127.0.0.1:143\"\n",
-    )
-    .expect("config");
+    let config = imaps_only().hostname("localhost").write_in(dir.path());
     let mut proxy = ProxyProcess::spawn(&config);
     // The handler is in place before the first listener is announced.
     proxy.wait_for_log(&["listening", "listener=imaps"]).await;
@@ -505,8 +334,5 @@ async fn sighup_right_after_start_up_never_ends_the_process() {
     proxy
         .wait_for_log(&["SIGHUP: no [[certificate]] configured, nothing to reload"])
         .await;
-    assert!(
-        proxy.child.try_wait().expect("wait").is_none(),
-        "the proxy is still running"
-    );
+    assert!(proxy.is_running(), "the proxy is still running");
 }

@@ -9,31 +9,16 @@
 use std::time::Duration;
 
 use crate::support::certs::*;
-
-/// The issue's bound: new handshakes see a new certificate this soon.
-const WITHIN: Duration = Duration::from_secs(2);
-
-fn kinds(names: &[&str]) -> Vec<Kind> {
-    names
-        .iter()
-        .map(|name| {
-            *ALL_KINDS
-                .iter()
-                .find(|kind| kind.name == *name)
-                .expect("known kind")
-        })
-        .collect()
-}
+use crate::support::*;
 
 /// A proxy serving `paths` on all six listener kinds.
-async fn proxy_for(dir: &TempDir, paths: &[&PairPaths]) -> (RunningProxy, Backends) {
+async fn proxy_for(dir: &TempDir, paths: &[&PairPaths]) -> (TestProxy, Backends) {
     let backends = Backends::start().await;
-    let text = format!(
-        "certificate_poll_interval = 3600\n{}{}",
-        certificate_tables(paths),
-        backends.listeners(&ALL_KINDS, "")
-    );
-    (RunningProxy::start(dir.path(), &text).await, backends)
+    let config = TestConfig::new()
+        .certificate_poll_interval(3600)
+        .certificates(paths.iter().copied())
+        .listeners(backends.listeners(&ALL_KINDS));
+    (TestProxy::start_in(dir.path(), &config).await, backends)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -210,7 +195,7 @@ async fn several_certificates_rotate_independently_and_keep_their_names() {
     a.write_in_place(&a_first);
     b.write_in_place(&b_first);
     let (proxy, _backends) = proxy_for(&dir, &[&a, &b]).await;
-    let imaps = kinds(&["imaps"])[0];
+    let imaps = Kind::named("imaps");
 
     let b_next = ca.issue(&["mail.example.com"]);
     b.write_by_rename(&b_next);

@@ -17,11 +17,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::support::certs::*;
+use crate::support::*;
 use tokio::time::Instant;
 
 const ROTATIONS: usize = 50;
 const SESSIONS_PER_KIND: usize = 2;
-const WITHIN: Duration = Duration::from_secs(2);
 
 /// One handshake a load client made: when it started, which certificate.
 struct Seen {
@@ -40,12 +40,11 @@ async fn fifty_rotations_under_continuous_handshakes_on_all_listener_kinds() {
     let pair = PairPaths::in_dir(dir.path(), "mail");
     pair.write_in_place(&issued[0]);
     let backends = Backends::start().await;
-    let text = format!(
-        "certificate_poll_interval = 3600\n{}{}",
-        certificate_tables(&[&pair]),
-        backends.listeners(&ALL_KINDS, "")
-    );
-    let proxy = Arc::new(RunningProxy::start(dir.path(), &text).await);
+    let config = TestConfig::new()
+        .certificate_poll_interval(3600)
+        .certificate(&pair)
+        .listeners(backends.listeners(&ALL_KINDS));
+    let proxy = Arc::new(TestProxy::start_in(dir.path(), &config).await);
     let index_of = {
         let issued = issued.clone();
         move |leaf: &rustls::pki_types::CertificateDer<'static>| {

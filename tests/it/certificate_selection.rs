@@ -3,14 +3,8 @@
 //! key algorithm and format, expired certificates, and the generated default.
 
 use crate::support::certs::*;
+use crate::support::*;
 use rustls::pki_types::CertificateDer;
-
-fn kind(name: &str) -> Kind {
-    *ALL_KINDS
-        .iter()
-        .find(|kind| kind.name == name)
-        .expect("known kind")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sni_picks_the_certificate_that_names_the_host_on_every_listener_kind() {
@@ -32,12 +26,10 @@ async fn sni_picks_the_certificate_that_names_the_host_on_every_listener_kind() 
     })
     .collect();
     let backends = Backends::start().await;
-    let text = format!(
-        "{}{}",
-        certificate_tables(&pairs.iter().collect::<Vec<_>>()),
-        backends.listeners(&ALL_KINDS, "")
-    );
-    let proxy = RunningProxy::start(dir.path(), &text).await;
+    let config = TestConfig::new()
+        .certificates(&pairs)
+        .listeners(backends.listeners(&ALL_KINDS));
+    let proxy = TestProxy::start_in(dir.path(), &config).await;
     let connector = accept_any_connector();
 
     let cases: [(&str, &CertificateDer<'static>); 8] = [
@@ -84,15 +76,22 @@ async fn a_strict_listener_refuses_unknown_names_with_unrecognized_name() {
     a.write_in_place(&default);
     b.write_in_place(&wildcard);
     let backends = Backends::start().await;
-    let strict_kinds = [kind("imaps"), kind("smtp-starttls"), kind("pop3-starttls")];
-    let lenient_kinds = [kind("smtps")];
-    let text = format!(
-        "{}{}{}",
-        certificate_tables(&[&a, &b]),
-        backends.listeners(&strict_kinds, "sni_strict = true"),
-        backends.listeners(&lenient_kinds, "")
-    );
-    let proxy = RunningProxy::start(dir.path(), &text).await;
+    let strict_kinds = [
+        Kind::named("imaps"),
+        Kind::named("smtp-starttls"),
+        Kind::named("pop3-starttls"),
+    ];
+    let lenient_kinds = [Kind::named("smtps")];
+    let config = TestConfig::new()
+        .certificates([&a, &b])
+        .listeners(
+            backends
+                .listeners(&strict_kinds)
+                .into_iter()
+                .map(|listener| listener.sni_strict(true)),
+        )
+        .listeners(backends.listeners(&lenient_kinds));
+    let proxy = TestProxy::start_in(dir.path(), &config).await;
     let connector = accept_any_connector();
 
     for kind in strict_kinds {
@@ -131,7 +130,7 @@ async fn a_strict_listener_refuses_unknown_names_with_unrecognized_name() {
     }
     // The listener without sni_strict serves the default instead.
     assert_eq!(
-        served_leaf(&proxy, kind("smtps"), &connector, "unknown.test")
+        served_leaf(&proxy, Kind::named("smtps"), &connector, "unknown.test")
             .await
             .expect("lenient"),
         default.leaf
@@ -146,16 +145,14 @@ async fn the_whole_chain_is_served_and_verifies_against_the_root_alone() {
     let pair = PairPaths::in_dir(dir.path(), "chain");
     pair.write_in_place(&issued);
     let backends = Backends::start().await;
-    let text = format!(
-        "{}{}",
-        certificate_tables(&[&pair]),
-        backends.listeners(&[kind("imaps"), kind("smtp-starttls")], "")
-    );
-    let proxy = RunningProxy::start(dir.path(), &text).await;
+    let config = TestConfig::new()
+        .certificates([&pair])
+        .listeners(backends.listeners(&[Kind::named("imaps"), Kind::named("smtp-starttls")]));
+    let proxy = TestProxy::start_in(dir.path(), &config).await;
     // This client trusts only the root: the intermediate must come from
     // the proxy, in order.
     let connector = ca.connector();
-    for kind in [kind("imaps"), kind("smtp-starttls")] {
+    for kind in [Kind::named("imaps"), Kind::named("smtp-starttls")] {
         let mut session = open_session(&proxy, kind, &connector, "localhost")
             .await
             .expect("verified handshake");
@@ -216,15 +213,13 @@ async fn every_key_algorithm_and_format_is_served() {
         leaves.push(issued.leaf);
     }
     let backends = Backends::start().await;
-    let text = format!(
-        "{}{}",
-        certificate_tables(&pairs.iter().collect::<Vec<_>>()),
-        backends.listeners(&[kind("pop3s")], "")
-    );
-    let proxy = RunningProxy::start(dir.path(), &text).await;
+    let config = TestConfig::new()
+        .certificates(&pairs)
+        .listeners(backends.listeners(&[Kind::named("pop3s")]));
+    let proxy = TestProxy::start_in(dir.path(), &config).await;
     let connector = ca.connector();
     for ((name, _, _), leaf) in cases.iter().zip(&leaves) {
-        let mut session = open_session(&proxy, kind("pop3s"), &connector, name)
+        let mut session = open_session(&proxy, Kind::named("pop3s"), &connector, name)
             .await
             .unwrap_or_else(|error| panic!("{name}: {error}"));
         assert_eq!(&session.leaf, leaf, "{name}");
@@ -244,19 +239,22 @@ async fn an_expired_certificate_is_still_served() {
     let pair = PairPaths::in_dir(dir.path(), "expired");
     pair.write_in_place(&expired);
     let backends = Backends::start().await;
-    let text = format!(
-        "{}{}",
-        certificate_tables(&[&pair]),
-        backends.listeners(&[kind("imaps")], "")
-    );
-    let proxy = RunningProxy::start(dir.path(), &text).await;
+    let config = TestConfig::new()
+        .certificates([&pair])
+        .listeners(backends.listeners(&[Kind::named("imaps")]));
+    let proxy = TestProxy::start_in(dir.path(), &config).await;
     // Served (refusing would take mail down)...
-    let leaf = served_leaf(&proxy, kind("imaps"), &accept_any_connector(), "localhost")
-        .await
-        .expect("served");
+    let leaf = served_leaf(
+        &proxy,
+        Kind::named("imaps"),
+        &accept_any_connector(),
+        "localhost",
+    )
+    .await
+    .expect("served");
     assert_eq!(leaf, expired.leaf);
     // ...and a verifying client refuses it for the right reason.
-    let error = served_leaf(&proxy, kind("imaps"), &ca.connector(), "localhost")
+    let error = served_leaf(&proxy, Kind::named("imaps"), &ca.connector(), "localhost")
         .await
         .expect_err("a verifying client refuses an expired certificate");
     assert!(error.contains("certificate expired"), "{error}");
@@ -266,12 +264,11 @@ async fn an_expired_certificate_is_still_served() {
 async fn without_a_certificate_a_self_signed_one_for_the_hostname_is_served() {
     let dir = TempDir::new("generated");
     let backends = Backends::start().await;
-    let text = format!(
-        "hostname = \"mx.example.net\"\n{}",
-        backends.listeners(&[kind("imaps"), kind("smtp-starttls")], "")
-    );
-    let proxy = RunningProxy::start(dir.path(), &text).await;
-    for kind in [kind("imaps"), kind("smtp-starttls")] {
+    let config = TestConfig::new()
+        .hostname("mx.example.net")
+        .listeners(backends.listeners(&[Kind::named("imaps"), Kind::named("smtp-starttls")]));
+    let proxy = TestProxy::start_in(dir.path(), &config).await;
+    for kind in [Kind::named("imaps"), Kind::named("smtp-starttls")] {
         let mut session = open_session(&proxy, kind, &accept_any_connector(), "mx.example.net")
             .await
             .expect("handshake");

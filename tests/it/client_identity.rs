@@ -3,27 +3,14 @@
 //! 127.0.0.2 (Linux routes all of 127/8 to the loopback interface) so the
 //! client's address differs from the proxy's own 127.0.0.1.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use crate::support::*;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
-const CLIENT_IP: &str = "127.0.0.2";
-
-/// A connection to the proxy's listener from 127.0.0.2.
-async fn connect_from_client_address(proxy: &TestProxy, name: &str) -> TcpStream {
-    let socket = TcpSocket::new_v4().expect("socket");
-    socket
-        .bind(format!("{CLIENT_IP}:0").parse().expect("address"))
-        .expect("bind 127.0.0.2");
-    let stream = tokio::time::timeout(STEP, socket.connect(proxy.address(name)))
-        .await
-        .expect("connect in time")
-        .expect("connect to proxy");
-    stream.set_nodelay(true).expect("nodelay");
-    stream
-}
+/// Where the test clients connect from.
+const CLIENT_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 
 /// (client address, listener address) as the proxy sees them.
 fn ends(stream: &TcpStream) -> (SocketAddr, SocketAddr) {
@@ -36,8 +23,6 @@ fn ends(stream: &TcpStream) -> (SocketAddr, SocketAddr) {
 fn port_bytes(address: SocketAddr) -> [u8; 2] {
     address.port().to_be_bytes()
 }
-
-const V2_SIGNATURE: &[u8] = b"\r\n\r\n\x00\r\nQUIT\n";
 
 /// What backend connection `index` received, once nothing more has arrived
 /// for a while: the barrier for "the backend never got X" after the proxy
@@ -65,12 +50,11 @@ async fn received_after_settling(backend: &FakeBackend, index: usize) -> Vec<u8>
 #[tokio::test]
 async fn proxy_v1_header_comes_first_on_a_starttls_listener() {
     let backend = FakeBackend::start(Script::smtp().with_proxy_header()).await;
-    let proxy = TestProxy::start_with(
-        &[listener("submission", "smtp", "starttls", backend.address)],
-        "client_identity = \"proxy-v1\"",
-    )
+    let proxy = TestProxy::start([
+        listener("submission", "smtp", "starttls", backend.address).client_identity("proxy-v1")
+    ])
     .await;
-    let mut client = connect_from_client_address(&proxy, "submission").await;
+    let mut client = proxy.connect_from(CLIENT_IP, "submission").await;
     let (from, to) = ends(&client);
     assert_eq!(
         read_until(&mut client, b"\r\n").await,
@@ -89,12 +73,11 @@ async fn proxy_v1_header_comes_first_on_a_starttls_listener() {
 #[tokio::test]
 async fn proxy_v2_header_on_a_starttls_listener_carries_addresses_only() {
     let backend = FakeBackend::start(Script::pop3().with_proxy_header()).await;
-    let proxy = TestProxy::start_with(
-        &[listener("pop3", "pop3", "starttls", backend.address)],
-        "client_identity = \"proxy-v2\"",
-    )
+    let proxy = TestProxy::start([
+        listener("pop3", "pop3", "starttls", backend.address).client_identity("proxy-v2")
+    ])
     .await;
-    let mut client = connect_from_client_address(&proxy, "pop3").await;
+    let mut client = proxy.connect_from(CLIENT_IP, "pop3").await;
     let (from, to) = ends(&client);
     read_until(&mut client, b"\r\n").await;
     exchange(&mut client, b"STLS\r\n", b"\r\n").await;
@@ -112,12 +95,11 @@ async fn proxy_v2_header_on_a_starttls_listener_carries_addresses_only() {
 #[tokio::test]
 async fn proxy_v2_header_on_an_implicit_listener_carries_the_tls_facts() {
     let backend = FakeBackend::start(Script::imap().with_proxy_header()).await;
-    let proxy = TestProxy::start_with(
-        &[listener("imaps", "imap", "implicit", backend.address)],
-        "client_identity = \"proxy-v2\"",
-    )
+    let proxy = TestProxy::start([
+        listener("imaps", "imap", "implicit", backend.address).client_identity("proxy-v2")
+    ])
     .await;
-    let client = connect_from_client_address(&proxy, "imaps").await;
+    let client = proxy.connect_from(CLIENT_IP, "imaps").await;
     let (from, to) = ends(&client);
     let mut tls = proxy.upgrade(client).await;
     read_until(&mut tls, b"\r\n").await;
@@ -159,16 +141,14 @@ async fn proxy_v2_header_on_an_implicit_listener_carries_the_tls_facts() {
 async fn a_client_sending_a_proxy_header_is_refused_and_the_backend_never_sees_it() {
     let smtp_backend = FakeBackend::start(Script::smtp().with_proxy_header()).await;
     let imap_backend = FakeBackend::start(Script::imap().with_proxy_header()).await;
-    let proxy = TestProxy::start_with(
-        &[
-            listener("submission", "smtp", "starttls", smtp_backend.address),
-            listener("imap", "imap", "starttls", imap_backend.address),
-        ],
-        "client_identity = \"proxy-v1\"",
-    )
+    let proxy = TestProxy::start([
+        listener("submission", "smtp", "starttls", smtp_backend.address)
+            .client_identity("proxy-v1"),
+        listener("imap", "imap", "starttls", imap_backend.address).client_identity("proxy-v1"),
+    ])
     .await;
 
-    let mut client = connect_from_client_address(&proxy, "submission").await;
+    let mut client = proxy.connect_from(CLIENT_IP, "submission").await;
     let (from, to) = ends(&client);
     read_until(&mut client, b"\r\n").await;
     client
@@ -191,7 +171,7 @@ async fn a_client_sending_a_proxy_header_is_refused_and_the_backend_never_sees_i
     );
 
     // A version 2 header, sent before the greeting arrived.
-    let mut client = connect_from_client_address(&proxy, "imap").await;
+    let mut client = proxy.connect_from(CLIENT_IP, "imap").await;
     let mut spoofed = V2_SIGNATURE.to_vec();
     spoofed.extend_from_slice(&[0x21, 0x11, 0, 12, 192, 0, 2, 66, 127, 0, 0, 1, 0, 1, 0, 2]);
     spoofed.extend_from_slice(b"a LOGIN alice secret\r\n");
@@ -222,13 +202,11 @@ fn xclient_backend() -> Script {
 #[tokio::test]
 async fn xclient_identifies_the_client_and_the_whole_session_is_relayed() {
     let backend = FakeBackend::start(xclient_backend()).await;
-    let proxy = TestProxy::start_configured(
-        &[listener("submission", "smtp", "starttls", backend.address)],
-        "hostname = \"proxy.test\"",
-        "client_identity = \"xclient\"",
-    )
+    let proxy = TestProxy::start_config(TestConfig::new().hostname("proxy.test").listeners([
+        listener("submission", "smtp", "starttls", backend.address).client_identity("xclient"),
+    ]))
     .await;
-    let mut client = connect_from_client_address(&proxy, "submission").await;
+    let mut client = proxy.connect_from(CLIENT_IP, "submission").await;
     let (from, to) = ends(&client);
     // The client hears the greeting the backend gave after XCLIENT.
     assert_eq!(
@@ -289,13 +267,11 @@ async fn xclient_identifies_the_client_and_the_whole_session_is_relayed() {
 #[tokio::test]
 async fn a_client_xclient_before_any_transaction_never_reaches_the_backend() {
     let backend = FakeBackend::start(xclient_backend()).await;
-    let proxy = TestProxy::start_configured(
-        &[listener("smtps", "smtp", "implicit", backend.address)],
-        "hostname = \"proxy.test\"",
-        "client_identity = \"xclient\"",
-    )
+    let proxy = TestProxy::start_config(TestConfig::new().hostname("proxy.test").listeners([
+        listener("smtps", "smtp", "implicit", backend.address).client_identity("xclient"),
+    ]))
     .await;
-    let tcp = connect_from_client_address(&proxy, "smtps").await;
+    let tcp = proxy.connect_from(CLIENT_IP, "smtps").await;
     let mut tls = proxy.upgrade(tcp).await;
     read_until(&mut tls, b"identified\r\n").await;
     assert_eq!(
@@ -318,13 +294,11 @@ async fn a_client_xclient_before_any_transaction_never_reaches_the_backend() {
 #[tokio::test]
 async fn without_xclient_on_offer_the_client_gets_the_first_greeting() {
     let backend = FakeBackend::start(Script::smtp()).await;
-    let proxy = TestProxy::start_configured(
-        &[listener("submission", "smtp", "starttls", backend.address)],
-        "hostname = \"proxy.test\"",
-        "client_identity = \"xclient\"",
-    )
+    let proxy = TestProxy::start_config(TestConfig::new().hostname("proxy.test").listeners([
+        listener("submission", "smtp", "starttls", backend.address).client_identity("xclient"),
+    ]))
     .await;
-    let mut client = connect_from_client_address(&proxy, "submission").await;
+    let mut client = proxy.connect_from(CLIENT_IP, "submission").await;
     assert_eq!(
         read_until(&mut client, b"\r\n").await,
         b"220 fake.example ESMTP\r\n"
@@ -340,12 +314,11 @@ async fn a_backend_not_expecting_the_header_gives_the_client_a_temporary_failure
     // Postfix without smtpd_upstream_proxy_protocol: it greets, answers the
     // header's bytes as bad commands and quits at the signature's "QUIT".
     let backend = FakeBackend::start(Script::smtp()).await;
-    let proxy = TestProxy::start_with(
-        &[listener("submission", "smtp", "starttls", backend.address)],
-        "client_identity = \"proxy-v2\"",
-    )
+    let proxy = TestProxy::start([
+        listener("submission", "smtp", "starttls", backend.address).client_identity("proxy-v2")
+    ])
     .await;
-    let mut client = connect_from_client_address(&proxy, "submission").await;
+    let mut client = proxy.connect_from(CLIENT_IP, "submission").await;
     assert_eq!(
         text(&read_to_close(&mut client).await),
         "220 fake.example ESMTP\r\n421 4.3.2 Service not available, closing transmission channel\r\n"

@@ -7,10 +7,9 @@ use crate::support::*;
 #[tokio::test]
 async fn past_the_per_ip_limit_the_client_gets_421_and_a_close() {
     let backend = FakeBackend::start(Script::smtp()).await;
-    let proxy = TestProxy::start_with(
-        &[listener("mx", "smtp", "starttls", backend.address)],
-        "max_connections_per_ip = 2",
-    )
+    let proxy = TestProxy::start([
+        listener("mx", "smtp", "starttls", backend.address).max_connections_per_ip(2)
+    ])
     .await;
     let mut first = proxy.connect("mx").await;
     read_until(&mut first, b"\r\n").await;
@@ -29,20 +28,14 @@ async fn past_the_per_ip_limit_the_client_gets_421_and_a_close() {
 
     drop(first);
     // The slot is given back once the proxy notices the close.
-    let deadline = tokio::time::Instant::now() + STEP;
-    loop {
+    poll_until(async || {
         let mut again = proxy.connect("mx").await;
-        let got = read_until_any_line(&mut again).await;
-        if got == b"220 fake.example ESMTP\r\n" {
-            break;
+        match try_read_until(&mut again, b"\n").await {
+            Ok(got) if got == b"220 fake.example ESMTP\r\n" => Ok(()),
+            got => Err(format!("slot never came back: {got:?}")),
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "slot never came back: {}",
-            text(&got)
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -50,15 +43,11 @@ async fn past_the_global_limit_every_listener_refuses_in_its_own_protocol() {
     let smtp = FakeBackend::start(Script::smtp()).await;
     let imap = FakeBackend::start(Script::imap()).await;
     let pop3 = FakeBackend::start(Script::pop3()).await;
-    let proxy = TestProxy::start_configured(
-        &[
-            listener("limit-mx", "smtp", "starttls", smtp.address),
-            listener("limit-imaps", "imap", "implicit", imap.address),
-            listener("limit-pop3", "pop3", "starttls", pop3.address),
-        ],
-        "max_connections = 1",
-        "",
-    )
+    let proxy = TestProxy::start_config(TestConfig::new().max_connections(1).listeners([
+        listener("limit-mx", "smtp", "starttls", smtp.address),
+        listener("limit-imaps", "imap", "implicit", imap.address),
+        listener("limit-pop3", "pop3", "starttls", pop3.address),
+    ]))
     .await;
     let mut holder = proxy.connect("limit-mx").await;
     read_until(&mut holder, b"\r\n").await;
@@ -75,22 +64,8 @@ async fn past_the_global_limit_every_listener_refuses_in_its_own_protocol() {
     );
     assert_eq!((imap.connections(), pop3.connections()), (0, 0));
 
-    let metrics = http_get_metrics(&proxy).await;
-    assert!(
-        metrics.contains("mail_tls_proxy_rejected_connections_total{listener=\"limit-imaps\",reason=\"max_connections\"} 1"),
-        "{metrics}"
+    assert_eq!(
+        proxy.scrape().await.value("mail_tls_proxy_rejected_connections_total{listener=\"limit-imaps\",reason=\"max_connections\"}"),
+        1.0
     );
-}
-
-async fn read_until_any_line(stream: &mut tokio::net::TcpStream) -> Vec<u8> {
-    use tokio::io::AsyncReadExt;
-    let mut got = Vec::new();
-    let mut chunk = [0u8; 512];
-    while !got.ends_with(b"\n") {
-        match tokio::time::timeout(STEP, stream.read(&mut chunk)).await {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
-            Ok(Ok(read)) => got.extend_from_slice(&chunk[..read]),
-        }
-    }
-    got
 }

@@ -13,7 +13,7 @@ use tokio::io::AsyncWriteExt;
 async fn inspection_sessions_get_a_goodbye_and_a_data_transfer_in_flight_completes() {
     let smtp = FakeBackend::start(Script::smtp()).await;
     let imap = FakeBackend::start(Script::imap()).await;
-    let mut proxy = TestProxy::start(&[
+    let mut proxy = TestProxy::start([
         listener("mx", "smtp", "starttls", smtp.address),
         listener("imap", "imap", "starttls", imap.address),
         listener("pop3s", "pop3", "implicit", imap.address),
@@ -87,11 +87,14 @@ async fn inspection_sessions_get_a_goodbye_and_a_data_transfer_in_flight_complet
 #[tokio::test]
 async fn pass_through_sessions_are_cut_when_the_grace_period_ends() {
     let smtp = FakeBackend::start(Script::smtp()).await;
-    let mut proxy = TestProxy::start_configured(
-        &[listener("mx", "smtp", "starttls", smtp.address)],
-        "shutdown_grace = 1",
-        // Opportunistic TLS, so MAIL hands the session to pass-through.
-        "require_tls = \"none\"",
+    let mut proxy = TestProxy::start_config(
+        TestConfig::new().shutdown_grace(1).listeners([listener(
+            "mx",
+            "smtp",
+            "starttls",
+            smtp.address,
+        )
+        .require_tls("none")]),
     )
     .await;
     let mut lingering = proxy.connect("mx").await;
@@ -110,104 +113,35 @@ async fn pass_through_sessions_are_cut_when_the_grace_period_ends() {
     );
 }
 
-fn write_binary_config(
-    dir: &std::path::Path,
-    backend: std::net::SocketAddr,
-    port: u16,
-    metrics_port: u16,
-) -> std::path::PathBuf {
-    let path = dir.join("binary.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "shutdown_grace = 30\n[[certificate]]\ncert = \"fullchain.pem\"\nkey = \"privkey.pem\"\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[[listener]]\nname = \"mx\"\nprotocol = \"smtp\"\ntls = \"starttls\"\nlisten = \"127.0.0.1:{port}\"\nbackend = \"{backend}\"\nrequire_tls = \"none\"\nrelay_check = \"off\"\n"
-        ),
-    )
-    .expect("write config");
-    path
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-async fn wait_until_listening(port: u16) {
-    let deadline = Instant::now() + STEP;
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "binary never listened");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn signal(child: &std::process::Child, name: &str) {
-    let status = std::process::Command::new("kill")
-        .args([format!("-{name}"), child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-}
-
-async fn wait_for_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
-    let deadline = Instant::now() + STEP;
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "the binary did not exit");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 async fn the_binary_drains_on_sigterm_and_a_second_signal_exits_at_once() {
     let smtp = FakeBackend::start(Script::smtp()).await;
-    let pki = test_pki();
-    let (port, metrics_port) = (free_port(), free_port());
-    let config = write_binary_config(&pki.dir, smtp.address, port, metrics_port);
-    let spawn = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_mail-tls-proxy"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("MAIL_TLS_PROXY_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn the binary")
-    };
+    let pki = TestPki::new();
+    let config = TestConfig::new()
+        .shutdown_grace(30)
+        .certificate(&pki.pair)
+        .metrics()
+        .listener(listener("mx", "smtp", "starttls", smtp.address).require_tls("none"))
+        .write_in(pki.dir.path());
 
     // Nothing open: SIGTERM exits 0 promptly.
-    let mut child = spawn();
-    wait_until_listening(port).await;
-    signal(&child, "TERM");
-    assert_eq!(wait_for_exit(&mut child).await.code(), Some(0));
+    let mut proxy = ProxyProcess::spawn(&config);
+    proxy.wait_for_log(&["listening", "listener=mx"]).await;
+    proxy.signal("TERM");
+    assert_eq!(proxy.wait_for_exit().await.code(), Some(0));
 
     // A pass-through session holds the drain; a second signal ends it at once.
-    let mut child = spawn();
-    wait_until_listening(port).await;
-    let mut session = tokio::net::TcpStream::connect(("127.0.0.1", port))
+    let mut proxy = ProxyProcess::spawn(&config);
+    let listener = proxy.address(&["listening", "listener=mx"]).await;
+    let metrics = proxy.address(&["serving /metrics"]).await;
+    let mut session = tokio::net::TcpStream::connect(listener)
         .await
         .expect("connect");
     read_until(&mut session, b"\r\n").await;
     exchange(&mut session, b"MAIL FROM:<a@example.org>\r\n", b"\r\n").await;
-    signal(&child, "TERM");
-    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], metrics_port));
-    let deadline = Instant::now() + STEP;
-    while http_get(metrics, "/readyz").await.0 != 503 {
-        assert!(Instant::now() < deadline, "readyz never turned 503");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(
-        child.try_wait().expect("try_wait").is_none(),
-        "exited before the session ended"
-    );
-    signal(&child, "INT");
-    let status = wait_for_exit(&mut child).await;
-    assert_eq!(status.code(), Some(1));
+    proxy.signal("TERM");
+    readyz_until(metrics, |status, _| status == 503).await;
+    assert!(proxy.is_running(), "exited before the session ended");
+    proxy.signal("INT");
+    assert_eq!(proxy.wait_for_exit().await.code(), Some(1));
 }

@@ -8,7 +8,7 @@ use tokio::io::AsyncWriteExt;
 #[tokio::test]
 async fn smtps_relays_with_backend_starttls_removed() {
     let backend = FakeBackend::start(Script::smtp()).await;
-    let proxy = TestProxy::start(&[listener("smtps", "smtp", "implicit", backend.address)]).await;
+    let proxy = TestProxy::start([listener("smtps", "smtp", "implicit", backend.address)]).await;
     let mut tls = proxy.connect_tls("smtps").await;
     assert_eq!(
         read_until(&mut tls, b"\r\n").await,
@@ -31,7 +31,7 @@ async fn smtps_relays_with_backend_starttls_removed() {
 #[tokio::test]
 async fn imaps_relays_with_backend_starttls_removed() {
     let backend = FakeBackend::start(Script::imap()).await;
-    let proxy = TestProxy::start(&[listener("imaps", "imap", "implicit", backend.address)]).await;
+    let proxy = TestProxy::start([listener("imaps", "imap", "implicit", backend.address)]).await;
     let mut tls = proxy.connect_tls("imaps").await;
     assert_eq!(
         text(&read_until(&mut tls, b"\r\n").await),
@@ -62,7 +62,7 @@ async fn imaps_relays_with_backend_starttls_removed() {
 #[tokio::test]
 async fn pop3s_relays_with_backend_stls_removed() {
     let backend = FakeBackend::start(Script::pop3()).await;
-    let proxy = TestProxy::start(&[listener("pop3s", "pop3", "implicit", backend.address)]).await;
+    let proxy = TestProxy::start([listener("pop3s", "pop3", "implicit", backend.address)]).await;
     let mut tls = proxy.connect_tls("pop3s").await;
     assert_eq!(
         read_until(&mut tls, b"\r\n").await,
@@ -89,7 +89,7 @@ async fn pop3s_relays_with_backend_stls_removed() {
 #[tokio::test]
 async fn a_failed_handshake_never_connects_to_the_backend() {
     let backend = FakeBackend::start(Script::imap()).await;
-    let proxy = TestProxy::start(&[listener("imaps", "imap", "implicit", backend.address)]).await;
+    let proxy = TestProxy::start([listener("imaps", "imap", "implicit", backend.address)]).await;
     let mut scanner = proxy.connect("imaps").await;
     scanner
         .write_all(b"GET / HTTP/1.0\r\n\r\n")

@@ -11,7 +11,7 @@ async fn a_helo_only_smtp_backend_still_gets_starttls_offered() {
         .on(b"MAIL FROM", b"250 OK\r\n")
         .otherwise(b"500 Command unrecognized\r\n");
     let backend = FakeBackend::start(script).await;
-    let proxy = TestProxy::start(&[listener("mx", "smtp", "starttls", backend.address)]).await;
+    let proxy = TestProxy::start([listener("mx", "smtp", "starttls", backend.address)]).await;
     let mut client = proxy.connect("mx").await;
     read_until(&mut client, b"\r\n").await;
     let reply = exchange(&mut client, b"EHLO client.example\r\n", b"250 STARTTLS\r\n").await;
@@ -41,7 +41,7 @@ async fn an_smtp_backend_refusing_the_second_ehlo_still_answers_after_tls() {
         .on(b"EHLO", b"503 5.5.1 Error: duplicate HELO/EHLO\r\n")
         .otherwise(b"250 OK\r\n");
     let backend = FakeBackend::start(script).await;
-    let proxy = TestProxy::start(&[listener("mx", "smtp", "starttls", backend.address)]).await;
+    let proxy = TestProxy::start([listener("mx", "smtp", "starttls", backend.address)]).await;
     let mut client = proxy.connect("mx").await;
     read_until(&mut client, b"\r\n").await;
     exchange(&mut client, b"EHLO c\r\n", b"250 STARTTLS\r\n").await;
@@ -64,7 +64,7 @@ async fn a_capa_less_pop3_backend_still_gets_stls_offered() {
         .on(b"USER", b"+OK\r\n")
         .otherwise(b"-ERR unknown command\r\n");
     let backend = FakeBackend::start(script).await;
-    let proxy = TestProxy::start(&[listener("pop3", "pop3", "starttls", backend.address)]).await;
+    let proxy = TestProxy::start([listener("pop3", "pop3", "starttls", backend.address)]).await;
     let mut client = proxy.connect("pop3").await;
     read_until(&mut client, b"\r\n").await;
     let reply = exchange(&mut client, b"CAPA\r\n", b"\r\n.\r\n").await;

@@ -9,8 +9,8 @@ use crate::support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const TRUST_LOOPBACK: &str = "accept_proxy_from = [\"127.0.0.1/32\"]";
-const V2_SIGNATURE: &[u8] = b"\r\n\r\n\x00\r\nQUIT\n";
+/// The balancer: every test plays it from 127.0.0.1.
+const TRUST_LOOPBACK: &[&str] = &["127.0.0.1/32"];
 
 fn address(text: &str) -> SocketAddr {
     text.parse().expect("address")
@@ -41,15 +41,11 @@ async fn balancer_connection(proxy: &TestProxy, name: &str, header: &[u8]) -> Tc
 #[tokio::test]
 async fn a_v1_header_names_the_client_the_backend_is_told_about() {
     let backend = FakeBackend::start(Script::smtp().with_proxy_header()).await;
-    let proxy = TestProxy::start_with(
-        &[listener(
-            "lb-submission",
-            "smtp",
-            "starttls",
-            backend.address,
-        )],
-        &format!("{TRUST_LOOPBACK}\nclient_identity = \"proxy-v2\""),
-    )
+    let proxy = TestProxy::start([
+        listener("lb-submission", "smtp", "starttls", backend.address)
+            .accept_proxy_from(TRUST_LOOPBACK)
+            .client_identity("proxy-v2"),
+    ])
     .await;
     let mut client = balancer_connection(
         &proxy,
@@ -70,10 +66,9 @@ async fn a_v1_header_names_the_client_the_backend_is_told_about() {
 #[tokio::test]
 async fn a_v2_header_comes_before_the_tls_handshake_on_an_implicit_listener() {
     let backend = FakeBackend::start(Script::imap().with_proxy_header()).await;
-    let proxy = TestProxy::start_with(
-        &[listener("lb-imaps", "imap", "implicit", backend.address)],
-        &format!("{TRUST_LOOPBACK}\nclient_identity = \"proxy-v1\""),
-    )
+    let proxy = TestProxy::start([listener("lb-imaps", "imap", "implicit", backend.address)
+        .accept_proxy_from(TRUST_LOOPBACK)
+        .client_identity("proxy-v1")])
     .await;
     let header = v2_tcp4(address("203.0.113.7:50000"), address("198.51.100.1:993"));
     let client = balancer_connection(&proxy, "lb-imaps", &header).await;
@@ -91,13 +86,16 @@ async fn a_v2_header_comes_before_the_tls_handshake_on_an_implicit_listener() {
 #[tokio::test]
 async fn a_v2_local_connection_is_the_balancer_itself() {
     let backend = FakeBackend::start(Script::pop3().with_proxy_header()).await;
-    let proxy = TestProxy::start_with(
-        &[listener("lb-pop3", "pop3", "starttls", backend.address)],
-        &format!("{TRUST_LOOPBACK}\nclient_identity = \"proxy-v1\""),
+    let proxy = TestProxy::start([listener("lb-pop3", "pop3", "starttls", backend.address)
+        .accept_proxy_from(TRUST_LOOPBACK)
+        .client_identity("proxy-v1")])
+    .await;
+    let mut client = balancer_connection(
+        &proxy,
+        "lb-pop3",
+        &[V2_SIGNATURE, b"\x20\x00\x00\x00"].concat(),
     )
     .await;
-    let mut client =
-        balancer_connection(&proxy, "lb-pop3", b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00").await;
     let balancer = client.local_addr().expect("address");
     let listener_address = client.peer_addr().expect("address");
     assert_eq!(
@@ -117,18 +115,17 @@ async fn a_v2_local_connection_is_the_balancer_itself() {
 async fn a_trusted_source_without_a_header_is_closed_silently_and_counted_unless_it_sent_nothing() {
     let smtp_backend = FakeBackend::start(Script::smtp()).await;
     let imap_backend = FakeBackend::start(Script::imap()).await;
-    let proxy = TestProxy::start_with(
-        &[
-            listener("lb-noheader-smtp", "smtp", "starttls", smtp_backend.address),
-            listener(
-                "lb-noheader-imaps",
-                "imap",
-                "implicit",
-                imap_backend.address,
-            ),
-        ],
-        TRUST_LOOPBACK,
-    )
+    let proxy = TestProxy::start([
+        listener("lb-noheader-smtp", "smtp", "starttls", smtp_backend.address)
+            .accept_proxy_from(TRUST_LOOPBACK),
+        listener(
+            "lb-noheader-imaps",
+            "imap",
+            "implicit",
+            imap_backend.address,
+        )
+        .accept_proxy_from(TRUST_LOOPBACK),
+    ])
     .await;
     // A plain TCP health check: connects and leaves without a byte. Not a
     // rejection, so not counted below.
@@ -141,7 +138,7 @@ async fn a_trusted_source_without_a_header_is_closed_silently_and_counted_unless
     let client = proxy.connect("lb-noheader-imaps").await;
     let handshake = tokio::time::timeout(
         STEP,
-        proxy.pki.connector.connect(
+        proxy.connector().connect(
             rustls::pki_types::ServerName::try_from("localhost").expect("name"),
             client,
         ),
@@ -157,22 +154,21 @@ async fn a_trusted_source_without_a_header_is_closed_silently_and_counted_unless
 
     assert_eq!(smtp_backend.connections(), 0);
     assert_eq!(imap_backend.connections(), 0);
-    let metrics = http_get_metrics(&proxy).await;
-    for (listener, count) in [("lb-noheader-smtp", 2), ("lb-noheader-imaps", 1)] {
+    let metrics = proxy.scrape().await;
+    for (listener, count) in [("lb-noheader-smtp", 2.0), ("lb-noheader-imaps", 1.0)] {
         let series = format!(
-            "mail_tls_proxy_rejected_connections_total{{listener=\"{listener}\",reason=\"proxy_header\"}} {count}\n"
+            "mail_tls_proxy_rejected_connections_total{{listener=\"{listener}\",reason=\"proxy_header\"}}"
         );
-        assert!(metrics.contains(&series), "{series} not in\n{metrics}");
+        assert_eq!(metrics.value(&series), count, "{series}");
     }
 }
 
 #[tokio::test]
 async fn a_header_that_does_not_arrive_in_time_is_a_timeout() {
     let backend = FakeBackend::start(Script::smtp()).await;
-    let proxy = TestProxy::start_with(
-        &[listener("lb-slow", "smtp", "starttls", backend.address)],
-        &format!("{TRUST_LOOPBACK}\nproxy_header_timeout = 1"),
-    )
+    let proxy = TestProxy::start([listener("lb-slow", "smtp", "starttls", backend.address)
+        .accept_proxy_from(TRUST_LOOPBACK)
+        .proxy_header_timeout(1)])
     .await;
     // Half a header, then silence.
     let mut client = balancer_connection(&proxy, "lb-slow", b"PROXY TCP4 203.0.113.9").await;
@@ -180,9 +176,13 @@ async fn a_header_that_does_not_arrive_in_time_is_a_timeout() {
     assert_eq!(read_to_close(&mut client).await, b"");
     assert!(started.elapsed() >= std::time::Duration::from_millis(900));
     assert_eq!(backend.connections(), 0);
-    let metrics = http_get_metrics(&proxy).await;
-    let series = "mail_tls_proxy_timeouts_total{listener=\"lb-slow\",phase=\"proxy_header\"} 1\n";
-    assert!(metrics.contains(series), "{series} not in\n{metrics}");
+    assert_eq!(
+        proxy
+            .scrape()
+            .await
+            .value("mail_tls_proxy_timeouts_total{listener=\"lb-slow\",phase=\"proxy_header\"}"),
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -190,15 +190,11 @@ async fn an_untrusted_source_sending_a_header_is_refused_as_any_client() {
     // The backend trusts PROXY headers from the proxy, so a client's own
     // header must never reach it.
     let backend = FakeBackend::start(Script::smtp().with_proxy_header()).await;
-    let proxy = TestProxy::start_with(
-        &[listener(
-            "lb-untrusted",
-            "smtp",
-            "starttls",
-            backend.address,
-        )],
-        "accept_proxy_from = [\"192.0.2.0/24\"]\nclient_identity = \"proxy-v2\"",
-    )
+    let proxy = TestProxy::start([
+        listener("lb-untrusted", "smtp", "starttls", backend.address)
+            .accept_proxy_from(&["192.0.2.0/24"])
+            .client_identity("proxy-v2"),
+    ])
     .await;
     let mut client = proxy.connect("lb-untrusted").await;
     let from = client.local_addr().expect("address");
@@ -222,10 +218,9 @@ async fn an_untrusted_source_sending_a_header_is_refused_as_any_client() {
 #[tokio::test]
 async fn the_per_address_limit_counts_the_real_clients() {
     let backend = FakeBackend::start(Script::smtp()).await;
-    let proxy = TestProxy::start_with(
-        &[listener("lb-limit", "smtp", "starttls", backend.address)],
-        &format!("{TRUST_LOOPBACK}\nmax_connections_per_ip = 1"),
-    )
+    let proxy = TestProxy::start([listener("lb-limit", "smtp", "starttls", backend.address)
+        .accept_proxy_from(TRUST_LOOPBACK)
+        .max_connections_per_ip(1)])
     .await;
     let header = |client: &str| format!("PROXY TCP4 {client} 198.51.100.25 40000 25\r\n");
     let mut first = balancer_connection(&proxy, "lb-limit", header("203.0.113.9").as_bytes()).await;
@@ -258,15 +253,10 @@ async fn bytes_behind_the_header_stay_with_the_client() {
     // ClientHello case is the implicit-listener test above): not a byte
     // of it is lost.
     let backend = FakeBackend::start(Script::smtp()).await;
-    let proxy = TestProxy::start_with(
-        &[listener(
-            "lb-pipelined",
-            "smtp",
-            "starttls",
-            backend.address,
-        )],
-        TRUST_LOOPBACK,
-    )
+    let proxy = TestProxy::start([
+        listener("lb-pipelined", "smtp", "starttls", backend.address)
+            .accept_proxy_from(TRUST_LOOPBACK),
+    ])
     .await;
     let mut client = balancer_connection(
         &proxy,

@@ -3,17 +3,14 @@
 //! check (SMTP 220, IMAP * OK, POP3 +OK), on a fresh connection closed with
 //! QUIT / LOGOUT. Otherwise 503 with a reason naming listener and backend.
 
-use std::time::{Duration, Instant};
-
 use crate::support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test]
 async fn ready_when_every_backend_greets_and_each_gets_a_polite_goodbye() {
     let smtp = FakeBackend::start(Script::smtp()).await;
     let imap = FakeBackend::start(Script::imap().on(b"r1 LOGOUT", b"* BYE\r\nr1 OK\r\n")).await;
     let pop3 = FakeBackend::start(Script::pop3()).await;
-    let proxy = TestProxy::start(&[
+    let proxy = TestProxy::start([
         listener("ready-submission", "smtp", "starttls", smtp.address),
         listener("ready-imaps", "imap", "implicit", imap.address),
         listener("ready-imap", "imap", "starttls", imap.address),
@@ -37,18 +34,17 @@ async fn ready_when_every_backend_greets_and_each_gets_a_polite_goodbye() {
     pop3.assert_received(0, b"QUIT\r\n").await;
     assert_eq!(imap.connections(), 1);
 
-    let text = http_get_metrics(&proxy).await;
+    let scrape = proxy.scrape().await;
     for name in [
         "ready-submission",
         "ready-imaps",
         "ready-imap",
         "ready-pop3s",
     ] {
-        assert!(
-            text.contains(&format!(
-                "mail_tls_proxy_backend_up{{listener=\"{name}\"}} 1"
-            )),
-            "{text}"
+        assert_eq!(
+            scrape.value(&format!("mail_tls_proxy_backend_up{{listener=\"{name}\"}}")),
+            1.0,
+            "{name}"
         );
     }
 }
@@ -58,7 +54,7 @@ async fn an_unreachable_or_unwilling_backend_is_named_in_the_503() {
     let imap = FakeBackend::start(Script::imap()).await;
     let dead = dead_address().await;
     let busy = FakeBackend::start(Script::new(b"421 4.3.2 too busy\r\n")).await;
-    let proxy = TestProxy::start(&[
+    let proxy = TestProxy::start([
         listener("unready-imaps", "imap", "implicit", imap.address),
         listener("unready-pop3s", "pop3", "implicit", dead),
         listener("unready-smtps", "smtp", "implicit", busy.address),
@@ -84,67 +80,52 @@ async fn an_unreachable_or_unwilling_backend_is_named_in_the_503() {
     );
     // Liveness is not readiness: the process is fine.
     assert_eq!(http_get(metrics, "/healthz").await, (200, "ok\n".into()));
-    let text = http_get_metrics(&proxy).await;
-    assert!(
-        text.contains("mail_tls_proxy_backend_up{listener=\"unready-pop3s\"} 0"),
-        "{text}"
+    let scrape = proxy.scrape().await;
+    assert_eq!(
+        scrape.value("mail_tls_proxy_backend_up{listener=\"unready-pop3s\"}"),
+        0.0
     );
-    assert!(
-        text.contains("mail_tls_proxy_backend_up{listener=\"unready-imaps\"} 1"),
-        "{text}"
+    assert_eq!(
+        scrape.value("mail_tls_proxy_backend_up{listener=\"unready-imaps\"}"),
+        1.0
     );
 }
 
 #[tokio::test]
 async fn a_backend_that_comes_back_makes_the_proxy_ready_at_the_next_check() {
     let address = dead_address().await;
-    let proxy = TestProxy::start_configured(
-        &[listener("comeback-pop3", "pop3", "starttls", address)],
-        "readiness_interval = 1",
-        "",
-    )
-    .await;
+    let proxy =
+        TestProxy::start_config(TestConfig::new().readiness_interval(1).listeners([listener(
+            "comeback-pop3",
+            "pop3",
+            "starttls",
+            address,
+        )]))
+        .await;
     let metrics = proxy.metrics.expect("metrics");
     assert_eq!(http_get(metrics, "/readyz").await.0, 503);
 
     // The backend starts on the address the proxy was configured with.
-    let socket = tokio::net::TcpListener::bind(address)
-        .await
-        .expect("rebind");
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = socket.accept().await {
-            tokio::spawn(async move {
-                let _ = stream.write_all(b"+OK back\r\n").await;
-                let mut line = [0u8; 64];
-                let _ = stream.read(&mut line).await;
-                let _ = stream.write_all(b"+OK bye\r\n").await;
-            });
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (status, body) = http_get(metrics, "/readyz").await;
-        if status == 200 {
-            assert_eq!(body, "ready\n");
-            break;
-        }
-        assert!(Instant::now() < deadline, "still not ready: {body}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let _backend = FakeBackend::start_at(
+        address,
+        Script::new(b"+OK back\r\n").otherwise(b"+OK bye\r\n"),
+    )
+    .await;
+    let (_, body) = readyz_until(metrics, |status, _| status == 200).await;
+    assert_eq!(body, "ready\n");
 }
 
 #[tokio::test]
 async fn a_backend_expecting_a_proxy_header_gets_the_health_check_form_first() {
     for (identity, header) in [
         ("proxy-v1", b"PROXY UNKNOWN\r\n".to_vec()),
-        ("proxy-v2", b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00".to_vec()),
+        ("proxy-v2", [V2_SIGNATURE, b"\x20\x00\x00\x00"].concat()),
     ] {
         let pop3 = FakeBackend::start(Script::pop3().with_proxy_header()).await;
-        let proxy = TestProxy::start_with(
-            &[listener("header-pop3s", "pop3", "implicit", pop3.address)],
-            &format!("client_identity = \"{identity}\""),
-        )
-        .await;
+        let proxy =
+            TestProxy::start([listener("header-pop3s", "pop3", "implicit", pop3.address)
+                .client_identity(identity)])
+            .await;
         assert_eq!(
             http_get(proxy.metrics.expect("metrics"), "/readyz").await,
             (200, "ready\n".to_string()),

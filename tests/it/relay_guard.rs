@@ -6,15 +6,14 @@
 //! turns new connections away with a 421 and `/readyz` to 503 until a check
 //! finds it closed again; established sessions go on.
 
-use std::time::Duration;
-
 use crate::support::*;
 use mail_tls_proxy::server::StartError;
 use tokio::io::AsyncWriteExt;
 
 const OPEN: &[u8] = b"250 2.1.5 Ok\r\n";
 const CLOSED: &[u8] = b"554 5.7.1 Relay access denied\r\n";
-const TOP: &str = "hostname = \"proxy.test\"";
+/// The name the probe's EHLO gives.
+const HOSTNAME: &str = "proxy.test";
 /// What a new client gets while the guard has found the backend open.
 const REFUSED: &[u8] = b"421 4.3.2 Service temporarily unavailable, try again later\r\n";
 
@@ -68,16 +67,6 @@ const DIALOGUE: [&str; 5] = [
     "QUIT\r\n",
 ];
 
-/// The three `mail_tls_proxy_relay_check` series of `listener`, as exported.
-fn relay_series(metrics: &str, listener: &str) -> Vec<String> {
-    let prefix = format!("mail_tls_proxy_relay_check{{listener=\"{listener}\",");
-    metrics
-        .lines()
-        .filter(|line| line.starts_with(&prefix))
-        .map(|line| line[prefix.len()..].to_string())
-        .collect()
-}
-
 fn series(closed: u8, open: u8, unknown: u8) -> Vec<String> {
     let mut expected = vec![
         format!("result=\"closed\"}} {closed}"),
@@ -88,22 +77,23 @@ fn series(closed: u8, open: u8, unknown: u8) -> Vec<String> {
     expected
 }
 
+/// The three `mail_tls_proxy_relay_check` series of `listener`, as exported
+/// (sorted, without the metric name and the listener label).
 async fn relay_metric(proxy: &TestProxy, listener: &str) -> Vec<String> {
-    let mut found = relay_series(&http_get_metrics(proxy).await, listener);
-    found.sort();
-    found
+    proxy
+        .scrape()
+        .await
+        .series_of("mail_tls_proxy_relay_check", listener)
 }
 
 #[tokio::test]
 async fn an_open_backend_stops_the_proxy_from_starting_and_the_error_says_how_to_fix_it() {
     let backend = FakeBackend::start(backend_script(OPEN)).await;
-    // relay_check is left at its default (refuse); the comment only keeps
-    // the harness from turning it off.
-    let result = TestProxy::try_start_configured(
-        &[listener("open-mx", "smtp", "starttls", backend.address)],
-        TOP,
-        "# relay_check: the default\n",
-    )
+    // relay_check is left at the proxy's default (refuse), not the
+    // harness's "off".
+    let result = TestProxy::try_start_config(TestConfig::new().hostname(HOSTNAME).listeners([
+        listener("open-mx", "smtp", "starttls", backend.address).default_relay_check(),
+    ]))
     .await;
     let error = match result {
         Ok(_) => panic!("a proxy in front of an open relay started"),
@@ -133,11 +123,9 @@ async fn an_open_backend_stops_the_proxy_from_starting_and_the_error_says_how_to
 #[tokio::test]
 async fn a_closed_backend_gets_exactly_ehlo_mail_rcpt_rset_quit_and_the_proxy_serves() {
     let backend = FakeBackend::start(backend_script(CLOSED)).await;
-    let proxy = TestProxy::start_configured(
-        &[listener("closed-mx", "smtp", "starttls", backend.address)],
-        TOP,
-        "relay_check = \"refuse\"\n",
-    )
+    let proxy = TestProxy::start_config(TestConfig::new().hostname(HOSTNAME).listeners([
+        listener("closed-mx", "smtp", "starttls", backend.address).relay_check("refuse"),
+    ]))
     .await;
     let received = backend.received_when_closed(0).await;
     assert_eq!(probe_lines(&received), DIALOGUE);
@@ -153,10 +141,10 @@ async fn a_closed_backend_gets_exactly_ehlo_mail_rcpt_rset_quit_and_the_proxy_se
 #[tokio::test]
 async fn an_unreachable_backend_is_unknown_and_the_proxy_starts_anyway() {
     let dead = dead_address().await;
-    let proxy = TestProxy::start_configured(
-        &[listener("dead-mx", "smtp", "starttls", dead)],
-        TOP,
-        "relay_check = \"refuse\"\n",
+    let proxy = TestProxy::start_config(
+        TestConfig::new()
+            .hostname(HOSTNAME)
+            .listeners([listener("dead-mx", "smtp", "starttls", dead).relay_check("refuse")]),
     )
     .await;
     assert_eq!(relay_metric(&proxy, "dead-mx").await, series(0, 0, 1));
@@ -165,12 +153,11 @@ async fn an_unreachable_backend_is_unknown_and_the_proxy_starts_anyway() {
 #[tokio::test]
 async fn warn_logs_an_open_backend_and_serves() {
     let backend = FakeBackend::start(backend_script(OPEN)).await;
-    let proxy = TestProxy::start_configured(
-        &[listener("warn-mx", "smtp", "starttls", backend.address)],
-        TOP,
-        "relay_check = \"warn\"\n",
-    )
-    .await;
+    let proxy =
+        TestProxy::start_config(TestConfig::new().hostname(HOSTNAME).listeners([
+            listener("warn-mx", "smtp", "starttls", backend.address).relay_check("warn"),
+        ]))
+        .await;
     assert_eq!(relay_metric(&proxy, "warn-mx").await, series(0, 1, 0));
     let mut client = proxy.connect("warn-mx").await;
     assert_eq!(
@@ -184,10 +171,15 @@ async fn the_probe_arrives_as_the_listeners_clients_do() {
     // PROXY v1: the header names the documentation address and the
     // listener's bound address (127.0.0.1 and the port the OS chose).
     let backend = FakeBackend::start(backend_script(CLOSED).with_proxy_header()).await;
-    let proxy = TestProxy::start_configured(
-        &[listener("pv1-mx", "smtp", "starttls", backend.address)],
-        TOP,
-        "relay_check = \"refuse\"\nclient_identity = \"proxy-v1\"\n",
+    let proxy = TestProxy::start_config(
+        TestConfig::new().hostname(HOSTNAME).listeners([listener(
+            "pv1-mx",
+            "smtp",
+            "starttls",
+            backend.address,
+        )
+        .relay_check("refuse")
+        .client_identity("proxy-v1")]),
     )
     .await;
     let received = backend.received_when_closed(0).await;
@@ -209,10 +201,15 @@ async fn the_probe_arrives_as_the_listeners_clients_do() {
             .on(b"XCLIENT", b"220 fake.example ESMTP\r\n"),
     )
     .await;
-    let proxy = TestProxy::start_configured(
-        &[listener("xclient-mx", "smtp", "implicit", backend.address)],
-        TOP,
-        "relay_check = \"refuse\"\nclient_identity = \"xclient\"\n",
+    let proxy = TestProxy::start_config(
+        TestConfig::new().hostname(HOSTNAME).listeners([listener(
+            "xclient-mx",
+            "smtp",
+            "implicit",
+            backend.address,
+        )
+        .relay_check("refuse")
+        .client_identity("xclient")]),
     )
     .await;
     let received = backend.received_when_closed(0).await;
@@ -227,46 +224,31 @@ async fn the_probe_arrives_as_the_listeners_clients_do() {
     assert_eq!(probe_lines(&received), expected);
 }
 
-/// Polls `/readyz` until `done` accepts its answer.
-async fn readyz_until(proxy: &TestProxy, done: impl Fn(u16, &str) -> bool) -> (u16, String) {
-    let address = proxy.metrics.expect("metrics address");
-    let deadline = tokio::time::Instant::now() + STEP;
-    loop {
-        let (status, body) = http_get(address, "/readyz").await;
-        if done(status, &body) {
-            return (status, body);
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "/readyz still answers {status}: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test]
 async fn a_backend_that_turns_open_is_refused_until_it_closes_again() {
     let backend = FakeBackend::start(backend_script(CLOSED)).await;
-    let proxy = TestProxy::start_configured(
-        &[
-            listener("flip", "smtp", "starttls", backend.address),
-            listener("flip-tls", "smtp", "implicit", backend.address),
-        ],
-        &format!("{TOP}\nrelay_check_interval = 1"),
-        "relay_check = \"refuse\"\n",
+    let proxy = TestProxy::start_config(
+        TestConfig::new()
+            .hostname(HOSTNAME)
+            .relay_check_interval(1)
+            .listeners([
+                listener("flip", "smtp", "starttls", backend.address).relay_check("refuse"),
+                listener("flip-tls", "smtp", "implicit", backend.address).relay_check("refuse"),
+            ]),
     )
     .await;
+    let metrics = proxy.metrics.expect("metrics address");
     // A session established while the backend is closed.
     let mut established = proxy.connect("flip").await;
     assert_eq!(
         read_until(&mut established, b"\r\n").await,
         b"220 fake.example ESMTP\r\n"
     );
-    readyz_until(&proxy, |status, _| status == 200).await;
+    readyz_until(metrics, |status, _| status == 200).await;
 
     // The backend starts trusting everyone: the next check finds it.
     backend.set_script(backend_script(OPEN));
-    let (_, body) = readyz_until(&proxy, |status, body| {
+    let (_, body) = readyz_until(metrics, |status, body| {
         status == 503 && body.contains("listener flip:") && body.contains("listener flip-tls:")
     })
     .await;
@@ -292,7 +274,7 @@ async fn a_backend_that_turns_open_is_refused_until_it_closes_again() {
 
     // Fixed: the next check passes and new clients reach the backend again.
     backend.set_script(backend_script(CLOSED));
-    readyz_until(&proxy, |status, _| status == 200).await;
+    readyz_until(metrics, |status, _| status == 200).await;
     assert_eq!(relay_metric(&proxy, "flip").await, series(1, 0, 0));
     let mut client = proxy.connect("flip").await;
     assert_eq!(
@@ -309,15 +291,19 @@ async fn a_backend_that_turns_open_is_refused_until_it_closes_again() {
 #[tokio::test]
 async fn behind_a_balancer_the_refusal_comes_after_the_header_and_the_handshake() {
     let backend = FakeBackend::start(backend_script(CLOSED)).await;
-    let proxy = TestProxy::start_configured(
-        &[listener("flip-lb", "smtp", "implicit", backend.address)],
-        &format!("{TOP}\nrelay_check_interval = 1"),
-        "relay_check = \"refuse\"\naccept_proxy_from = [\"127.0.0.1\"]\n",
+    let proxy = TestProxy::start_config(
+        TestConfig::new()
+            .hostname(HOSTNAME)
+            .relay_check_interval(1)
+            .listeners([listener("flip-lb", "smtp", "implicit", backend.address)
+                .relay_check("refuse")
+                .accept_proxy_from(&["127.0.0.1"])]),
     )
     .await;
-    readyz_until(&proxy, |status, _| status == 200).await;
+    let metrics = proxy.metrics.expect("metrics address");
+    readyz_until(metrics, |status, _| status == 200).await;
     backend.set_script(backend_script(OPEN));
-    readyz_until(&proxy, |status, body| {
+    readyz_until(metrics, |status, body| {
         status == 503 && body.contains("listener flip-lb:")
     })
     .await;
@@ -329,8 +315,10 @@ async fn behind_a_balancer_the_refusal_comes_after_the_header_and_the_handshake(
         .expect("write header");
     let mut refused = proxy.upgrade(stream).await;
     assert_eq!(read_to_close(&mut refused).await, REFUSED);
-    let metrics = http_get_metrics(&proxy).await;
-    let series =
-        "mail_tls_proxy_rejected_connections_total{listener=\"flip-lb\",reason=\"relay_open\"} 1\n";
-    assert!(metrics.contains(series), "{series} not in\n{metrics}");
+    assert_eq!(
+        proxy.scrape().await.value(
+            "mail_tls_proxy_rejected_connections_total{listener=\"flip-lb\",reason=\"relay_open\"}"
+        ),
+        1.0
+    );
 }

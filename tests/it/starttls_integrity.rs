@@ -16,8 +16,7 @@ use std::time::Duration;
 use crate::support::*;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, DuplexStream};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
+use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 /// How long a reply may take before an exact-bytes assertion gives up.
@@ -115,13 +114,14 @@ impl Proto {
 // Helpers
 // ---------------------------------------------------------------------------
 
+/// The STARTTLS listener named "plain" in front of `backend`.
+fn plain(proto: Proto, backend: SocketAddr) -> ListenerSpec {
+    listener("plain", proto.name(), "starttls", backend)
+}
+
 /// A proxy with one STARTTLS listener named "plain" in front of `backend`.
-async fn starttls_proxy(proto: Proto, backend: SocketAddr, extra: &str) -> TestProxy {
-    TestProxy::start_with(
-        &[listener("plain", proto.name(), "starttls", backend)],
-        extra,
-    )
-    .await
+async fn starttls_proxy(proto: Proto, backend: SocketAddr) -> TestProxy {
+    TestProxy::start([plain(proto, backend)]).await
 }
 
 /// A connection to listener "plain" with the greeting already read.
@@ -242,7 +242,7 @@ async fn handshake_behind(
     reply: &[u8],
 ) -> Relayed {
     let (mut ours, theirs) = tokio::io::duplex(64 * 1024);
-    let connector = proxy.pki.connector.clone();
+    let connector = proxy.connector().clone();
     let handshake = tokio::spawn(async move {
         connector
             .connect(ServerName::try_from("localhost").expect("name"), theirs)
@@ -309,7 +309,7 @@ async fn handshake_behind(
 /// the handshake fails, nothing reaches the backend, nothing is answered.
 async fn injected_in_the_same_write(proto: Proto) {
     let backend = FakeBackend::start(proto.script()).await;
-    let proxy = starttls_proxy(proto, backend.address, "").await;
+    let proxy = starttls_proxy(proto, backend.address).await;
     for (index, injected) in [proto.evil(), proto.upgrade()].into_iter().enumerate() {
         let what = format!("{proto:?} + {:?}", text(injected));
         let mut client = greeted(&proxy).await;
@@ -350,7 +350,7 @@ async fn pop3_commands_pipelined_behind_stls_are_never_executed() {
 /// ClientHello, and plaintext arrives first (in its own segment).
 async fn injected_in_a_separate_write(proto: Proto) {
     let backend = FakeBackend::start(proto.script()).await;
-    let proxy = starttls_proxy(proto, backend.address, "").await;
+    let proxy = starttls_proxy(proto, backend.address).await;
     for (index, injected) in [proto.evil(), proto.upgrade()].into_iter().enumerate() {
         let what = format!("{proto:?} then {:?}", text(injected));
         let mut client = greeted(&proxy).await;
@@ -390,7 +390,7 @@ async fn pop3_commands_sent_before_the_client_hello_are_never_executed() {
 /// the upgrade command gives a working session.
 async fn client_hello_in_the_same_write(proto: Proto) {
     let backend = FakeBackend::start(proto.script()).await;
-    let proxy = starttls_proxy(proto, backend.address, "").await;
+    let proxy = starttls_proxy(proto, backend.address).await;
     let client = greeted(&proxy).await;
     let relayed = handshake_behind(&proxy, client, proto.upgrade(), proto.upgrade_reply()).await;
     let mut tls = relayed
@@ -420,140 +420,6 @@ async fn pop3_client_hello_in_the_same_write_as_stls_gives_a_working_session() {
 // Backend bytes around the upgrade
 // ---------------------------------------------------------------------------
 
-/// A hand-made backend for one connection: greets, answers every line with
-/// `answer`, and on the test's signal sends `injected` unasked (then reports
-/// that it has written it).
-struct InjectingBackend {
-    address: SocketAddr,
-    received: Arc<Mutex<Vec<u8>>>,
-    inject: Option<oneshot::Sender<()>>,
-    injected: Option<oneshot::Receiver<()>>,
-}
-
-impl InjectingBackend {
-    async fn start(
-        greeting: &'static [u8],
-        answer: fn(&[u8]) -> Vec<u8>,
-        injected_line: &'static [u8],
-    ) -> Self {
-        let socket = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let address = socket.local_addr().expect("address");
-        let received: Arc<Mutex<Vec<u8>>> = Arc::default();
-        let record = received.clone();
-        let (inject, mut inject_now) = oneshot::channel::<()>();
-        let (done, injected) = oneshot::channel::<()>();
-        tokio::spawn(async move {
-            let Ok((mut stream, _)) = socket.accept().await else {
-                return;
-            };
-            // Written means sent: no Nagle delay holding the injected line
-            // back until after the handshake.
-            stream.set_nodelay(true).expect("nodelay");
-            if stream.write_all(greeting).await.is_err() {
-                return;
-            }
-            let mut done = Some(done);
-            let mut pending = Vec::new();
-            let mut chunk = [0u8; 4096];
-            loop {
-                tokio::select! {
-                    read = stream.read(&mut chunk) => {
-                        let read = match read {
-                            Ok(0) | Err(_) => return,
-                            Ok(read) => read,
-                        };
-                        record.lock().expect("lock").extend_from_slice(&chunk[..read]);
-                        pending.extend_from_slice(&chunk[..read]);
-                        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
-                            let line: Vec<u8> = pending.drain(..=end).collect();
-                            if stream.write_all(&answer(&line)).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    signal = &mut inject_now, if done.is_some() => {
-                        if signal.is_ok() && stream.write_all(injected_line).await.is_ok() {
-                            stream.flush().await.expect("flush");
-                        }
-                        let _ = done.take().expect("once").send(());
-                    }
-                }
-            }
-        });
-        Self {
-            address,
-            received,
-            inject: Some(inject),
-            injected: Some(injected),
-        }
-    }
-
-    /// Makes the backend send its unsolicited bytes now; returns once they
-    /// are written (on loopback: in the proxy's receive buffer).
-    async fn inject(&mut self) {
-        self.inject
-            .take()
-            .expect("inject once")
-            .send(())
-            .expect("backend running");
-        tokio::time::timeout(STEP, self.injected.take().expect("once"))
-            .await
-            .expect("injected in time")
-            .expect("backend running");
-    }
-
-    async fn assert_received(&self, expected: &[u8]) {
-        let deadline = tokio::time::Instant::now() + STEP;
-        loop {
-            let got = self.received.lock().expect("lock").clone();
-            if got == expected {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "backend received {:?}, expected {:?}",
-                text(&got),
-                text(expected)
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-fn smtp_answer(line: &[u8]) -> Vec<u8> {
-    if line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"EHLO") {
-        b"250-fake.example\r\n250 8BITMIME\r\n".to_vec()
-    } else if line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"NOOP") {
-        b"250 2.0.0 Ok\r\n".to_vec()
-    } else {
-        b"502 5.5.2 Error: command not recognized\r\n".to_vec()
-    }
-}
-
-fn imap_answer(line: &[u8]) -> Vec<u8> {
-    let text = String::from_utf8_lossy(line);
-    let mut words = text.split_whitespace();
-    let tag = words.next().unwrap_or("*").to_string();
-    match words.next().map(str::to_ascii_uppercase).as_deref() {
-        Some("CAPABILITY") => {
-            format!("* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n{tag} OK Capability completed.\r\n")
-        }
-        Some("NOOP") => format!("{tag} OK NOOP completed.\r\n"),
-        _ => format!("{tag} BAD unknown\r\n"),
-    }
-    .into_bytes()
-}
-
-fn pop3_answer(line: &[u8]) -> Vec<u8> {
-    if line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"CAPA") {
-        b"+OK\r\nTOP\r\nUSER\r\n.\r\n".to_vec()
-    } else if line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"NOOP") {
-        b"+OK\r\n".to_vec()
-    } else {
-        b"-ERR Unknown command\r\n".to_vec()
-    }
-}
-
 /// The backend answers the client's capability request, and after the
 /// proxy's upgrade reply (while the TLS handshake is pending) sends an
 /// unsolicited line. The client then starts TLS and asks again: it must get
@@ -566,7 +432,7 @@ async fn smtp_backend_bytes_sent_around_starttls_never_reach_the_client_inside_t
         b"250-INJECTED\r\n250 AUTH PLAIN\r\n",
     )
     .await;
-    let proxy = starttls_proxy(Smtp, backend.address, "").await;
+    let proxy = starttls_proxy(Smtp, backend.address).await;
     let mut client = greeted(&proxy).await;
     expect_exchange(
         &mut client,
@@ -597,7 +463,7 @@ async fn imap_backend_bytes_sent_around_starttls_never_reach_the_client_inside_t
         b"* CAPABILITY IMAP4rev1 AUTH=PLAIN AUTH=INJECTED\r\n",
     )
     .await;
-    let proxy = starttls_proxy(Imap, backend.address, "").await;
+    let proxy = starttls_proxy(Imap, backend.address).await;
     let mut client = greeted(&proxy).await;
     // Before TLS the list depends on the policy; only its end matters here.
     client.write_all(b"a CAPABILITY\r\n").await.expect("write");
@@ -621,7 +487,7 @@ async fn imap_backend_bytes_sent_around_starttls_never_reach_the_client_inside_t
 async fn pop3_backend_bytes_sent_around_stls_never_reach_the_client_inside_tls() {
     let mut backend =
         InjectingBackend::start(b"+OK fake POP3 ready\r\n", pop3_answer, b"+OK injected\r\n").await;
-    let proxy = starttls_proxy(Pop3, backend.address, "").await;
+    let proxy = starttls_proxy(Pop3, backend.address).await;
     let mut client = greeted(&proxy).await;
     client.write_all(b"CAPA\r\n").await.expect("write");
     read_until(&mut client, b"\r\n.\r\n").await;
@@ -642,7 +508,7 @@ async fn pop3_backend_bytes_sent_around_stls_never_reach_the_client_inside_tls()
 /// backend, and the session goes on.
 async fn upgrade_after_tls(proto: Proto, again: &[u8], refusal: &[u8]) {
     let backend = FakeBackend::start(proto.script()).await;
-    let proxy = starttls_proxy(proto, backend.address, "").await;
+    let proxy = starttls_proxy(proto, backend.address).await;
     let mut client = greeted(&proxy).await;
     expect_exchange(&mut client, proto.upgrade(), proto.upgrade_reply()).await;
     let mut tls = proxy.upgrade(client).await;
@@ -692,7 +558,7 @@ async fn upgrade_on_an_implicit_listener(
 ) {
     let backend = FakeBackend::start(proto.script()).await;
     let proxy =
-        TestProxy::start(&[listener("tls", proto.name(), "implicit", backend.address)]).await;
+        TestProxy::start([listener("tls", proto.name(), "implicit", backend.address)]).await;
     let mut tls = proxy.connect_tls("tls").await;
     expect_bytes(&mut tls, greeting).await;
     expect_exchange(&mut tls, commands, replies).await;
@@ -738,7 +604,7 @@ async fn pop3_stls_on_an_implicit_listener_is_refused_in_every_spelling() {
 /// plain command still works afterwards.
 async fn upgrade_with_arguments(proto: Proto, with_arguments: &[u8], refusal: &[u8]) {
     let backend = FakeBackend::start(proto.script()).await;
-    let proxy = starttls_proxy(proto, backend.address, "").await;
+    let proxy = starttls_proxy(proto, backend.address).await;
     let mut client = greeted(&proxy).await;
     expect_exchange(&mut client, with_arguments, refusal).await;
     expect_exchange(&mut client, proto.upgrade(), proto.upgrade_reply()).await;
@@ -781,7 +647,7 @@ async fn pop3_stls_with_arguments_is_refused_and_never_forwarded() {
 /// Lowercase and mixed-case spellings upgrade like the canonical one.
 async fn upgrade_in_other_cases(proto: Proto, spellings: &[(&[u8], &[u8])]) {
     let backend = FakeBackend::start(proto.script()).await;
-    let proxy = starttls_proxy(proto, backend.address, "").await;
+    let proxy = starttls_proxy(proto, backend.address).await;
     let (probe, answer) = proto.probe_after_tls();
     for (index, (command, reply)) in spellings.iter().enumerate() {
         let mut client = greeted(&proxy).await;
@@ -833,7 +699,7 @@ async fn pop3_lowercase_and_mixed_case_stls_upgrade() {
 #[tokio::test]
 async fn smtp_bare_lf_lines_are_forwarded_verbatim_and_starttls_works() {
     let backend = FakeBackend::start(Script::smtp()).await;
-    let proxy = starttls_proxy(Smtp, backend.address, "").await;
+    let proxy = starttls_proxy(Smtp, backend.address).await;
     let mut client = greeted(&proxy).await;
     expect_exchange(
         &mut client,
@@ -860,7 +726,7 @@ async fn smtp_bare_lf_lines_are_forwarded_verbatim_and_starttls_works() {
 #[tokio::test]
 async fn imap_bare_lf_lines_are_forwarded_verbatim_and_starttls_works() {
     let backend = FakeBackend::start(Script::imap()).await;
-    let proxy = starttls_proxy(Imap, backend.address, "").await;
+    let proxy = starttls_proxy(Imap, backend.address).await;
     let mut client = greeted(&proxy).await;
     expect_exchange(&mut client, b"n NOOP\n", b"n OK NOOP completed.\r\n").await;
     expect_exchange(
@@ -882,7 +748,7 @@ async fn imap_bare_lf_lines_are_forwarded_verbatim_and_starttls_works() {
 #[tokio::test]
 async fn pop3_bare_lf_lines_are_forwarded_verbatim_and_stls_works() {
     let backend = FakeBackend::start(Script::pop3()).await;
-    let proxy = starttls_proxy(Pop3, backend.address, "").await;
+    let proxy = starttls_proxy(Pop3, backend.address).await;
     let mut client = greeted(&proxy).await;
     client.write_all(b"CAPA\n").await.expect("write");
     let capa = read_until(&mut client, b"\r\n.\r\n").await;
@@ -922,12 +788,7 @@ async fn smtp_nul_bytes_in_commands_are_refused_before_tls_and_never_upgrade() {
     const REFUSED: &[u8] = b"500 5.5.2 Syntax error: NUL in a command line\r\n";
     let backend = FakeBackend::start(Script::smtp()).await;
     for require_tls in ["auth", "none"] {
-        let proxy = starttls_proxy(
-            Smtp,
-            backend.address,
-            &format!("require_tls = \"{require_tls}\""),
-        )
-        .await;
+        let proxy = TestProxy::start([plain(Smtp, backend.address).require_tls(require_tls)]).await;
         let connection = backend.connections();
         let mut client = greeted(&proxy).await;
         for line in [&b"EHLO a\0b\r\n"[..], b"STARTTLS\0\r\n", b"\0\r\n"] {
@@ -956,12 +817,7 @@ async fn imap_nul_bytes_in_commands_are_refused_before_tls_and_never_upgrade() {
     let script = Script::imap().on(b"n NO\0OP", b"n BAD Unknown command\r\n");
     let backend = FakeBackend::start(script).await;
     for require_tls in ["auth", "none"] {
-        let proxy = starttls_proxy(
-            Imap,
-            backend.address,
-            &format!("require_tls = \"{require_tls}\""),
-        )
-        .await;
+        let proxy = TestProxy::start([plain(Imap, backend.address).require_tls(require_tls)]).await;
         let connection = backend.connections();
         let mut client = greeted(&proxy).await;
         // In the tag, in the command word, glued to STARTTLS: refused, and
@@ -993,12 +849,7 @@ async fn pop3_nul_bytes_in_commands_are_refused_before_tls_and_never_upgrade() {
     const REFUSED: &[u8] = b"-ERR Must issue STLS command first\r\n";
     let backend = FakeBackend::start(Script::pop3()).await;
     for require_tls in ["auth", "none"] {
-        let proxy = starttls_proxy(
-            Pop3,
-            backend.address,
-            &format!("require_tls = \"{require_tls}\""),
-        )
-        .await;
+        let proxy = TestProxy::start([plain(Pop3, backend.address).require_tls(require_tls)]).await;
         let connection = backend.connections();
         let mut client = greeted(&proxy).await;
         // STLS with a NUL glued on is refused by the proxy, not judged by
@@ -1023,7 +874,7 @@ async fn pop3_nul_bytes_in_commands_are_refused_before_tls_and_never_upgrade() {
 /// backend nothing, and the proxy keeps serving.
 async fn one_mebibyte_line(proto: Proto) {
     let backend = FakeBackend::start(proto.script()).await;
-    let proxy = starttls_proxy(proto, backend.address, "").await;
+    let proxy = starttls_proxy(proto, backend.address).await;
     let client = greeted(&proxy).await;
     let (mut read_half, mut write_half) = client.into_split();
     let mut line = vec![b'A'; 1024 * 1024];
@@ -1062,7 +913,7 @@ async fn pop3_a_one_mebibyte_line_gets_the_goodbye_and_never_reaches_the_backend
 #[tokio::test]
 async fn smtp_the_8_kib_line_cap_is_exact() {
     let backend = FakeBackend::start(Script::smtp()).await;
-    let proxy = starttls_proxy(Smtp, backend.address, "").await;
+    let proxy = starttls_proxy(Smtp, backend.address).await;
 
     let mut client = greeted(&proxy).await;
     let mut longest = b"NOOP ".to_vec();
@@ -1090,7 +941,7 @@ async fn smtp_the_8_kib_line_cap_is_exact() {
 /// backend.
 async fn unterminated_line_under_the_cap(proto: Proto, partial: &[u8]) {
     let backend = FakeBackend::start(proto.script()).await;
-    let proxy = starttls_proxy(proto, backend.address, "idle_timeout = 1").await;
+    let proxy = TestProxy::start([plain(proto, backend.address).idle_timeout(1)]).await;
     let mut client = greeted(&proxy).await;
     let started = tokio::time::Instant::now();
     client.write_all(partial).await.expect("write");
@@ -1174,7 +1025,7 @@ a LOGIN {12+}\r\nb STARTTLS\r\n {6+}\r\nsecret\r\n";
 async fn imap_starttls_inside_a_literal_is_data_on_an_implicit_listener() {
     let greeting = b"* OK [CAPABILITY IMAP4rev1 LITERAL+ AUTH=PLAIN] fake ready\r\n";
     let backend = FakeBackend::start(literal_login_script(greeting)).await;
-    let proxy = TestProxy::start(&[listener("imaps", "imap", "implicit", backend.address)]).await;
+    let proxy = TestProxy::start([listener("imaps", "imap", "implicit", backend.address)]).await;
     let mut tls = proxy.connect_tls("imaps").await;
     expect_bytes(&mut tls, greeting).await;
     starttls_inside_imap_literals(&mut tls).await;
@@ -1185,7 +1036,7 @@ async fn imap_starttls_inside_a_literal_is_data_on_an_implicit_listener() {
 async fn imap_starttls_inside_a_literal_is_data_before_tls_with_require_tls_none() {
     let greeting = b"* OK [CAPABILITY IMAP4rev1 LITERAL+ AUTH=PLAIN] fake ready\r\n";
     let backend = FakeBackend::start(literal_login_script(greeting)).await;
-    let proxy = starttls_proxy(Imap, backend.address, "require_tls = \"none\"").await;
+    let proxy = TestProxy::start([plain(Imap, backend.address).require_tls("none")]).await;
     let mut client = proxy.connect("plain").await;
     expect_bytes(
         &mut client,
@@ -1199,7 +1050,7 @@ async fn imap_starttls_inside_a_literal_is_data_before_tls_with_require_tls_none
 #[tokio::test]
 async fn smtp_starttls_inside_a_data_body_is_data() {
     let backend = FakeBackend::start(Script::smtp()).await;
-    let proxy = starttls_proxy(Smtp, backend.address, "").await;
+    let proxy = starttls_proxy(Smtp, backend.address).await;
     let mut client = greeted(&proxy).await;
     expect_exchange(
         &mut client,
@@ -1247,7 +1098,7 @@ fn bdat_script() -> Script {
 #[tokio::test]
 async fn smtp_starttls_inside_a_bdat_chunk_is_data() {
     let backend = FakeBackend::start(bdat_script()).await;
-    let proxy = starttls_proxy(Smtp, backend.address, "").await;
+    let proxy = starttls_proxy(Smtp, backend.address).await;
     let mut client = greeted(&proxy).await;
     expect_exchange(
         &mut client,
@@ -1276,7 +1127,7 @@ async fn smtp_starttls_inside_a_bdat_chunk_is_data() {
 #[tokio::test]
 async fn smtp_a_bdat_chunk_refused_by_require_tls_all_is_never_read_as_commands() {
     let backend = FakeBackend::start(bdat_script()).await;
-    let proxy = starttls_proxy(Smtp, backend.address, "require_tls = \"all\"").await;
+    let proxy = TestProxy::start([plain(Smtp, backend.address).require_tls("all")]).await;
     let mut client = greeted(&proxy).await;
     expect_exchange(
         &mut client,
@@ -1300,7 +1151,7 @@ async fn smtp_backend_starttls_advertisements_are_replaced_by_the_proxys() {
         )
         .otherwise(b"502 5.5.2 Error: command not recognized\r\n");
     let backend = FakeBackend::start(script).await;
-    let proxy = starttls_proxy(Smtp, backend.address, "").await;
+    let proxy = starttls_proxy(Smtp, backend.address).await;
     let mut client = greeted(&proxy).await;
     // Before TLS: exactly one STARTTLS, the proxy's, last; AUTH hidden.
     expect_exchange(
@@ -1344,7 +1195,7 @@ async fn imap_backend_starttls_and_logindisabled_are_replaced_by_the_proxys_poli
     )
     .otherwise(b"* BAD unknown\r\n");
     let backend = FakeBackend::start(script).await;
-    let proxy = starttls_proxy(Imap, backend.address, "").await;
+    let proxy = starttls_proxy(Imap, backend.address).await;
     let mut client = proxy.connect("plain").await;
     // Before TLS (require_tls = auth): one STARTTLS, the proxy's, last; the
     // proxy's LOGINDISABLED once, before it; no AUTH= mechanisms in clear.
@@ -1392,7 +1243,7 @@ async fn pop3_backend_stls_advertisements_are_replaced_by_the_proxys() {
         )
         .otherwise(b"-ERR Unknown command\r\n");
     let backend = FakeBackend::start(script).await;
-    let proxy = starttls_proxy(Pop3, backend.address, "").await;
+    let proxy = starttls_proxy(Pop3, backend.address).await;
     let mut client = greeted(&proxy).await;
     // Before TLS (require_tls = auth): one STLS, the proxy's, last; USER and
     // SASL hidden.
@@ -1424,7 +1275,7 @@ fn smtp_auth_script() -> Script {
 #[tokio::test]
 async fn smtp_auth_before_tls_is_refused_and_never_reaches_the_backend() {
     let backend = FakeBackend::start(smtp_auth_script()).await;
-    let proxy = starttls_proxy(Smtp, backend.address, "").await;
+    let proxy = starttls_proxy(Smtp, backend.address).await;
     let mut client = greeted(&proxy).await;
     expect_exchange(
         &mut client,
@@ -1470,7 +1321,7 @@ async fn smtp_auth_after_a_forwarded_command_is_still_refused_before_tls() {
         .on(b"AUTH", b"235 2.7.0 Authentication successful\r\n")
         .otherwise(b"502 5.5.2 Error: command not recognized\r\n");
     let backend = FakeBackend::start(script).await;
-    let proxy = starttls_proxy(Smtp, backend.address, "").await;
+    let proxy = starttls_proxy(Smtp, backend.address).await;
     let mut client = greeted(&proxy).await;
     expect_exchange(
         &mut client,
@@ -1501,7 +1352,7 @@ async fn smtp_auth_after_a_forwarded_command_is_still_refused_before_tls() {
 #[tokio::test]
 async fn smtp_auth_disguised_by_odd_separators_is_still_refused_before_tls() {
     let backend = FakeBackend::start(smtp_auth_script()).await;
-    let proxy = starttls_proxy(Smtp, backend.address, "").await;
+    let proxy = starttls_proxy(Smtp, backend.address).await;
     let mut leaks = Vec::new();
     for (index, command) in [
         &b"AUTH\tPLAIN AGFsaWNlAHNlY3JldA==\r\n"[..],
@@ -1540,7 +1391,7 @@ async fn smtp_auth_disguised_by_odd_separators_is_still_refused_before_tls() {
 #[tokio::test]
 async fn smtp_mail_before_tls_is_refused_with_require_tls_all() {
     let backend = FakeBackend::start(Script::smtp()).await;
-    let proxy = starttls_proxy(Smtp, backend.address, "require_tls = \"all\"").await;
+    let proxy = TestProxy::start([plain(Smtp, backend.address).require_tls("all")]).await;
     let mut client = greeted(&proxy).await;
     expect_exchange(
         &mut client,
@@ -1572,7 +1423,7 @@ const IMAP_LOGIN_REFUSED: &str = "NO [PRIVACYREQUIRED] ";
 #[tokio::test]
 async fn imap_login_before_tls_is_refused_with_privacyrequired() {
     let backend = FakeBackend::start(Script::imap()).await;
-    let proxy = starttls_proxy(Imap, backend.address, "").await;
+    let proxy = starttls_proxy(Imap, backend.address).await;
     let mut client = greeted(&proxy).await;
     for (tag, command) in [
         ("l", &b"l LOGIN alice secret\r\n"[..]),
@@ -1609,7 +1460,7 @@ async fn imap_login_before_tls_is_refused_with_privacyrequired() {
 #[tokio::test]
 async fn imap_login_with_literals_before_tls_is_refused_and_nothing_reaches_the_backend() {
     let backend = FakeBackend::start(Script::imap()).await;
-    let proxy = starttls_proxy(Imap, backend.address, "").await;
+    let proxy = starttls_proxy(Imap, backend.address).await;
     let mut client = greeted(&proxy).await;
 
     client
@@ -1649,7 +1500,7 @@ async fn imap_login_with_literals_before_tls_is_refused_and_nothing_reaches_the_
 async fn imap_login_after_a_forwarded_command_is_still_refused_before_tls() {
     let backend =
         FakeBackend::start(Script::imap().on(b"x SELECT", b"x NO not logged in\r\n")).await;
-    let proxy = starttls_proxy(Imap, backend.address, "").await;
+    let proxy = starttls_proxy(Imap, backend.address).await;
     let mut client = greeted(&proxy).await;
     expect_exchange(
         &mut client,
@@ -1677,7 +1528,7 @@ const POP3_AUTH_REFUSED: &str = "-ERR [AUTH] ";
 #[tokio::test]
 async fn pop3_credentials_before_tls_are_refused_with_the_auth_code() {
     let backend = FakeBackend::start(Script::pop3()).await;
-    let proxy = starttls_proxy(Pop3, backend.address, "").await;
+    let proxy = starttls_proxy(Pop3, backend.address).await;
     let mut client = greeted(&proxy).await;
     for command in [
         &b"USER alice\r\n"[..],

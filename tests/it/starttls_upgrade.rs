@@ -9,7 +9,7 @@ use tokio::io::AsyncWriteExt;
 async fn smtp_starttls_offers_answers_and_upgrades() {
     let backend = FakeBackend::start(Script::smtp()).await;
     let proxy =
-        TestProxy::start(&[listener("submission", "smtp", "starttls", backend.address)]).await;
+        TestProxy::start([listener("submission", "smtp", "starttls", backend.address)]).await;
     let mut client = proxy.connect("submission").await;
 
     assert_eq!(
@@ -46,7 +46,7 @@ async fn smtp_starttls_offers_answers_and_upgrades() {
 #[tokio::test]
 async fn imap_starttls_offers_answers_and_upgrades() {
     let backend = FakeBackend::start(Script::imap()).await;
-    let proxy = TestProxy::start(&[listener("imap", "imap", "starttls", backend.address)]).await;
+    let proxy = TestProxy::start([listener("imap", "imap", "starttls", backend.address)]).await;
     let mut client = proxy.connect("imap").await;
 
     // The default policy (require_tls = "auth") hides AUTH= and says
@@ -93,7 +93,7 @@ async fn imap_starttls_offers_answers_and_upgrades() {
 #[tokio::test]
 async fn pop3_stls_offers_answers_and_upgrades() {
     let backend = FakeBackend::start(Script::pop3()).await;
-    let proxy = TestProxy::start(&[listener("pop3", "pop3", "starttls", backend.address)]).await;
+    let proxy = TestProxy::start([listener("pop3", "pop3", "starttls", backend.address)]).await;
     let mut client = proxy.connect("pop3").await;
 
     assert_eq!(
@@ -123,14 +123,14 @@ async fn pop3_stls_offers_answers_and_upgrades() {
 async fn a_client_hello_pipelined_behind_starttls_still_works() {
     let backend = FakeBackend::start(Script::smtp()).await;
     let proxy =
-        TestProxy::start(&[listener("submission", "smtp", "starttls", backend.address)]).await;
+        TestProxy::start([listener("submission", "smtp", "starttls", backend.address)]).await;
     let mut client = proxy.connect("submission").await;
     read_until(&mut client, b"\r\n").await;
 
     // Capture the ClientHello the TLS client would send, by running the
     // client over a stream whose first write we intercept.
     let (mut ours, theirs) = tokio::io::duplex(64 * 1024);
-    let connector = proxy.pki.connector.clone();
+    let connector = proxy.connector().clone();
     let handshake = tokio::spawn(async move {
         connector
             .connect(
@@ -193,7 +193,7 @@ async fn plaintext_injected_behind_starttls_never_reaches_the_backend() {
         };
         let backend = FakeBackend::start(script).await;
         let proxy =
-            TestProxy::start(&[listener("plain", protocol, "starttls", backend.address)]).await;
+            TestProxy::start([listener("plain", protocol, "starttls", backend.address)]).await;
         let mut client = proxy.connect("plain").await;
         read_until(&mut client, greeting_end).await;
         client.write_all(command).await.expect("write");
@@ -232,11 +232,9 @@ async fn a_plaintext_session_that_never_upgrades_works_as_without_the_proxy() {
     // copied unparsed. (With the default require_tls = "auth" the proxy
     // keeps reading a plaintext session command by command instead.)
     let backend = FakeBackend::start(Script::smtp()).await;
-    let proxy = TestProxy::start_with(
-        &[listener("mx", "smtp", "starttls", backend.address)],
-        "require_tls = \"none\"",
-    )
-    .await;
+    let proxy =
+        TestProxy::start([listener("mx", "smtp", "starttls", backend.address).require_tls("none")])
+            .await;
     let mut client = proxy.connect("mx").await;
     read_until(&mut client, b"\r\n").await;
     exchange(&mut client, b"EHLO relay.example\r\n", b"250 STARTTLS\r\n").await;
@@ -258,7 +256,7 @@ async fn a_plaintext_session_that_never_upgrades_works_as_without_the_proxy() {
 #[tokio::test]
 async fn a_second_starttls_gets_the_protocols_error() {
     let backend = FakeBackend::start(Script::imap()).await;
-    let proxy = TestProxy::start(&[listener("imap", "imap", "starttls", backend.address)]).await;
+    let proxy = TestProxy::start([listener("imap", "imap", "starttls", backend.address)]).await;
     let mut client = proxy.connect("imap").await;
     read_until(&mut client, b"\r\n").await;
     exchange(&mut client, b"s STARTTLS\r\n", b"\r\n").await;
@@ -273,52 +271,22 @@ async fn a_second_starttls_gets_the_protocols_error() {
 /// never delivered inside TLS.
 #[tokio::test]
 async fn backend_lines_between_the_handshake_and_the_first_command_are_dropped() {
-    use tokio::io::{AsyncBufReadExt, BufReader};
-    let socket = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let address = socket.local_addr().expect("address");
-    let (inject, injected_when) = tokio::sync::oneshot::channel::<()>();
-    let (injected, injected_done) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let (stream, _) = socket.accept().await.expect("accept");
-        stream.set_nodelay(true).expect("nodelay");
-        let (read, mut write) = stream.into_split();
-        let mut lines = BufReader::new(read).lines();
-        write
-            .write_all(b"220 fake.example ESMTP\r\n")
-            .await
-            .expect("greeting");
-        let first = lines.next_line().await.expect("read").expect("EHLO");
-        assert_eq!(first, "EHLO c");
-        write
-            .write_all(b"250-fake.example\r\n250 8BITMIME\r\n")
-            .await
-            .expect("reply");
-        let _ = injected_when.await;
-        write
-            .write_all(b"250-INJECTED\r\n250 AUTH PLAIN\r\n")
-            .await
-            .expect("inject");
-        let _ = injected.send(());
-        let second = lines.next_line().await.expect("read").expect("EHLO");
-        assert_eq!(second, "EHLO c");
-        write
-            .write_all(b"250-fake.example\r\n250 8BITMIME\r\n")
-            .await
-            .expect("reply");
-        let _ = lines.next_line().await;
-    });
-    let proxy = TestProxy::start(&[listener("mx", "smtp", "starttls", address)]).await;
+    let mut backend = InjectingBackend::start(
+        b"220 fake.example ESMTP\r\n",
+        smtp_answer,
+        b"250-INJECTED\r\n250 AUTH PLAIN\r\n",
+    )
+    .await;
+    let proxy = TestProxy::start([listener("mx", "smtp", "starttls", backend.address)]).await;
     let mut client = proxy.connect("mx").await;
     read_until(&mut client, b"\r\n").await;
     exchange(&mut client, b"EHLO c\r\n", b"250 STARTTLS\r\n").await;
     exchange(&mut client, b"STARTTLS\r\n", b"\r\n").await;
     let mut tls = proxy.upgrade(client).await;
-    inject.send(()).expect("backend waits");
-    injected_done.await.expect("injected");
+    backend.inject().await;
     // Give the injected bytes time to reach the proxy before the client speaks.
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let reply = exchange(&mut tls, b"EHLO c\r\n", b"250 8BITMIME\r\n").await;
     assert_eq!(text(&reply), "250-fake.example\r\n250 8BITMIME\r\n");
+    backend.assert_received(b"EHLO c\r\nEHLO c\r\n").await;
 }

@@ -10,15 +10,9 @@ use tokio::io::AsyncWriteExt;
 #[tokio::test]
 async fn a_client_that_never_sends_a_client_hello_is_cut_at_the_handshake_timeout() {
     let backend = FakeBackend::start(Script::imap()).await;
-    let proxy = TestProxy::start_with(
-        &[listener(
-            "timeout-imaps",
-            "imap",
-            "implicit",
-            backend.address,
-        )],
-        "handshake_timeout = 1",
-    )
+    let proxy = TestProxy::start([
+        listener("timeout-imaps", "imap", "implicit", backend.address).handshake_timeout(1),
+    ])
     .await;
     let started = Instant::now();
     let mut silent = proxy.connect("timeout-imaps").await;
@@ -29,12 +23,12 @@ async fn a_client_that_never_sends_a_client_hello_is_cut_at_the_handshake_timeou
         "closed too early: {took:?}"
     );
     assert_eq!(backend.connections(), 0);
-    let metrics = http_get_metrics(&proxy).await;
-    assert!(
-        metrics.contains(
-            "mail_tls_proxy_timeouts_total{listener=\"timeout-imaps\",phase=\"handshake\"} 1"
-        ),
-        "{metrics}"
+    assert_eq!(
+        proxy
+            .scrape()
+            .await
+            .value("mail_tls_proxy_timeouts_total{listener=\"timeout-imaps\",phase=\"handshake\"}"),
+        1.0
     );
 }
 
@@ -61,10 +55,9 @@ async fn a_silent_client_in_inspection_gets_the_idle_goodbye() {
         ),
     ] {
         let backend = FakeBackend::start(script).await;
-        let proxy = TestProxy::start_with(
-            &[listener("plain", protocol, "starttls", backend.address)],
-            "idle_timeout = 1\nrequire_tls = \"auth\"",
-        )
+        let proxy = TestProxy::start([listener("plain", protocol, "starttls", backend.address)
+            .idle_timeout(1)
+            .require_tls("auth")])
         .await;
         let mut client = proxy.connect("plain").await;
         let got = read_to_close(&mut client).await;
@@ -84,11 +77,9 @@ async fn a_silent_client_in_inspection_gets_the_idle_goodbye() {
 #[tokio::test]
 async fn a_client_trickling_bytes_is_cut_by_the_idle_timeout() {
     let backend = FakeBackend::start(Script::smtp()).await;
-    let proxy = TestProxy::start_with(
-        &[listener("mx", "smtp", "starttls", backend.address)],
-        "idle_timeout = 1",
-    )
-    .await;
+    let proxy =
+        TestProxy::start([listener("mx", "smtp", "starttls", backend.address).idle_timeout(1)])
+            .await;
     let mut client = proxy.connect("mx").await;
     read_until(&mut client, b"\r\n").await;
     let started = Instant::now();
@@ -112,10 +103,9 @@ async fn a_client_trickling_bytes_is_cut_by_the_idle_timeout() {
 #[tokio::test]
 async fn an_idle_pass_through_session_is_closed_after_the_idle_timeout() {
     let backend = FakeBackend::start(Script::smtp()).await;
-    let proxy = TestProxy::start_with(
-        &[listener("mx", "smtp", "starttls", backend.address)],
-        "idle_timeout = 1\nrequire_tls = \"none\"",
-    )
+    let proxy = TestProxy::start([listener("mx", "smtp", "starttls", backend.address)
+        .idle_timeout(1)
+        .require_tls("none")])
     .await;
     let mut client = proxy.connect("mx").await;
     read_until(&mut client, b"\r\n").await;
@@ -133,10 +123,9 @@ async fn an_idle_pass_through_session_is_closed_after_the_idle_timeout() {
 #[tokio::test]
 async fn a_loop_of_noops_is_cut_by_the_command_cap() {
     let backend = FakeBackend::start(Script::smtp()).await;
-    let proxy = TestProxy::start_with(
-        &[listener("mx", "smtp", "starttls", backend.address)],
-        "max_inspected_commands = 3",
-    )
+    let proxy = TestProxy::start([
+        listener("mx", "smtp", "starttls", backend.address).max_inspected_commands(3)
+    ])
     .await;
     let mut client = proxy.connect("mx").await;
     read_until(&mut client, b"\r\n").await;

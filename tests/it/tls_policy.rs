@@ -8,22 +8,14 @@ use crate::support::*;
 use rustls::pki_types::ServerName;
 use tokio::io::AsyncWriteExt;
 
-fn client_config(
-    pki_dir: &std::path::Path,
+/// A client that trusts `proxy`'s test certificate, speaks `versions` and
+/// offers `alpn`.
+fn client(
+    proxy: &TestProxy,
     alpn: &[&[u8]],
     versions: &[&'static rustls::SupportedProtocolVersion],
 ) -> tokio_rustls::TlsConnector {
-    use rustls::pki_types::pem::PemObject;
-    let cert = rustls::pki_types::CertificateDer::from_pem_file(pki_dir.join("fullchain.pem"))
-        .expect("cert");
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert).expect("root");
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(versions)
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let mut config = client_config(proxy.roots(), versions);
     config.alpn_protocols = alpn.iter().map(|id| id.to_vec()).collect();
     tokio_rustls::TlsConnector::from(Arc::new(config))
 }
@@ -35,22 +27,22 @@ const BOTH: &[&rustls::SupportedProtocolVersion] =
 async fn alpn_accepts_the_listeners_protocol_or_none_and_refuses_others() {
     let backend = FakeBackend::start(Script::imap()).await;
     let proxy =
-        TestProxy::start(&[listener("alpn-imaps", "imap", "implicit", backend.address)]).await;
+        TestProxy::start([listener("alpn-imaps", "imap", "implicit", backend.address)]).await;
     let name = || ServerName::try_from("localhost").expect("name");
 
-    let imap = client_config(&proxy.pki.dir, &[b"imap"], BOTH);
+    let imap = client(&proxy, &[b"imap"], BOTH);
     let tls = imap
         .connect(name(), proxy.connect("alpn-imaps").await)
         .await
         .expect("imap ALPN accepted");
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"imap"[..]));
 
-    let none = client_config(&proxy.pki.dir, &[], BOTH);
+    let none = client(&proxy, &[], BOTH);
     none.connect(name(), proxy.connect("alpn-imaps").await)
         .await
         .expect("no ALPN accepted");
 
-    let http = client_config(&proxy.pki.dir, &[b"http/1.1"], BOTH);
+    let http = client(&proxy, &[b"http/1.1"], BOTH);
     let error = http
         .connect(name(), proxy.connect("alpn-imaps").await)
         .await
@@ -60,7 +52,7 @@ async fn alpn_accepts_the_listeners_protocol_or_none_and_refuses_others() {
         "{error}"
     );
 
-    let smtp_on_imap = client_config(&proxy.pki.dir, &[b"smtp"], BOTH);
+    let smtp_on_imap = client(&proxy, &[b"smtp"], BOTH);
     smtp_on_imap
         .connect(name(), proxy.connect("alpn-imaps").await)
         .await
@@ -69,28 +61,26 @@ async fn alpn_accepts_the_listeners_protocol_or_none_and_refuses_others() {
     // Only the two accepted handshakes reached the backend.
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     assert_eq!(backend.connections(), 2);
-    let metrics = http_get_metrics(&proxy).await;
-    assert!(
-        metrics.contains("mail_tls_proxy_tls_handshake_errors_total{listener=\"alpn-imaps\",reason=\"no_application_protocol\"} 2"),
-        "{metrics}"
+    assert_eq!(
+        proxy.scrape().await.value("mail_tls_proxy_tls_handshake_errors_total{listener=\"alpn-imaps\",reason=\"no_application_protocol\"}"),
+        2.0
     );
 }
 
 #[tokio::test]
 async fn min_tls_version_1_3_refuses_tls_1_2_clients() {
     let backend = FakeBackend::start(Script::pop3()).await;
-    let proxy = TestProxy::start_with(
-        &[listener("pop3s", "pop3", "implicit", backend.address)],
-        "min_tls_version = \"1.3\"",
-    )
+    let proxy = TestProxy::start([
+        listener("pop3s", "pop3", "implicit", backend.address).min_tls_version("1.3")
+    ])
     .await;
     let name = || ServerName::try_from("localhost").expect("name");
-    let tls12 = client_config(&proxy.pki.dir, &[], &[&rustls::version::TLS12]);
+    let tls12 = client(&proxy, &[], &[&rustls::version::TLS12]);
     tls12
         .connect(name(), proxy.connect("pop3s").await)
         .await
         .expect_err("TLS 1.2 refused");
-    let tls13 = client_config(&proxy.pki.dir, &[], &[&rustls::version::TLS13]);
+    let tls13 = client(&proxy, &[], &[&rustls::version::TLS13]);
     let mut tls = tls13
         .connect(name(), proxy.connect("pop3s").await)
         .await
@@ -125,17 +115,16 @@ fn tls11_client_hello() -> Vec<u8> {
 async fn tls_1_1_clients_are_refused_with_an_alert_and_the_proxy_keeps_serving() {
     let backend = FakeBackend::start(Script::smtp()).await;
     let proxy =
-        TestProxy::start(&[listener("tls11-smtps", "smtp", "implicit", backend.address)]).await;
+        TestProxy::start([listener("tls11-smtps", "smtp", "implicit", backend.address)]).await;
     let mut old = proxy.connect("tls11-smtps").await;
     old.write_all(&tls11_client_hello()).await.expect("write");
     let answer = read_to_close(&mut old).await;
     // A fatal alert record (content type 21), never a ServerHello.
     assert_eq!(answer.first(), Some(&0x15), "{answer:?}");
     assert!(answer.len() <= 7, "{answer:?}");
-    let metrics = http_get_metrics(&proxy).await;
-    assert!(
-        metrics.contains("mail_tls_proxy_tls_handshake_errors_total{listener=\"tls11-smtps\",reason=\"protocol_version\"} 1"),
-        "{metrics}"
+    assert_eq!(
+        proxy.scrape().await.value("mail_tls_proxy_tls_handshake_errors_total{listener=\"tls11-smtps\",reason=\"protocol_version\"}"),
+        1.0
     );
     let mut modern = proxy.connect_tls("tls11-smtps").await;
     assert_eq!(
@@ -148,7 +137,7 @@ async fn tls_1_1_clients_are_refused_with_an_alert_and_the_proxy_keeps_serving()
 #[tokio::test]
 async fn broken_handshakes_end_cleanly_and_others_are_still_served() {
     let backend = FakeBackend::start(Script::imap()).await;
-    let proxy = TestProxy::start(&[
+    let proxy = TestProxy::start([
         listener("imaps", "imap", "implicit", backend.address),
         listener("imap", "imap", "starttls", backend.address),
     ])

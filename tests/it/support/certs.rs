@@ -3,58 +3,26 @@
 //! the ways operators and tools do (in place, by rename, as a Kubernetes
 //! Secret volume), an in-process proxy started from any configuration, and
 //! handshakes on every listener kind that report the leaf the proxy served.
-#![allow(dead_code)]
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use mail_tls_proxy::config::Config;
-use mail_tls_proxy::server::Proxy;
-use mail_tls_proxy::tls::ReloadStats;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
 };
 use rustls::pki_types::{CertificateDer, ServerName};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use super::{FakeBackend, Script, STEP};
+use super::{
+    client_config, listener, roots, try_exchange, try_read_until, FakeBackend, ListenerSpec,
+    PairPaths, Script, TestProxy, STEP,
+};
 
-/// A private temporary folder, removed when dropped.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(label: &str) -> TempDir {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "mail-tls-proxy-{label}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&path).expect("create temp dir");
-        TempDir(path)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-
-    pub fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+/// How soon new handshakes must see a rotated certificate.
+pub const WITHIN: Duration = Duration::from_secs(2);
 
 /// A root CA and an intermediate CA that issues leaves.
 pub struct TestCa {
@@ -134,14 +102,7 @@ impl TestCa {
     /// A client that trusts this CA's root only, and never resumes (every
     /// handshake shows the certificate served now).
     pub fn connector(&self) -> TlsConnector {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.root.clone()).expect("trust root");
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let mut config = client_config(roots(&self.root), rustls::DEFAULT_VERSIONS);
         config.resumption = rustls::client::Resumption::disabled();
         TlsConnector::from(Arc::new(config))
     }
@@ -152,7 +113,7 @@ impl TestCa {
 pub fn accept_any_connector() -> TlsConnector {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(rustls::DEFAULT_VERSIONS)
         .expect("versions")
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
@@ -207,13 +168,6 @@ impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
     }
-}
-
-/// Where a pair lives on disk.
-#[derive(Clone, Debug)]
-pub struct PairPaths {
-    pub cert: PathBuf,
-    pub key: PathBuf,
 }
 
 impl PairPaths {
@@ -341,6 +295,16 @@ pub const ALL_KINDS: [Kind; 6] = [
     },
 ];
 
+impl Kind {
+    /// The kind in [`ALL_KINDS`] called `name`.
+    pub fn named(name: &str) -> Kind {
+        *ALL_KINDS
+            .iter()
+            .find(|kind| kind.name == name)
+            .expect("known kind")
+    }
+}
+
 /// Fake SMTP, IMAP and POP3 backends.
 pub struct Backends {
     pub smtp: FakeBackend,
@@ -365,144 +329,21 @@ impl Backends {
         }
     }
 
-    /// `[[listener]]` tables for `kinds`, on ephemeral ports; `extra` is
-    /// added to each.
-    pub fn listeners(&self, kinds: &[Kind], extra: &str) -> String {
+    /// A listener for each of `kinds` in front of its protocol's backend,
+    /// named after the kind.
+    pub fn listeners(&self, kinds: &[Kind]) -> Vec<ListenerSpec> {
         kinds
             .iter()
             .map(|kind| {
-                // The scripted SMTP backend accepts every recipient; these
-                // tests are about certificates, and the relay guard has its
-                // own (tests/relay_guard.rs).
-                let relay_check = if kind.protocol == "smtp" {
-                    "relay_check = \"off\"\n"
-                } else {
-                    ""
-                };
-                format!(
-                    "\n[[listener]]\nname = \"{}\"\nprotocol = \"{}\"\ntls = \"{}\"\nlisten = \"127.0.0.1:0\"\nbackend = \"{}\"\n{relay_check}{extra}\n",
+                listener(
                     kind.name,
                     kind.protocol,
                     kind.tls,
-                    self.address(kind.protocol)
+                    self.address(kind.protocol),
                 )
             })
             .collect()
     }
-}
-
-/// `[[certificate]]` tables for `pairs`, in order.
-pub fn certificate_tables(pairs: &[&PairPaths]) -> String {
-    pairs
-        .iter()
-        .map(|pair| {
-            format!(
-                "[[certificate]]\ncert = \"{}\"\nkey = \"{}\"\n\n",
-                pair.cert.display(),
-                pair.key.display()
-            )
-        })
-        .collect()
-}
-
-/// A proxy running inside the test process.
-pub struct RunningProxy {
-    addresses: std::collections::HashMap<String, SocketAddr>,
-    pub metrics: Option<SocketAddr>,
-    pub reloads: Arc<ReloadStats>,
-    stop: Option<oneshot::Sender<()>>,
-}
-
-impl RunningProxy {
-    /// Writes `text` as `config.toml` in `dir` and starts a proxy from it.
-    pub async fn start(dir: &Path, text: &str) -> RunningProxy {
-        let path = dir.join("config.toml");
-        std::fs::write(&path, text).expect("write config");
-        let config = Config::load(&path).expect("valid test config");
-        let proxy = Proxy::bind(&config).await.expect("proxy starts");
-        let addresses = proxy.listener_addresses();
-        let metrics = proxy.metrics_address();
-        let reloads = proxy.certificate_reloads();
-        let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(proxy.run(async move {
-            let _ = stopped.await;
-        }));
-        RunningProxy {
-            addresses,
-            metrics,
-            reloads,
-            stop: Some(stop),
-        }
-    }
-
-    pub fn address(&self, name: &str) -> SocketAddr {
-        self.addresses[name]
-    }
-
-    /// Waits (polling, up to [`STEP`]) until this proxy counted at least
-    /// `count` failed reloads.
-    pub async fn wait_for_reload_errors(&self, count: u64) {
-        let deadline = tokio::time::Instant::now() + STEP;
-        while self.reloads.errors() < count {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "expected {count} failed reloads, saw {}",
-                self.reloads.errors()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-impl Drop for RunningProxy {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-}
-
-async fn read_until<S: AsyncRead + Unpin>(
-    stream: &mut S,
-    ending: &[u8],
-) -> Result<Vec<u8>, String> {
-    let mut got = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let read = async {
-        while !got.ends_with(ending) {
-            match stream.read(&mut chunk).await {
-                Ok(0) => return Err(format!("closed; got {:?}", String::from_utf8_lossy(&got))),
-                Ok(read) => got.extend_from_slice(&chunk[..read]),
-                Err(error) => return Err(format!("read: {error}")),
-            }
-        }
-        Ok(())
-    };
-    match tokio::time::timeout(STEP, read).await {
-        Ok(Ok(())) => Ok(got),
-        Ok(Err(error)) => Err(error),
-        Err(_) => Err(format!(
-            "timed out waiting for {:?}; got {:?}",
-            String::from_utf8_lossy(ending),
-            String::from_utf8_lossy(&got)
-        )),
-    }
-}
-
-async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
-    stream: &mut S,
-    command: &[u8],
-    ending: &[u8],
-) -> Result<Vec<u8>, String> {
-    stream
-        .write_all(command)
-        .await
-        .map_err(|error| format!("write: {error}"))?;
-    stream
-        .flush()
-        .await
-        .map_err(|error| format!("flush: {error}"))?;
-    read_until(stream, ending).await
 }
 
 /// A TLS session with the proxy, ready for commands.
@@ -515,42 +356,57 @@ pub struct Session {
     pub chain: Vec<CertificateDer<'static>>,
 }
 
+/// Where a proxy's listeners are: an in-process [`TestProxy`], or the
+/// address of the one listener a test uses (e.g. of a proxy process).
+pub trait Listeners {
+    fn address_of(&self, kind: Kind) -> SocketAddr;
+}
+
+impl Listeners for TestProxy {
+    fn address_of(&self, kind: Kind) -> SocketAddr {
+        self.address(kind.name)
+    }
+}
+
+impl<T: Listeners> Listeners for Arc<T> {
+    fn address_of(&self, kind: Kind) -> SocketAddr {
+        (**self).address_of(kind)
+    }
+}
+
+impl Listeners for SocketAddr {
+    fn address_of(&self, _: Kind) -> SocketAddr {
+        *self
+    }
+}
+
 /// Connects to `kind`'s listener, upgrades (STARTTLS/STLS when needed),
 /// completes the TLS handshake asking for `sni`, and finishes the
 /// protocol's opening so the session takes commands. Any failure is an
 /// `Err` describing it (the client's TLS error included).
 pub async fn open_session(
-    proxy: &RunningProxy,
+    proxy: &impl Listeners,
     kind: Kind,
     connector: &TlsConnector,
     sni: &str,
 ) -> Result<Session, String> {
-    open_session_at(proxy.address(kind.name), kind, connector, sni).await
-}
-
-/// [`open_session`] with a listener's address (e.g. of a proxy process).
-pub async fn open_session_at(
-    address: SocketAddr,
-    kind: Kind,
-    connector: &TlsConnector,
-    sni: &str,
-) -> Result<Session, String> {
+    let address = proxy.address_of(kind);
     let mut tcp = tokio::time::timeout(STEP, TcpStream::connect(address))
         .await
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|error| format!("connect: {error}"))?;
     if kind.tls == "starttls" {
-        read_until(&mut tcp, b"\r\n").await?;
+        try_read_until(&mut tcp, b"\r\n").await?;
         match kind.protocol {
             "smtp" => {
-                exchange(&mut tcp, b"EHLO client\r\n", b"250 STARTTLS\r\n").await?;
-                exchange(&mut tcp, b"STARTTLS\r\n", b"\r\n").await?;
+                try_exchange(&mut tcp, b"EHLO client\r\n", b"250 STARTTLS\r\n").await?;
+                try_exchange(&mut tcp, b"STARTTLS\r\n", b"\r\n").await?;
             }
             "imap" => {
-                exchange(&mut tcp, b"s STARTTLS\r\n", b"\r\n").await?;
+                try_exchange(&mut tcp, b"s STARTTLS\r\n", b"\r\n").await?;
             }
             _ => {
-                exchange(&mut tcp, b"STLS\r\n", b"\r\n").await?;
+                try_exchange(&mut tcp, b"STLS\r\n", b"\r\n").await?;
             }
         }
     }
@@ -568,10 +424,10 @@ pub async fn open_session_at(
         .map(|certificate| certificate.clone().into_owned())
         .collect();
     if kind.tls == "implicit" {
-        read_until(&mut stream, b"\r\n").await?;
+        try_read_until(&mut stream, b"\r\n").await?;
     }
     if kind.protocol == "smtp" {
-        exchange(&mut stream, b"EHLO client\r\n", b"250 8BITMIME\r\n").await?;
+        try_exchange(&mut stream, b"EHLO client\r\n", b"250 8BITMIME\r\n").await?;
     }
     Ok(Session {
         kind,
@@ -589,7 +445,7 @@ impl Session {
             "imap" => (b"n NOOP\r\n", b"n OK NOOP completed.\r\n"),
             _ => (b"STAT\r\n", b"+OK 0 0\r\n"),
         };
-        let got = exchange(&mut self.stream, command, b"\r\n").await?;
+        let got = try_exchange(&mut self.stream, command, b"\r\n").await?;
         if got == reply {
             Ok(())
         } else {
@@ -605,7 +461,7 @@ impl Session {
 
 /// The leaf a fresh handshake on `kind` gets for `sni`.
 pub async fn served_leaf(
-    proxy: &RunningProxy,
+    proxy: &impl Listeners,
     kind: Kind,
     connector: &TlsConnector,
     sni: &str,
@@ -619,7 +475,7 @@ pub async fn served_leaf(
 /// `expected`; fails if that takes longer than `limit` or if any handshake
 /// fails. Returns how long it took.
 pub async fn wait_until_served(
-    proxy: &RunningProxy,
+    proxy: &impl Listeners,
     kinds: &[Kind],
     connector: &TlsConnector,
     expected: &CertificateDer<'static>,

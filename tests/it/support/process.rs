@@ -1,0 +1,148 @@
+//! The real `mail-tls-proxy` binary as a child process: `run` with its log
+//! lines collected, signals, and one-shot commands such as `check`.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::{eventually, STEP};
+
+pub const BINARY: &str = env!("CARGO_BIN_EXE_mail-tls-proxy");
+
+/// `line` without ANSI escape sequences.
+pub fn strip_ansi(line: &str) -> String {
+    let mut out = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Runs the binary with `args` (and `--config config`) to completion:
+/// (success, stdout, stderr without colours).
+pub fn run_binary(args: &[&str], config: Option<&Path>) -> (bool, String, String) {
+    let mut command = Command::new(BINARY);
+    command.args(args).env("NO_COLOR", "1");
+    if let Some(config) = config {
+        command.arg("--config").arg(config);
+    }
+    let output = command.output().expect("run the binary");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        strip_ansi(&String::from_utf8_lossy(&output.stderr)),
+    )
+}
+
+/// The proxy binary, running `run --config`, with its log lines collected;
+/// killed when dropped.
+pub struct ProxyProcess {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl ProxyProcess {
+    pub fn spawn(config: &Path) -> ProxyProcess {
+        let mut child = Command::new(BINARY)
+            .args(["run", "--config"])
+            .arg(config)
+            .env("NO_COLOR", "1")
+            .env("MAIL_TLS_PROXY_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the proxy binary");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().expect("lock").push(strip_ansi(&line));
+            }
+        });
+        ProxyProcess { child, log }
+    }
+
+    /// Waits for a log line containing every one of `parts`; returns it.
+    pub async fn wait_for_log(&self, parts: &[&str]) -> String {
+        let find = || {
+            self.log
+                .lock()
+                .expect("lock")
+                .iter()
+                .find(|line| parts.iter().all(|part| line.contains(part)))
+                .cloned()
+        };
+        eventually(
+            || find().is_some(),
+            || {
+                format!(
+                    "no log line with {parts:?}; log:\n{}",
+                    self.log.lock().expect("lock").join("\n")
+                )
+            },
+        )
+        .await;
+        find().expect("found")
+    }
+
+    /// The address a `listening` (or metrics) log line announces.
+    pub async fn address(&self, parts: &[&str]) -> SocketAddr {
+        let line = self.wait_for_log(parts).await;
+        let field = line
+            .split_whitespace()
+            .find_map(|field| field.strip_prefix("address="))
+            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        field.parse().expect("an address")
+    }
+
+    /// Sends the signal `name` (`TERM`, `HUP`, ...).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    /// Waits (up to [`STEP`]) for the process to exit.
+    pub async fn wait_for_exit(&mut self) -> ExitStatus {
+        let deadline = tokio::time::Instant::now() + STEP;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the binary did not exit"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -19,9 +19,9 @@ const UNAVAILABLE: [(&str, &[u8]); 3] = [
 
 #[tokio::test]
 async fn unreachable_backend_gets_a_temporary_failure_on_starttls_listeners() {
-    let dead = dead_address().await;
+    let dead = dead_address();
     for (protocol, reply) in UNAVAILABLE {
-        let proxy = TestProxy::start([listener("plain", protocol, "starttls", dead)]).await;
+        let proxy = TestProxy::start([listener("plain", protocol, "starttls", &dead)]).await;
         let mut client = proxy.connect("plain").await;
         assert_eq!(
             text(&read_to_close(&mut client).await),
@@ -33,9 +33,9 @@ async fn unreachable_backend_gets_a_temporary_failure_on_starttls_listeners() {
 
 #[tokio::test]
 async fn unreachable_backend_gets_a_temporary_failure_inside_tls_on_implicit_listeners() {
-    let dead = dead_address().await;
+    let dead = dead_address();
     for (protocol, reply) in UNAVAILABLE {
-        let proxy = TestProxy::start([listener("tls", protocol, "implicit", dead)]).await;
+        let proxy = TestProxy::start([listener("tls", protocol, "implicit", &dead)]).await;
         let mut client = proxy.connect_tls("tls").await;
         assert_eq!(
             text(&read_to_close(&mut client).await),

@@ -4,7 +4,17 @@
 //!
 //! Every test in this binary shares one process, so one global metrics
 //! recorder: a test that asserts exact metric values uses listener names no
-//! other test uses.
+//! other test uses (`support::Scrape::value` claims the name; a second
+//! proxy of this binary using it fails the test).
+//!
+//! Tests that wait for the proxy's own timers (idle, handshake and PROXY
+//! header timeouts, the shutdown grace, readiness and relay-check
+//! intervals) run on paused tokio time (`start_paused = true`): the clock
+//! moves only when every task of the test's runtime is idle and no socket
+//! has anything ready, so a 1 s timeout costs no wall time and the measured
+//! durations are exact. Tests on the real clock need it: the certificate
+//! tests wait for file-system events from the watcher's own thread, and the
+//! binary tests for a child process.
 
 mod support;
 

@@ -7,11 +7,11 @@ use tokio::io::AsyncWriteExt;
 #[tokio::test]
 async fn metrics_count_connections_handshakes_upgrades_and_bytes() {
     let backend = FakeBackend::start(Script::pop3()).await;
-    let dead = dead_address().await;
-    let dead_backend = dead;
+    let dead = dead_address();
+    let dead_backend = dead.address;
     let proxy = TestProxy::start([
         listener("metrics-pop3", "pop3", "starttls", backend.address),
-        listener("metrics-dead", "imap", "implicit", dead),
+        listener("metrics-dead", "imap", "implicit", &dead),
     ])
     .await;
     let address = proxy.metrics.expect("metrics address");

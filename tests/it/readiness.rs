@@ -52,11 +52,11 @@ async fn ready_when_every_backend_greets_and_each_gets_a_polite_goodbye() {
 #[tokio::test]
 async fn an_unreachable_or_unwilling_backend_is_named_in_the_503() {
     let imap = FakeBackend::start(Script::imap()).await;
-    let dead = dead_address().await;
+    let dead = dead_address();
     let busy = FakeBackend::start(Script::new(b"421 4.3.2 too busy\r\n")).await;
     let proxy = TestProxy::start([
         listener("unready-imaps", "imap", "implicit", imap.address),
-        listener("unready-pop3s", "pop3", "implicit", dead),
+        listener("unready-pop3s", "pop3", "implicit", &dead),
         listener("unready-smtps", "smtp", "implicit", busy.address),
     ])
     .await;
@@ -91,26 +91,23 @@ async fn an_unreachable_or_unwilling_backend_is_named_in_the_503() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_backend_that_comes_back_makes_the_proxy_ready_at_the_next_check() {
-    let address = dead_address().await;
+    let dead = dead_address();
     let proxy =
         TestProxy::start_config(TestConfig::new().readiness_interval(1).listeners([listener(
             "comeback-pop3",
             "pop3",
             "starttls",
-            address,
+            &dead,
         )]))
         .await;
     let metrics = proxy.metrics.expect("metrics");
     assert_eq!(http_get(metrics, "/readyz").await.0, 503);
 
     // The backend starts on the address the proxy was configured with.
-    let _backend = FakeBackend::start_at(
-        address,
-        Script::new(b"+OK back\r\n").otherwise(b"+OK bye\r\n"),
-    )
-    .await;
+    let _backend =
+        FakeBackend::revive(dead, Script::new(b"+OK back\r\n").otherwise(b"+OK bye\r\n"));
     let (_, body) = readyz_until(metrics, |status, _| status == 200).await;
     assert_eq!(body, "ready\n");
 }

@@ -140,11 +140,11 @@ async fn a_closed_backend_gets_exactly_ehlo_mail_rcpt_rset_quit_and_the_proxy_se
 
 #[tokio::test]
 async fn an_unreachable_backend_is_unknown_and_the_proxy_starts_anyway() {
-    let dead = dead_address().await;
+    let dead = dead_address();
     let proxy = TestProxy::start_config(
         TestConfig::new()
             .hostname(HOSTNAME)
-            .listeners([listener("dead-mx", "smtp", "starttls", dead).relay_check("refuse")]),
+            .listeners([listener("dead-mx", "smtp", "starttls", &dead).relay_check("refuse")]),
     )
     .await;
     assert_eq!(relay_metric(&proxy, "dead-mx").await, series(0, 0, 1));
@@ -224,7 +224,7 @@ async fn the_probe_arrives_as_the_listeners_clients_do() {
     assert_eq!(probe_lines(&received), expected);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_backend_that_turns_open_is_refused_until_it_closes_again() {
     let backend = FakeBackend::start(backend_script(CLOSED)).await;
     let proxy = TestProxy::start_config(
@@ -288,7 +288,7 @@ async fn a_backend_that_turns_open_is_refused_until_it_closes_again() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn behind_a_balancer_the_refusal_comes_after_the_header_and_the_handshake() {
     let backend = FakeBackend::start(backend_script(CLOSED)).await;
     let proxy = TestProxy::start_config(

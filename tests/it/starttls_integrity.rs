@@ -957,17 +957,17 @@ async fn unterminated_line_under_the_cap(proto: Proto, partial: &[u8]) {
     assert_eq!(text(&backend.received_when_closed(0).await), "");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn smtp_an_unterminated_line_under_the_cap_is_cut_by_the_idle_timeout() {
     unterminated_line_under_the_cap(Smtp, b"STARTTLS").await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn imap_an_unterminated_line_under_the_cap_is_cut_by_the_idle_timeout() {
     unterminated_line_under_the_cap(Imap, b"s STARTTLS").await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn pop3_an_unterminated_line_under_the_cap_is_cut_by_the_idle_timeout() {
     unterminated_line_under_the_cap(Pop3, b"STLS").await;
 }

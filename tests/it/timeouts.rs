@@ -2,12 +2,14 @@
 //! handshake, and an idle pass-through session are all cut off, each with the
 //! protocol's goodbye where the client can still read one.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::support::*;
 use tokio::io::AsyncWriteExt;
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_client_that_never_sends_a_client_hello_is_cut_at_the_handshake_timeout() {
     let backend = FakeBackend::start(Script::imap()).await;
     let proxy = TestProxy::start([
@@ -32,7 +34,7 @@ async fn a_client_that_never_sends_a_client_hello_is_cut_at_the_handshake_timeou
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_silent_client_in_inspection_gets_the_idle_goodbye() {
     for (protocol, script, greeting, goodbye) in [
         (
@@ -74,7 +76,7 @@ async fn a_silent_client_in_inspection_gets_the_idle_goodbye() {
 
 /// Slowloris: one byte at a time never completes a line within the idle
 /// timeout, so the session is cut like a silent one (one task, no thread).
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_client_trickling_bytes_is_cut_by_the_idle_timeout() {
     let backend = FakeBackend::start(Script::smtp()).await;
     let proxy =
@@ -100,7 +102,7 @@ async fn a_client_trickling_bytes_is_cut_by_the_idle_timeout() {
     assert_eq!(backend.received(0), b"");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn an_idle_pass_through_session_is_closed_after_the_idle_timeout() {
     let backend = FakeBackend::start(Script::smtp()).await;
     let proxy = TestProxy::start([listener("mx", "smtp", "starttls", backend.address)
@@ -120,7 +122,7 @@ async fn an_idle_pass_through_session_is_closed_after_the_idle_timeout() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_loop_of_noops_is_cut_by_the_command_cap() {
     let backend = FakeBackend::start(Script::smtp()).await;
     let proxy = TestProxy::start([

@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
-use super::{eventually, text, STEP, V2_SIGNATURE};
+use super::{eventually, text, DeadAddress, STEP, V2_SIGNATURE};
 
 /// What a fake backend answers: the first rule whose prefix matches the
 /// start of a received line (ASCII case-insensitive) sends its reply.
@@ -124,12 +124,21 @@ pub struct FakeBackend {
 
 impl FakeBackend {
     pub async fn start(script: Script) -> FakeBackend {
-        Self::start_at(SocketAddr::from(([127, 0, 0, 1], 0)), script).await
+        Self::serve(
+            TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind backend"),
+            script,
+        )
     }
 
-    /// A backend on `address` (e.g. one a proxy already names).
-    pub async fn start_at(address: SocketAddr, script: Script) -> FakeBackend {
-        let socket = TcpListener::bind(address).await.expect("bind backend");
+    /// A backend that comes up on `dead`'s address (one a proxy already
+    /// names).
+    pub fn revive(dead: DeadAddress, script: Script) -> FakeBackend {
+        Self::serve(dead.socket.listen(1024).expect("listen"), script)
+    }
+
+    fn serve(socket: TcpListener, script: Script) -> FakeBackend {
         let address = socket.local_addr().expect("backend address");
         let received: Recordings = Arc::default();
         let ended: Arc<Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
@@ -313,9 +322,14 @@ async fn serve_script(mut stream: TcpStream, mut script: Script, record: Arc<Mut
                     return;
                 }
             }
-            if line.to_ascii_uppercase().starts_with(b"QUIT")
-                || line.to_ascii_uppercase().starts_with(b"Z LOGOUT")
-            {
+            // Closed after QUIT and after an IMAP LOGOUT of any tag, as
+            // real servers do.
+            let upper = line.to_ascii_uppercase();
+            let logout = upper
+                .split(|&b| b == b' ')
+                .nth(1)
+                .is_some_and(|command| command.starts_with(b"LOGOUT"));
+            if upper.starts_with(b"QUIT") || logout {
                 return;
             }
         }

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpSocket, TcpStream};
 
 pub use backend::*;
 pub use config::*;
@@ -171,12 +171,28 @@ pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// An address nothing listens on.
-pub async fn dead_address() -> SocketAddr {
-    let socket = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+/// An address of 127.0.0.1 nothing listens on: a socket is bound to it but
+/// never listens, so connections are refused, and no other socket (another
+/// test's, or an outgoing connection's ephemeral port) can take the port
+/// while this lives. [`FakeBackend::revive`] makes it listen.
+pub struct DeadAddress {
+    pub(crate) socket: TcpSocket,
+    pub address: SocketAddr,
+}
+
+pub fn dead_address() -> DeadAddress {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("bind");
     let address = socket.local_addr().expect("address");
-    drop(socket);
-    address
+    DeadAddress { socket, address }
+}
+
+impl std::fmt::Display for DeadAddress {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.address.fmt(formatter)
+    }
 }
 
 /// A minimal HTTP/1.1 GET; returns (status, body).

@@ -14,12 +14,6 @@ use crate::support::certs::*;
 use crate::support::*;
 use rustls::pki_types::CertificateDer;
 
-const IMAPS: Kind = Kind {
-    name: "imaps",
-    protocol: "imap",
-    tls: "implicit",
-};
-
 /// `served/tls.crt -> real/tls.crt` and the same for the key, so that
 /// writing into `real/` changes nothing in the watched folder `served/`.
 struct LinkedPair {
@@ -60,7 +54,7 @@ fn not_after(leaf: &CertificateDer<'_>) -> i64 {
 }
 
 async fn served(address: SocketAddr, ca: &TestCa) -> CertificateDer<'static> {
-    served_leaf(&address, IMAPS, &ca.connector(), "localhost")
+    served_leaf(&address, Kind::named("imaps"), &ca.connector(), "localhost")
         .await
         .expect("handshake")
 }
@@ -70,7 +64,14 @@ async fn wait_until_served_at(
     ca: &TestCa,
     expected: &CertificateDer<'static>,
 ) {
-    wait_until_served(&address, &[IMAPS], &ca.connector(), expected, STEP).await;
+    wait_until_served(
+        &address,
+        &[Kind::named("imaps")],
+        &ca.connector(),
+        expected,
+        STEP,
+    )
+    .await;
 }
 
 const OK: &str = "mail_tls_proxy_certificate_reloads_total{result=\"ok\"}";

@@ -127,43 +127,12 @@ async fn a_client_hello_pipelined_behind_starttls_still_works() {
     let mut client = proxy.connect("submission").await;
     read_until(&mut client, b"\r\n").await;
 
-    // Capture the ClientHello the TLS client would send, by running the
-    // client over a stream whose first write we intercept.
-    let (mut ours, theirs) = tokio::io::duplex(64 * 1024);
-    let connector = proxy.connector().clone();
-    let handshake = tokio::spawn(async move {
-        connector
-            .connect(
-                rustls::pki_types::ServerName::try_from("localhost").expect("name"),
-                theirs,
-            )
-            .await
-    });
-    let mut hello = vec![0u8; 64 * 1024];
-    let read = tokio::io::AsyncReadExt::read(&mut ours, &mut hello)
+    // The ClientHello in the same write as STARTTLS; the ServerHello
+    // follows the reply at once, so exactly the reply is read as plaintext.
+    let mut tls = proxy
+        .handshake_behind(client, b"STARTTLS\r\n", b"220 2.0.0 Ready to start TLS\r\n")
         .await
-        .expect("client hello");
-    hello.truncate(read);
-
-    let mut first_write = b"STARTTLS\r\n".to_vec();
-    first_write.extend_from_slice(&hello);
-    client.write_all(&first_write).await.expect("write");
-    // The ServerHello follows the reply at once: read exactly the reply.
-    let mut reply = [0u8; 30];
-    tokio::io::AsyncReadExt::read_exact(&mut client, &mut reply)
-        .await
-        .expect("reply");
-    assert_eq!(&reply, b"220 2.0.0 Ready to start TLS\r\n");
-
-    // Relay the rest of the handshake between the TLS client and the proxy.
-    let (mut client_read, mut client_write) = client.into_split();
-    let (mut ours_read, mut ours_write) = tokio::io::split(ours);
-    tokio::spawn(async move { tokio::io::copy(&mut client_read, &mut ours_write).await });
-    tokio::spawn(async move { tokio::io::copy(&mut ours_read, &mut client_write).await });
-    let mut tls = tokio::time::timeout(STEP, handshake)
-        .await
-        .expect("handshake in time")
-        .expect("task")
+        .handshake
         .expect("handshake with pipelined ClientHello succeeds");
     let reply = exchange(&mut tls, b"EHLO c\r\n", b"250 8BITMIME\r\n").await;
     assert_eq!(

@@ -10,6 +10,7 @@ pub mod certs;
 
 mod backend;
 mod config;
+mod handshake;
 mod process;
 mod proxy;
 
@@ -22,6 +23,7 @@ use tokio::net::{TcpSocket, TcpStream};
 
 pub use backend::*;
 pub use config::*;
+pub use handshake::*;
 pub use process::*;
 pub use proxy::*;
 

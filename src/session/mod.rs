@@ -375,7 +375,7 @@ async fn serve_implicit(
         ),
     );
     let inspected = dialogue.run(&mut client, &mut backend).await?;
-    finish(context, dialogue, client, backend, inspected).await
+    finish(context, dialogue.into_pending(), client, backend, inspected).await
 }
 
 async fn serve_starttls(
@@ -395,7 +395,9 @@ async fn serve_starttls(
         ),
     );
     match dialogue.run(&mut client, &mut backend).await? {
-        Inspected::Passthrough => return splice(context, dialogue, client, backend).await,
+        Inspected::Passthrough => {
+            return splice(context, dialogue.into_pending(), client, backend).await
+        }
         Inspected::Closed => {
             close(&mut client).await;
             return Ok(());
@@ -419,14 +421,19 @@ async fn serve_starttls(
     context.metrics.starttls.increment(1);
     dialogue.tls_established();
     let inspected = dialogue.run(&mut client, &mut backend).await?;
-    finish(context, dialogue, client, backend, inspected).await
+    finish(context, dialogue.into_pending(), client, backend, inspected).await
 }
+
+/// What either side sent that inspection did not consume: (client, backend).
+/// Taken out of the dialogue before pass-through starts, so the dialogue's
+/// state is gone while a session copies bytes (an idle session's memory).
+type Pending = (Vec<u8>, Vec<u8>);
 
 /// Ends the inspection of a TLS session: hand-over to pass-through, or a
 /// clean close (a machine never asks for a second STARTTLS once TLS is up).
 async fn finish<C>(
     context: &ListenerContext,
-    dialogue: Dialogue<'_>,
+    pending: Pending,
     mut client: C,
     backend: TcpStream,
     inspected: Inspected,
@@ -435,7 +442,7 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     match inspected {
-        Inspected::Passthrough => splice(context, dialogue, client, backend).await,
+        Inspected::Passthrough => splice(context, pending, client, backend).await,
         Inspected::StartTls | Inspected::Closed => {
             close(&mut client).await;
             Ok(())
@@ -614,14 +621,13 @@ fn drain_ready(backend: &TcpStream) -> usize {
 /// sides are done, or after `idle_timeout` without a byte either way.
 async fn splice<C>(
     context: &ListenerContext,
-    dialogue: Dialogue<'_>,
+    (client_pending, backend_pending): Pending,
     mut client: C,
     mut backend: TcpStream,
 ) -> Result<(), SessionError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    let (client_pending, backend_pending) = dialogue.into_pending();
     if !client_pending.is_empty() {
         backend
             .write_all(&client_pending)

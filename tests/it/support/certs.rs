@@ -1,8 +1,10 @@
 //! Helpers for the certificate tests: a test CA (root, intermediate, leaves
 //! issued at run time; nothing is read from the repository), writing pairs
 //! the ways operators and tools do (in place, by rename, as a Kubernetes
-//! Secret volume), an in-process proxy started from any configuration, and
-//! handshakes on every listener kind that report the leaf the proxy served.
+//! Secret volume), backends and listeners of all six kinds for
+//! [`TestProxy::start_in`], and handshakes on every listener kind that
+//! report the leaf the proxy served.
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

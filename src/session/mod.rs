@@ -527,12 +527,9 @@ fn inspector_options(
     }
 }
 
-/// Connects to the backend and, when the listener says so, sends the PROXY
-/// protocol header first, in one write (receivers read it with one recv).
+/// The PROXY protocol header the listener sends its backend first, if any.
 /// `tls` is the client's TLS session when it is already established
 /// (implicit TLS): version 2 headers then carry its facts.
-/// The PROXY protocol header the listener sends its backend first, if any;
-/// v2 carries the TLS facts when the handshake came first (implicit TLS).
 fn identity_header(
     context: &ListenerContext,
     endpoints: Endpoints,
@@ -561,6 +558,8 @@ fn identity_header(
     }
 }
 
+/// Connects to the backend and sends `header` first, in one write
+/// (receivers read it with one recv).
 async fn connect_backend(
     context: &ListenerContext,
     header: Option<Vec<u8>>,

@@ -6,7 +6,9 @@
 //! 2. `Idle`: the machine reads one client command. EHLO, HELO, NOOP, RSET,
 //!    HELP and QUIT are forwarded and their reply awaited (`ExpectReply`);
 //!    STARTTLS is answered by the proxy and the session upgrades; any other
-//!    command is forwarded and ends inspection (`Passthrough`).
+//!    command is forwarded and ends inspection (`Passthrough`), except where
+//!    the machine relays the whole session command by command (below: with
+//!    XCLIENT, and before TLS under `require_tls = "auth" | "all"`).
 //! 3. The EHLO reply is rewritten: the backend's own STARTTLS line is always
 //!    removed, and before TLS on a STARTTLS listener the proxy's STARTTLS is
 //!    added, keeping the `250-`/`250 ` continuation form correct.

@@ -30,38 +30,37 @@ pub(crate) enum BalancerHeaderError {
 /// Reads one PROXY protocol header from `stream`, leaving every byte after
 /// it unread. The caller bounds the time it may take.
 pub(crate) async fn read_header(stream: &mut TcpStream) -> Result<Received, BalancerHeaderError> {
-    // Only trusted sources get here; the buffers live for the read alone.
-    let mut header = Vec::with_capacity(64);
-    let mut scratch = vec![0u8; parse::MAX_HEADER];
+    // Only trusted sources get here; the buffer lives for the read alone.
+    // `buffer[..held]` is what has been consumed, all of it header; a peek
+    // shows what follows it.
+    let mut buffer = vec![0u8; parse::MAX_HEADER];
+    let mut held = 0;
     loop {
-        let room = parse::MAX_HEADER.saturating_sub(header.len());
-        if room == 0 {
+        if held == buffer.len() {
             // The parser refuses anything longer before this; kept as a
             // bound of its own.
-            return Err(BalancerHeaderError::Invalid(HeaderError::V2TooLong(
-                header.len(),
-            )));
+            return Err(BalancerHeaderError::Invalid(HeaderError::V2TooLong(held)));
         }
-        let peeked = stream.peek(&mut scratch[..room]).await?;
+        let peeked = stream.peek(&mut buffer[held..]).await?;
         if peeked == 0 {
-            return Err(if header.is_empty() {
+            return Err(if held == 0 {
                 BalancerHeaderError::ClosedSilent
             } else {
                 BalancerHeaderError::Closed
             });
         }
-        let held = header.len();
-        header.extend_from_slice(&scratch[..peeked]);
-        match parse::parse(&header) {
+        match parse::parse(&buffer[..held + peeked]) {
             Ok(Parsed::Complete {
                 header: received,
                 length,
             }) => {
-                stream.read_exact(&mut scratch[..length - held]).await?;
+                stream.read_exact(&mut buffer[held..length]).await?;
                 return Ok(received);
             }
             Ok(Parsed::Incomplete) => {
-                stream.read_exact(&mut scratch[..peeked]).await?;
+                // The same bytes again, now consumed.
+                stream.read_exact(&mut buffer[held..held + peeked]).await?;
+                held += peeked;
             }
             Err(error) => return Err(BalancerHeaderError::Invalid(error)),
         }

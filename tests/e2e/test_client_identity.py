@@ -17,20 +17,15 @@ expect the PROXY header looks like to the client and in the proxy's log."""
 from __future__ import annotations
 
 import dataclasses
-import imaplib
 import os
-import poplib
-import re
-import shutil
 import smtplib
-import socket
 import ssl
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
+from evidence import log_offset, queue_id_of, topmost_received, wait_for_log_line
 from mail_clients import SENDER_ADDRESS, MailMessage, make_message, wait_for_delivery
 from proxy_config import CertificateConfig, ListenerConfig, ProxyConfig
 from proxy_process import (
@@ -39,6 +34,15 @@ from proxy_process import (
     stop_proxy,
     unavailable,
     wait_for_proxy_ports,
+)
+from source_address import (
+    CLIENT_TIMEOUT_SECONDS,
+    Imap,
+    Imaps,
+    Pop3,
+    Pop3s,
+    connect_from,
+    read_until_closed,
 )
 from servers import (
     MailServerEndpoints,
@@ -52,8 +56,6 @@ from servers import (
 
 CLIENT_IP = "127.0.0.2"
 PROXY_HOSTNAME = "proxy.e2e.test"
-CLIENT_TIMEOUT_SECONDS = 15
-LOG_WAIT_SECONDS = 10
 SERVERS_DIR_NAME = "identity-servers"
 
 
@@ -185,32 +187,6 @@ def identity(identity_servers, test_certificate, scratch_dir) -> IdentitySetup:
 
 # -- clients that connect from 127.0.0.2 -----------------------------------------
 
-def connect_from_client_ip(host: str, port: int, timeout: float | None) -> socket.socket:
-    return socket.create_connection((host, port), timeout, source_address=(CLIENT_IP, 0))
-
-
-class Imap(imaplib.IMAP4):
-    def _create_socket(self, timeout):
-        return connect_from_client_ip(self.host, self.port, timeout)
-
-
-class Imaps(imaplib.IMAP4_SSL):
-    def _create_socket(self, timeout):
-        sock = connect_from_client_ip(self.host, self.port, timeout)
-        return self.ssl_context.wrap_socket(sock, server_hostname=self.host)
-
-
-class Pop3(poplib.POP3):
-    def _create_socket(self, timeout):
-        return connect_from_client_ip(self.host, self.port, timeout)
-
-
-class Pop3s(poplib.POP3_SSL):
-    def _create_socket(self, timeout):
-        sock = connect_from_client_ip(self.host, self.port, timeout)
-        return self.context.wrap_socket(sock, server_hostname=self.host)
-
-
 def smtp_session(setup: IdentitySetup, listener: str, tls_context: ssl.SSLContext) -> smtplib.SMTP:
     spec = next(spec for spec in IDENTITY_LISTENERS if spec.name == listener)
     if spec.tls == "implicit":
@@ -236,39 +212,6 @@ def send_through(setup: IdentitySetup, listener: str, tls_context: ssl.SSLContex
 
 
 # -- reading the backends' evidence --------------------------------------------------
-
-def wait_for_log_line(path: Path, pattern: str, start: int = 0) -> re.Match:
-    """The first line after byte offset `start` matching `pattern`."""
-    deadline = time.monotonic() + LOG_WAIT_SECONDS
-    regex = re.compile(pattern, re.M)
-    while True:
-        text = path.read_bytes()[start:].decode(errors="replace")
-        found = regex.search(text)
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no line matching {pattern!r} in {path}; tail:\n{tail_of_file(path)}")
-        time.sleep(0.1)
-
-
-def log_offset(path: Path) -> int:
-    return path.stat().st_size
-
-
-def topmost_received(delivered: bytes) -> str:
-    """The Received header the backend Postfix added (unfolded)."""
-    headers = delivered.replace(b"\r\n", b"\n").split(b"\n\n", 1)[0].decode(errors="replace")
-    unfolded = re.sub(r"\n[ \t]+", " ", headers)
-    received = [line for line in unfolded.split("\n") if line.lower().startswith("received:")]
-    assert received, headers
-    return received[0]
-
-
-def queue_id_of(received: str) -> str:
-    found = re.search(r"\bid ([0-9A-F]+)\b", received)
-    assert found, received
-    return found.group(1)
-
 
 # -- Postfix: PROXY protocol ------------------------------------------------------------
 
@@ -346,10 +289,9 @@ def assert_tls_known_only_on_implicit_listeners(line: str, listener: str) -> Non
 def test_dovecot_imap_behind_proxy_v2_sees_the_client_address(identity, tls_context, listener):
     start = log_offset(identity.dovecot_log)
     if listener == "imaps-v2":
-        client = Imaps("localhost", identity.port(listener), ssl_context=tls_context,
-                       timeout=CLIENT_TIMEOUT_SECONDS)
+        client = Imaps("localhost", identity.port(listener), CLIENT_IP, tls_context)
     else:
-        client = Imap("localhost", identity.port(listener), timeout=CLIENT_TIMEOUT_SECONDS)
+        client = Imap("localhost", identity.port(listener), CLIENT_IP)
         client.starttls(ssl_context=tls_context)
     try:
         assert client.sock.getsockname()[0] == CLIENT_IP
@@ -368,10 +310,9 @@ def test_dovecot_imap_behind_proxy_v2_sees_the_client_address(identity, tls_cont
 def test_dovecot_pop3_behind_proxy_v2_sees_the_client_address(identity, tls_context, listener):
     start = log_offset(identity.dovecot_log)
     if listener == "pop3s-v2":
-        client = Pop3s("localhost", identity.port(listener), context=tls_context,
-                       timeout=CLIENT_TIMEOUT_SECONDS)
+        client = Pop3s("localhost", identity.port(listener), CLIENT_IP, tls_context)
     else:
-        client = Pop3("localhost", identity.port(listener), timeout=CLIENT_TIMEOUT_SECONDS)
+        client = Pop3("localhost", identity.port(listener), CLIENT_IP)
         client.stls(context=tls_context)
     try:
         assert client.sock.getsockname()[0] == CLIENT_IP
@@ -389,7 +330,7 @@ def test_dovecot_pop3_behind_proxy_v2_sees_the_client_address(identity, tls_cont
 def test_a_client_sending_a_proxy_header_is_refused_and_dovecot_never_sees_it(identity):
     spoofed = "192.0.2.77"
     start = log_offset(identity.dovecot_log)
-    with connect_from_client_ip("127.0.0.1", identity.port("imap-v2"), CLIENT_TIMEOUT_SECONDS) as sock:
+    with connect_from(CLIENT_IP, "127.0.0.1", identity.port("imap-v2"), CLIENT_TIMEOUT_SECONDS) as sock:
         sock.sendall(f"PROXY TCP4 {spoofed} 127.0.0.1 4000 143\r\na LOGIN alice secret\r\n".encode())
         received = read_until_closed(sock)
     assert received.startswith(b"* OK"), received
@@ -411,24 +352,11 @@ TEMPORARY_FAILURE = {
 }
 
 
-def read_until_closed(sock) -> bytes:
-    received = b""
-    while True:
-        try:
-            chunk = sock.recv(4096)
-        except (ConnectionResetError, ssl.SSLError):
-            break
-        if not chunk:
-            break
-        received += chunk
-    return received
-
-
 @pytest.mark.parametrize("listener", ["smtp-unexpecting", "imaps-unexpecting", "pop3-unexpecting"])
 def test_a_backend_not_expecting_the_header_fails_clearly(identity, tls_context, listener):
     spec = next(spec for spec in IDENTITY_LISTENERS if spec.name == listener)
     start = log_offset(identity.proxy.log_file)
-    raw = connect_from_client_ip("127.0.0.1", identity.port(listener), CLIENT_TIMEOUT_SECONDS)
+    raw = connect_from(CLIENT_IP, "127.0.0.1", identity.port(listener), CLIENT_TIMEOUT_SECONDS)
     with raw:
         sock = tls_context.wrap_socket(raw, server_hostname="localhost") if spec.tls == "implicit" else raw
         received = read_until_closed(sock)

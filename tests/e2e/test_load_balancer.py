@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import imaplib
 import io
 import json
 import os
-import poplib
 import re
 import shutil
 import smtplib
@@ -41,9 +39,19 @@ from pathlib import Path
 
 import pytest
 
+from evidence import LOG_WAIT_SECONDS, log_offset, topmost_received, wait_for_log_line
 from mail_clients import SENDER_ADDRESS, make_message, wait_for_delivery
 from proxy_config import CertificateConfig, ListenerConfig, ProxyConfig
 from proxy_process import RunningProxy, proxy_binary_path, stop_proxy, unavailable
+from source_address import (
+    CLIENT_TIMEOUT_SECONDS,
+    Imap,
+    Imaps,
+    Pop3,
+    Pop3s,
+    connect_from as connect_from_address,
+    read_until_closed,
+)
 from servers import (
     MailServers,
     ServerSetupError,
@@ -62,8 +70,6 @@ SPOOFED_IP = "203.0.113.9"
 PROXY_HOSTNAME = "proxy.e2e.test"
 PROXY_HEADER_TIMEOUT_SECONDS = 3
 PER_IP_LIMIT = 2
-CLIENT_TIMEOUT_SECONDS = 15
-LOG_WAIT_SECONDS = 10
 HEALTH_WAIT_SECONDS = 30
 SERVERS_DIR_NAME = "lb-servers"
 LB_DIR_NAME = "lb"
@@ -409,47 +415,7 @@ def lb(lb_servers, test_certificate, scratch_dir) -> LbSetup:
 # -- clients from a chosen loopback address ---------------------------------------
 
 def connect_from(source_ip: str, port: int, timeout: float | None = CLIENT_TIMEOUT_SECONDS) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout, source_address=(source_ip, 0))
-    assert sock.getsockname()[0] == source_ip
-    return sock
-
-
-class Imap(imaplib.IMAP4):
-    def __init__(self, port: int, source_ip: str):
-        self.source_ip = source_ip
-        super().__init__("127.0.0.1", port, timeout=CLIENT_TIMEOUT_SECONDS)
-
-    def _create_socket(self, timeout):
-        return connect_from(self.source_ip, self.port, timeout)
-
-
-class Imaps(imaplib.IMAP4_SSL):
-    def __init__(self, port: int, source_ip: str, context: ssl.SSLContext):
-        self.source_ip = source_ip
-        super().__init__("127.0.0.1", port, ssl_context=context, timeout=CLIENT_TIMEOUT_SECONDS)
-
-    def _create_socket(self, timeout):
-        return self.ssl_context.wrap_socket(connect_from(self.source_ip, self.port, timeout),
-                                            server_hostname=self.host)
-
-
-class Pop3(poplib.POP3):
-    def __init__(self, port: int, source_ip: str):
-        self.source_ip = source_ip
-        super().__init__("127.0.0.1", port, timeout=CLIENT_TIMEOUT_SECONDS)
-
-    def _create_socket(self, timeout):
-        return connect_from(self.source_ip, self.port, timeout)
-
-
-class Pop3s(poplib.POP3_SSL):
-    def __init__(self, port: int, source_ip: str, context: ssl.SSLContext):
-        self.source_ip = source_ip
-        super().__init__("127.0.0.1", port, context=context, timeout=CLIENT_TIMEOUT_SECONDS)
-
-    def _create_socket(self, timeout):
-        return self.context.wrap_socket(connect_from(self.source_ip, self.port, timeout),
-                                        server_hostname=self.host)
+    return connect_from_address(source_ip, "127.0.0.1", port, timeout)
 
 
 def smtp_session(port: int, tls: str, source_ip: str, context: ssl.SSLContext) -> smtplib.SMTP:
@@ -464,21 +430,6 @@ def smtp_session(port: int, tls: str, source_ip: str, context: ssl.SSLContext) -
     client.ehlo("client.e2e.test")
     assert client.sock.getsockname()[0] == source_ip
     return client
-
-
-def read_until_closed(sock: socket.socket) -> bytes:
-    """Everything until the peer closes; a reset counts as closed (a peer
-    that closes with unread bytes in its buffer resets)."""
-    received = b""
-    while True:
-        try:
-            chunk = sock.recv(4096)
-        except ConnectionResetError:
-            break
-        if not chunk:
-            break
-        received += chunk
-    return received
 
 
 def client_hello() -> bytes:
@@ -503,23 +454,6 @@ def without_waiting_line(received: bytes) -> list[bytes]:
 
 
 # -- evidence: logs and metrics -------------------------------------------------------
-
-def log_offset(path: Path) -> int:
-    return path.stat().st_size
-
-
-def wait_for_log_line(path: Path, pattern: str, start: int = 0) -> re.Match:
-    """The first match of `pattern` after byte offset `start`."""
-    deadline = time.monotonic() + LOG_WAIT_SECONDS
-    regex = re.compile(pattern, re.M)
-    while True:
-        found = regex.search(path.read_bytes()[start:].decode(errors="replace"))
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no line matching {pattern!r} in {path}; tail:\n{tail_of_file(path)}")
-        time.sleep(0.1)
-
 
 def proxy_log_records(setup: LbSetup, start: int = 0) -> list[dict]:
     records = []
@@ -590,15 +524,6 @@ def metric_value(text: str, name: str, **labels: str) -> float:
 def rejected_for_proxy_header(setup: LbSetup, listener: str) -> float:
     return metric_value(scrape_metrics(setup), "mail_tls_proxy_rejected_connections_total",
                         listener=listener, reason="proxy_header")
-
-
-def topmost_received(delivered: bytes) -> str:
-    """The Received header the backend Postfix added (unfolded)."""
-    headers = delivered.replace(b"\r\n", b"\n").split(b"\n\n", 1)[0].decode(errors="replace")
-    unfolded = re.sub(r"\n[ \t]+", " ", headers)
-    received = [line for line in unfolded.split("\n") if line.lower().startswith("received:")]
-    assert received, headers
-    return received[0]
 
 
 def dovecot_login_line(setup: LbSetup, service: str, start: int) -> str:
@@ -686,9 +611,9 @@ def test_dovecot_imap_sees_the_client_behind_haproxy(lb, tls_context, listener, 
     start = offsets(lb)
     port = lb.via(listener, version)
     if LISTENER_BY_NAME[listener].tls == "implicit":
-        client = Imaps(port, CLIENT_IP, tls_context)
+        client = Imaps("127.0.0.1", port, CLIENT_IP, tls_context)
     else:
-        client = Imap(port, CLIENT_IP)
+        client = Imap("127.0.0.1", port, CLIENT_IP)
         client.starttls(ssl_context=tls_context)
     try:
         client_address = client.sock.getsockname()
@@ -710,9 +635,9 @@ def test_dovecot_pop3_sees_the_client_behind_haproxy(lb, tls_context, listener, 
     start = offsets(lb)
     port = lb.via(listener, version)
     if LISTENER_BY_NAME[listener].tls == "implicit":
-        client = Pop3s(port, CLIENT_IP, tls_context)
+        client = Pop3s("127.0.0.1", port, CLIENT_IP, tls_context)
     else:
-        client = Pop3(port, CLIENT_IP)
+        client = Pop3("127.0.0.1", port, CLIENT_IP)
         client.stls(context=tls_context)
     try:
         client_address = client.sock.getsockname()

@@ -29,7 +29,6 @@ from __future__ import annotations
 import os
 import re
 import smtplib
-import ssl
 import subprocess
 import time
 import tomllib
@@ -37,6 +36,7 @@ from pathlib import Path
 
 import pytest
 
+from evidence import LOG_WAIT_SECONDS, log_offset, wait_for_log_line
 from mail_clients import SENDER_ADDRESS, make_message
 from proxy_config import CertificateConfig, ListenerConfig, ProxyConfig
 from proxy_process import (
@@ -56,7 +56,6 @@ from servers import (
     missing_programs,
     pick_free_loopback_ports,
     stop_abandoned_instances,
-    tail_of_file,
 )
 
 yaml = pytest.importorskip("yaml")  # PyYAML comes with yamllint (install-deps.sh)
@@ -66,7 +65,6 @@ CLIENT_IP = "127.0.0.2"
 PROXY_HOSTNAME = "guard.e2e.test"
 STRANGER_RECIPIENT = "someone@elsewhere.example"
 CLIENT_TIMEOUT_SECONDS = 15
-LOG_WAIT_SECONDS = 10
 # `run` refusing to start: the guard's dialogue takes milliseconds, the rest
 # is start-up on a loaded 2-core machine.
 RUN_EXIT_TIMEOUT_SECONDS = 60
@@ -159,22 +157,6 @@ def write_single_listener_config(path: Path, backend_port: int) -> tuple[str, st
 
 
 # -- the backends' evidence ------------------------------------------------------------------
-
-def log_offset(path: Path) -> int:
-    return path.stat().st_size
-
-
-def wait_for_log_line(path: Path, pattern: str, start: int = 0) -> re.Match:
-    deadline = time.monotonic() + LOG_WAIT_SECONDS
-    regex = re.compile(pattern, re.M)
-    while True:
-        found = regex.search(path.read_bytes()[start:].decode(errors="replace"))
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no line matching {pattern!r} in {path}; tail:\n{tail_of_file(path)}")
-        time.sleep(0.1)
-
 
 def postfix_queue(config_dir: Path) -> str:
     result = subprocess.run([find_program("postqueue"), "-c", str(config_dir), "-p"],

@@ -25,7 +25,7 @@
 //!   mode, which reads the whole session, keeps refusing a bare CR; see
 //!   `smtp`).
 
-use super::{InspectorOptions, Next, RequireTls, TlsMode};
+use super::{lenient_verb, InspectorOptions, Next, RequireTls, TlsMode};
 
 /// One session's TLS state and the listener's policy.
 #[derive(Debug, Clone, Copy)]
@@ -110,6 +110,29 @@ impl TlsGate {
         }
     }
 
+    /// The answer to a command line if it asks for TLS: `word` and
+    /// `arguments` as the protocol splits the command (on spaces), `command`
+    /// the line from the command word on. A spelling only a lenient server
+    /// reads as `upgrade` (`STLS\tx`, a tab before `STARTTLS`, a NUL after
+    /// it) is answered too, as the command with arguments: the backend never
+    /// gets an upgrade command, which could begin a TLS the proxy does not
+    /// see. `None`: not an upgrade command.
+    pub(crate) fn upgrade_request(
+        &self,
+        upgrade: &[u8],
+        word: &[u8],
+        arguments: &[u8],
+        command: &[u8],
+    ) -> Option<StartTls> {
+        if word.eq_ignore_ascii_case(upgrade) {
+            Some(self.starttls(arguments))
+        } else if lenient_verb(command).eq_ignore_ascii_case(upgrade) {
+            Some(StartTls::Syntax)
+        } else {
+            None
+        }
+    }
+
     /// The pre-TLS line policy (see the module notes): why `text`, a client
     /// command line without its terminator, is refused right now, if it is.
     pub(crate) fn refuses_line(&self, text: &[u8]) -> Option<UnsafeLine> {
@@ -189,6 +212,39 @@ mod tests {
         assert_eq!(StartTls::AlreadyActive.next(), Next::Continue);
         let implicit = gate(TlsMode::Implicit, RequireTls::Auth);
         assert_eq!(implicit.starttls(b""), StartTls::AlreadyActive);
+    }
+
+    #[test]
+    fn upgrade_spellings_for_lenient_servers_are_syntax_errors_never_other_commands() {
+        let mut gate = gate(TlsMode::StartTls, RequireTls::None);
+        let ask = |gate: &TlsGate, word: &[u8], arguments: &[u8], command: &[u8]| {
+            gate.upgrade_request(b"STLS", word, arguments, command)
+        };
+        assert_eq!(ask(&gate, b"stls", b"", b"stls"), Some(StartTls::Begin));
+        assert_eq!(ask(&gate, b"STLS", b"x", b"STLS x"), Some(StartTls::Syntax));
+        assert_eq!(
+            ask(&gate, b"STLS\tx", b"", b"STLS\tx"),
+            Some(StartTls::Syntax)
+        );
+        assert_eq!(
+            ask(&gate, b"\tSTLS", b"", b"\tSTLS"),
+            Some(StartTls::Syntax)
+        );
+        assert_eq!(
+            ask(&gate, b"STLS\0", b"", b"STLS\0"),
+            Some(StartTls::Syntax)
+        );
+        assert_eq!(ask(&gate, b"STLSX", b"", b"STLSX"), None);
+        assert_eq!(ask(&gate, b"CAPA", b"", b"CAPA"), None);
+        gate.tls_established();
+        assert_eq!(
+            ask(&gate, b"STLS", b"", b"STLS"),
+            Some(StartTls::AlreadyActive)
+        );
+        assert_eq!(
+            ask(&gate, b"STLS\tx", b"", b"STLS\tx"),
+            Some(StartTls::Syntax)
+        );
     }
 
     #[test]

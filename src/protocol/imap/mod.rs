@@ -214,15 +214,10 @@ impl ImapInspector {
             // backend's to judge. Either way nothing after it is parsed.
             return self.pass_through(line, out);
         }
-        let strict_starttls = command.eq_ignore_ascii_case(STARTTLS);
-        // A spelling only a lenient server reads as STARTTLS (`a \tSTARTTLS`,
-        // `a STARTTLS\tx`) is answered here too, as STARTTLS with arguments:
-        // it never reaches the backend, which might begin a TLS the proxy
-        // does not see.
-        if strict_starttls || lenient_verb(rest).eq_ignore_ascii_case(STARTTLS) {
-            let answer = self
-                .gate
-                .starttls(if strict_starttls { arguments } else { rest });
+        if let Some(answer) = self
+            .gate
+            .upgrade_request(STARTTLS, command, arguments, rest)
+        {
             write_tagged(tag, answer.reply(&REPLIES.starttls), out);
             if answer == StartTls::Begin {
                 self.state = State::AwaitTlsHandshake;

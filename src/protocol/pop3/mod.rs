@@ -115,14 +115,7 @@ impl Pop3Inspector {
         if self.gate.refuses_line(text).is_some() {
             return self.refuse(text, out);
         }
-        let strict_stls = keyword.eq_ignore_ascii_case(b"STLS");
-        // A spelling only a lenient server reads as STLS (`STLS\tx`) is
-        // answered here too, as STLS with arguments: it never reaches the
-        // backend, which might begin a TLS the proxy does not see.
-        if strict_stls || lenient_verb(text).eq_ignore_ascii_case(b"STLS") {
-            let answer = self
-                .gate
-                .starttls(if strict_stls { argument } else { text });
+        if let Some(answer) = self.gate.upgrade_request(b"STLS", keyword, argument, text) {
             out.to_client
                 .extend_from_slice(answer.reply(&REPLIES.starttls));
             if answer == StartTls::Begin {

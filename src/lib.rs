@@ -14,6 +14,8 @@
 //! - [`relay_guard`]: asks each SMTP backend whether it would relay for a
 //!   stranger arriving through the proxy; refuses to start, or stops serving
 //!   a listener, while one would.
+//! - [`supervisor`]: the life-cycle moments a service manager is told of
+//!   (ready, reloading, stopping).
 //! - [`logging`]: text or JSON log lines; [`healthcheck`]: the container
 //!   health check client; [`time`]: Unix times as UTC dates (one calendar
 //!   for logs and certificates).
@@ -31,5 +33,6 @@ pub(crate) mod readiness;
 pub mod relay_guard;
 pub mod server;
 pub mod session;
+pub mod supervisor;
 pub mod time;
 pub mod tls;

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +21,7 @@ use crate::metrics::{self, ListenerMetrics};
 use crate::readiness::{self, BackendProbe, Readiness};
 use crate::relay_guard::{self, Guard, OpenRelay, Target};
 use crate::session::{self, ListenerContext};
+use crate::supervisor::{Supervisor, Unsupervised};
 use crate::tls::{self, CertificateError, ReloadStats, Reloader};
 
 /// Why the proxy cannot start.
@@ -64,6 +66,11 @@ pub struct Proxy {
     /// One periodic relay check per guarded SMTP listener.
     relay_guards: Vec<Guard>,
     relay_check_interval: Duration,
+    /// Told when the proxy is ready, reloads and stops.
+    supervisor: Arc<dyn Supervisor>,
+    /// The configuration file reloads re-read (SIGHUP); none: reloads
+    /// re-read certificates only.
+    config_path: Option<PathBuf>,
 }
 
 impl Proxy {
@@ -154,7 +161,22 @@ impl Proxy {
             shutdown_grace: config.shutdown_grace,
             relay_guards,
             relay_check_interval: config.relay_check_interval,
+            supervisor: Arc::new(Unsupervised),
+            config_path: None,
         })
+    }
+
+    /// Reloads (SIGHUP) re-read the whole configuration from `path`, not
+    /// only the certificates.
+    pub fn reload_from(mut self, path: impl Into<PathBuf>) -> Proxy {
+        self.config_path = Some(path.into());
+        self
+    }
+
+    /// Tells `supervisor` when the proxy is ready, reloads and stops.
+    pub fn supervised_by(mut self, supervisor: Arc<dyn Supervisor>) -> Proxy {
+        self.supervisor = supervisor;
+        self
     }
 
     /// The bound address of each listener, by name (ports chosen by the OS
@@ -191,6 +213,11 @@ impl Proxy {
         let mut accept_tasks = JoinSet::new();
         let sessions = SessionTracker::default();
         let connection_ids = Arc::new(AtomicU64::new(1));
+        let listener_names: Vec<String> = self
+            .listeners
+            .iter()
+            .map(|(_, context)| context.name.clone())
+            .collect();
         for (socket, context) in self.listeners {
             info!(
                 listener = %context.name,
@@ -248,9 +275,15 @@ impl Proxy {
             ));
         }
         self.readiness.set_serving();
+        self.supervisor.ready(&status_line(&listener_names, "serving"));
         shutdown.await;
 
         self.readiness.set_draining();
+        self.supervisor.stopping(&format!(
+            "draining {} open sessions (up to {} s)",
+            sessions.open(),
+            self.shutdown_grace.as_secs()
+        ));
         accept_tasks.shutdown().await;
         relay_guard_tasks.shutdown().await;
         let _ = self.shutdown.send(true);
@@ -273,6 +306,12 @@ impl Proxy {
         admin_task.shutdown().await;
         reload_task.shutdown().await;
     }
+}
+
+/// The one-line status a supervisor shows: what the proxy is doing and
+/// which listeners it serves.
+fn status_line(listeners: &[String], doing: &str) -> String {
+    format!("{doing} {} listeners: {}", listeners.len(), listeners.join(", "))
 }
 
 /// Checks every guarded SMTP listener's backend at once, as its clients

@@ -1,6 +1,7 @@
-//! The operator's HTTP endpoint: `/metrics` (Prometheus text format),
-//! `/healthz` (the process serves) and `/readyz` (ready for traffic: see
-//! [`crate::readiness`]; 503 with the reasons, one per line, otherwise).
+//! The operator's HTTP endpoint: `/metrics` (Prometheus text format, with
+//! the process series read fresh for each scrape), `/healthz` (the process
+//! serves) and `/readyz` (ready for traffic: see [`crate::readiness`]; 503
+//! with the reasons, one per line, otherwise).
 //!
 //! Served here rather than by the exporter's own listener, which can add
 //! neither routes nor a readiness answer that can say no.
@@ -63,6 +64,9 @@ async fn respond(
     }
     match request.uri().path() {
         "/metrics" => {
+            // Process series are read from the operating system per scrape,
+            // so each scrape sees current CPU, memory and descriptor counts.
+            crate::metrics::collect_process_metrics();
             let mut response = text(StatusCode::OK, handle.render());
             response.headers_mut().insert(
                 CONTENT_TYPE,

@@ -1,10 +1,19 @@
 //! Every metric the proxy exports: names, labels and help texts, in one place.
 //!
-//! All names carry the `mail_tls_proxy_` prefix and the `listener` label (the
-//! listener's configured name). Per-connection code gets pre-resolved handles
-//! from [`ListenerMetrics`] so the hot path does no name lookups.
+//! The proxy's own names carry the `mail_tls_proxy_` prefix, and per-listener
+//! series the `listener` label (the listener's configured name). The process
+//! series (CPU, memory, file descriptors, start time) keep the usual
+//! unprefixed `process_` names every Prometheus client exports, so generic
+//! process dashboards work unchanged.
+//!
+//! Every series a dashboard or alert reads exists from start-up: the
+//! process-wide ones when the recorder is installed ([`install`]), the
+//! listener ones when [`ListenerMetrics::new`] registers every label value of
+//! the typed label enums below (each lists its variants in `ALL`) at zero.
+//! Per-connection code gets pre-resolved handles from [`ListenerMetrics`] so
+//! the hot path does no name lookups.
 
-use std::sync::OnceLock;
+use std::sync::{LazyLock, OnceLock};
 use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram};
@@ -30,12 +39,47 @@ pub(crate) const CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS: &str =
     "mail_tls_proxy_certificate_expiry_timestamp_seconds";
 pub(crate) const CERTIFICATE_RELOAD_TIMESTAMP_SECONDS: &str =
     "mail_tls_proxy_certificate_reload_timestamp_seconds";
-/// Set by the readiness checks (see [`crate::readiness`]), once they run.
+/// Set by the readiness checks (see [`crate::readiness`]) after each round;
+/// the first round runs at start-up.
 pub(crate) const BACKEND_UP: &str = "mail_tls_proxy_backend_up";
 /// Set by the relay guard (see [`crate::relay_guard`]) for every SMTP
 /// listener it checks: `result` is closed, open or unknown; 1 for the
 /// latest result, 0 for the other two.
 pub(crate) const RELAY_CHECK: &str = "mail_tls_proxy_relay_check";
+/// Process-wide: configuration reloads by `result` (ok, error).
+pub(crate) const CONFIG_RELOADS_TOTAL: &str = "mail_tls_proxy_config_reloads_total";
+/// Process-wide: always 1, with the running version as the `version` label.
+pub(crate) const BUILD_INFO: &str = "mail_tls_proxy_build_info";
+
+/// The process series, collected on each scrape (see
+/// [`collect_process_metrics`]). Unprefixed, as every Prometheus client
+/// names them.
+pub(crate) const PROCESS_CPU_SECONDS_TOTAL: &str = "process_cpu_seconds_total";
+pub(crate) const PROCESS_RESIDENT_MEMORY_BYTES: &str = "process_resident_memory_bytes";
+pub(crate) const PROCESS_VIRTUAL_MEMORY_BYTES: &str = "process_virtual_memory_bytes";
+pub(crate) const PROCESS_VIRTUAL_MEMORY_MAX_BYTES: &str = "process_virtual_memory_max_bytes";
+pub(crate) const PROCESS_OPEN_FDS: &str = "process_open_fds";
+pub(crate) const PROCESS_MAX_FDS: &str = "process_max_fds";
+pub(crate) const PROCESS_START_TIME_SECONDS: &str = "process_start_time_seconds";
+pub(crate) const PROCESS_THREADS: &str = "process_threads";
+/// Every process series name, as the collector writes them.
+#[cfg(test)]
+const PROCESS_METRICS: [&str; 8] = [
+    PROCESS_CPU_SECONDS_TOTAL,
+    PROCESS_RESIDENT_MEMORY_BYTES,
+    PROCESS_VIRTUAL_MEMORY_BYTES,
+    PROCESS_VIRTUAL_MEMORY_MAX_BYTES,
+    PROCESS_OPEN_FDS,
+    PROCESS_MAX_FDS,
+    PROCESS_START_TIME_SECONDS,
+    PROCESS_THREADS,
+];
+
+/// The `command` label every listener's [`POLICY_REFUSALS_TOTAL`] starts
+/// with (at zero). The commands a policy refuses differ by protocol and are
+/// named by the protocol machines; "other" is the one label every protocol
+/// can produce, so the series exists for every listener from start-up.
+const POLICY_REFUSAL_COMMAND_AT_START: &str = "other";
 
 /// Handshakes take milliseconds; the buckets resolve 1 ms to 10 s.
 const HANDSHAKE_BUCKETS: &[f64] = &[
@@ -63,13 +107,72 @@ pub(crate) fn install() -> Result<PrometheusHandle, String> {
             metrics::set_global_recorder(recorder)
                 .map_err(|_| "another metrics recorder is already installed".to_string())?;
             describe();
+            register_process_wide();
+            collect_process_metrics();
             Ok(handle)
         })
         .clone()
 }
 
+/// Reads the process series (CPU time, memory, file descriptors, start
+/// time, threads) from the operating system into the recorder: called before
+/// each `/metrics` render, so a scrape sees current values.
+pub(crate) fn collect_process_metrics() {
+    PROCESS_COLLECTOR.collect();
+}
+
+/// Writes the unprefixed `process_` series (see [`PROCESS_METRICS`]).
+static PROCESS_COLLECTOR: LazyLock<metrics_process::Collector> =
+    LazyLock::new(|| metrics_process::Collector::new(""));
+
+/// The process-wide series that exist from start-up: the build, and the
+/// configuration reload counters at zero.
+fn register_process_wide() {
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    for result in ConfigReloadResult::ALL {
+        metrics::counter!(CONFIG_RELOADS_TOTAL, "result" => result.as_str()).increment(0);
+    }
+}
+
+/// Counts one configuration reload by what it came to.
+#[allow(dead_code, reason = "called by the configuration reload")]
+pub(crate) fn config_reload(result: ConfigReloadResult) {
+    metrics::counter!(CONFIG_RELOADS_TOTAL, "result" => result.as_str()).increment(1);
+}
+
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        PROCESS_CPU_SECONDS_TOTAL,
+        Unit::Seconds,
+        "User and system CPU time used by the process (whole seconds)."
+    );
+    describe_gauge!(
+        PROCESS_RESIDENT_MEMORY_BYTES,
+        Unit::Bytes,
+        "Resident memory of the process."
+    );
+    describe_gauge!(
+        PROCESS_VIRTUAL_MEMORY_BYTES,
+        Unit::Bytes,
+        "Virtual memory of the process."
+    );
+    describe_gauge!(
+        PROCESS_VIRTUAL_MEMORY_MAX_BYTES,
+        Unit::Bytes,
+        "Limit on the process's virtual memory."
+    );
+    describe_gauge!(PROCESS_OPEN_FDS, "Open file descriptors.");
+    describe_gauge!(
+        PROCESS_MAX_FDS,
+        "Limit on open file descriptors (each client session holds two)."
+    );
+    describe_gauge!(
+        PROCESS_START_TIME_SECONDS,
+        Unit::Seconds,
+        "Start of the process, as a Unix time."
+    );
+    describe_gauge!(PROCESS_THREADS, "Operating system threads of the process.");
     describe_counter!(CONNECTIONS_TOTAL, "Client connections accepted.");
     describe_gauge!(ACTIVE_CONNECTIONS, "Client connections open now.");
     describe_counter!(
@@ -123,11 +226,19 @@ fn describe() {
     );
     describe_gauge!(
         BACKEND_UP,
-        "1 if the listener's backend answered its greeting in the last readiness check, else 0 (checks start with the first /readyz request)."
+        "1 if the listener's backend answered its greeting in the last readiness check, else 0 (checks run in the background from start-up, every readiness_interval)."
     );
     describe_gauge!(
         RELAY_CHECK,
         "Latest relay guard check of an SMTP listener's backend, by result: 1 for the current result (closed: it refused a stranger's outside recipient; open: it would relay for anyone arriving through the proxy; unknown: the check could not tell), 0 for the other two."
+    );
+    describe_counter!(
+        CONFIG_RELOADS_TOTAL,
+        "Configuration reloads by result: ok (the new configuration is in use), error (it was refused; the previous one is still in use)."
+    );
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the version label is the running proxy's version."
     );
 }
 
@@ -168,7 +279,6 @@ pub(crate) enum HandshakeFailure {
 }
 
 impl HandshakeFailure {
-    #[cfg(test)]
     pub(crate) const ALL: [HandshakeFailure; 9] = [
         HandshakeFailure::Eof,
         HandshakeFailure::UnrecognizedName,
@@ -212,7 +322,6 @@ pub(crate) enum TimeoutPhase {
 }
 
 impl TimeoutPhase {
-    #[cfg(test)]
     pub(crate) const ALL: [TimeoutPhase; 4] = [
         TimeoutPhase::ProxyHeader,
         TimeoutPhase::Handshake,
@@ -245,7 +354,6 @@ pub(crate) enum Rejection {
 }
 
 impl Rejection {
-    #[cfg(test)]
     pub(crate) const ALL: [Rejection; 4] = [
         Rejection::Limit(LimitReached::Global),
         Rejection::Limit(LimitReached::PerIp),
@@ -285,6 +393,54 @@ impl ReloadResult {
     }
 }
 
+/// What a configuration reload came to: the `result` of
+/// [`CONFIG_RELOADS_TOTAL`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ConfigReloadResult {
+    /// The new configuration is in use.
+    Ok,
+    /// The new configuration was refused; the previous one is still in use.
+    Error,
+}
+
+impl ConfigReloadResult {
+    pub(crate) const ALL: [ConfigReloadResult; 2] =
+        [ConfigReloadResult::Ok, ConfigReloadResult::Error];
+
+    /// The label value.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            ConfigReloadResult::Ok => "ok",
+            ConfigReloadResult::Error => "error",
+        }
+    }
+}
+
+/// One counter per value of a label enum, in the order of its `ALL`.
+fn counters_by_label<T: Copy, const N: usize>(
+    all: [T; N],
+    counter: impl Fn(T) -> Counter,
+) -> [(T, Counter); N] {
+    all.map(|value| {
+        let handle = counter(value);
+        // Exported from the start (at zero), like every other series.
+        handle.increment(0);
+        (value, handle)
+    })
+}
+
+/// The handle for `value` in `counters` (built from the enum's `ALL`, which
+/// holds every variant: a unit test checks it).
+fn counter_for<T: PartialEq, const N: usize>(
+    counters: &[(T, Counter); N],
+    value: T,
+) -> Option<&Counter> {
+    counters
+        .iter()
+        .find(|(each, _)| *each == value)
+        .map(|(_, counter)| counter)
+}
+
 /// Handles for one listener's metrics, resolved once at start-up.
 #[derive(Clone)]
 pub(crate) struct ListenerMetrics {
@@ -298,11 +454,31 @@ pub(crate) struct ListenerMetrics {
     pub(crate) backend_connect_errors: Counter,
     pub(crate) bytes_to_backend: Counter,
     pub(crate) bytes_to_client: Counter,
+    rejections: [(Rejection, Counter); Rejection::ALL.len()],
+    timeouts: [(TimeoutPhase, Counter); TimeoutPhase::ALL.len()],
+    handshake_errors: [(HandshakeFailure, Counter); HandshakeFailure::ALL.len()],
 }
 
 impl ListenerMetrics {
+    /// Registers every series of `listener`, each label combination at zero,
+    /// so dashboards and alerts see the listener before its first
+    /// connection.
     pub(crate) fn new(listener: &str) -> Self {
         let name = listener.to_string();
+        let rejections = counters_by_label(
+            Rejection::ALL,
+            |reason| metrics::counter!(REJECTED_CONNECTIONS_TOTAL, "listener" => name.clone(), "reason" => reason.as_str()),
+        );
+        let timeouts = counters_by_label(
+            TimeoutPhase::ALL,
+            |phase| metrics::counter!(TIMEOUTS_TOTAL, "listener" => name.clone(), "phase" => phase.as_str()),
+        );
+        let handshake_errors = counters_by_label(
+            HandshakeFailure::ALL,
+            |reason| metrics::counter!(TLS_HANDSHAKE_ERRORS_TOTAL, "listener" => name.clone(), "reason" => reason.as_str()),
+        );
+        metrics::counter!(POLICY_REFUSALS_TOTAL, "listener" => name.clone(), "command" => POLICY_REFUSAL_COMMAND_AT_START)
+            .increment(0);
         let metrics = Self {
             listener: name.clone(),
             connections: metrics::counter!(CONNECTIONS_TOTAL, "listener" => name.clone()),
@@ -314,9 +490,10 @@ impl ListenerMetrics {
             backend_connect_errors: metrics::counter!(BACKEND_CONNECT_ERRORS_TOTAL, "listener" => name.clone()),
             bytes_to_backend: metrics::counter!(BYTES_TOTAL, "listener" => name.clone(), "direction" => "client_to_backend"),
             bytes_to_client: metrics::counter!(BYTES_TOTAL, "listener" => name, "direction" => "backend_to_client"),
+            rejections,
+            timeouts,
+            handshake_errors,
         };
-        // Export every series from the start (at zero), so dashboards and
-        // alerts see the listener before its first connection.
         for counter in [
             &metrics.connections,
             &metrics.handshakes_ok,
@@ -334,14 +511,20 @@ impl ListenerMetrics {
 
     /// A connection turned away, and why.
     pub(crate) fn rejected(&self, reason: Rejection) {
-        metrics::counter!(REJECTED_CONNECTIONS_TOTAL, "listener" => self.listener.clone(), "reason" => reason.as_str())
-            .increment(1);
+        match counter_for(&self.rejections, reason) {
+            Some(counter) => counter.increment(1),
+            None => metrics::counter!(REJECTED_CONNECTIONS_TOTAL, "listener" => self.listener.clone(), "reason" => reason.as_str())
+                .increment(1),
+        }
     }
 
     /// A session ended by a timeout in `phase`.
     pub(crate) fn timed_out(&self, phase: TimeoutPhase) {
-        metrics::counter!(TIMEOUTS_TOTAL, "listener" => self.listener.clone(), "phase" => phase.as_str())
-            .increment(1);
+        match counter_for(&self.timeouts, phase) {
+            Some(counter) => counter.increment(1),
+            None => metrics::counter!(TIMEOUTS_TOTAL, "listener" => self.listener.clone(), "phase" => phase.as_str())
+                .increment(1),
+        }
     }
 
     /// A command refused by the listener's TLS policy.
@@ -352,8 +535,11 @@ impl ListenerMetrics {
 
     /// A failed handshake, by reason.
     pub(crate) fn handshake_error(&self, reason: HandshakeFailure) {
-        metrics::counter!(TLS_HANDSHAKE_ERRORS_TOTAL, "listener" => self.listener.clone(), "reason" => reason.as_str())
-            .increment(1);
+        match counter_for(&self.handshake_errors, reason) {
+            Some(counter) => counter.increment(1),
+            None => metrics::counter!(TLS_HANDSHAKE_ERRORS_TOTAL, "listener" => self.listener.clone(), "reason" => reason.as_str())
+                .increment(1),
+        }
     }
 
     pub(crate) fn handshake_finished(&self, ok: bool, took: Duration) {
@@ -413,5 +599,174 @@ mod tests {
             labels(&ReloadResult::ALL, ReloadResult::as_str),
             ["ok", "error"]
         );
+        assert_eq!(
+            labels(&ConfigReloadResult::ALL, ConfigReloadResult::as_str),
+            ["ok", "error"]
+        );
+    }
+
+    /// Each label enum's `ALL` holds every variant exactly once: `ordinal`
+    /// matches exhaustively (a new variant does not compile without an arm)
+    /// and numbers the variants 0..n, and `ALL` must yield exactly 0..n.
+    fn covers_every_variant<T: Copy>(all: &[T], variants: usize, ordinal: fn(T) -> usize) {
+        let mut seen: Vec<usize> = all.iter().map(|each| ordinal(*each)).collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..variants).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn every_label_enum_lists_all_its_variants() {
+        covers_every_variant(&HandshakeFailure::ALL, 9, |each| match each {
+            HandshakeFailure::Eof => 0,
+            HandshakeFailure::UnrecognizedName => 1,
+            HandshakeFailure::ProtocolVersion => 2,
+            HandshakeFailure::Incompatible => 3,
+            HandshakeFailure::NoApplicationProtocol => 4,
+            HandshakeFailure::InvalidMessage => 5,
+            HandshakeFailure::Other => 6,
+            HandshakeFailure::Io => 7,
+            HandshakeFailure::Timeout => 8,
+        });
+        covers_every_variant(&TimeoutPhase::ALL, 4, |each| match each {
+            TimeoutPhase::ProxyHeader => 0,
+            TimeoutPhase::Handshake => 1,
+            TimeoutPhase::BackendConnect => 2,
+            TimeoutPhase::Idle => 3,
+        });
+        covers_every_variant(&Rejection::ALL, 4, |each| match each {
+            Rejection::Limit(LimitReached::Global) => 0,
+            Rejection::Limit(LimitReached::PerIp) => 1,
+            Rejection::ProxyHeader => 2,
+            Rejection::RelayOpen => 3,
+        });
+        covers_every_variant(&ReloadResult::ALL, 2, |each| match each {
+            ReloadResult::Ok => 0,
+            ReloadResult::Error => 1,
+        });
+        covers_every_variant(&ConfigReloadResult::ALL, 2, |each| match each {
+            ConfigReloadResult::Ok => 0,
+            ConfigReloadResult::Error => 1,
+        });
+        use crate::relay_guard::RelayResult;
+        covers_every_variant(&RelayResult::ALL, 3, |each| match each {
+            RelayResult::Closed => 0,
+            RelayResult::Open => 1,
+            RelayResult::Unknown => 2,
+        });
+    }
+
+    /// A recorder of this test's own (the global one belongs to the
+    /// process), and its rendering after `register` ran against it.
+    fn render_after(register: impl FnOnce()) -> String {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, register);
+        handle.render()
+    }
+
+    #[test]
+    fn a_new_listener_exports_every_label_combination_at_zero() {
+        let rendered = render_after(|| {
+            let listener = ListenerMetrics::new("fresh");
+            // Counting through a handle moves the registered series.
+            listener.rejected(Rejection::Limit(LimitReached::PerIp));
+            listener.timed_out(TimeoutPhase::Idle);
+            listener.handshake_error(HandshakeFailure::Eof);
+        });
+        let value = |series: &str| -> Option<&str> {
+            rendered
+                .lines()
+                .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        };
+        let mut expected: Vec<(String, &str)> = Vec::new();
+        for reason in Rejection::ALL {
+            let count = if reason == Rejection::Limit(LimitReached::PerIp) {
+                "1"
+            } else {
+                "0"
+            };
+            expected.push((
+                format!(
+                    "{REJECTED_CONNECTIONS_TOTAL}{{listener=\"fresh\",reason=\"{}\"}}",
+                    reason.as_str()
+                ),
+                count,
+            ));
+        }
+        for phase in TimeoutPhase::ALL {
+            let count = if phase == TimeoutPhase::Idle {
+                "1"
+            } else {
+                "0"
+            };
+            expected.push((
+                format!(
+                    "{TIMEOUTS_TOTAL}{{listener=\"fresh\",phase=\"{}\"}}",
+                    phase.as_str()
+                ),
+                count,
+            ));
+        }
+        for reason in HandshakeFailure::ALL {
+            let count = if reason == HandshakeFailure::Eof {
+                "1"
+            } else {
+                "0"
+            };
+            expected.push((
+                format!(
+                    "{TLS_HANDSHAKE_ERRORS_TOTAL}{{listener=\"fresh\",reason=\"{}\"}}",
+                    reason.as_str()
+                ),
+                count,
+            ));
+        }
+        for series in [
+            format!("{CONNECTIONS_TOTAL}{{listener=\"fresh\"}}"),
+            format!("{ACTIVE_CONNECTIONS}{{listener=\"fresh\"}}"),
+            format!("{TLS_HANDSHAKES_TOTAL}{{listener=\"fresh\",result=\"ok\"}}"),
+            format!("{TLS_HANDSHAKES_TOTAL}{{listener=\"fresh\",result=\"error\"}}"),
+            format!("{STARTTLS_TOTAL}{{listener=\"fresh\"}}"),
+            format!("{BACKEND_CONNECT_ERRORS_TOTAL}{{listener=\"fresh\"}}"),
+            format!("{BYTES_TOTAL}{{listener=\"fresh\",direction=\"client_to_backend\"}}"),
+            format!("{BYTES_TOTAL}{{listener=\"fresh\",direction=\"backend_to_client\"}}"),
+            format!("{POLICY_REFUSALS_TOTAL}{{listener=\"fresh\",command=\"other\"}}"),
+        ] {
+            expected.push((series, "0"));
+        }
+        for (series, count) in expected {
+            assert_eq!(value(&series), Some(count), "{series} in\n{rendered}");
+        }
+    }
+
+    #[test]
+    fn build_info_config_reloads_and_process_series_exist_from_the_start() {
+        let rendered = render_after(|| {
+            register_process_wide();
+            config_reload(ConfigReloadResult::Error);
+            collect_process_metrics();
+        });
+        let version = env!("CARGO_PKG_VERSION");
+        for line in [
+            format!("{BUILD_INFO}{{version=\"{version}\"}} 1"),
+            format!("{CONFIG_RELOADS_TOTAL}{{result=\"ok\"}} 0"),
+            format!("{CONFIG_RELOADS_TOTAL}{{result=\"error\"}} 1"),
+        ] {
+            assert!(
+                rendered.lines().any(|each| each == line),
+                "{line} in\n{rendered}"
+            );
+        }
+        // The collector writes exactly the names this module declares.
+        let process: Vec<&str> = rendered
+            .lines()
+            .filter(|line| line.starts_with("process_"))
+            .filter_map(|line| line.split(' ').next())
+            .collect();
+        let mut declared = PROCESS_METRICS.to_vec();
+        declared.sort_unstable();
+        let mut written = process.clone();
+        written.sort_unstable();
+        assert_eq!(written, declared, "{rendered}");
     }
 }

@@ -7,19 +7,23 @@
 //! politely with `QUIT` / `LOGOUT`. Otherwise 503 with a plain-text reason
 //! that names the listener and the backend.
 //!
-//! Checks run every `readiness_interval` seconds, but only once something
-//! asks: the first request to `/readyz` starts them (and waits briefly for
-//! the first round), so a proxy nobody watches opens no extra connections to
-//! its backends. Listeners that share a backend (same address, protocol and
-//! preamble) share one check. Each round sets
-//! `mail_tls_proxy_backend_up{listener}` (1 or 0) for every listener.
+//! The backend checks run in the background from start-up
+//! ([`Readiness::run_checks`]), every `readiness_interval`, whether or not
+//! anything asks; each round sets `mail_tls_proxy_backend_up{listener}` (1 or
+//! 0) for every listener, so the series exists from the first round.
+//! Listeners that share a backend (same address, protocol and preamble)
+//! share one check. A `/readyz` request that arrives while some backend has
+//! not been checked yet (just after start-up, or after
+//! [`Readiness::set_probes`] added a listener) waits up to 3 s for the round
+//! that checks it, rather than answering 503 for a backend nobody has looked
+//! at; a backend still unchecked after that is reported as such.
 //!
 //! A listener whose backend the relay guard found open (see
 //! [`crate::relay_guard`]) is not ready either, with the guard's reason,
 //! until a later guard check finds it closed.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -47,8 +51,9 @@ const MAX_GREETING_LINE: u64 = 8 * 1024;
 const MAX_GREETING_LINES: usize = 32;
 /// How long a backend may take to greet once connected.
 const GREETING_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long the first `/readyz` waits for the first round of checks.
-const FIRST_ROUND_WAIT: Duration = Duration::from_secs(3);
+/// How long `/readyz` waits for a round that checks a backend not checked
+/// yet.
+const UNCHECKED_WAIT: Duration = Duration::from_secs(3);
 
 /// One listener's backend, as the readiness check sees it.
 #[derive(Clone, Debug)]
@@ -63,13 +68,43 @@ pub(crate) struct BackendProbe {
     pub(crate) preamble: Vec<u8>,
 }
 
+impl BackendProbe {
+    /// Whether one check answers for both: same backend, protocol and
+    /// preamble.
+    fn same_check(&self, other: &BackendProbe) -> bool {
+        self.backend == other.backend
+            && self.protocol == other.protocol
+            && self.preamble == other.preamble
+    }
+
+    /// Whether `other` is this listener checked the same way (a result for
+    /// one is a result for the other).
+    fn same_listener_and_check(&self, other: &BackendProbe) -> bool {
+        self.listener == other.listener && self.same_check(other)
+    }
+}
+
 /// The outcome of the latest check of one listener's backend.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum BackendState {
-    /// No round has finished yet.
+    /// No round has checked it yet.
     Unchecked,
     Up,
     Down(String),
+}
+
+/// The backends checked, each with its latest outcome.
+#[derive(Default)]
+struct Backends {
+    checked: Vec<(BackendProbe, BackendState)>,
+}
+
+impl Backends {
+    fn any_unchecked(&self) -> bool {
+        self.checked
+            .iter()
+            .any(|(_, state)| *state == BackendState::Unchecked)
+    }
 }
 
 /// Shared between the admin endpoint, the proxy's life cycle and the checks.
@@ -77,10 +112,11 @@ pub(crate) struct Readiness {
     serving: AtomicBool,
     draining: AtomicBool,
     certificates: Option<Arc<CertificateStore>>,
-    probes: Vec<BackendProbe>,
     interval: Duration,
-    states: Mutex<Vec<BackendState>>,
-    checks_started: AtomicBool,
+    backends: Mutex<Backends>,
+    /// Woken when the set of backends changes: the check loop runs a round
+    /// at once.
+    probes_changed: Notify,
     round_finished: Notify,
     /// Listeners the relay guard stopped serving, with the reason, in the
     /// order they were found.
@@ -93,18 +129,24 @@ impl Readiness {
         probes: Vec<BackendProbe>,
         interval: Duration,
     ) -> Arc<Self> {
-        let states = Mutex::new(vec![BackendState::Unchecked; probes.len()]);
+        let checked = probes
+            .into_iter()
+            .map(|probe| (probe, BackendState::Unchecked))
+            .collect();
         Arc::new(Self {
             serving: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             certificates,
-            probes,
             interval,
-            states,
-            checks_started: AtomicBool::new(false),
+            backends: Mutex::new(Backends { checked }),
+            probes_changed: Notify::new(),
             round_finished: Notify::new(),
             relay_open: Mutex::new(Vec::new()),
         })
+    }
+
+    fn backends(&self) -> MutexGuard<'_, Backends> {
+        self.backends.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Every listener is bound and accepting.
@@ -115,6 +157,40 @@ impl Readiness {
     /// Shutdown has begun: not ready from now on.
     pub(crate) fn set_draining(&self) {
         self.draining.store(true, Ordering::Release);
+    }
+
+    /// Replaces the backends checked (after a configuration reload): a
+    /// listener checked the same way keeps its latest outcome; a new
+    /// listener, or one whose backend, protocol or preamble changed, is
+    /// unchecked until the next round, which starts at once. Listeners no
+    /// longer present are forgotten, with what the relay guard said of them.
+    #[allow(dead_code, reason = "called by the configuration reload")]
+    pub(crate) fn set_probes(&self, probes: Vec<BackendProbe>) {
+        {
+            let mut backends = self.backends();
+            let previous = std::mem::take(&mut backends.checked);
+            backends.checked = probes
+                .into_iter()
+                .map(|probe| {
+                    let state = previous
+                        .iter()
+                        .find(|(old, _)| old.same_listener_and_check(&probe))
+                        .map(|(_, state)| state.clone())
+                        .unwrap_or(BackendState::Unchecked);
+                    (probe, state)
+                })
+                .collect();
+            let mut relay_open = self.relay_open.lock().unwrap_or_else(|e| e.into_inner());
+            relay_open.retain(|(listener, _)| {
+                backends
+                    .checked
+                    .iter()
+                    .any(|(probe, _)| probe.listener == *listener)
+            });
+        }
+        // Stores a permit when the loop is mid-round: it runs another right
+        // after.
+        self.probes_changed.notify_one();
     }
 
     /// The relay guard found `listener`'s backend open (`Some(reason)`):
@@ -146,8 +222,8 @@ impl Readiness {
                 reasons.push("no certificate is loaded".to_string());
             }
         }
-        let states = self.states.lock().unwrap_or_else(|e| e.into_inner());
-        for (probe, state) in self.probes.iter().zip(states.iter()) {
+        let backends = self.backends();
+        for (probe, state) in &backends.checked {
             match state {
                 BackendState::Up => {}
                 BackendState::Unchecked => reasons.push(format!(
@@ -160,7 +236,7 @@ impl Readiness {
                 )),
             }
         }
-        drop(states);
+        drop(backends);
         let relay_open = self.relay_open.lock().unwrap_or_else(|e| e.into_inner());
         for (listener, reason) in relay_open.iter() {
             reasons.push(format!("listener {listener}: {reason}"));
@@ -172,74 +248,98 @@ impl Readiness {
         }
     }
 
-    /// The `/readyz` answer: starts the backend checks on first use and
-    /// waits (briefly) for their first round.
-    pub(crate) async fn check(self: &Arc<Self>) -> Result<(), String> {
-        if !self.checks_started.swap(true, Ordering::AcqRel) && !self.probes.is_empty() {
+    /// The `/readyz` answer. While some backend has not been checked yet
+    /// (start-up, or a listener just added), waits up to [`UNCHECKED_WAIT`]
+    /// for the rounds that check it.
+    pub(crate) async fn check(&self) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + UNCHECKED_WAIT;
+        while !self.draining.load(Ordering::Acquire) {
             let finished = self.round_finished.notified();
             tokio::pin!(finished);
+            // Registered before looking, so a round ending in between is
+            // not missed.
             finished.as_mut().enable();
-            tokio::spawn(self.clone().run_checks());
-            let _ = tokio::time::timeout(FIRST_ROUND_WAIT, finished).await;
+            if !self.backends().any_unchecked() {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, finished).await.is_err() {
+                break;
+            }
         }
         self.reasons()
     }
 
-    /// Checks every backend now, then every `interval`, until dropped.
-    async fn run_checks(self: Arc<Self>) {
-        // Listeners with the same backend, protocol and preamble share a check.
-        let mut groups: Vec<(BackendProbe, Vec<usize>)> = Vec::new();
-        for (index, probe) in self.probes.iter().enumerate() {
-            match groups.iter_mut().find(|(first, _)| {
-                first.backend == probe.backend
-                    && first.protocol == probe.protocol
-                    && first.preamble == probe.preamble
-            }) {
-                Some((_, members)) => members.push(index),
-                None => groups.push((probe.clone(), vec![index])),
-            }
-        }
+    /// Checks every backend now, then every `interval` and whenever
+    /// [`Readiness::set_probes`] changes the set, forever (the caller owns
+    /// the task and ends it by dropping it).
+    pub(crate) async fn run_checks(self: Arc<Self>) {
         let mut ticker = tokio::time::interval(self.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            ticker.tick().await;
-            let outcomes =
-                futures_join_all(groups.iter().map(|(probe, _)| check_backend(probe))).await;
-            {
-                let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
-                for ((probe, members), outcome) in groups.iter().zip(outcomes) {
-                    let state = match outcome {
-                        Ok(()) => BackendState::Up,
-                        Err(why) => BackendState::Down(why),
-                    };
-                    for &index in members {
-                        let listener = &self.probes[index].listener;
-                        let up = state == BackendState::Up;
-                        metrics::gauge!(BACKEND_UP, "listener" => listener.clone()).set(if up {
-                            1.0
-                        } else {
-                            0.0
-                        });
-                        match (&states[index], &state) {
-                            (BackendState::Up, BackendState::Down(why))
-                            | (BackendState::Unchecked, BackendState::Down(why)) => warn!(
-                                listener = %listener,
-                                backend = %probe.backend,
-                                reason = %why,
-                                "backend check failed: not ready"
-                            ),
-                            (BackendState::Down(_), BackendState::Up) => info!(
-                                listener = %listener,
-                                backend = %probe.backend,
-                                "backend check passed again"
-                            ),
-                            _ => {}
-                        }
-                        states[index] = state.clone();
-                    }
-                }
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = self.probes_changed.notified() => ticker.reset(),
             }
+            self.run_round().await;
             self.round_finished.notify_waiters();
+        }
+    }
+
+    /// One round: every distinct check once, at the same time; each outcome
+    /// recorded for the listeners that are still checked that way.
+    async fn run_round(&self) {
+        // Listeners with the same backend, protocol and preamble share a check.
+        let mut groups: Vec<(BackendProbe, Vec<BackendProbe>)> = Vec::new();
+        for (probe, _) in &self.backends().checked {
+            match groups.iter_mut().find(|(first, _)| first.same_check(probe)) {
+                Some((_, members)) => members.push(probe.clone()),
+                None => groups.push((probe.clone(), vec![probe.clone()])),
+            }
+        }
+        if groups.is_empty() {
+            return;
+        }
+        let outcomes = futures_join_all(groups.iter().map(|(probe, _)| check_backend(probe))).await;
+        let mut backends = self.backends();
+        for ((probe, members), outcome) in groups.iter().zip(outcomes) {
+            let state = match outcome {
+                Ok(()) => BackendState::Up,
+                Err(why) => BackendState::Down(why),
+            };
+            for member in members {
+                // The set may have changed during the round: a listener no
+                // longer checked this way keeps its own state.
+                let Some((_, previous)) = backends
+                    .checked
+                    .iter_mut()
+                    .find(|(current, _)| current.same_listener_and_check(member))
+                else {
+                    continue;
+                };
+                let listener = &member.listener;
+                let up = state == BackendState::Up;
+                metrics::gauge!(BACKEND_UP, "listener" => listener.clone()).set(if up {
+                    1.0
+                } else {
+                    0.0
+                });
+                match (&*previous, &state) {
+                    (BackendState::Up, BackendState::Down(why))
+                    | (BackendState::Unchecked, BackendState::Down(why)) => warn!(
+                        listener = %listener,
+                        backend = %probe.backend,
+                        reason = %why,
+                        "backend check failed: not ready"
+                    ),
+                    (BackendState::Down(_), BackendState::Up) => info!(
+                        listener = %listener,
+                        backend = %probe.backend,
+                        "backend check passed again"
+                    ),
+                    _ => {}
+                }
+                *previous = state.clone();
+            }
         }
     }
 }
@@ -466,7 +566,9 @@ mod tests {
             Some("starting: listeners are not all bound yet")
         );
         readiness.set_serving();
+        let checks = tokio::spawn(readiness.clone().run_checks());
         let reasons = readiness.check().await.unwrap_err();
+        checks.abort();
         assert!(
             reasons.starts_with(&format!(
                 "listener submission: backend {bad} (smtp): connect failed"
@@ -478,6 +580,129 @@ mod tests {
         assert_eq!(
             readiness.reasons(),
             Err("draining: the proxy is shutting down".into())
+        );
+    }
+
+    /// A backend that greets every connection with `greeting` and answers
+    /// the goodbye, for as long as the test runs.
+    async fn greeting_backend(greeting: &'static [u8]) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let _ = stream.write_all(greeting).await;
+                    let mut buffer = [0u8; 256];
+                    if let Ok(n) = stream.read(&mut buffer).await {
+                        if n > 0 {
+                            let _ = stream.write_all(b"+OK bye\r\n").await;
+                        }
+                    }
+                });
+            }
+        });
+        address
+    }
+
+    fn named(listener: &str, protocol: Protocol, backend: &str) -> BackendProbe {
+        let mut probe = probe(protocol, backend.to_string(), b"");
+        probe.listener = listener.into();
+        probe
+    }
+
+    #[tokio::test]
+    async fn set_probes_keeps_outcomes_of_unchanged_listeners_and_forgets_removed_ones() {
+        let good = greeting_backend(b"+OK ready\r\n").await;
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dead = closed.local_addr().unwrap().to_string();
+        drop(closed);
+        let readiness = Readiness::new(
+            None,
+            vec![
+                named("kept", Protocol::Pop3, &good),
+                named("removed", Protocol::Pop3, &dead),
+                named("moved", Protocol::Pop3, &good),
+            ],
+            Duration::from_secs(3600),
+        );
+        readiness.set_serving();
+        readiness.run_round().await;
+        readiness.set_relay_open("kept", Some("kept would relay".into()));
+        readiness.set_relay_open("removed", Some("removed would relay".into()));
+        let reasons = readiness.reasons().unwrap_err();
+        assert!(reasons.contains("listener removed: backend"), "{reasons}");
+
+        readiness.set_probes(vec![
+            named("kept", Protocol::Pop3, &good),
+            named("moved", Protocol::Pop3, &dead),
+            named("added", Protocol::Pop3, &good),
+        ]);
+        assert_eq!(
+            readiness.reasons(),
+            Err(format!(
+                "listener moved: backend {dead} (pop3) not checked yet\n\
+                 listener added: backend {good} (pop3) not checked yet\n\
+                 listener kept: kept would relay"
+            ))
+        );
+        // The check loop is told to run a round at once.
+        tokio::time::timeout(Duration::from_secs(1), readiness.probes_changed.notified())
+            .await
+            .expect("the loop is woken");
+
+        readiness.run_round().await;
+        readiness.set_relay_open("kept", None);
+        let reasons = readiness.reasons().unwrap_err();
+        assert!(
+            reasons.starts_with(&format!(
+                "listener moved: backend {dead} (pop3): connect failed"
+            )),
+            "{reasons}"
+        );
+        assert_eq!(reasons.lines().count(), 1, "{reasons}");
+    }
+
+    #[tokio::test]
+    async fn checks_run_without_a_request_and_a_new_listener_is_checked_at_once() {
+        let good = greeting_backend(b"* OK ready\r\n").await;
+        let readiness = Readiness::new(
+            None,
+            vec![named("first", Protocol::Imap, &good)],
+            Duration::from_secs(3600),
+        );
+        readiness.set_serving();
+        let finished = readiness.round_finished.notified();
+        let checks = tokio::spawn(readiness.clone().run_checks());
+        tokio::time::timeout(Duration::from_secs(5), finished)
+            .await
+            .expect("the first round runs at start");
+        assert_eq!(readiness.reasons(), Ok(()));
+
+        // Far from the next tick (an hour away), the new listener is
+        // checked at once: /readyz waits for that round, not for the hour.
+        readiness.set_probes(vec![
+            named("first", Protocol::Imap, &good),
+            named("second", Protocol::Imap, &good),
+        ]);
+        let answer = tokio::time::timeout(Duration::from_secs(5), readiness.check())
+            .await
+            .expect("answered within the wait");
+        assert_eq!(answer, Ok(()));
+        checks.abort();
+    }
+
+    #[tokio::test]
+    async fn readyz_says_unchecked_when_no_round_comes_in_time() {
+        let readiness = Readiness::new(
+            None,
+            vec![named("lonely", Protocol::Smtp, "127.0.0.1:25")],
+            Duration::from_secs(3600),
+        );
+        readiness.set_serving();
+        tokio::time::pause();
+        assert_eq!(
+            readiness.check().await,
+            Err("listener lonely: backend 127.0.0.1:25 (smtp) not checked yet".into())
         );
     }
 

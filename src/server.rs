@@ -262,6 +262,8 @@ impl Proxy {
         for guard in self.relay_guards {
             relay_guard_tasks.spawn(guard.run(self.relay_check_interval));
         }
+        let mut readiness_task = JoinSet::new();
+        readiness_task.spawn(self.readiness.clone().run_checks());
         let mut admin_task = JoinSet::new();
         if let Some(admin) = self.admin {
             info!(

@@ -29,6 +29,7 @@ mod connection_limits;
 mod graceful_shutdown;
 mod implicit_tls;
 mod legacy_backends;
+mod metrics_at_start;
 mod metrics_endpoint;
 mod proxy_protocol_from_balancers;
 mod readiness;

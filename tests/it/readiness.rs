@@ -2,6 +2,7 @@
 //! loaded, not draining, and every listener's backend greeted in the last
 //! check (SMTP 220, IMAP * OK, POP3 +OK), on a fresh connection closed with
 //! QUIT / LOGOUT. Otherwise 503 with a reason naming listener and backend.
+//! The checks run in the background from start-up, asked or not.
 
 use crate::support::*;
 
@@ -18,10 +19,19 @@ async fn ready_when_every_backend_greets_and_each_gets_a_polite_goodbye() {
     ])
     .await;
     let metrics = proxy.metrics.expect("metrics");
-    // Nothing is checked until someone asks: no connection yet.
+    // Checked from start-up in the background, before anyone asks.
+    poll_until(async || {
+        let scrape = Scrape::fetch(metrics).await;
+        if scrape.contains("mail_tls_proxy_backend_up{listener=\"ready-pop3s\"}") {
+            Ok(())
+        } else {
+            Err(format!("no backend_up yet:\n{}", scrape.0))
+        }
+    })
+    .await;
     assert_eq!(
         smtp.connections() + imap.connections() + pop3.connections(),
-        0
+        3
     );
 
     assert_eq!(

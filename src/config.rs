@@ -103,6 +103,8 @@ struct RawListener {
     accept_proxy_from: Option<Vec<String>>,
     /// Seconds a trusted source has to send its PROXY header.
     proxy_header_timeout: Option<u64>,
+    /// One INFO line per finished session (the access log).
+    access_log: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -184,6 +186,9 @@ pub struct ListenerConfig {
     pub(crate) accept_proxy_from: Vec<IpNet>,
     /// How long a trusted source has to send its PROXY header.
     pub(crate) proxy_header_timeout: Duration,
+    /// Log one INFO line per finished session (client, TLS, outcome,
+    /// bytes, duration).
+    pub access_log: bool,
 }
 
 /// What the relay guard does when an SMTP backend accepts a relay recipient
@@ -505,6 +510,7 @@ impl Config {
                     "proxy_header_timeout",
                     DEFAULT_PROXY_HEADER_TIMEOUT,
                 )?,
+                access_log: raw.access_log.unwrap_or(true),
             });
         }
 
@@ -922,6 +928,20 @@ idle_timeout = 60
             message.contains("relay_check_interval: must be at least 1 second"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn the_access_log_is_on_by_default_and_off_per_listener() {
+        let config = parse(MINIMAL).expect("valid");
+        assert!(config.listeners.iter().all(|listener| listener.access_log));
+        let config = parse(
+            &MINIMAL.replace("idle_timeout = 60", "idle_timeout = 60\naccess_log = false"),
+        )
+        .expect("valid");
+        assert!(config.listeners[0].access_log);
+        assert!(!config.listeners[1].access_log);
+        let message = error_of(&MINIMAL.replace("idle_timeout = 60", "access_log = \"no\""));
+        assert!(message.contains("access_log"), "{message}");
     }
 
     #[test]

@@ -127,6 +127,7 @@ impl Proxy {
                 accept_proxy_from: listener.accept_proxy_from.clone(),
                 proxy_header_timeout: listener.proxy_header_timeout,
                 relay_open: AtomicBool::new(false),
+                access_log: listener.access_log,
             };
             listeners.push((socket, Arc::new(context)));
         }

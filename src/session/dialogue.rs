@@ -1,6 +1,7 @@
 //! The inspection loop's I/O: reads from both sides into the session core
-//! ([`super::core`]), writes what it asks, logs what it observed, and waits
-//! where it says. Every decision is the core's.
+//! ([`super::core`]), writes what it asks, logs what it observed (policy
+//! refusals at DEBUG, with the command word only), and waits where it says.
+//! Every decision is the core's.
 
 use std::sync::atomic::Ordering;
 
@@ -10,6 +11,7 @@ use tracing::{debug, warn};
 
 use crate::protocol::{ClientIdentity, Inspector, Notice};
 
+use super::access::{AccessRecord, EndedBy};
 use super::core::{Action, CoreSettings, Ending, Failure, Observation, SessionCore};
 use super::{relay, ListenerContext, SessionError, MAX_BACKEND_LINE, MAX_CLIENT_LINE};
 
@@ -20,12 +22,15 @@ pub(crate) enum Inspected {
     StartTls,
     /// Copy bytes without parsing from now on.
     Passthrough,
-    /// The dialogue is over (a peer closed, or the machine said so).
-    Closed,
+    /// The dialogue is over: a peer closed, the machine said so (after the
+    /// client's QUIT or LOGOUT: the client's end), or the proxy said
+    /// goodbye because it is shutting down.
+    Closed(EndedBy),
 }
 
 pub(crate) struct Dialogue<'a> {
     context: &'a ListenerContext,
+    record: &'a AccessRecord,
     core: SessionCore,
     shutdown: tokio::sync::watch::Receiver<bool>,
 }
@@ -35,7 +40,11 @@ fn now() -> std::time::Instant {
 }
 
 impl<'a> Dialogue<'a> {
-    pub(crate) fn new(context: &'a ListenerContext, inspector: Box<dyn Inspector>) -> Self {
+    pub(crate) fn new(
+        context: &'a ListenerContext,
+        record: &'a AccessRecord,
+        inspector: Box<dyn Inspector>,
+    ) -> Self {
         let settings = CoreSettings {
             protocol: context.protocol,
             client_identity: context.client_identity,
@@ -46,6 +55,7 @@ impl<'a> Dialogue<'a> {
         };
         Self {
             context,
+            record,
             core: SessionCore::new(settings, inspector, now()),
             shutdown: context.shutdown.clone(),
         }
@@ -63,6 +73,8 @@ impl<'a> Dialogue<'a> {
         // Set when the backend's connection failed: reported once the
         // client has had the protocol's answer.
         let mut backend_error = None;
+        // Which peer's end of stream ended the dialogue, if one did.
+        let mut closed_by = None;
         loop {
             if *self.shutdown.borrow() {
                 self.core.shutdown_requested();
@@ -74,7 +86,13 @@ impl<'a> Dialogue<'a> {
                         (_, Some(error)) => Err(SessionError::Backend(error)),
                         (Ending::StartTls, None) => Ok(Inspected::StartTls),
                         (Ending::Passthrough, None) => Ok(Inspected::Passthrough),
-                        (Ending::Closed, None) => Ok(Inspected::Closed),
+                        (Ending::Closed, None) => Ok(Inspected::Closed(closed_by.unwrap_or(
+                            if *self.shutdown.borrow() {
+                                EndedBy::Proxy
+                            } else {
+                                EndedBy::Client
+                            },
+                        ))),
                         (Ending::Failed(failure), None) => Err(self.error_of(failure)),
                     }
                 }
@@ -85,7 +103,10 @@ impl<'a> Dialogue<'a> {
                     let (client_lines, backend_lines) = self.core.input_buffers();
                     tokio::select! {
                         read = relay::read_lines(backend, backend_lines) => match read {
-                            Ok(0) => self.core.backend_closed(),
+                            Ok(0) => {
+                                closed_by = Some(EndedBy::Backend);
+                                self.core.backend_closed();
+                            }
                             Ok(_) => {}
                             Err(error) => {
                                 backend_error = Some(error);
@@ -93,7 +114,10 @@ impl<'a> Dialogue<'a> {
                             }
                         },
                         read = relay::read_lines(client, client_lines), if read_client => match read {
-                            Ok(0) => self.core.client_closed(),
+                            Ok(0) => {
+                                closed_by = Some(EndedBy::Client);
+                                self.core.client_closed();
+                            }
                             Ok(_) => {}
                             Err(error) => return Err(SessionError::Client(error)),
                         },
@@ -141,7 +165,7 @@ impl<'a> Dialogue<'a> {
         C: AsyncWrite + Unpin,
     {
         for observation in self.core.take_observations() {
-            observe(self.context, observation);
+            observe(self.context, self.record, observation);
         }
         let to_backend = self.core.to_backend();
         if !to_backend.is_empty() {
@@ -153,6 +177,7 @@ impl<'a> Dialogue<'a> {
                 .metrics
                 .bytes_to_backend
                 .increment(to_backend.len() as u64);
+            self.record.bytes.add_to_backend(to_backend.len() as u64);
         }
         let to_client = self.core.to_client();
         if !to_client.is_empty() {
@@ -165,6 +190,7 @@ impl<'a> Dialogue<'a> {
                 .metrics
                 .bytes_to_client
                 .increment(to_client.len() as u64);
+            self.record.bytes.add_to_client(to_client.len() as u64);
         }
         self.core.written();
         Ok(())
@@ -191,15 +217,21 @@ impl<'a> Dialogue<'a> {
 }
 
 /// Logs or counts one observation; a backend without working XCLIENT is a
-/// warning once per listener (every session would repeat it).
-fn observe(context: &ListenerContext, observation: Observation) {
+/// warning once per listener (every session would repeat it). A refused
+/// command is logged by its command word only: its arguments may be
+/// credentials.
+fn observe(context: &ListenerContext, record: &AccessRecord, observation: Observation) {
     let first_warning = || {
         !context
             .identity_warning_logged
             .swap(true, Ordering::Relaxed)
     };
     match observation {
-        Observation::PolicyRefusal(command) => context.metrics.policy_refusal(command),
+        Observation::PolicyRefusal(command) => {
+            context.metrics.policy_refusal(command);
+            record.policy_refusal(command);
+            debug!(command, "command refused by the listener's policy");
+        }
         Observation::DroppedBackendLine { bytes } => warn!(
             bytes,
             "backend spoke after STARTTLS before the client did; dropped the line"

@@ -6,8 +6,11 @@
 //! connect to the backend at accept and relay its greeting. Either way the
 //! protocol's inspection machine ([`crate::protocol`]) then judges every line
 //! until it hands the session to `splice`, which copies bytes in both
-//! directions without looking at them.
+//! directions without looking at them. However a session ends, it is logged
+//! once: its access line ([`access`]), and a failure line when something
+//! failed.
 
+mod access;
 mod balancer;
 pub mod core;
 mod dialogue;
@@ -34,9 +37,10 @@ use crate::protocol::{
     self, ClientIdentity, InspectorOptions, Protocol, Refusal, RequireTls, TlsMode,
 };
 
+use access::{AccessRecord, EndedBy, Outcome, SessionEnd};
 use balancer::BalancerHeaderError;
 use dialogue::{Dialogue, Inspected};
-use relay::ReadAhead;
+use relay::{ReadAhead, RelayError};
 pub(crate) use streams::{ActivityFlag, Counted};
 
 /// The most a client line may hold before TLS or during inspection (RFC
@@ -80,6 +84,8 @@ pub(crate) struct ListenerContext {
     /// the backend would relay for anyone arriving here: new connections
     /// get the protocol's temporary refusal instead of the backend.
     pub(crate) relay_open: AtomicBool,
+    /// Log one INFO line per finished session.
+    pub(crate) access_log: bool,
 }
 
 /// The two ends of the client's TCP connection.
@@ -133,7 +139,7 @@ pub(crate) enum SessionError {
     #[error("more than {0} commands before the dialogue was handed over")]
     TooManyCommands(usize),
     #[error("relaying failed: {0}")]
-    Relay(std::io::Error),
+    Relay(RelayError),
     #[error(
         "backend {backend} did not accept the PROXY protocol {version} header ({evidence}): \
          configure it to expect the header from this proxy's address (Postfix: \
@@ -155,7 +161,8 @@ impl SessionError {
     fn is_routine(&self) -> bool {
         match self {
             SessionError::Handshake(error) => error.kind() == std::io::ErrorKind::UnexpectedEof,
-            SessionError::Client(_) | SessionError::Relay(_) => true,
+            SessionError::Client(_) => true,
+            SessionError::Relay(error) => error.step.side() == Side::Client,
             _ => false,
         }
     }
@@ -167,7 +174,51 @@ impl SessionError {
             | SessionError::Backend(_)
             | SessionError::BackendLineTooLong(_)
             | SessionError::ProxyHeaderRejected { .. } => Side::Backend,
+            SessionError::Relay(error) => error.step.side(),
             _ => Side::Client,
+        }
+    }
+
+    /// Whether the client's connection is still usable for a last close
+    /// (TLS: close_notify) after this error.
+    fn client_still_there(&self) -> bool {
+        match self {
+            SessionError::Handshake(_)
+            | SessionError::HandshakeTimeout(_)
+            | SessionError::Client(_) => false,
+            SessionError::Relay(error) => error.step.side() == Side::Backend,
+            _ => true,
+        }
+    }
+
+    /// How the access log names this end.
+    fn session_end(&self) -> SessionEnd {
+        let reason = self.to_string();
+        match self {
+            SessionError::Handshake(error) => {
+                match crate::tls::acceptor::handshake_failure(error) {
+                    HandshakeFailure::Eof => {
+                        SessionEnd::new(Outcome::ClientClosed, EndedBy::Client, reason)
+                    }
+                    HandshakeFailure::ProtocolVersion => SessionEnd::refused(reason),
+                    _ => SessionEnd::new(Outcome::Error, EndedBy::Client, reason),
+                }
+            }
+            SessionError::HandshakeTimeout(_) | SessionError::IdleTimeout(_) => {
+                SessionEnd::new(Outcome::Timeout, EndedBy::Proxy, reason)
+            }
+            SessionError::BackendUnreachable {
+                timed_out: true, ..
+            } => SessionEnd::new(Outcome::Timeout, EndedBy::Backend, reason),
+            SessionError::ClientLineTooLong(_)
+            | SessionError::TooManyCommands(_)
+            | SessionError::ClientProxyHeader => SessionEnd::refused(reason),
+            SessionError::BackendUnreachable { .. }
+            | SessionError::Client(_)
+            | SessionError::Backend(_)
+            | SessionError::BackendLineTooLong(_)
+            | SessionError::ProxyHeaderRejected { .. }
+            | SessionError::Relay(_) => SessionEnd::new(Outcome::Error, self.side().into(), reason),
         }
     }
 }
@@ -189,7 +240,8 @@ impl Drop for ActiveGuard<'_> {
     }
 }
 
-/// Serves one accepted connection to its end, logging the outcome once.
+/// Serves one accepted connection to its end, logging the outcome once (and
+/// its access line, built by [`AccessRecord::log`] only).
 pub(crate) async fn serve(
     context: Arc<ListenerContext>,
     mut client: TcpStream,
@@ -198,6 +250,7 @@ pub(crate) async fn serve(
 ) {
     let _active = ActiveGuard::new(&context.metrics);
     let started = Instant::now();
+    let mut record = AccessRecord::new(context.access_log, peer, started);
     // Mail dialogue is small request/response lines: send each at once.
     let _ = client.set_nodelay(true);
     // Only needed to tell the backend who the client is; a socket
@@ -212,13 +265,20 @@ pub(crate) async fn serve(
         let span =
             tracing::info_span!("connection", listener = %context.name, peer = %peer, id = id);
         match identify_via_balancer(&context, &mut client, endpoints)
-            .instrument(span)
+            .instrument(span.clone())
             .await
         {
-            Some(identified) => endpoints = identified,
-            None => return,
+            Ok(identified) => endpoints = identified,
+            // The balancer's own health check (a connect without a byte)
+            // is not a session.
+            Err(None) => return,
+            Err(Some(end)) => {
+                span.in_scope(|| record.log(end));
+                return;
+            }
         }
     }
+    record.set_client(endpoints.peer);
     let span = tracing::info_span!(
         "connection",
         listener = %context.name,
@@ -229,99 +289,122 @@ pub(crate) async fn serve(
     if balancer {
         span.record("balancer", tracing::field::display(peer));
     }
-    async {
-        let peer = endpoints.peer;
-        let _slot = match limits::acquire(&context.global_limit, &context.per_ip_limit, peer.ip()) {
-            Ok(slot) => slot,
-            Err(limit) => {
-                context.metrics.rejected(Rejection::Limit(limit));
-                info!(limit = limit.as_str(), "connection refused: limit reached");
-                refuse(&context, client, Refusal::TooManyConnections).await;
-                return;
-            }
-        };
-        // The relay guard found that the backend would relay for anyone
-        // arriving here: new connections get a temporary refusal, never the
-        // backend. Checked per connection, after a balancer has named the
-        // client, so the refusal is the protocol's own answer either way.
-        if context
-            .relay_open
-            .load(std::sync::atomic::Ordering::Acquire)
-        {
-            context.metrics.rejected(Rejection::RelayOpen);
-            debug!("connection refused: the relay guard found the backend open");
-            refuse(&context, client, Refusal::OpenRelay).await;
-            return;
+    let end = serve_client(&context, client, endpoints, &record)
+        .instrument(span.clone())
+        .await;
+    span.in_scope(|| record.log(end));
+}
+
+/// Serves a client whose address is known: limits, the relay guard's
+/// refusal, then the session; logs a failure and returns how it ended.
+async fn serve_client(
+    context: &ListenerContext,
+    client: TcpStream,
+    endpoints: Endpoints,
+    record: &AccessRecord,
+) -> SessionEnd {
+    let started = Instant::now();
+    let peer = endpoints.peer;
+    let _slot = match limits::acquire(&context.global_limit, &context.per_ip_limit, peer.ip()) {
+        Ok(slot) => slot,
+        Err(limit) => {
+            context.metrics.rejected(Rejection::Limit(limit));
+            info!(limit = limit.as_str(), "connection refused: limit reached");
+            refuse(context, client, Refusal::TooManyConnections, record).await;
+            return SessionEnd::refused(format!("limit reached: {}", limit.as_str()));
         }
-        let result = match context.mode {
-            TlsMode::Implicit => serve_implicit(&context, client, endpoints).await,
-            TlsMode::StartTls => serve_starttls(&context, client, endpoints).await,
-        };
-        let seconds = started.elapsed().as_secs_f64();
-        match result {
-            Ok(()) => debug!(seconds, "session closed"),
-            Err(error) => {
-                match &error {
-                    SessionError::HandshakeTimeout(_) => {
-                        context.metrics.timed_out(TimeoutPhase::Handshake)
-                    }
-                    SessionError::IdleTimeout(_) => context.metrics.timed_out(TimeoutPhase::Idle),
-                    SessionError::BackendUnreachable {
-                        timed_out: true, ..
-                    } => context.metrics.timed_out(TimeoutPhase::BackendConnect),
-                    _ => {}
+    };
+    // The relay guard found that the backend would relay for anyone
+    // arriving here: new connections get a temporary refusal, never the
+    // backend. Checked per connection, after a balancer has named the
+    // client, so the refusal is the protocol's own answer either way.
+    if context
+        .relay_open
+        .load(std::sync::atomic::Ordering::Acquire)
+    {
+        context.metrics.rejected(Rejection::RelayOpen);
+        debug!("connection refused: the relay guard found the backend open");
+        refuse(context, client, Refusal::OpenRelay, record).await;
+        return SessionEnd::refused("relay guard: the backend would relay for anyone");
+    }
+    let result = match context.mode {
+        TlsMode::Implicit => serve_implicit(context, client, endpoints, record).await,
+        TlsMode::StartTls => serve_starttls(context, client, endpoints, record).await,
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    match result {
+        Ok(end) => {
+            debug!(seconds, "session closed");
+            end
+        }
+        Err(error) => {
+            match &error {
+                SessionError::HandshakeTimeout(_) => {
+                    context.metrics.timed_out(TimeoutPhase::Handshake)
                 }
-                match error.side() {
-                    // A configuration mistake the operator must fix.
-                    Side::Backend if matches!(error, SessionError::ProxyHeaderRejected { .. }) => {
-                        error!(side = error.side().as_str(), seconds, %error, "session failed")
-                    }
-                    Side::Backend => {
-                        warn!(side = error.side().as_str(), seconds, %error, "session failed")
-                    }
-                    // A peer that connects and leaves (health probes, port
-                    // scanners) or resets mid-relay is routine: debug only.
-                    Side::Client if error.is_routine() => {
-                        debug!(side = error.side().as_str(), seconds, %error, "session ended")
-                    }
-                    Side::Client => {
-                        info!(side = error.side().as_str(), seconds, %error, "session failed")
-                    }
-                }
+                SessionError::IdleTimeout(_) => context.metrics.timed_out(TimeoutPhase::Idle),
+                SessionError::BackendUnreachable {
+                    timed_out: true, ..
+                } => context.metrics.timed_out(TimeoutPhase::BackendConnect),
+                _ => {}
             }
+            let side = error.side().as_str();
+            match error.side() {
+                // A configuration mistake the operator must fix.
+                Side::Backend if matches!(error, SessionError::ProxyHeaderRejected { .. }) => {
+                    error!(side, seconds, %error, "session failed")
+                }
+                // A backend that resets or closes in pass-through: INFO,
+                // not WARN. The proxy cannot tell a crash from a backend's
+                // abrupt but normal end (Dovecot resets the connection
+                // after a pipelined LOGOUT), and a warning per logout would
+                // bury real ones; a backend that is down fails connects and
+                // readiness, which warn.
+                Side::Backend if matches!(error, SessionError::Relay(_)) => {
+                    info!(side, seconds, %error, "session failed")
+                }
+                Side::Backend => warn!(side, seconds, %error, "session failed"),
+                // A peer that connects and leaves (health probes, port
+                // scanners) or resets mid-relay is routine: debug only.
+                Side::Client if error.is_routine() => {
+                    debug!(side, seconds, %error, "session ended")
+                }
+                Side::Client => info!(side, seconds, %error, "session failed"),
+            }
+            error.session_end()
         }
     }
-    .instrument(span)
-    .await
 }
 
 /// Reads the PROXY header a trusted balancer starts its connections with:
 /// the endpoints it names (the balancer's own when it relays no client), or
-/// `None` when the connection must be closed without a reply (no valid
-/// header in time: nothing from such a connection may reach the backend).
+/// `Err` when the connection must be closed without a reply (no valid
+/// header in time: nothing from such a connection may reach the backend),
+/// with how the access log names that end (`None`: the balancer's health
+/// check, which is not a session).
 async fn identify_via_balancer(
     context: &ListenerContext,
     client: &mut TcpStream,
     balancer: Endpoints,
-) -> Option<Endpoints> {
+) -> Result<Endpoints, Option<SessionEnd>> {
     let read = balancer::read_header(client);
     match tokio::time::timeout(context.proxy_header_timeout, read).await {
         Ok(Ok(Received::Proxied {
             source,
             destination,
-        })) => Some(Endpoints {
+        })) => Ok(Endpoints {
             peer: source,
             local: destination,
         }),
         Ok(Ok(Received::Local)) => {
             debug!("PROXY header: the balancer's own connection (health check)");
-            Some(balancer)
+            Ok(balancer)
         }
         // A balancer's plain TCP health check connects and leaves: neither
         // a header nor a wrong one, so not counted as a rejection.
         Ok(Err(BalancerHeaderError::ClosedSilent)) => {
             debug!("trusted source closed without sending anything");
-            None
+            Err(None)
         }
         Ok(Err(error)) => {
             context.metrics.rejected(Rejection::ProxyHeader);
@@ -329,7 +412,9 @@ async fn identify_via_balancer(
                 %error,
                 "trusted source sent no valid PROXY header; connection closed without a reply"
             );
-            None
+            Err(Some(SessionEnd::refused(format!(
+                "no valid PROXY header: {error}"
+            ))))
         }
         Err(_) => {
             context.metrics.timed_out(TimeoutPhase::ProxyHeader);
@@ -337,23 +422,33 @@ async fn identify_via_balancer(
                 seconds = context.proxy_header_timeout.as_secs(),
                 "trusted source sent no complete PROXY header in time; connection closed without a reply"
             );
-            None
+            Err(Some(SessionEnd::new(
+                Outcome::Timeout,
+                EndedBy::Proxy,
+                "no complete PROXY header in time",
+            )))
         }
     }
 }
 
 /// Turns a connection away with the protocol's own temporary error; on an
 /// implicit listener the reply needs TLS first.
-async fn refuse(context: &ListenerContext, client: TcpStream, refusal: Refusal) {
+async fn refuse(
+    context: &ListenerContext,
+    client: TcpStream,
+    refusal: Refusal,
+    record: &AccessRecord,
+) {
     let reply = protocol::refusal_reply(context.protocol, refusal);
     match context.mode {
         TlsMode::StartTls => {
             let mut client = client;
-            say_goodbye(&mut client, reply).await;
+            say_goodbye(&mut client, reply, record).await;
         }
         TlsMode::Implicit => {
             if let Ok(mut client) = handshake(context, client).await {
-                say_goodbye(&mut client, reply).await;
+                record.tls_established(client.get_ref().1);
+                say_goodbye(&mut client, reply, record).await;
             }
         }
     }
@@ -363,47 +458,104 @@ async fn serve_implicit(
     context: &ListenerContext,
     client: TcpStream,
     endpoints: Endpoints,
-) -> Result<(), SessionError> {
+    record: &AccessRecord,
+) -> Result<SessionEnd, SessionError> {
     let mut client = handshake(context, ReadAhead::new(client)).await?;
+    record.tls_established(client.get_ref().1);
     let header = identity_header(context, endpoints, Some(client.get_ref().1));
-    let mut backend = connect_or_refuse(context, &mut client, header).await?;
+    let result = serve_tls_session(context, &mut client, endpoints, header, record).await;
+    close_after_failure(&mut client, result).await
+}
+
+/// An implicit-TLS session after its handshake: backend, inspection, then
+/// pass-through or a close.
+async fn serve_tls_session<C>(
+    context: &ListenerContext,
+    client: &mut C,
+    endpoints: Endpoints,
+    header: Option<Vec<u8>>,
+    record: &AccessRecord,
+) -> Result<SessionEnd, SessionError>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut backend = connect_or_refuse(context, client, header, record).await?;
     let mut dialogue = Dialogue::new(
         context,
+        record,
         protocol::new_inspector(
             context.protocol,
             &inspector_options(context, TlsMode::Implicit, endpoints),
         ),
     );
-    let inspected = dialogue.run(&mut client, &mut backend).await?;
-    finish(context, dialogue.into_pending(), client, backend, inspected).await
+    let inspected = dialogue.run(client, &mut backend).await?;
+    finish(
+        context,
+        dialogue.into_pending(),
+        client,
+        backend,
+        inspected,
+        record,
+    )
+    .await
+}
+
+/// After a failure that left the client's connection usable, closes it
+/// cleanly (TLS: close_notify, behind whatever the proxy already wrote), so
+/// the client sees the session end rather than a truncated connection.
+async fn close_after_failure<C, T>(
+    client: &mut C,
+    result: Result<T, SessionError>,
+) -> Result<T, SessionError>
+where
+    C: AsyncWrite + Unpin,
+{
+    if let Err(error) = &result {
+        if error.client_still_there() {
+            close(client).await;
+        }
+    }
+    result
 }
 
 async fn serve_starttls(
     context: &ListenerContext,
     mut client: TcpStream,
     endpoints: Endpoints,
-) -> Result<(), SessionError> {
+    record: &AccessRecord,
+) -> Result<SessionEnd, SessionError> {
     // The backend connection starts before TLS, so a PROXY header can carry
     // the addresses only.
     let header = identity_header(context, endpoints, None);
-    let mut backend = connect_or_refuse(context, &mut client, header).await?;
+    let mut backend = connect_or_refuse(context, &mut client, header, record).await?;
     let mut dialogue = Dialogue::new(
         context,
+        record,
         protocol::new_inspector(
             context.protocol,
             &inspector_options(context, TlsMode::StartTls, endpoints),
         ),
     );
-    match dialogue.run(&mut client, &mut backend).await? {
+    let inspected = dialogue.run(&mut client, &mut backend).await;
+    match close_after_failure(&mut client, inspected).await? {
         Inspected::Passthrough => {
-            return splice(context, dialogue.into_pending(), client, backend).await
+            let result = splice(
+                context,
+                dialogue.into_pending(),
+                &mut client,
+                backend,
+                record,
+            )
+            .await;
+            return close_after_failure(&mut client, result).await;
         }
-        Inspected::Closed => {
+        Inspected::Closed(ended_by) => {
             close(&mut client).await;
-            return Ok(());
+            return Ok(SessionEnd::closed_by(ended_by));
         }
         Inspected::StartTls => {}
     }
+    debug!("STARTTLS answered; TLS handshake starts");
 
     // Whatever the client sent behind STARTTLS is the start of its TLS
     // handshake, never a command; whatever the backend sent meanwhile would
@@ -411,6 +563,19 @@ async fn serve_starttls(
     let early_client_bytes = dialogue.take_client_pending();
     let mut dropped = dialogue.discard_backend_pending();
     let mut client = handshake(context, ReadAhead::after(early_client_bytes, client)).await?;
+    record.tls_established(client.get_ref().1);
+    record.starttls_used();
+    {
+        let tls = client.get_ref().1;
+        debug!(
+            tls_version = %tls.protocol_version().map(proxy_header::tls_version_name).unwrap_or_default(),
+            cipher = %tls
+                .negotiated_cipher_suite()
+                .map(|suite| proxy_header::openssl_cipher_name(suite.suite()))
+                .unwrap_or_default(),
+            "STARTTLS: TLS established"
+        );
+    }
     dropped += drain_ready(&backend);
     if dropped > 0 {
         warn!(
@@ -420,8 +585,20 @@ async fn serve_starttls(
     }
     context.metrics.starttls.increment(1);
     dialogue.tls_established();
-    let inspected = dialogue.run(&mut client, &mut backend).await?;
-    finish(context, dialogue.into_pending(), client, backend, inspected).await
+    let result = async {
+        let inspected = dialogue.run(&mut client, &mut backend).await?;
+        finish(
+            context,
+            dialogue.into_pending(),
+            &mut client,
+            backend,
+            inspected,
+            record,
+        )
+        .await
+    }
+    .await;
+    close_after_failure(&mut client, result).await
 }
 
 /// What either side sent that inspection did not consume: (client, backend).
@@ -434,18 +611,23 @@ type Pending = (Vec<u8>, Vec<u8>);
 async fn finish<C>(
     context: &ListenerContext,
     pending: Pending,
-    mut client: C,
+    client: &mut C,
     backend: TcpStream,
     inspected: Inspected,
-) -> Result<(), SessionError>
+    record: &AccessRecord,
+) -> Result<SessionEnd, SessionError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     match inspected {
-        Inspected::Passthrough => splice(context, pending, client, backend).await,
-        Inspected::StartTls | Inspected::Closed => {
-            close(&mut client).await;
-            Ok(())
+        Inspected::Passthrough => splice(context, pending, client, backend, record).await,
+        Inspected::Closed(ended_by) => {
+            close(client).await;
+            Ok(SessionEnd::closed_by(ended_by))
+        }
+        Inspected::StartTls => {
+            close(client).await;
+            Ok(SessionEnd::closed_by(EndedBy::Client))
         }
     }
 }
@@ -456,6 +638,7 @@ async fn connect_or_refuse<C>(
     context: &ListenerContext,
     client: &mut C,
     header: Option<Vec<u8>>,
+    record: &AccessRecord,
 ) -> Result<TcpStream, SessionError>
 where
     C: AsyncWrite + Unpin,
@@ -464,7 +647,7 @@ where
         Ok(backend) => Ok(backend),
         Err(error) => {
             let reply = protocol::refusal_reply(context.protocol, Refusal::BackendUnavailable);
-            say_goodbye(client, reply).await;
+            say_goodbye(client, reply, record).await;
             Err(error)
         }
     }
@@ -617,16 +800,26 @@ fn drain_ready(backend: &TcpStream) -> usize {
 
 /// Hands the session over to unparsed copying, starting with the bytes
 /// either side sent that inspection did not consume. The copy ends when both
-/// sides are done, or after `idle_timeout` without a byte either way.
+/// sides are done, or after `idle_timeout` without a byte either way. When
+/// the backend fails (a reset, a close while the client still writes), the
+/// client's connection is closed cleanly (TLS: close_notify) behind what the
+/// backend sent.
 async fn splice<C>(
     context: &ListenerContext,
     (client_pending, backend_pending): Pending,
-    mut client: C,
+    client: &mut C,
     mut backend: TcpStream,
-) -> Result<(), SessionError>
+    record: &AccessRecord,
+) -> Result<SessionEnd, SessionError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
+    record.handed_over();
+    debug!(
+        client_bytes = client_pending.len(),
+        backend_bytes = backend_pending.len(),
+        "inspection over; pass-through starts"
+    );
     if !client_pending.is_empty() {
         backend
             .write_all(&client_pending)
@@ -636,6 +829,7 @@ where
             .metrics
             .bytes_to_backend
             .increment(client_pending.len() as u64);
+        record.bytes.add_to_backend(client_pending.len() as u64);
     }
     if !backend_pending.is_empty() {
         client
@@ -647,18 +841,22 @@ where
             .metrics
             .bytes_to_client
             .increment(backend_pending.len() as u64);
+        record.bytes.add_to_client(backend_pending.len() as u64);
     }
     drop((client_pending, backend_pending));
     let activity = ActivityFlag::default();
     let mut backend = Counted::new(
         backend,
-        context.metrics.bytes_to_client.clone(),
-        context.metrics.bytes_to_backend.clone(),
+        (
+            context.metrics.bytes_to_client.clone(),
+            context.metrics.bytes_to_backend.clone(),
+        ),
+        &record.bytes,
         activity.clone(),
     );
     tokio::select! {
-        copied = relay::copy_bidirectional(&mut client, &mut backend) => match copied {
-            Ok(_) => Ok(()),
+        copied = relay::copy_bidirectional(client, &mut backend) => match copied {
+            Ok(relayed) => Ok(SessionEnd::closed_by(relayed.first_closed.into())),
             Err(error) => Err(SessionError::Relay(error)),
         },
         () = activity.idle_for(context.idle_timeout) => {
@@ -668,8 +866,10 @@ where
 }
 
 /// Sends a last line and closes; the peer may already be gone.
-async fn say_goodbye<C: AsyncWrite + Unpin>(client: &mut C, line: &[u8]) {
-    let _ = client.write_all(line).await;
+async fn say_goodbye<C: AsyncWrite + Unpin>(client: &mut C, line: &[u8], record: &AccessRecord) {
+    if client.write_all(line).await.is_ok() {
+        record.bytes.add_to_client(line.len() as u64);
+    }
     close(client).await;
 }
 

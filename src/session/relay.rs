@@ -32,6 +32,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::protocol::line::{self, LineBuffer};
 
+use super::Side;
+
 /// The most one copy step reads.
 const COPY_SIZE: usize = 64 * 1024;
 /// What one copy step reads while the writer is congested: one TLS record.
@@ -59,21 +61,138 @@ fn with_scratch<R>(
     result
 }
 
-/// Copies `a` to `b` and `b` to `a` until both have reached end of file,
-/// shutting down each writer when its reader ends (like tokio's
-/// `copy_bidirectional`). Returns the bytes copied (a to b, b to a).
-pub(crate) async fn copy_bidirectional<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+/// One step of pass-through, naming the socket and the direction: what a
+/// failed relay reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RelayStep {
+    ReadingClient,
+    WritingBackend,
+    ReadingBackend,
+    WritingClient,
+}
+
+impl RelayStep {
+    /// The side whose socket failed.
+    pub(crate) fn side(self) -> Side {
+        match self {
+            RelayStep::ReadingClient | RelayStep::WritingClient => Side::Client,
+            RelayStep::ReadingBackend | RelayStep::WritingBackend => Side::Backend,
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            RelayStep::ReadingClient => "reading from the client",
+            RelayStep::WritingBackend => "writing to the backend",
+            RelayStep::ReadingBackend => "reading from the backend",
+            RelayStep::WritingClient => "writing to the client",
+        }
+    }
+}
+
+impl std::fmt::Display for RelayStep {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(self.describe())
+    }
+}
+
+/// Pass-through failed at `step`.
+#[derive(Debug, thiserror::Error)]
+#[error("{step} failed: {error}")]
+pub(crate) struct RelayError {
+    pub(crate) step: RelayStep,
+    #[source]
+    pub(crate) error: io::Error,
+}
+
+/// How a pass-through that ran to its end went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Relayed {
+    pub(crate) to_backend: u64,
+    pub(crate) to_client: u64,
+    /// The side whose end of stream came first: the one that ended the
+    /// session.
+    pub(crate) first_closed: Side,
+}
+
+/// What failed in one direction of the copy.
+#[derive(Debug)]
+enum CopyFailure {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+/// Copies `client` to `backend` and `backend` to `client` until both have
+/// reached end of file, shutting down each writer when its reader ends
+/// (like tokio's `copy_bidirectional`).
+///
+/// A failure names its step. When writing to the backend fails (the backend
+/// closed or reset), what the backend had already sent is still copied to
+/// the client, and the client's side is shut down (TLS: close_notify) once
+/// the backend's stream ends, before the failure is returned.
+pub(crate) async fn copy_bidirectional<C, B>(
+    client: &mut C,
+    backend: &mut B,
+) -> Result<Relayed, RelayError>
 where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let mut a_to_b = Direction::default();
-    let mut b_to_a = Direction::default();
+    let mut to_backend = Direction::default();
+    let mut to_client = Direction::default();
+    let mut first_closed = None;
+    let mut backend_write_failed = None;
     poll_fn(|cx| {
-        let forward = a_to_b.poll_copy(cx, &mut *a, &mut *b)?;
-        let backward = b_to_a.poll_copy(cx, &mut *b, &mut *a)?;
+        let forward = match backend_write_failed {
+            Some(_) => Poll::Ready(0),
+            None => match to_backend.poll_copy(cx, &mut *client, &mut *backend) {
+                Poll::Ready(Ok(total)) => Poll::Ready(total),
+                Poll::Ready(Err(CopyFailure::Read(error))) => {
+                    return Poll::Ready(Err(RelayError {
+                        step: RelayStep::ReadingClient,
+                        error,
+                    }))
+                }
+                Poll::Ready(Err(CopyFailure::Write(error))) => {
+                    backend_write_failed = Some(error);
+                    Poll::Ready(0)
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        };
+        let backward = match to_client.poll_copy(cx, &mut *backend, &mut *client) {
+            Poll::Ready(Ok(total)) => Poll::Ready(total),
+            Poll::Ready(Err(failure)) => {
+                let (step, error) = match (backend_write_failed.take(), failure) {
+                    (Some(first), _) => (RelayStep::WritingBackend, first),
+                    (None, CopyFailure::Read(error)) => (RelayStep::ReadingBackend, error),
+                    (None, CopyFailure::Write(error)) => (RelayStep::WritingClient, error),
+                };
+                return Poll::Ready(Err(RelayError { step, error }));
+            }
+            Poll::Pending => Poll::Pending,
+        };
+        if first_closed.is_none() {
+            if to_backend.read_done {
+                first_closed = Some(Side::Client);
+            } else if to_client.read_done {
+                first_closed = Some(Side::Backend);
+            }
+        }
         match (forward, backward) {
-            (Poll::Ready(forward), Poll::Ready(backward)) => Poll::Ready(Ok((forward, backward))),
+            (Poll::Ready(forward), Poll::Ready(backward)) => {
+                if let Some(error) = backend_write_failed.take() {
+                    return Poll::Ready(Err(RelayError {
+                        step: RelayStep::WritingBackend,
+                        error,
+                    }));
+                }
+                Poll::Ready(Ok(Relayed {
+                    to_backend: forward,
+                    to_client: backward,
+                    first_closed: first_closed.unwrap_or(Side::Client),
+                }))
+            }
             _ => Poll::Pending,
         }
     })
@@ -104,7 +223,7 @@ impl Direction {
         cx: &mut Context<'_>,
         reader: &mut R,
         writer: &mut W,
-    ) -> Poll<io::Result<u64>>
+    ) -> Poll<Result<u64, CopyFailure>>
     where
         R: AsyncRead + Unpin + ?Sized,
         W: AsyncWrite + Unpin + ?Sized,
@@ -118,9 +237,9 @@ impl Direction {
                 if polled.is_pending() {
                     self.congested = true;
                 }
-                let written = ready!(polled)?;
+                let written = ready!(polled).map_err(CopyFailure::Write)?;
                 if written == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                    return Poll::Ready(Err(CopyFailure::Write(io::ErrorKind::WriteZero.into())));
                 }
                 self.written += written;
                 self.need_flush = true;
@@ -132,15 +251,15 @@ impl Direction {
             }
             if self.read_done {
                 if self.need_flush {
-                    ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+                    ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(CopyFailure::Write)?;
                     self.need_flush = false;
                 }
-                ready!(Pin::new(&mut *writer).poll_shutdown(cx))?;
+                ready!(Pin::new(&mut *writer).poll_shutdown(cx)).map_err(CopyFailure::Write)?;
                 self.finished = true;
                 return Poll::Ready(Ok(self.total));
             }
             if let Some(error) = self.read_error.take() {
-                return Poll::Ready(Err(error));
+                return Poll::Ready(Err(CopyFailure::Read(error)));
             }
             let step = with_scratch(&COPY_SCRATCH, COPY_SIZE, |scratch| {
                 let size = if self.congested {
@@ -166,7 +285,9 @@ impl Direction {
                             self.read_error = Some(error);
                             break;
                         }
-                        Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                        Poll::Ready(Err(error)) => {
+                            return Poll::Ready(Err(CopyFailure::Read(error)))
+                        }
                         Poll::Pending if read > 0 => break,
                         Poll::Pending => return Poll::Pending,
                     }
@@ -179,10 +300,14 @@ impl Direction {
                 while written < read {
                     match Pin::new(&mut *writer).poll_write(cx, &scratch[written..read]) {
                         Poll::Ready(Ok(0)) => {
-                            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()))
+                            return Poll::Ready(Err(CopyFailure::Write(
+                                io::ErrorKind::WriteZero.into(),
+                            )))
                         }
                         Poll::Ready(Ok(n)) => written += n,
-                        Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                        Poll::Ready(Err(error)) => {
+                            return Poll::Ready(Err(CopyFailure::Write(error)))
+                        }
                         Poll::Pending => break,
                     }
                 }
@@ -200,12 +325,13 @@ impl Direction {
             });
             match step {
                 Poll::Ready(Ok(())) => continue,
-                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Ready(Err(failure)) => return Poll::Ready(Err(failure)),
                 Poll::Pending => {
                     // Nothing to read now: push out what the writer holds
                     // (a TLS writer buffers records until flushed).
                     if self.need_flush {
-                        ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+                        ready!(Pin::new(&mut *writer).poll_flush(cx))
+                            .map_err(CopyFailure::Write)?;
                         self.need_flush = false;
                     }
                     return Poll::Pending;
@@ -392,8 +518,8 @@ mod tests {
         let backend_side = tokio::spawn(send_and_receive(backend, down_sent));
         assert_eq!(backend_side.await.unwrap(), up);
         assert_eq!(client_side.await.unwrap(), down);
-        let (forward, backward) = relay.await.unwrap().unwrap();
-        assert_eq!((forward, backward), (300_000, 200_000));
+        let relayed = relay.await.unwrap().unwrap();
+        assert_eq!((relayed.to_backend, relayed.to_client), (300_000, 200_000));
     }
 
     /// Fills every read, `left` times, then has nothing; records how much
@@ -555,7 +681,7 @@ mod tests {
         let mut direction = Direction::default();
         let polled = direction.poll_copy(&mut cx, &mut source, &mut sink);
         assert!(
-            matches!(&polled, Poll::Ready(Err(error)) if error.kind() == io::ErrorKind::InvalidData),
+            matches!(&polled, Poll::Ready(Err(CopyFailure::Read(error))) if error.kind() == io::ErrorKind::InvalidData),
             "{polled:?}"
         );
         assert_eq!(sink.writes, vec![b"last words".to_vec()]);

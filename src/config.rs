@@ -157,7 +157,7 @@ pub struct CertificateFiles {
 }
 
 /// One listening socket and the backend it fronts.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ListenerConfig {
     /// Unique; the `listener` label in logs and metrics.
     pub name: String,

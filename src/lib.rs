@@ -7,7 +7,9 @@
 //!   bounded line buffer they are fed from. No sockets, no async.
 //! - [`session`]: one connection's I/O: TLS, backend connect, driving the
 //!   machine, then unparsed copying.
-//! - [`server`]: start-up, listeners and accept loops.
+//! - [`server`]: start-up, serving, configuration reloads;
+//!   [`listeners`]: the listening sockets and accept loops, kept across
+//!   reloads.
 //! - [`tls`]: crypto provider, certificate loading, the swappable store.
 //! - `metrics`: every metric name; `admin`: `/metrics`, `/healthz`, `/readyz`;
 //!   `readiness`: what `/readyz` checks (listeners, certificates, backends).
@@ -26,6 +28,7 @@ pub(crate) mod admin;
 pub mod config;
 pub mod healthcheck;
 pub(crate) mod limits;
+pub mod listeners;
 pub mod logging;
 pub(crate) mod metrics;
 pub mod protocol;

@@ -27,15 +27,21 @@ impl LimitReached {
 #[derive(Debug)]
 pub(crate) struct GlobalLimit {
     open: AtomicUsize,
-    max: usize,
+    /// Changed by a configuration reload; connections already open stay.
+    max: AtomicUsize,
 }
 
 impl GlobalLimit {
     pub(crate) fn new(max: usize) -> Arc<Self> {
         Arc::new(Self {
             open: AtomicUsize::new(0),
-            max,
+            max: AtomicUsize::new(max),
         })
+    }
+
+    /// A new cap for connections accepted from now on.
+    pub(crate) fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Release);
     }
 
     #[cfg(test)]
@@ -48,15 +54,21 @@ impl GlobalLimit {
 #[derive(Debug)]
 pub(crate) struct PerIpLimit {
     open: Mutex<HashMap<IpAddr, usize>>,
-    max: usize,
+    /// Changed by a configuration reload; connections already open stay.
+    max: AtomicUsize,
 }
 
 impl PerIpLimit {
     pub(crate) fn new(max: usize) -> Arc<Self> {
         Arc::new(Self {
             open: Mutex::new(HashMap::new()),
-            max,
+            max: AtomicUsize::new(max),
         })
+    }
+
+    /// A new cap for connections accepted from now on.
+    pub(crate) fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Release);
     }
 }
 
@@ -75,7 +87,7 @@ pub(crate) fn acquire(
     ip: IpAddr,
 ) -> Result<ConnectionSlot, LimitReached> {
     let previous = global.open.fetch_add(1, Ordering::AcqRel);
-    if previous >= global.max {
+    if previous >= global.max.load(Ordering::Acquire) {
         global.open.fetch_sub(1, Ordering::AcqRel);
         return Err(LimitReached::Global);
     }
@@ -86,7 +98,7 @@ pub(crate) fn acquire(
         .lock()
         .unwrap_or_else(|poison| poison.into_inner());
     let count = open.entry(ip).or_insert(0);
-    if *count >= per_ip.max {
+    if *count >= per_ip.max.load(Ordering::Acquire) {
         drop(open);
         global.open.fetch_sub(1, Ordering::AcqRel);
         return Err(LimitReached::PerIp);
@@ -142,6 +154,29 @@ mod tests {
         drop(first);
         assert_eq!(global.open(), 2);
         let _again = acquire(&global, &per_ip, a).expect("slot given back");
+    }
+
+    #[test]
+    fn a_lowered_cap_turns_away_new_connections_and_keeps_the_open_ones() {
+        let global = GlobalLimit::new(10);
+        let per_ip = PerIpLimit::new(10);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let first = acquire(&global, &per_ip, a).expect("first");
+        let second = acquire(&global, &per_ip, a).expect("second");
+        per_ip.set_max(1);
+        assert_eq!(
+            acquire(&global, &per_ip, a).unwrap_err(),
+            LimitReached::PerIp
+        );
+        global.set_max(2);
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        assert_eq!(
+            acquire(&global, &per_ip, b).unwrap_err(),
+            LimitReached::Global
+        );
+        drop((first, second));
+        assert_eq!(global.open(), 0);
+        let _again = acquire(&global, &per_ip, a).expect("room again");
     }
 
     #[test]

@@ -259,8 +259,9 @@ pub async fn check_all(targets: Vec<Target>) -> Vec<Finding> {
     findings
 }
 
-/// Logs what the start-up checks found and sets their metrics; the first
-/// open backend under `relay_check = "refuse"` is the error.
+/// Logs what the checks of a configuration about to be served (at start-up
+/// or on reload) found and sets their metrics; the first open backend under
+/// `relay_check = "refuse"` is the error.
 pub(crate) fn judge_at_start(findings: &[Finding]) -> Result<(), OpenRelay> {
     let mut refusal = None;
     for finding in findings {
@@ -278,7 +279,7 @@ pub(crate) fn judge_at_start(findings: &[Finding]) -> Result<(), OpenRelay> {
                     listener = %target.listener,
                     backend = %target.backend,
                     %reply,
-                    "relay check: the backend would relay mail for anyone arriving through this listener; refusing to start"
+                    "relay check: the backend would relay mail for anyone arriving through this listener; refusing this configuration"
                 );
                 refusal.get_or_insert(open);
             }

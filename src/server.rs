@@ -1,28 +1,29 @@
-//! Start-up and the accept loops: binds every listener, loads certificates,
-//! asks the relay guard about every SMTP backend before serving, and spawns
-//! one task per accepted connection.
+//! Start-up, serving and reloading: loads certificates, binds every
+//! listener, asks the relay guard about every SMTP backend before serving,
+//! and, on SIGHUP, re-reads the whole configuration and applies it without
+//! dropping a connection (see [`crate::listeners`] for how sockets are kept).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
-use crate::config::Config;
-use crate::limits::{GlobalLimit, PerIpLimit};
-use crate::metrics::{self, ListenerMetrics};
+use crate::config::{Config, ConfigError};
+use crate::limits::GlobalLimit;
+use crate::listeners::{Changes, ListenerSet, Plan, PlanError, Shared};
+use crate::metrics::{self, ConfigReloadResult};
 use crate::readiness::{self, BackendProbe, Readiness};
 use crate::relay_guard::{self, Guard, OpenRelay, Target};
-use crate::session::{self, ListenerContext};
 use crate::supervisor::{Supervisor, Unsupervised};
-use crate::tls::{self, CertificateError, ReloadStats, Reloader};
+use crate::tls::{CertificateError, CertificateStore, ReloadStats, Reloader};
 
 /// Why the proxy cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +47,39 @@ pub enum StartError {
     OpenRelay(#[from] OpenRelay),
 }
 
+impl From<PlanError> for StartError {
+    fn from(error: PlanError) -> StartError {
+        match error {
+            PlanError::Bind {
+                name,
+                address,
+                source,
+            } => StartError::Bind {
+                name,
+                address,
+                source,
+            },
+            PlanError::Tls { source, .. } => StartError::Tls(source),
+        }
+    }
+}
+
+/// Why a configuration reload was refused (the previous configuration
+/// stays in use).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Certificate(#[from] CertificateError),
+    #[error(transparent)]
+    Listener(#[from] PlanError),
+    #[error(transparent)]
+    OpenRelay(#[from] OpenRelay),
+    #[error("reading the configuration failed: {0}")]
+    Task(String),
+}
+
 /// Loads and checks every configured certificate, or generates the
 /// self-signed default when none is configured (with a warning: clients will
 /// not trust it). The error names the file and the reason.
@@ -53,24 +87,55 @@ pub fn load_certificates(config: &Config) -> Result<Reloader, CertificateError> 
     Reloader::load(&config.certificates, &config.hostname)
 }
 
+/// Asks a running proxy to reload its configuration file (what SIGHUP
+/// does), e.g. from a test.
+#[derive(Clone, Debug)]
+pub struct ReloadHandle(mpsc::UnboundedSender<()>);
+
+impl ReloadHandle {
+    /// Requests a reload; false if the proxy is no longer running.
+    pub fn reload(&self) -> bool {
+        self.0.send(()).is_ok()
+    }
+}
+
 /// A proxy with every socket bound, ready to run.
 pub struct Proxy {
-    listeners: Vec<(TcpListener, Arc<ListenerContext>)>,
+    /// The configuration served now.
+    config: Config,
+    listeners: ListenerSet,
+    /// The listeners of `config`, bound, served once `run` starts.
+    initial: Option<Plan>,
     admin: Option<TcpListener>,
     metrics_handle: PrometheusHandle,
-    reloader: Reloader,
-    certificate_poll_interval: Duration,
+    /// The reloader of the configuration served now (until `run` starts
+    /// it; a reload replaces it).
+    reloader: Option<Reloader>,
+    /// What every listener resolves certificates from, for the life of the
+    /// process (a reload swaps its content).
+    certificates: Arc<CertificateStore>,
+    reload_stats: Arc<ReloadStats>,
+    global_limit: Arc<GlobalLimit>,
     readiness: Arc<Readiness>,
-    shutdown: watch::Sender<bool>,
-    shutdown_grace: Duration,
-    /// One periodic relay check per guarded SMTP listener.
+    /// One periodic relay check per guarded SMTP listener (until `run`
+    /// starts them).
     relay_guards: Vec<Guard>,
-    relay_check_interval: Duration,
     /// Told when the proxy is ready, reloads and stops.
     supervisor: Arc<dyn Supervisor>,
-    /// The configuration file reloads re-read (SIGHUP); none: reloads
-    /// re-read certificates only.
+    /// The configuration file reloads re-read (SIGHUP); none: SIGHUP
+    /// re-reads certificates only.
     config_path: Option<PathBuf>,
+    /// SIGHUP, registered at bind so that from then on it never ends the
+    /// process.
+    hangup: Option<Signal>,
+    reload_requests: mpsc::UnboundedReceiver<()>,
+    reload_handle: ReloadHandle,
+}
+
+/// The tasks that belong to one configuration; a reload replaces them.
+struct Background {
+    certificate_reloads: JoinSet<()>,
+    relay_guards: JoinSet<()>,
 }
 
 impl Proxy {
@@ -80,57 +145,23 @@ impl Proxy {
     /// `relay_check = "refuse"` ([`StartError::OpenRelay`]).
     pub async fn bind(config: &Config) -> Result<Proxy, StartError> {
         let metrics_handle = metrics::install().map_err(StartError::Metrics)?;
-        let mut reloader = load_certificates(config)?;
-        // From here on, any change to the certificate files is seen.
-        reloader.start_watching();
+        let hangup = match signal(SignalKind::hangup()) {
+            Ok(stream) => Some(stream),
+            Err(error) => {
+                warn!(%error, "cannot listen for SIGHUP; reload by restarting");
+                None
+            }
+        };
+        let reloader = load_certificates(config)?;
         let certificates = reloader.store();
+        let reload_stats = reloader.stats();
         let global_limit = GlobalLimit::new(config.max_connections);
-        let (shutdown, shutdown_receiver) = watch::channel(false);
-
-        let mut listeners = Vec::with_capacity(config.listeners.len());
-        for listener in &config.listeners {
-            let socket =
-                TcpListener::bind(listener.listen)
-                    .await
-                    .map_err(|source| StartError::Bind {
-                        name: listener.name.clone(),
-                        address: listener.listen,
-                        source,
-                    })?;
-            let acceptor = tls::Acceptor::new(
-                tls::server_config(
-                    certificates.clone(),
-                    listener.min_tls_version,
-                    listener.protocol,
-                )?,
-                certificates.clone(),
-                listener.sni_strict,
-            );
-            let context = ListenerContext {
-                name: listener.name.clone(),
-                protocol: listener.protocol,
-                mode: listener.tls,
-                backend: listener.backend.clone(),
-                acceptor,
-                metrics: ListenerMetrics::new(&listener.name),
-                handshake_timeout: listener.handshake_timeout,
-                backend_connect_timeout: listener.backend_connect_timeout,
-                idle_timeout: listener.idle_timeout,
-                require_tls: listener.require_tls,
-                max_inspected_commands: listener.max_inspected_commands,
-                global_limit: global_limit.clone(),
-                per_ip_limit: PerIpLimit::new(listener.max_connections_per_ip),
-                shutdown: shutdown_receiver.clone(),
-                client_identity: listener.client_identity,
-                hostname: Arc::from(config.hostname.as_str()),
-                identity_warning_logged: AtomicBool::new(false),
-                accept_proxy_from: listener.accept_proxy_from.clone(),
-                proxy_header_timeout: listener.proxy_header_timeout,
-                relay_open: AtomicBool::new(false),
-                access_log: listener.access_log,
-            };
-            listeners.push((socket, Arc::new(context)));
-        }
+        let listeners = ListenerSet::new();
+        let shared = Shared {
+            certificates: certificates.clone(),
+            global_limit: global_limit.clone(),
+        };
+        let plan = listeners.plan(config, &shared).await?;
         let admin = match config.metrics_listen {
             Some(address) => {
                 Some(
@@ -150,25 +181,30 @@ impl Proxy {
             config.listeners.iter().map(backend_probe).collect(),
             config.readiness_interval,
         );
-        let relay_guards = guard_relays(config, &listeners, &readiness).await?;
+        let relay_guards = guard_relays(config, &plan, &readiness).await?;
+        let (requests, reload_requests) = mpsc::unbounded_channel();
         Ok(Proxy {
+            config: config.clone(),
             listeners,
+            initial: Some(plan),
             admin,
             metrics_handle,
-            reloader,
-            certificate_poll_interval: config.certificate_poll_interval,
+            reloader: Some(reloader),
+            certificates,
+            reload_stats,
+            global_limit,
             readiness,
-            shutdown,
-            shutdown_grace: config.shutdown_grace,
             relay_guards,
-            relay_check_interval: config.relay_check_interval,
             supervisor: Arc::new(Unsupervised),
             config_path: None,
+            hangup,
+            reload_requests,
+            reload_handle: ReloadHandle(requests),
         })
     }
 
-    /// Reloads (SIGHUP) re-read the whole configuration from `path`, not
-    /// only the certificates.
+    /// Reloads (SIGHUP, [`Proxy::reload_handle`]) re-read the whole
+    /// configuration from `path`, not only the certificates.
     pub fn reload_from(mut self, path: impl Into<PathBuf>) -> Proxy {
         self.config_path = Some(path.into());
         self
@@ -180,18 +216,21 @@ impl Proxy {
         self
     }
 
+    /// Requests configuration reloads from inside the process.
+    pub fn reload_handle(&self) -> ReloadHandle {
+        self.reload_handle.clone()
+    }
+
     /// The bound address of each listener, by name (ports chosen by the OS
     /// when the configuration says `:0`).
     pub fn listener_addresses(&self) -> HashMap<String, SocketAddr> {
-        self.listeners
-            .iter()
-            .filter_map(|(socket, context)| {
-                socket
-                    .local_addr()
-                    .ok()
-                    .map(|address| (context.name.clone(), address))
-            })
-            .collect()
+        match &self.initial {
+            Some(plan) => plan
+                .listeners()
+                .map(|(settings, _, bound)| (settings.name.clone(), bound))
+                .collect(),
+            None => self.listeners.addresses().into_iter().collect(),
+        }
     }
 
     /// The bound address of the metrics endpoint, if configured.
@@ -203,49 +242,38 @@ impl Proxy {
 
     /// How many certificate reloads this proxy made, by result.
     pub fn certificate_reloads(&self) -> Arc<ReloadStats> {
-        self.reloader.stats()
+        self.reload_stats.clone()
     }
 
-    /// Serves until `shutdown` completes, then drains: readiness turns false
-    /// at once, listeners stop accepting, sessions still in inspection get
-    /// the protocol's goodbye, and sessions in pass-through get up to
-    /// `shutdown_grace` to finish (an SMTP DATA transfer in flight completes).
-    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
-        let mut accept_tasks = JoinSet::new();
-        let sessions = SessionTracker::default();
-        let connection_ids = Arc::new(AtomicU64::new(1));
-        let listener_names: Vec<String> = self
-            .listeners
-            .iter()
-            .map(|(_, context)| context.name.clone())
-            .collect();
-        for (socket, context) in self.listeners {
-            info!(
-                listener = %context.name,
-                protocol = %context.protocol,
-                tls = %context.mode,
-                require_tls = context.require_tls.as_str(),
-                client_identity = context.client_identity.as_str(),
-                accept_proxy_from = %context
-                    .accept_proxy_from
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(","),
-                address = %socket.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-                backend = %context.backend,
-                "listening"
-            );
-            accept_tasks.spawn(accept_loop(
-                socket,
-                context,
-                connection_ids.clone(),
-                sessions.clone(),
-            ));
+    /// Serves until `shutdown` completes, reloading the configuration on
+    /// SIGHUP when [`Proxy::reload_from`] named its file; then drains:
+    /// readiness turns false at once, listeners stop accepting, sessions
+    /// still in inspection get the protocol's goodbye, and sessions in
+    /// pass-through get up to `shutdown_grace` to finish (an SMTP DATA
+    /// transfer in flight completes).
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
+        let mut background = Background {
+            certificate_reloads: JoinSet::new(),
+            relay_guards: JoinSet::new(),
+        };
+        if let Some(plan) = self.initial.take() {
+            self.listeners.apply(plan, self.config.shutdown_grace);
         }
-        // Certificate rotation: directory watch, SIGHUP, polling.
-        let mut reload_task = JoinSet::new();
-        reload_task.spawn(self.reloader.run(self.certificate_poll_interval));
+        // Certificate rotation: directory watch, polling, and SIGHUP unless
+        // SIGHUP reloads the whole configuration.
+        if let Some(mut reloader) = self.reloader.take() {
+            if self.config_path.is_some() {
+                reloader.leave_hangup_to_caller();
+            }
+            background
+                .certificate_reloads
+                .spawn(reloader.run(self.config.certificate_poll_interval));
+        }
+        for guard in std::mem::take(&mut self.relay_guards) {
+            background
+                .relay_guards
+                .spawn(guard.run(self.config.relay_check_interval));
+        }
         // Histogram samples (handshake durations) pile up in the recorder
         // until drained; with no scrape (no [metrics] listen, or a slow
         // scraper) that memory grew with every handshake. Drain on a timer,
@@ -259,62 +287,179 @@ impl Proxy {
                 upkeep.run_upkeep();
             }
         });
-        let mut relay_guard_tasks = JoinSet::new();
-        for guard in self.relay_guards {
-            relay_guard_tasks.spawn(guard.run(self.relay_check_interval));
-        }
         let mut readiness_task = JoinSet::new();
         readiness_task.spawn(self.readiness.clone().run_checks());
         let mut admin_task = JoinSet::new();
-        if let Some(admin) = self.admin {
+        if let Some(admin) = self.admin.take() {
             info!(
                 address = %admin.local_addr().map(|a| a.to_string()).unwrap_or_default(),
                 "serving /metrics, /healthz and /readyz"
             );
             admin_task.spawn(crate::admin::serve(
                 admin,
-                self.metrics_handle,
+                self.metrics_handle.clone(),
                 self.readiness.clone(),
             ));
         }
         self.readiness.set_serving();
-        self.supervisor.ready(&status_line(&listener_names, "serving"));
-        shutdown.await;
+        self.supervisor
+            .ready(&status_line(&self.listeners.names(), "serving"));
+
+        tokio::pin!(shutdown);
+        let mut hangup = if self.config_path.is_some() {
+            self.hangup.take()
+        } else {
+            None
+        };
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                Some(()) = async {
+                    match hangup.as_mut() {
+                        Some(stream) => stream.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    info!("SIGHUP received: reloading the configuration");
+                    self.reload(&mut background).await;
+                }
+                Some(()) = self.reload_requests.recv() => {
+                    self.reload(&mut background).await;
+                }
+            }
+        }
 
         self.readiness.set_draining();
         self.supervisor.stopping(&format!(
             "draining {} open sessions (up to {} s)",
-            sessions.open(),
-            self.shutdown_grace.as_secs()
+            self.listeners.open_sessions(),
+            self.config.shutdown_grace.as_secs()
         ));
-        accept_tasks.shutdown().await;
-        relay_guard_tasks.shutdown().await;
-        let _ = self.shutdown.send(true);
-        info!(
-            open_sessions = sessions.open(),
-            grace_seconds = self.shutdown_grace.as_secs(),
-            "shutting down: stopped accepting; waiting for open sessions"
-        );
-        if tokio::time::timeout(self.shutdown_grace, sessions.all_closed())
-            .await
-            .is_err()
-        {
-            warn!(
-                open_sessions = sessions.open(),
-                "shutdown grace period over; closing the remaining sessions"
-            );
-        } else {
-            info!("all sessions closed");
-        }
+        background.relay_guards.shutdown().await;
+        self.listeners.stop(self.config.shutdown_grace).await;
         admin_task.shutdown().await;
-        reload_task.shutdown().await;
+        readiness_task.shutdown().await;
+        background.certificate_reloads.shutdown().await;
+    }
+
+    /// Re-reads the configuration file and applies it, or logs why not and
+    /// keeps the running one; the supervisor hears of both.
+    async fn reload(&mut self, background: &mut Background) {
+        let Some(path) = self.config_path.clone() else {
+            info!("no configuration file to reload from: nothing to do");
+            return;
+        };
+        self.supervisor.reloading();
+        match self.try_reload(&path, background).await {
+            Ok((changes, needs_restart)) => {
+                metrics::config_reload(ConfigReloadResult::Ok);
+                let names = |names: &[String]| names.join(",");
+                info!(
+                    config = %path.display(),
+                    added = %names(&changes.added),
+                    removed = %names(&changes.removed),
+                    changed = %names(&changes.changed),
+                    unchanged = %names(&changes.unchanged),
+                    needs_restart = %needs_restart.join(","),
+                    "configuration reloaded: new sessions use it, established sessions go on unchanged"
+                );
+                for setting in &needs_restart {
+                    warn!(
+                        config = %path.display(),
+                        setting = %setting,
+                        "configuration reloaded, but this setting changed and takes effect only after a restart"
+                    );
+                }
+                let mut status = status_line(&self.listeners.names(), "serving");
+                if !needs_restart.is_empty() {
+                    status.push_str(&format!("; restart to apply: {}", needs_restart.join(", ")));
+                }
+                self.supervisor.reloaded(&status);
+            }
+            Err(reason) => {
+                metrics::config_reload(ConfigReloadResult::Error);
+                error!(
+                    config = %path.display(),
+                    error = %reason,
+                    "configuration reload refused: still serving the previous configuration"
+                );
+                self.supervisor.reloaded(&format!(
+                    "{}; the last reload was refused: {reason}",
+                    status_line(&self.listeners.names(), "serving")
+                ));
+            }
+        }
+    }
+
+    /// Validates the file completely (as `check` does: syntax, every key,
+    /// every certificate, the listeners' sockets, the relay guard), then
+    /// swaps it in. Returns what changed and the settings that changed but
+    /// need a restart.
+    async fn try_reload(
+        &mut self,
+        path: &Path,
+        background: &mut Background,
+    ) -> Result<(Changes, Vec<String>), ReloadError> {
+        // Reading files and parsing keys blocks: not on the threads that
+        // serve connections.
+        let path_owned = path.to_path_buf();
+        let (config, mut reloader) =
+            tokio::task::spawn_blocking(move || -> Result<(Config, Reloader), ReloadError> {
+                let config = Config::load(&path_owned)?;
+                let reloader = load_certificates(&config)?;
+                Ok((config, reloader))
+            })
+            .await
+            .map_err(|error| ReloadError::Task(error.to_string()))??;
+        let shared = Shared {
+            certificates: self.certificates.clone(),
+            global_limit: self.global_limit.clone(),
+        };
+        let plan = self.listeners.plan(&config, &shared).await?;
+        // On refusal the plan is dropped here, closing what it bound.
+        let guards = guard_relays(&config, &plan, &self.readiness).await?;
+
+        // Everything checked: swap in.
+        reloader.take_over(self.certificates.clone(), self.reload_stats.clone());
+        reloader.leave_hangup_to_caller();
+        background.certificate_reloads.shutdown().await;
+        background
+            .certificate_reloads
+            .spawn(reloader.run(config.certificate_poll_interval));
+        self.global_limit.set_max(config.max_connections);
+        let changes = self.listeners.apply(plan, config.shutdown_grace);
+        background.relay_guards.shutdown().await;
+        for listener in &config.listeners {
+            // Serving this configuration means no guarded backend is open.
+            self.readiness.set_relay_open(&listener.name, None);
+        }
+        for guard in guards {
+            background
+                .relay_guards
+                .spawn(guard.run(config.relay_check_interval));
+        }
+        self.readiness
+            .set_probes(config.listeners.iter().map(backend_probe).collect());
+        let mut needs_restart = Vec::new();
+        if config.metrics_listen != self.config.metrics_listen {
+            needs_restart.push("[metrics] listen".to_string());
+        }
+        if config.readiness_interval != self.config.readiness_interval {
+            needs_restart.push("readiness_interval".to_string());
+        }
+        self.config = config;
+        Ok((changes, needs_restart))
     }
 }
 
 /// The one-line status a supervisor shows: what the proxy is doing and
 /// which listeners it serves.
 fn status_line(listeners: &[String], doing: &str) -> String {
-    format!("{doing} {} listeners: {}", listeners.len(), listeners.join(", "))
+    format!(
+        "{doing} {} listeners: {}",
+        listeners.len(),
+        listeners.join(", ")
+    )
 }
 
 /// Checks every guarded SMTP listener's backend at once, as its clients
@@ -323,14 +468,13 @@ fn status_line(listeners: &[String], doing: &str) -> String {
 /// under `relay_check = "refuse"`.
 async fn guard_relays(
     config: &Config,
-    listeners: &[(TcpListener, Arc<ListenerContext>)],
+    plan: &Plan,
     readiness: &Arc<Readiness>,
 ) -> Result<Vec<Guard>, OpenRelay> {
     let mut contexts = Vec::new();
     let mut targets = Vec::new();
-    for (listener, (socket, context)) in config.listeners.iter().zip(listeners) {
-        let listening_on = socket.local_addr().unwrap_or(listener.listen);
-        if let Some(target) = Target::for_listener(listener, &config.hostname, listening_on) {
+    for (listener, context, bound) in plan.listeners() {
+        if let Some(target) = Target::for_listener(listener, &config.hostname, bound) {
             targets.push(target);
             contexts.push(context.clone());
         }
@@ -366,76 +510,5 @@ fn backend_probe(listener: &crate::config::ListenerConfig) -> BackendProbe {
         backend: listener.backend.clone(),
         connect_timeout: listener.backend_connect_timeout,
         preamble,
-    }
-}
-
-/// Counts open sessions so shutdown can wait for them.
-#[derive(Clone, Default)]
-struct SessionTracker {
-    inner: Arc<TrackerInner>,
-}
-
-#[derive(Default)]
-struct TrackerInner {
-    open: AtomicUsize,
-    all_closed: Notify,
-}
-
-/// Held by a session's task; dropping it counts the session as closed.
-struct TrackedSession(SessionTracker);
-
-impl SessionTracker {
-    fn start(&self) -> TrackedSession {
-        self.inner.open.fetch_add(1, Ordering::AcqRel);
-        TrackedSession(self.clone())
-    }
-
-    fn open(&self) -> usize {
-        self.inner.open.load(Ordering::Acquire)
-    }
-
-    async fn all_closed(&self) {
-        loop {
-            let notified = self.inner.all_closed.notified();
-            if self.open() == 0 {
-                return;
-            }
-            notified.await;
-        }
-    }
-}
-
-impl Drop for TrackedSession {
-    fn drop(&mut self) {
-        if self.0.inner.open.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.inner.all_closed.notify_waiters();
-        }
-    }
-}
-
-async fn accept_loop(
-    socket: TcpListener,
-    context: Arc<ListenerContext>,
-    ids: Arc<AtomicU64>,
-    sessions: SessionTracker,
-) {
-    loop {
-        match socket.accept().await {
-            Ok((stream, peer)) => {
-                let id = ids.fetch_add(1, Ordering::Relaxed);
-                let tracked = sessions.start();
-                let context = context.clone();
-                tokio::spawn(async move {
-                    session::serve(context, stream, peer, id).await;
-                    drop(tracked);
-                });
-            }
-            Err(error) => {
-                // Typically out of file descriptors: back off instead of
-                // spinning, and keep serving the connections already open.
-                warn!(listener = %context.name, %error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
     }
 }

@@ -118,6 +118,9 @@ pub struct Reloader {
     /// SIGHUP and the directory watch, once [`Reloader::start_watching`]
     /// ran (until [`Reloader::run`] takes them).
     triggers: Option<Triggers>,
+    /// Whether SIGHUP re-reads the certificates here; false when SIGHUP
+    /// reloads the whole configuration (which re-reads them too).
+    reload_on_hangup: bool,
 }
 
 fn read_pair(files: &CertificateFiles) -> Result<(Vec<u8>, Vec<u8>), CertificateError> {
@@ -174,6 +177,7 @@ impl Reloader {
             provider,
             stats: Arc::new(ReloadStats::default()),
             triggers: None,
+            reload_on_hangup: true,
         };
         let now = unix_now();
         for (label, certificate) in reloader.labelled() {
@@ -198,6 +202,23 @@ impl Reloader {
 
     pub(crate) fn stats(&self) -> Arc<ReloadStats> {
         self.stats.clone()
+    }
+
+    /// SIGHUP is someone else's (a whole-configuration reload): only file
+    /// changes and polling re-read the certificates here. Call it before
+    /// [`Reloader::start_watching`].
+    pub(crate) fn leave_hangup_to_caller(&mut self) {
+        self.reload_on_hangup = false;
+    }
+
+    /// Takes over from the reloader of the configuration served so far:
+    /// `store`, which every listener resolves from, serves this reloader's
+    /// certificates from now on and follows its reloads, and `stats` goes on
+    /// counting them.
+    pub(crate) fn take_over(&mut self, store: Arc<CertificateStore>, stats: Arc<ReloadStats>) {
+        store.replace_with(self.store.current());
+        self.store = store;
+        self.stats = stats;
     }
 
     /// What is served now, in configuration order.
@@ -379,7 +400,10 @@ impl Reloader {
         if self.triggers.is_some() {
             return;
         }
-        self.triggers = Some(Triggers::start(&self.watched_directories()));
+        self.triggers = Some(Triggers::start(
+            &self.watched_directories(),
+            self.reload_on_hangup,
+        ));
         self.reload(Trigger::Watch);
     }
 

@@ -158,6 +158,12 @@ impl CertificateStore {
         self.current.store(Arc::new(next));
     }
 
+    /// Serves the set another store serves now (a reloaded configuration's
+    /// certificates, taken over by the store every listener resolves from).
+    pub(crate) fn replace_with(&self, next: Arc<CertificateSet>) {
+        self.current.store(next);
+    }
+
     /// The set served right now.
     pub(crate) fn current(&self) -> Arc<CertificateSet> {
         self.current.load_full()

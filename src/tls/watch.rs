@@ -34,13 +34,14 @@ struct Watch {
 }
 
 impl Triggers {
-    /// Starts listening for SIGHUP (from now on it never falls to its
-    /// default action, ending the process) and watching `directories`
-    /// (none: no watch). Must run inside the runtime.
-    pub(super) fn start(directories: &[PathBuf]) -> Triggers {
-        let hangup = match signal(SignalKind::hangup()) {
-            Ok(stream) => Some(stream),
-            Err(error) => {
+    /// Starts listening for SIGHUP when `hangup` is true (from now on it
+    /// never falls to its default action, ending the process) and watching
+    /// `directories` (none: no watch). Must run inside the runtime.
+    pub(super) fn start(directories: &[PathBuf], hangup: bool) -> Triggers {
+        let hangup = match hangup.then(|| signal(SignalKind::hangup())) {
+            None => None,
+            Some(Ok(stream)) => Some(stream),
+            Some(Err(error)) => {
                 warn!(
                     %error,
                     "cannot listen for SIGHUP; certificates reload on file changes and polling only"

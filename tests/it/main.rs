@@ -25,6 +25,7 @@ mod certificate_rotation;
 mod certificate_rotation_load;
 mod certificate_selection;
 mod client_identity;
+mod config_reload;
 mod connection_limits;
 mod graceful_shutdown;
 mod implicit_tls;

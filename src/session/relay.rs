@@ -728,4 +728,173 @@ mod tests {
         assert_eq!(out, data);
         assert_eq!(stream.surplus.capacity(), 0);
     }
+
+    /// How a [`Peer`]'s reads end once its chunks are out.
+    #[derive(Clone, Copy)]
+    enum ReadsEnd {
+        Eof,
+        Reset,
+        Wait,
+        /// Pending until the flag is set, then end of stream.
+        EofOnceSet(&'static AtomicBool),
+    }
+
+    /// One end of a relay: yields `chunks`, then ends as `then`; takes every
+    /// write unless `writes_fail`; records what it was sent and whether it
+    /// was shut down.
+    struct Peer {
+        chunks: std::collections::VecDeque<Vec<u8>>,
+        then: ReadsEnd,
+        writes_fail: bool,
+        received: Vec<u8>,
+        shut_down: bool,
+    }
+
+    impl Peer {
+        fn new(chunks: &[&[u8]], then: ReadsEnd) -> Peer {
+            Peer {
+                chunks: chunks.iter().map(|chunk| chunk.to_vec()).collect(),
+                then,
+                writes_fail: false,
+                received: Vec::new(),
+                shut_down: false,
+            }
+        }
+    }
+
+    impl AsyncRead for Peer {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if let Some(chunk) = self.chunks.pop_front() {
+                buf.put_slice(&chunk);
+                return Poll::Ready(Ok(()));
+            }
+            match self.then {
+                ReadsEnd::Eof => Poll::Ready(Ok(())),
+                ReadsEnd::Reset => Poll::Ready(Err(io::ErrorKind::ConnectionReset.into())),
+                ReadsEnd::Wait => Poll::Pending,
+                ReadsEnd::EofOnceSet(flag) if flag.load(Ordering::SeqCst) => Poll::Ready(Ok(())),
+                ReadsEnd::EofOnceSet(_) => Poll::Pending,
+            }
+        }
+    }
+
+    impl AsyncWrite for Peer {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            if self.writes_fail {
+                return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+            }
+            self.received.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.shut_down = true;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn relay_once(client: &mut Peer, backend: &mut Peer) -> Poll<Result<Relayed, RelayError>> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut relay = std::pin::pin!(copy_bidirectional(client, backend));
+        relay.as_mut().poll(&mut cx)
+    }
+
+    use std::future::Future;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[test]
+    fn a_backend_reset_is_reported_as_reading_from_the_backend_after_its_last_bytes() {
+        let mut client = Peer::new(&[b"a LOGOUT\r\n"], ReadsEnd::Wait);
+        let mut backend = Peer::new(&[b"* BYE\r\na OK\r\n"], ReadsEnd::Reset);
+        let Poll::Ready(Err(error)) = relay_once(&mut client, &mut backend) else {
+            panic!("the relay should fail");
+        };
+        assert_eq!(error.step, RelayStep::ReadingBackend);
+        assert_eq!(error.step.side(), Side::Backend);
+        assert_eq!(error.error.kind(), io::ErrorKind::ConnectionReset);
+        assert_eq!(backend.received, b"a LOGOUT\r\n");
+        assert_eq!(client.received, b"* BYE\r\na OK\r\n");
+    }
+
+    #[test]
+    fn a_failed_write_to_the_backend_still_delivers_what_it_sent_and_ends_the_client() {
+        let mut client = Peer::new(&[b"b NOOP\r\n"], ReadsEnd::Wait);
+        let mut backend = Peer::new(&[b"* BYE\r\n"], ReadsEnd::Eof);
+        backend.writes_fail = true;
+        let Poll::Ready(Err(error)) = relay_once(&mut client, &mut backend) else {
+            panic!("the relay should fail");
+        };
+        assert_eq!(error.step, RelayStep::WritingBackend);
+        assert_eq!(
+            error.to_string(),
+            "writing to the backend failed: broken pipe"
+        );
+        assert_eq!(client.received, b"* BYE\r\n");
+        assert!(client.shut_down);
+    }
+
+    #[test]
+    fn a_client_reset_is_the_clients() {
+        let mut client = Peer::new(&[], ReadsEnd::Reset);
+        let mut backend = Peer::new(&[], ReadsEnd::Wait);
+        let Poll::Ready(Err(error)) = relay_once(&mut client, &mut backend) else {
+            panic!("the relay should fail");
+        };
+        assert_eq!(error.step, RelayStep::ReadingClient);
+        assert_eq!(error.step.side(), Side::Client);
+    }
+
+    #[test]
+    fn the_side_whose_stream_ends_first_ended_the_session() {
+        static CLIENT_LATER: AtomicBool = AtomicBool::new(false);
+        static BACKEND_LATER: AtomicBool = AtomicBool::new(false);
+        for (client_then, backend_then, later, first) in [
+            (
+                ReadsEnd::EofOnceSet(&CLIENT_LATER),
+                ReadsEnd::Eof,
+                &CLIENT_LATER,
+                Side::Backend,
+            ),
+            (
+                ReadsEnd::Eof,
+                ReadsEnd::EofOnceSet(&BACKEND_LATER),
+                &BACKEND_LATER,
+                Side::Client,
+            ),
+        ] {
+            let mut client = Peer::new(&[b"x"], client_then);
+            let mut backend = Peer::new(&[b"yz"], backend_then);
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            let relayed = {
+                let mut relay = std::pin::pin!(copy_bidirectional(&mut client, &mut backend));
+                assert!(relay.as_mut().poll(&mut cx).is_pending());
+                later.store(true, Ordering::SeqCst);
+                let Poll::Ready(Ok(relayed)) = relay.as_mut().poll(&mut cx) else {
+                    panic!("the relay should end");
+                };
+                relayed
+            };
+            assert_eq!(
+                relayed,
+                Relayed {
+                    to_backend: 1,
+                    to_client: 2,
+                    first_closed: first
+                }
+            );
+            assert!(client.shut_down && backend.shut_down);
+        }
+    }
 }

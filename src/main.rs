@@ -75,6 +75,14 @@ enum Command {
         #[command(subcommand)]
         command: CertCommand,
     },
+    /// Write the manual pages (man/) and the bash, zsh and fish completions
+    /// (completions/) made from this command line into OUT, for packaging.
+    #[command(hide = true)]
+    GenerateAssets {
+        /// The folder to write into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -100,6 +108,7 @@ fn main() -> ExitCode {
         Command::Cert {
             command: CertCommand::SelfSigned { names, out },
         } => write_self_signed(&names, &out),
+        Command::GenerateAssets { out } => generate_assets(&out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -348,4 +357,64 @@ fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))?;
     file.write_all(bytes)
         .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Writes one manual page for the command and one per visible subcommand
+/// into `out/man/`, and the bash, zsh and fish completions into
+/// `out/completions/`. Both are made from the command-line definition itself,
+/// so they always describe the options this binary accepts.
+fn generate_assets(out: &Path) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    use clap_complete::Shell;
+    let man_dir = out.join("man");
+    let completions_dir = out.join("completions");
+    for dir in [&man_dir, &completions_dir] {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    // Built once, so each subcommand knows its full name (mail-tls-proxy-run).
+    let mut command = Cli::command().disable_help_subcommand(true);
+    command.build();
+    write_manual_pages(&command, &man_dir)
+        .with_context(|| format!("cannot write the manual pages into {}", man_dir.display()))?;
+    let bin_name = env!("CARGO_BIN_NAME");
+    for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+        let mut command = visible_command_line();
+        clap_complete::generate_to(shell, &mut command, bin_name, &completions_dir)
+            .with_context(|| format!("cannot write the {shell} completions"))?;
+    }
+    println!(
+        "wrote manual pages to {} and shell completions to {}",
+        man_dir.display(),
+        completions_dir.display()
+    );
+    Ok(())
+}
+
+/// `command`'s manual page and those of its visible subcommands, each
+/// footed with the product's name and version.
+fn write_manual_pages(command: &clap::Command, dir: &Path) -> std::io::Result<()> {
+    for subcommand in command.get_subcommands().filter(|sub| !sub.is_hide_set()) {
+        write_manual_pages(subcommand, dir)?;
+    }
+    clap_mangen::Man::new(command.clone())
+        .source(concat!("mail-tls-proxy ", env!("CARGO_PKG_VERSION")))
+        .manual("mail-tls-proxy manual")
+        .generate_to(dir)
+        .map(drop)
+}
+
+/// The command line as its users see it: the completion scripts would offer
+/// hidden subcommands too (the manual pages leave them out by themselves).
+fn visible_command_line() -> clap::Command {
+    use clap::CommandFactory;
+    let full = Cli::command();
+    clap::Command::new(env!("CARGO_BIN_NAME"))
+        .version(env!("CARGO_PKG_VERSION"))
+        .about(full.get_about().cloned().unwrap_or_default())
+        .args(full.get_arguments().cloned())
+        .subcommands(
+            full.get_subcommands()
+                .filter(|subcommand| !subcommand.is_hide_set())
+                .cloned(),
+        )
 }

@@ -32,6 +32,7 @@ mod implicit_tls;
 mod legacy_backends;
 mod metrics_at_start;
 mod metrics_endpoint;
+mod package_assets;
 mod proxy_protocol_from_balancers;
 mod readiness;
 mod relay_guard;

@@ -135,7 +135,6 @@ fn register_process_wide() {
 }
 
 /// Counts one configuration reload by what it came to.
-#[allow(dead_code, reason = "called by the configuration reload")]
 pub(crate) fn config_reload(result: ConfigReloadResult) {
     metrics::counter!(CONFIG_RELOADS_TOTAL, "result" => result.as_str()).increment(1);
 }

@@ -164,7 +164,6 @@ impl Readiness {
     /// listener, or one whose backend, protocol or preamble changed, is
     /// unchecked until the next round, which starts at once. Listeners no
     /// longer present are forgotten, with what the relay guard said of them.
-    #[allow(dead_code, reason = "called by the configuration reload")]
     pub(crate) fn set_probes(&self, probes: Vec<BackendProbe>) {
         {
             let mut backends = self.backends();

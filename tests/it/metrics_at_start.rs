@@ -184,10 +184,8 @@ async fn every_series_the_dashboard_and_alerts_use_exists_before_any_traffic() {
             (true, _) => &names,
             (false, _) => &[],
         };
-        if listeners.is_empty() {
-            if !matches(None) {
-                missing.push(format!("{used:?}"));
-            }
+        if listeners.is_empty() && !matches(None) {
+            missing.push(format!("{used:?}"));
         }
         for listener in listeners {
             if !matches(Some(listener)) {

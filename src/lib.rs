@@ -18,6 +18,8 @@
 //!   a listener, while one would.
 //! - [`supervisor`]: the life-cycle moments a service manager is told of
 //!   (ready, reloading, stopping).
+//! - [`systemd`]: those moments told to systemd (`Type=notify`), and its
+//!   watchdog's keep-alive.
 //! - [`logging`]: text or JSON log lines; [`healthcheck`]: the container
 //!   health check client; [`time`]: Unix times as UTC dates (one calendar
 //!   for logs and certificates).
@@ -37,5 +39,6 @@ pub mod relay_guard;
 pub mod server;
 pub mod session;
 pub mod supervisor;
+pub mod systemd;
 pub mod time;
 pub mod tls;

@@ -1,17 +1,32 @@
 //! The `mail-tls-proxy` command line: parse, set up logging, hand over to the library.
+//!
+//! Exit status: 0 on success; 78 (`EX_CONFIG` of sysexits.h) when `run` or
+//! `check` fails because of the configuration (the file, or a certificate
+//! file it names), which a restart cannot cure; 1 for every other failure
+//! (a port in use, an open relay behind a listener, a failed health check).
 
 #![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
-use mail_tls_proxy::config::Config;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use mail_tls_proxy::config::{Config, ConfigError};
 use mail_tls_proxy::logging::{self, LogFormat};
-use mail_tls_proxy::server::{self, Proxy};
-use mail_tls_proxy::tls::generate_pair;
+use mail_tls_proxy::server::{self, Proxy, StartError};
+use mail_tls_proxy::systemd::SystemdNotifier;
+use mail_tls_proxy::tls::{generate_pair, CertificateError};
 use tracing_subscriber::EnvFilter;
+
+/// The configuration file read when neither `--config` nor
+/// `MAIL_TLS_PROXY_CONFIG` names one.
+const DEFAULT_CONFIG: &str = "/etc/mail-tls-proxy/config.toml";
+
+/// `EX_CONFIG`: the configuration is at fault (systemd's unit does not
+/// restart on it: `RestartPreventExitStatus=78`).
+const EXIT_CONFIG: u8 = 78;
 
 #[derive(Parser)]
 #[command(
@@ -43,29 +58,31 @@ enum LogFormatArg {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the proxy.
+    /// Run the proxy. Under systemd (Type=notify) it reports readiness,
+    /// reloads and stopping, and feeds the watchdog.
     Run {
-        /// The configuration file (TOML).
-        #[arg(long, env = "MAIL_TLS_PROXY_CONFIG")]
-        config: PathBuf,
+        #[command(flatten)]
+        file: ConfigFile,
     },
     /// Load and validate the configuration and every certificate, ask every
     /// SMTP backend whether it would relay for anyone arriving through the
-    /// proxy, print what would be served, and exit (non-zero on any error,
-    /// or on an open relay under relay_check = "refuse").
+    /// proxy, print what would be served, and exit (78 on a configuration
+    /// error, 1 on any other, such as an open relay under
+    /// relay_check = "refuse").
     Check {
-        #[arg(long, env = "MAIL_TLS_PROXY_CONFIG")]
-        config: PathBuf,
+        #[command(flatten)]
+        file: ConfigFile,
     },
-    /// GET a URL of the admin endpoint and exit 0 on status 200, else 1
-    /// with the reason: a container health check that needs no curl.
+    /// GET the admin endpoint's /readyz (or --url) and exit 0 on status 200,
+    /// else 1 with the reason: a health check that needs no curl.
     Healthcheck {
-        #[arg(
-            long,
-            env = "MAIL_TLS_PROXY_HEALTHCHECK_URL",
-            default_value = "http://127.0.0.1:9464/readyz"
-        )]
-        url: String,
+        /// The URL to GET. Default: /readyz on the configuration's
+        /// [metrics] listen address (0.0.0.0 and [::] are asked on
+        /// loopback).
+        #[arg(long, env = "MAIL_TLS_PROXY_HEALTHCHECK_URL")]
+        url: Option<String>,
+        #[command(flatten)]
+        file: ConfigFile,
         /// Seconds to wait for the answer.
         #[arg(long, default_value_t = 5)]
         timeout: u64,
@@ -85,6 +102,38 @@ enum Command {
     },
 }
 
+/// Where the configuration file is.
+#[derive(Args)]
+struct ConfigFile {
+    /// The configuration file (TOML) [default: /etc/mail-tls-proxy/config.toml]
+    #[arg(short, long, env = "MAIL_TLS_PROXY_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+impl ConfigFile {
+    /// The file named on the command line or in the environment, else the
+    /// default.
+    fn path(&self) -> PathBuf {
+        self.config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG))
+    }
+
+    /// Reads and validates the file; the error says when it was the default
+    /// that was tried.
+    fn load(&self) -> anyhow::Result<(PathBuf, Config)> {
+        let path = self.path();
+        let loaded = Config::load(&path);
+        let config = match self.config {
+            Some(_) => loaded?,
+            None => loaded.with_context(|| {
+                format!("no --config (-c) or MAIL_TLS_PROXY_CONFIG given, so the default {DEFAULT_CONFIG} was read")
+            })?,
+        };
+        Ok((path, config))
+    }
+}
+
 #[derive(Subcommand)]
 enum CertCommand {
     /// Write a self-signed ECDSA P-256 pair (fullchain.pem, privkey.pem) to DIR.
@@ -101,10 +150,13 @@ enum CertCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    // A health check answers 0 or 1 and nothing else (container runtimes
+    // reserve other codes); `run` and `check` tell configuration errors apart.
+    let tells_config_errors = matches!(cli.command, Command::Run { .. } | Command::Check { .. });
     let result = match cli.command {
-        Command::Run { config } => run(&config),
-        Command::Check { config } => check(&config),
-        Command::Healthcheck { url, timeout } => healthcheck(&url, timeout),
+        Command::Run { file } => run(&file),
+        Command::Check { file } => check(&file),
+        Command::Healthcheck { url, file, timeout } => healthcheck(url, &file, timeout),
         Command::Cert {
             command: CertCommand::SelfSigned { names, out },
         } => write_self_signed(&names, &out),
@@ -114,9 +166,34 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("mail-tls-proxy: {error:#}");
-            ExitCode::FAILURE
+            if tells_config_errors && is_configuration_error(&error) {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
+}
+
+/// Whether the configuration is at fault: the file cannot be read or is
+/// invalid, or a certificate or key file it names cannot be read, parsed or
+/// paired. Fixing the files is the only cure, so a service manager should
+/// not restart into the same error. Failing to bind a port, an open relay
+/// behind a listener, or failing to generate a key are not: they can pass
+/// on their own.
+fn is_configuration_error(error: &anyhow::Error) -> bool {
+    let certificate_files =
+        |error: &CertificateError| !matches!(error, CertificateError::Generate { .. });
+    error.chain().any(|cause| {
+        cause.is::<ConfigError>()
+            || cause
+                .downcast_ref::<CertificateError>()
+                .is_some_and(certificate_files)
+            || matches!(
+                cause.downcast_ref::<StartError>(),
+                Some(StartError::Certificate(error)) if certificate_files(error)
+            )
+    })
 }
 
 fn init_logging(format: LogFormatArg) {
@@ -129,7 +206,22 @@ fn init_logging(format: LogFormatArg) {
     logging::init(format, filter);
 }
 
-fn healthcheck(url: &str, timeout: u64) -> anyhow::Result<()> {
+/// GETs `url`, or the configuration's own `/readyz` when no URL is given.
+fn healthcheck(url: Option<String>, file: &ConfigFile, timeout: u64) -> anyhow::Result<()> {
+    let url = match url {
+        Some(url) => url,
+        None => {
+            let (path, config) = file.load()?;
+            let listen = config.metrics_listen.with_context(|| {
+                format!(
+                    "{}: no [metrics] listen, so there is no /readyz to ask (configure one, or give --url)",
+                    path.display()
+                )
+            })?;
+            mail_tls_proxy::healthcheck::readyz_url(listen)
+        }
+    };
+    let url = url.as_str();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -146,8 +238,8 @@ fn healthcheck(url: &str, timeout: u64) -> anyhow::Result<()> {
     }
 }
 
-fn run(path: &Path) -> anyhow::Result<()> {
-    let config = Config::load(path)?;
+fn run(file: &ConfigFile) -> anyhow::Result<()> {
+    let (path, config) = file.load()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -156,7 +248,14 @@ fn run(path: &Path) -> anyhow::Result<()> {
         // Handlers first: a signal that arrives once the ports are open must
         // start a drain, never kill the process outright.
         let mut signals = ShutdownSignals::new().context("cannot listen for SIGTERM and SIGINT")?;
-        let proxy = Proxy::bind(&config).await?;
+        let systemd = SystemdNotifier::new();
+        // Fed from the start: binding and the relay checks take a moment.
+        // The task runs on this runtime, so a wedged runtime starves it.
+        let _watchdog = systemd.spawn_watchdog();
+        let proxy = Proxy::bind(&config)
+            .await?
+            .reload_from(path)
+            .supervised_by(Arc::new(systemd));
         let (first_signal, first_signal_received) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
             signals.next().await;
@@ -197,8 +296,8 @@ impl ShutdownSignals {
     }
 }
 
-fn check(path: &Path) -> anyhow::Result<()> {
-    let config = Config::load(path)?;
+fn check(file: &ConfigFile) -> anyhow::Result<()> {
+    let (path, config) = file.load()?;
     let certificates = server::load_certificates(&config)?;
     println!("configuration {}: OK", path.display());
     print_certificates(&config, &certificates.certificates());

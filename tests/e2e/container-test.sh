@@ -5,7 +5,8 @@
 #   - an IMAPS login (imaplib, certificate verified) through the container,
 #     with the backend named by host name (static glibc resolving in scratch);
 #   - the image's HEALTHCHECK (the binary's own `healthcheck` against /readyz)
-#     reports healthy;
+#     reports healthy, finding the admin endpoint (a port of its own) in the
+#     configuration the container runs with;
 #   - the process runs as uid 65532, configured only by the environment;
 #   - logs are JSON lines with listener, peer and connection_id;
 #   - a non-root process binds a port below 1024 with NET_BIND_SERVICE;
@@ -97,7 +98,6 @@ log "running it (imaps on 127.0.0.1:$imaps_port -> mail-backend:$imap_port)"
 p run -d --name "$name" --network host --health-interval disable --add-host mail-backend:127.0.0.1 \
     -v "$config_dir:/etc/mail-tls-proxy:ro" \
     -e MAIL_TLS_PROXY_LOG=debug \
-    -e MAIL_TLS_PROXY_HEALTHCHECK_URL="http://127.0.0.1:$metrics_port/readyz" \
     "$image" >/dev/null
 
 healthy=no
@@ -168,7 +168,6 @@ else
     p run -d --name "$name-low" --network host --health-interval disable --add-host mail-backend:127.0.0.1 \
         --cap-drop all --cap-add NET_BIND_SERVICE \
         -v "$low_dir:/etc/mail-tls-proxy:ro" \
-        -e MAIL_TLS_PROXY_HEALTHCHECK_URL="http://127.0.0.1:$low_metrics/readyz" \
         "$image" >/dev/null
     bound=no
     for _ in $(seq 1 40); do

@@ -699,15 +699,30 @@ def test_systemd_unit_passes_systemd_analyze_verify(tmp_path):
     result = run([analyze, "verify", str(unit)])
     # verify only warns (exit 0) about unknown keys: any output is a finding.
     assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), result.stdout + result.stderr
+    # Every command line is checked, ExecStartPre and ExecReload too.
+    missing = tmp_path / "missing.service"
+    missing.write_text(unit.read_text().replace(f"ExecStartPre={debug_binary()}", "ExecStartPre=/nonexistent/check"))
+    assert "/nonexistent/check" in run([analyze, "verify", str(missing)]).stderr
     broken = tmp_path / "broken.service"
     broken.write_text(unit.read_text().replace("NoNewPrivileges=", "NoNewPrivilege="))
     assert "Unknown key" in run([analyze, "verify", str(broken)]).stderr
 
 
+def test_systemd_unit_is_a_notify_service_that_checks_before_start_and_reload():
+    settings = unit_settings()
+    assert settings["Type"] == ["notify"] and settings["NotifyAccess"] == ["main"]
+    start = settings["ExecStart"][0]
+    assert start.startswith("/usr/local/bin/mail-tls-proxy run --config ")
+    check = start.replace(" run ", " check ")
+    assert settings["ExecStartPre"] == [check]
+    # In order; systemd stops at the first that fails.
+    assert settings["ExecReload"] == [check, "/bin/kill -HUP $MAINPID"]
+    assert settings["WatchdogSec"] == ["30s"]
+    assert settings["RestartPreventExitStatus"] == ["78"]
+
+
 def test_systemd_unit_is_hardened(tmp_path):
     settings = unit_settings()
-    assert settings["Type"] in (["exec"], ["notify"])
-    assert settings["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert settings["DynamicUser"] == ["yes"] or "User" in settings
     assert settings["AmbientCapabilities"] == ["CAP_NET_BIND_SERVICE"]
     assert settings["CapabilityBoundingSet"] == ["CAP_NET_BIND_SERVICE"]
@@ -776,15 +791,18 @@ def test_systemd_unit_commands_run_as_the_unit_runs_them(mail_servers, scratch_d
         with socket.create_connection(("127.0.0.1", low_port), timeout=10) as sock:
             with context.wrap_socket(sock, server_hostname="localhost") as tls:
                 assert tls.recv(100).startswith(b"* OK")
-        # ExecReload, as systemctl reload runs it.
-        reload = settings["ExecReload"][0].replace("$MAINPID", str(process.pid)).split()
-        assert subprocess.run(reload).returncode == 0
+        # ExecReload, as systemctl reload runs it: the check, then the signal.
+        for line in settings["ExecReload"]:
+            reload = line.replace("/usr/local/bin/mail-tls-proxy", str(binary)) \
+                .replace("/etc/mail-tls-proxy/config.toml", str(config)).replace("$MAINPID", str(process.pid))
+            assert subprocess.run(reload.split(), env={"PATH": "/usr/bin:/bin", **environment},
+                                  stdout=subprocess.DEVNULL).returncode == 0, reload
         deadline = time.monotonic() + 10
         while True:
             _, text = http_get(f"http://127.0.0.1:{metrics_port}/metrics")
-            if re.search(r'^mail_tls_proxy_certificate_reloads_total\{result="ok"\} [1-9]', text, re.M):
+            if re.search(r'^mail_tls_proxy_config_reloads_total\{result="ok"\} [1-9]', text, re.M):
                 break
-            assert time.monotonic() < deadline, "SIGHUP did not reload"
+            assert time.monotonic() < deadline, "SIGHUP did not reload the configuration"
             time.sleep(0.1)
         # KillSignal, then the stop timeout.
         process.send_signal(getattr(signal, settings["KillSignal"][0]))

@@ -203,6 +203,12 @@ impl ListenerSpec {
         self
     }
 
+    /// Listens on `address` instead of an ephemeral port.
+    pub fn listen_on(mut self, address: std::net::SocketAddr) -> Self {
+        self.listen = address.to_string();
+        self
+    }
+
     pub fn idle_timeout(mut self, seconds: u64) -> Self {
         self.idle_timeout = Some(seconds);
         self

@@ -1,5 +1,6 @@
 //! The real `mail-tls-proxy` binary as a child process: `run` with its log
-//! lines collected, signals, and one-shot commands such as `check`.
+//! lines collected, signals, and one-shot commands such as `check` (with
+//! their exit codes: [`finish`]).
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -46,6 +47,47 @@ pub fn run_binary(args: &[&str], config: Option<&Path>) -> (bool, String, String
     )
 }
 
+/// The binary as a command with colours off and no configuration, health
+/// check URL or service manager variables inherited from the test's own
+/// environment; the test adds arguments and variables.
+pub fn binary_command() -> Command {
+    let mut command = Command::new(BINARY);
+    command.env("NO_COLOR", "1");
+    for inherited in [
+        "MAIL_TLS_PROXY_CONFIG",
+        "MAIL_TLS_PROXY_HEALTHCHECK_URL",
+        "NOTIFY_SOCKET",
+        "WATCHDOG_USEC",
+        "WATCHDOG_PID",
+    ] {
+        command.env_remove(inherited);
+    }
+    command
+}
+
+/// How a one-shot command ended.
+#[derive(Debug)]
+pub struct Finished {
+    /// The exit code (`None`: killed by a signal).
+    pub code: Option<i32>,
+    pub stdout: String,
+    /// Without colours.
+    pub stderr: String,
+}
+
+/// Runs `command` to completion.
+pub fn finish(command: &mut Command) -> Finished {
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the binary");
+    Finished {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: strip_ansi(&String::from_utf8_lossy(&output.stderr)),
+    }
+}
+
 /// The proxy binary, running `run --config`, with its log lines collected;
 /// killed when dropped.
 pub struct ProxyProcess {
@@ -55,9 +97,15 @@ pub struct ProxyProcess {
 
 impl ProxyProcess {
     pub fn spawn(config: &Path) -> ProxyProcess {
-        let mut child = Command::new(BINARY)
-            .args(["run", "--config"])
-            .arg(config)
+        let mut command = Command::new(BINARY);
+        command.args(["run", "--config"]).arg(config);
+        ProxyProcess::spawn_command(command)
+    }
+
+    /// Starts `command` (the binary, or a shell that execs it) with its log
+    /// lines collected.
+    pub fn spawn_command(mut command: Command) -> ProxyProcess {
+        let mut child = command
             .env("NO_COLOR", "1")
             .env("MAIL_TLS_PROXY_LOG", "info")
             .stdin(Stdio::null())
@@ -145,4 +193,12 @@ impl Drop for ProxyProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A loopback address whose port is free now, for a child process to bind
+/// (its configuration must name the port before it starts).
+pub fn free_address() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
 }

@@ -857,7 +857,20 @@ where
     tokio::select! {
         copied = relay::copy_bidirectional(client, &mut backend) => match copied {
             Ok(relayed) => Ok(SessionEnd::closed_by(relayed.first_closed.into())),
-            Err(error) => Err(SessionError::Relay(error)),
+            // One side had closed normally: the session was over, and the
+            // other side's failure after it (a client that leaves without
+            // close_notify, a backend that resets on the client's close) is
+            // routine; the client still gets a clean close.
+            Err(error) => match error.after_close_of {
+                Some(side) => {
+                    debug!(%error, "pass-through ended; the other side then failed");
+                    close(client).await;
+                    let mut end = SessionEnd::closed_by(side.into());
+                    end.reason = Some(format!("then {error}"));
+                    Ok(end)
+                }
+                None => Err(SessionError::Relay(error)),
+            },
         },
         () = activity.idle_for(context.idle_timeout) => {
             Err(SessionError::IdleTimeout(context.idle_timeout))

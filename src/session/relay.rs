@@ -103,6 +103,10 @@ pub(crate) struct RelayError {
     pub(crate) step: RelayStep,
     #[source]
     pub(crate) error: io::Error,
+    /// The side whose stream had already ended normally when the step
+    /// failed (a client that leaves without close_notify after the
+    /// backend's close): that side ended the session.
+    pub(crate) after_close_of: Option<Side>,
 }
 
 /// How a pass-through that ran to its end went.
@@ -142,6 +146,17 @@ where
     let mut to_client = Direction::default();
     let mut first_closed = None;
     let mut backend_write_failed = None;
+    // The first end of stream, either way.
+    let note_closes =
+        |first_closed: &mut Option<Side>, to_backend: &Direction, to_client: &Direction| {
+            if first_closed.is_none() {
+                if to_backend.read_done {
+                    *first_closed = Some(Side::Client);
+                } else if to_client.read_done {
+                    *first_closed = Some(Side::Backend);
+                }
+            }
+        };
     poll_fn(|cx| {
         let forward = match backend_write_failed {
             Some(_) => Poll::Ready(0),
@@ -151,6 +166,7 @@ where
                     return Poll::Ready(Err(RelayError {
                         step: RelayStep::ReadingClient,
                         error,
+                        after_close_of: first_closed,
                     }))
                 }
                 Poll::Ready(Err(CopyFailure::Write(error))) => {
@@ -160,6 +176,7 @@ where
                 Poll::Pending => Poll::Pending,
             },
         };
+        note_closes(&mut first_closed, &to_backend, &to_client);
         let backward = match to_client.poll_copy(cx, &mut *backend, &mut *client) {
             Poll::Ready(Ok(total)) => Poll::Ready(total),
             Poll::Ready(Err(failure)) => {
@@ -168,23 +185,22 @@ where
                     (None, CopyFailure::Read(error)) => (RelayStep::ReadingBackend, error),
                     (None, CopyFailure::Write(error)) => (RelayStep::WritingClient, error),
                 };
-                return Poll::Ready(Err(RelayError { step, error }));
+                return Poll::Ready(Err(RelayError {
+                    step,
+                    error,
+                    after_close_of: first_closed,
+                }));
             }
             Poll::Pending => Poll::Pending,
         };
-        if first_closed.is_none() {
-            if to_backend.read_done {
-                first_closed = Some(Side::Client);
-            } else if to_client.read_done {
-                first_closed = Some(Side::Backend);
-            }
-        }
+        note_closes(&mut first_closed, &to_backend, &to_client);
         match (forward, backward) {
             (Poll::Ready(forward), Poll::Ready(backward)) => {
                 if let Some(error) = backend_write_failed.take() {
                     return Poll::Ready(Err(RelayError {
                         step: RelayStep::WritingBackend,
                         error,
+                        after_close_of: first_closed,
                     }));
                 }
                 Poll::Ready(Ok(Relayed {
@@ -737,6 +753,8 @@ mod tests {
         Wait,
         /// Pending until the flag is set, then end of stream.
         EofOnceSet(&'static AtomicBool),
+        /// Pending until the flag is set, then a reset.
+        ResetOnceSet(&'static AtomicBool),
     }
 
     /// One end of a relay: yields `chunks`, then ends as `then`; takes every
@@ -778,6 +796,10 @@ mod tests {
                 ReadsEnd::Wait => Poll::Pending,
                 ReadsEnd::EofOnceSet(flag) if flag.load(Ordering::SeqCst) => Poll::Ready(Ok(())),
                 ReadsEnd::EofOnceSet(_) => Poll::Pending,
+                ReadsEnd::ResetOnceSet(flag) if flag.load(Ordering::SeqCst) => {
+                    Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+                }
+                ReadsEnd::ResetOnceSet(_) => Poll::Pending,
             }
         }
     }
@@ -823,6 +845,7 @@ mod tests {
         };
         assert_eq!(error.step, RelayStep::ReadingBackend);
         assert_eq!(error.step.side(), Side::Backend);
+        assert_eq!(error.after_close_of, None);
         assert_eq!(error.error.kind(), io::ErrorKind::ConnectionReset);
         assert_eq!(backend.received, b"a LOGOUT\r\n");
         assert_eq!(client.received, b"* BYE\r\na OK\r\n");
@@ -842,6 +865,26 @@ mod tests {
             "writing to the backend failed: broken pipe"
         );
         assert_eq!(client.received, b"* BYE\r\n");
+        assert!(client.shut_down);
+    }
+
+    #[test]
+    fn a_client_that_fails_after_the_backends_close_fails_after_it() {
+        static LATER: AtomicBool = AtomicBool::new(false);
+        let mut client = Peer::new(&[], ReadsEnd::ResetOnceSet(&LATER));
+        let mut backend = Peer::new(&[b"* BYE\r\n"], ReadsEnd::Eof);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let error = {
+            let mut relay = std::pin::pin!(copy_bidirectional(&mut client, &mut backend));
+            assert!(relay.as_mut().poll(&mut cx).is_pending());
+            LATER.store(true, Ordering::SeqCst);
+            let Poll::Ready(Err(error)) = relay.as_mut().poll(&mut cx) else {
+                panic!("the relay should fail");
+            };
+            error
+        };
+        assert_eq!(error.step, RelayStep::ReadingClient);
+        assert_eq!(error.after_close_of, Some(Side::Backend));
         assert!(client.shut_down);
     }
 

@@ -19,11 +19,11 @@ use tracing::{error, info, warn};
 use crate::config::{Config, ConfigError};
 use crate::limits::GlobalLimit;
 use crate::listeners::{Changes, ListenerSet, Plan, PlanError, Shared};
-use crate::metrics::{self, ConfigReloadResult};
+use crate::metrics::{self, ConfigReloadResult, ReloadResult};
 use crate::readiness::{self, BackendProbe, Readiness};
 use crate::relay_guard::{self, Guard, OpenRelay, Target};
 use crate::supervisor::{Supervisor, Unsupervised};
-use crate::tls::{CertificateError, CertificateStore, ReloadStats, Reloader};
+use crate::tls::{count_reload, CertificateError, CertificateStore, ReloadStats, Reloader};
 
 /// Why the proxy cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -403,10 +403,14 @@ impl Proxy {
         // Reading files and parsing keys blocks: not on the threads that
         // serve connections.
         let path_owned = path.to_path_buf();
+        let stats = self.reload_stats.clone();
         let (config, mut reloader) =
             tokio::task::spawn_blocking(move || -> Result<(Config, Reloader), ReloadError> {
                 let config = Config::load(&path_owned)?;
-                let reloader = load_certificates(&config)?;
+                // Certificates that fail here count as a failed certificate
+                // reload too.
+                let reloader = load_certificates(&config)
+                    .inspect_err(|_| count_reload(&stats, ReloadResult::Error))?;
                 Ok((config, reloader))
             })
             .await

@@ -34,6 +34,7 @@ use crate::protocol::Protocol;
 pub use certs::{CertificateError, LoadedCertificate};
 pub use expiry::Expiry;
 pub use generate::{generate_pair, GeneratedPair};
+pub(crate) use reload::count_reload;
 pub use reload::{ReloadStats, Reloader};
 
 pub(crate) use acceptor::Acceptor;

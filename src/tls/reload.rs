@@ -127,6 +127,21 @@ fn read_pair(files: &CertificateFiles) -> Result<(Vec<u8>, Vec<u8>), Certificate
     Ok((read_file(&files.cert)?, read_file(&files.key)?))
 }
 
+/// Counts one certificate reload (in `stats` and the metrics); a
+/// successful one also sets the last-reload time.
+pub(crate) fn count_reload(stats: &ReloadStats, result: ReloadResult) {
+    let counter = match result {
+        ReloadResult::Ok => &stats.ok,
+        ReloadResult::Error => &stats.errors,
+    };
+    counter.fetch_add(1, Ordering::AcqRel);
+    ::metrics::counter!(metrics::CERTIFICATE_RELOADS_TOTAL, "result" => result.as_str())
+        .increment(1);
+    if result == ReloadResult::Ok {
+        ::metrics::gauge!(metrics::CERTIFICATE_RELOAD_TIMESTAMP_SECONDS).set(unix_now() as f64);
+    }
+}
+
 impl Reloader {
     /// Loads every configured pair, or generates the self-signed default for
     /// `hostname` when there is none. Any error stops (it names the file and
@@ -215,10 +230,12 @@ impl Reloader {
     /// `store`, which every listener resolves from, serves this reloader's
     /// certificates from now on and follows its reloads, and `stats` goes on
     /// counting them.
+    /// The re-read counts as a successful certificate reload.
     pub(crate) fn take_over(&mut self, store: Arc<CertificateStore>, stats: Arc<ReloadStats>) {
         store.replace_with(self.store.current());
         self.store = store;
         self.stats = stats;
+        count_reload(&self.stats, ReloadResult::Ok);
     }
 
     /// What is served now, in configuration order.
@@ -351,14 +368,9 @@ impl Reloader {
         }
         let succeeded = outcome.errors.is_empty() && (!outcome.replaced.is_empty() || force);
         if succeeded {
-            self.stats.ok.fetch_add(1, Ordering::AcqRel);
-            ::metrics::counter!(metrics::CERTIFICATE_RELOADS_TOTAL, "result" => ReloadResult::Ok.as_str())
-                .increment(1);
-            ::metrics::gauge!(metrics::CERTIFICATE_RELOAD_TIMESTAMP_SECONDS).set(now as f64);
+            count_reload(&self.stats, ReloadResult::Ok);
         } else if !outcome.errors.is_empty() {
-            self.stats.errors.fetch_add(1, Ordering::AcqRel);
-            ::metrics::counter!(metrics::CERTIFICATE_RELOADS_TOTAL, "result" => ReloadResult::Error.as_str())
-                .increment(1);
+            count_reload(&self.stats, ReloadResult::Error);
         }
         if !outcome.replaced.is_empty() {
             for source in &self.sources {

@@ -43,7 +43,7 @@ fail() { log "error: $*"; exit 1; }
 
 # Where the assets of steps 2 and 3 go: the paths [package.metadata.deb]
 # names, always under this repository's target/ (build outputs, never
-# committed).
+# committed). Two builds at once would share it: run one at a time.
 staging=target/packaging
 unit_source=deploy/systemd/mail-tls-proxy.service
 config_source=examples/quickstart.toml

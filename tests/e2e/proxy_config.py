@@ -40,6 +40,48 @@ class CertificateConfig:
     key: str | PurePath
 
 
+@dataclasses.dataclass(frozen=True)
+class AcmeCertificateConfig:
+    """One [[certificate]] the proxy obtains itself over ACME for `names`
+    (the first names its directory under the [acme] state_dir)."""
+    names: Sequence[str]
+    key_type: str | None = None             # ecdsa-p256 | rsa-2048
+    reuse_key: bool | None = None
+    extra: Mapping[str, TomlValue] = dataclasses.field(default_factory=dict)
+
+    def items(self) -> list[tuple[str, TomlValue | None]]:
+        return [("acme", list(self.names)), ("key_type", self.key_type), ("reuse_key", self.reuse_key),
+                *self.extra.items()]
+
+
+@dataclasses.dataclass
+class AcmeConfig:
+    """The [acme] table: the ACME server, the account and where the
+    certificates are kept, and how challenges are answered."""
+    directory: str
+    state_dir: str | PurePath
+    contact: str | None = None
+    challenge: str | None = None            # http-01 | tls-alpn-01
+    http_listen: str | None = None          # "host:port" of the http-01 responder
+    tls_alpn_listen: str | None = None      # "host:port" of the tls-alpn-01 responder
+    ca_bundle: str | PurePath | None = None
+    renew_before_days: int | None = None
+    extra: Mapping[str, TomlValue] = dataclasses.field(default_factory=dict)
+
+    def items(self) -> list[tuple[str, TomlValue | None]]:
+        return [
+            ("directory", self.directory),
+            ("contact", self.contact),
+            ("state_dir", self.state_dir),
+            ("challenge", self.challenge),
+            ("http_listen", self.http_listen),
+            ("tls_alpn_listen", self.tls_alpn_listen),
+            ("ca_bundle", self.ca_bundle),
+            ("renew_before_days", self.renew_before_days),
+            *self.extra.items(),
+        ]
+
+
 @dataclasses.dataclass
 class ListenerConfig:
     """One [[listener]].  `listen_port` is on `listen_host`; `backend` is a
@@ -97,11 +139,13 @@ class ListenerConfig:
 
 @dataclasses.dataclass
 class ProxyConfig:
-    """The whole file: top-level options, then [[certificate]], [metrics]
-    (on 127.0.0.1:metrics_port) and [[listener]] tables."""
+    """The whole file: top-level options, then [acme], [[certificate]]
+    (files, or obtained over ACME), [metrics] (on 127.0.0.1:metrics_port)
+    and [[listener]] tables."""
     listeners: Sequence[ListenerConfig]
     hostname: str | None = None
-    certificates: Sequence[CertificateConfig] = ()
+    certificates: Sequence[CertificateConfig | AcmeCertificateConfig] = ()
+    acme: AcmeConfig | None = None
     metrics_port: int | None = None
     max_connections: int | None = None
     shutdown_grace: int | None = None
@@ -123,7 +167,10 @@ class ProxyConfig:
 
     def to_toml(self) -> str:
         blocks = [key_values(self.top_level_items())]
-        blocks += ["[[certificate]]\n" + key_values([("cert", cert.cert), ("key", cert.key)])
+        if self.acme is not None:
+            blocks.append("[acme]\n" + key_values(self.acme.items()))
+        blocks += ["[[certificate]]\n" + key_values(cert.items() if isinstance(cert, AcmeCertificateConfig)
+                                                     else [("cert", cert.cert), ("key", cert.key)])
                    for cert in self.certificates]
         if self.metrics_port is not None:
             blocks.append("[metrics]\n" + key_values([("listen", host_and_port(LOOPBACK, self.metrics_port))]))

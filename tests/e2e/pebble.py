@@ -101,6 +101,8 @@ class Pebble:
         self.dns_port: int | None = None
         self.issuing_root: Path | None = None
         self._starts = 0
+        self._log_offset = 0
+        self._settings: tuple = (False, 0, None)
         self._pebble: subprocess.Popen | None = None
         self._dns: subprocess.Popen | None = None
 
@@ -124,15 +126,17 @@ class Pebble:
     # -- life cycle --------------------------------------------------------
 
     def start(self, always_valid: bool = False, nonce_reject_percent: int = 0,
-              authz_reuse_percent: int = 0) -> None:
+              authz_reuse_percent: int | None = None) -> None:
         """Starts the DNS server (once) and Pebble, and waits until Pebble's
         directory answers and its issuing root has been fetched.  The ACME
         port stays the same across restarts (the client's configuration
-        names it); the management port too."""
+        names it); the management port too.  authz_reuse_percent None keeps
+        Pebble's default (valid authorizations reused in half the orders)."""
         if self.running:
             raise PebbleError("Pebble is already running")
         if self.listen_port is None:
             self.choose_ports()
+        self._settings = (always_valid, nonce_reject_percent, authz_reuse_percent)
         for attempt in range(1, START_ATTEMPTS + 1):
             try:
                 if self._dns is None or self._dns.poll() is not None:
@@ -166,7 +170,16 @@ class Pebble:
                 raise PebbleError(f"pebble-challtestsrv did not start:\n{tail_of_file(self.dns_log_file)}")
             time.sleep(0.05)
 
-    def _start_pebble(self, always_valid: bool, nonce_reject_percent: int, authz_reuse_percent: int) -> None:
+    def move_validation_ports(self, http_port: int, tls_port: int) -> None:
+        """Points Pebble's validation at other ports; a running Pebble is
+        restarted with the settings of its start (losing its state)."""
+        self.http_port, self.tls_port = http_port, tls_port
+        if self.running:
+            self.stop_pebble()
+            self.start(*self._settings)
+
+    def _start_pebble(self, always_valid: bool, nonce_reject_percent: int,
+                      authz_reuse_percent: int | None) -> None:
         self.config_file.write_text(json.dumps({"pebble": {
             "listenAddress": f"127.0.0.1:{self.listen_port}",
             "managementListenAddress": f"127.0.0.1:{self.management_port}",
@@ -182,8 +195,10 @@ class Pebble:
             PEBBLE_VA_NOSLEEP="1",
             PEBBLE_VA_ALWAYS_VALID="1" if always_valid else "0",
             PEBBLE_WFE_NONCEREJECT=str(nonce_reject_percent),
-            PEBBLE_AUTHZREUSE=str(authz_reuse_percent),
         )
+        environment.pop("PEBBLE_AUTHZREUSE", None)
+        if authz_reuse_percent is not None:
+            environment["PEBBLE_AUTHZREUSE"] = str(authz_reuse_percent)
         self._log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
         with open(self.log_file, "ab") as log:
             self._pebble = subprocess.Popen(
@@ -241,6 +256,11 @@ class Pebble:
         each new order)."""
         counts = re.findall(r"There are now (\d+) orders in the db", self.log_since_start())
         return int(counts[-1]) if counts else 0
+
+    def issued_serials(self) -> list[int]:
+        """Serial numbers of the certificates the running Pebble issued."""
+        return [int(serial, 16)
+                for serial in re.findall(r"Issued certificate serial ([0-9a-f]+) for order", self.log_since_start())]
 
 
 def stop_process(process: subprocess.Popen | None) -> None:

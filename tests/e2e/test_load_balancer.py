@@ -22,13 +22,10 @@ address it connected to the proxy from (`%bi:%bp`)."""
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import os
 import re
-import shutil
 import smtplib
 import socket
 import ssl
@@ -40,6 +37,14 @@ from pathlib import Path
 import pytest
 
 from evidence import LOG_WAIT_SECONDS, log_offset, topmost_received, wait_for_log_line
+from haproxy import (
+    RunningHaproxy,
+    find_haproxy,
+    global_and_defaults,
+    start_haproxy,
+    stop_abandoned_processes,
+    stop_haproxy,
+)
 from mail_clients import SENDER_ADDRESS, make_message, wait_for_delivery
 from proxy_config import CertificateConfig, ListenerConfig, ProxyConfig
 from proxy_process import RunningProxy, proxy_binary_path, stop_proxy, unavailable
@@ -57,10 +62,8 @@ from servers import (
     ServerSetupError,
     missing_programs,
     pick_free_loopback_ports,
-    process_is_alive,
     stop_abandoned_instances,
     tail_of_file,
-    terminate_pid,
 )
 
 CLIENT_IP = "127.0.0.2"
@@ -101,6 +104,8 @@ LISTENER_BY_NAME = {spec.name: spec for spec in LB_LISTENERS}
 # The HAProxy backend whose health check sends no PROXY header at all.
 NO_HEADER_CONTROL = "control-no-header"
 NO_HEADER_CONTROL_TARGET = "pop3"
+# The pid files an abandoned run leaves in DIR/lb/, and the configuration each process runs.
+ABANDONED_CONFIGS = {"haproxy.pid": "haproxy.cfg", "proxy.pid": "proxy.toml"}
 
 
 def frontend_name(listener: str, version: str) -> str:
@@ -111,40 +116,6 @@ FRONTENDS = tuple(frontend_name(spec.name, version) for spec in LB_LISTENERS for
 
 
 # -- HAProxy -----------------------------------------------------------------------
-
-@dataclasses.dataclass
-class RunningHaproxy:
-    process: subprocess.Popen
-    config_file: Path
-    log_file: Path
-    stats_socket: Path
-    ports: dict[str, int]  # frontend name -> port
-
-    def command(self, line: str) -> str:
-        """One command on the stats socket (the CLI closes after answering)."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(5)
-            sock.connect(str(self.stats_socket))
-            sock.sendall(line.encode() + b"\n")
-            answer = b""
-            while chunk := sock.recv(65536):
-                answer += chunk
-        return answer.decode(errors="replace")
-
-    def server_stats(self) -> dict[str, dict[str, str]]:
-        """`show stat` rows of servers, by backend name."""
-        text = self.command("show stat")
-        assert text.startswith("# "), text
-        rows = csv.DictReader(io.StringIO(text[2:]))
-        return {row["pxname"]: row for row in rows if row["svname"] not in ("FRONTEND", "BACKEND")}
-
-
-def find_haproxy() -> str:
-    found = shutil.which("haproxy", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
-    if found is None:
-        unavailable("haproxy not installed (Debian package haproxy); run tests/e2e/install-deps.sh")
-    return found
-
 
 HEALTH_DIALOGUE = {
     # After the greeting, a clean goodbye: the check only passes if the
@@ -164,23 +135,7 @@ HEALTH_DIALOGUE = {
 
 def write_haproxy_config(path: Path, lb_dir: Path, frontend_ports: dict[str, int],
                          proxy_ports: dict[str, int], ca_file: Path) -> None:
-    lines = [
-        "global",
-        "    log stderr format raw local0 info",
-        f"    stats socket {lb_dir / 'haproxy.sock'} mode 600 level admin",
-        "",
-        "defaults",
-        "    mode tcp",
-        "    log global",
-        # One line per client connection at its end: who connected, and from
-        # which address:port HAProxy connected to the proxy for it.
-        '    log-format "lb frontend=%ft client=%ci:%cp balancer=%bi:%bp server=%b/%s"',
-        "    timeout connect 5s",
-        "    timeout client 60s",
-        "    timeout server 60s",
-        "    timeout check 3s",
-        f"    source {BALANCER_IP}",
-    ]
+    lines = global_and_defaults(lb_dir, BALANCER_IP)
     for spec in LB_LISTENERS:
         for version in spec.versions:
             name = frontend_name(spec.name, version)
@@ -214,66 +169,6 @@ def write_haproxy_config(path: Path, lb_dir: Path, frontend_ports: dict[str, int
     path.write_text("\n".join(lines) + "\n")
 
 
-def start_haproxy(lb_dir: Path, proxy_ports: dict[str, int], ca_file: Path) -> RunningHaproxy:
-    binary = find_haproxy()
-    config_file = lb_dir / "haproxy.cfg"
-    log_file = lb_dir / "haproxy.log"
-    stats_socket = lb_dir / "haproxy.sock"
-    for attempt in range(1, 4):
-        ports = dict(zip(FRONTENDS, pick_free_loopback_ports(len(FRONTENDS))))
-        write_haproxy_config(config_file, lb_dir, ports, proxy_ports, ca_file)
-        checked = subprocess.run([binary, "-c", "-f", str(config_file)], capture_output=True, text=True,
-                                 timeout=60)
-        if checked.returncode != 0:
-            pytest.fail(f"haproxy -c rejects {config_file}:\n{checked.stdout}{checked.stderr}", pytrace=False)
-        stats_socket.unlink(missing_ok=True)
-        with open(log_file, "ab") as log:
-            process = subprocess.Popen([binary, "-f", str(config_file), "-db"], cwd=lb_dir,
-                                       stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
-        (lb_dir / "haproxy.pid").write_text(f"{process.pid}\n")
-        running = RunningHaproxy(process=process, config_file=config_file, log_file=log_file,
-                                 stats_socket=stats_socket, ports=ports)
-        # HAProxy binds every frontend before it serves its stats socket.
-        deadline = time.monotonic() + 30
-        while process.poll() is None and time.monotonic() < deadline:
-            try:
-                running.command("show info")
-                return running
-            except OSError:
-                time.sleep(0.1)
-        stop_haproxy(running)
-        log_tail = tail_of_file(log_file)
-        if "cannot bind" not in log_tail.lower() or attempt == 3:
-            pytest.fail(f"haproxy did not start (exit code {process.poll()}); log:\n{log_tail}", pytrace=False)
-    raise AssertionError("unreachable")
-
-
-def stop_haproxy(running: RunningHaproxy) -> None:
-    if running.process.poll() is None:
-        running.process.terminate()
-        try:
-            running.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            running.process.kill()
-            running.process.wait(timeout=10)
-
-
-def stop_abandoned_processes(lb_dir: Path) -> None:
-    """HAProxy and the proxy of an earlier run killed before its teardown,
-    found by their pid files; only if that pid still runs that run's config
-    (pids get reused)."""
-    for pid_file in lb_dir.glob("*.pid"):
-        config = {"haproxy.pid": "haproxy.cfg", "proxy.pid": "proxy.toml"}.get(pid_file.name)
-        try:
-            pid = int(pid_file.read_text())
-            command_line = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except (OSError, ValueError):
-            continue
-        if config and str(pid_file.parent / config).encode() in command_line and process_is_alive(pid):
-            terminate_pid(pid)
-
-
 # -- fixtures ----------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -302,7 +197,7 @@ def lb_servers(scratch_dir) -> MailServers:
     # Backends whose test process is gone, and the balancer and proxy that
     # run left in front of them.
     for abandoned in stop_abandoned_instances(f"/tmp/mail-e2e-*/{SERVERS_DIR_NAME}"):
-        stop_abandoned_processes(abandoned.parent / LB_DIR_NAME)
+        stop_abandoned_processes(abandoned.parent / LB_DIR_NAME, ABANDONED_CONFIGS)
     servers = MailServers(
         scratch_dir / SERVERS_DIR_NAME,
         owner_pid=os.getpid(),
@@ -403,7 +298,10 @@ def lb(lb_servers, test_certificate, scratch_dir) -> LbSetup:
         if "address" not in tail_of_file(log_file).lower() or attempt == 2:
             pytest.fail(f"{problem}; log:\n{tail_of_file(log_file)}", pytrace=False)
     try:
-        haproxy = start_haproxy(lb_dir, ports, test_certificate.chain)
+        haproxy = start_haproxy(
+            lb_dir, FRONTENDS,
+            lambda path, frontend_ports: write_haproxy_config(path, lb_dir, frontend_ports, ports,
+                                                               test_certificate.chain))
         try:
             yield LbSetup(servers=lb_servers, proxy=running, haproxy=haproxy)
         finally:

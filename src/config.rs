@@ -50,6 +50,8 @@ struct RawConfig {
     readiness_interval: Option<u64>,
     /// Seconds between relay-guard checks of the SMTP backends.
     relay_check_interval: Option<u64>,
+    /// TLS settings shared by every listener.
+    tls: Option<RawTls>,
     #[serde(default, rename = "certificate")]
     certificates: Vec<RawCertificate>,
     metrics: Option<RawMetrics>,
@@ -68,6 +70,16 @@ struct RawCertificate {
 #[serde(deny_unknown_fields)]
 struct RawMetrics {
     listen: String,
+}
+
+/// `[tls]`: settings of every listener's TLS.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    /// A file of session ticket keys shared by a fleet of replicas.
+    ticket_keys: Option<PathBuf>,
+    /// Seconds a session ticket is good for.
+    ticket_lifetime: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -223,6 +235,23 @@ pub(crate) enum TlsVersion {
     Tls13,
 }
 
+/// `[tls]`: what every listener's TLS shares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// Session ticket keys shared with other replicas (one base64 line of
+    /// 80 bytes per key, newest last); `None`: keys of this process only.
+    pub ticket_keys: Option<PathBuf>,
+    /// How long a session ticket may resume a session.
+    pub ticket_lifetime: Duration,
+}
+
+/// Half a day: a mail client reconnecting during the working day resumes,
+/// while a stolen ticket (or the key that sealed it) opens a session for
+/// no longer than that.
+pub const DEFAULT_TICKET_LIFETIME: Duration = Duration::from_secs(12 * 3600);
+/// RFC 8446, 4.6.1: servers must not use a lifetime over 7 days.
+pub const MAX_TICKET_LIFETIME: Duration = Duration::from_secs(7 * 86400);
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -236,6 +265,8 @@ pub struct Config {
     pub(crate) shutdown_grace: Duration,
     /// How often certificate files are re-read even without a change event.
     pub(crate) certificate_poll_interval: Duration,
+    /// `[tls]`: session tickets.
+    pub tls: TlsSettings,
     /// How often `/readyz` re-checks that every backend greets.
     pub(crate) readiness_interval: Duration,
     /// How often the relay guard asks each SMTP backend again.
@@ -560,6 +591,25 @@ impl Config {
             None => DEFAULT_RELAY_CHECK_INTERVAL,
         };
 
+        let raw_tls = raw.tls.unwrap_or_default();
+        let ticket_lifetime = match raw_tls.ticket_lifetime {
+            Some(secs) if secs == 0 || secs > MAX_TICKET_LIFETIME.as_secs() => {
+                return Err(invalid(
+                    "tls.ticket_lifetime".into(),
+                    format!(
+                        "must be 1 to {} seconds (RFC 8446 caps a ticket's lifetime at 7 days)",
+                        MAX_TICKET_LIFETIME.as_secs()
+                    ),
+                ))
+            }
+            Some(secs) => Duration::from_secs(secs),
+            None => DEFAULT_TICKET_LIFETIME,
+        };
+        let tls = TlsSettings {
+            ticket_keys: raw_tls.ticket_keys.map(|file| base.join(file)),
+            ticket_lifetime,
+        };
+
         Ok(Config {
             hostname,
             certificates,
@@ -568,6 +618,7 @@ impl Config {
             max_connections,
             shutdown_grace,
             certificate_poll_interval,
+            tls,
             readiness_interval,
             relay_check_interval,
         })
@@ -993,5 +1044,37 @@ idle_timeout = 60
             message.contains("listener[0].proxy_header_timeout: must be at least 1 second"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn the_tls_table_names_ticket_keys_and_their_lifetime() {
+        let config = parse(MINIMAL).expect("valid");
+        assert_eq!(
+            config.tls,
+            TlsSettings {
+                ticket_keys: None,
+                ticket_lifetime: DEFAULT_TICKET_LIFETIME,
+            }
+        );
+        let config = parse(&format!(
+            "{MINIMAL}\n[tls]\nticket_keys = \"tickets/keys\"\nticket_lifetime = 3600\n"
+        ))
+        .expect("valid");
+        assert_eq!(
+            config.tls,
+            TlsSettings {
+                ticket_keys: Some("/etc/mail-tls-proxy/tickets/keys".into()),
+                ticket_lifetime: Duration::from_secs(3600),
+            }
+        );
+        for lifetime in ["0", "604801"] {
+            let message = error_of(&format!("{MINIMAL}\n[tls]\nticket_lifetime = {lifetime}\n"));
+            assert!(
+                message.contains("tls.ticket_lifetime: must be 1 to 604800 seconds"),
+                "{message}"
+            );
+        }
+        let message = error_of(&format!("{MINIMAL}\n[tls]\nticket_key = \"keys\"\n"));
+        assert!(message.contains("ticket_key"), "{message}");
     }
 }

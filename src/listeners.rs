@@ -115,6 +115,9 @@ pub(crate) struct Changes {
 pub(crate) struct Shared {
     pub(crate) certificates: Arc<CertificateStore>,
     pub(crate) global_limit: Arc<GlobalLimit>,
+    /// The process's one session ticketer (kept across reloads, so tickets
+    /// survive them).
+    pub(crate) ticketer: Arc<dyn rustls::server::ProducesTickets>,
 }
 
 impl Plan {
@@ -351,6 +354,7 @@ fn listener_context(
             shared.certificates.clone(),
             settings.min_tls_version,
             settings.protocol,
+            shared.ticketer.clone(),
         )
         .map_err(tls_error)?,
         shared.certificates.clone(),

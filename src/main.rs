@@ -17,7 +17,7 @@ use mail_tls_proxy::config::{Config, ConfigError};
 use mail_tls_proxy::logging::{self, LogFormat};
 use mail_tls_proxy::server::{self, Proxy, StartError};
 use mail_tls_proxy::systemd::SystemdNotifier;
-use mail_tls_proxy::tls::{generate_pair, CertificateError};
+use mail_tls_proxy::tls::{generate_pair, CertificateError, TicketKeyError};
 use tracing_subscriber::EnvFilter;
 
 /// The configuration file read when neither `--config` nor
@@ -92,6 +92,11 @@ enum Command {
         #[command(subcommand)]
         command: CertCommand,
     },
+    /// Session ticket keys shared by a fleet of proxies ([tls] ticket_keys).
+    Tickets {
+        #[command(subcommand)]
+        command: TicketsCommand,
+    },
     /// Write the manual pages (man/) and the bash, zsh and fish completions
     /// (completions/) made from this command line into OUT, for packaging.
     #[command(hide = true)]
@@ -147,6 +152,23 @@ enum CertCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum TicketsCommand {
+    /// Append a fresh random key to a ticket key file (creating it, mode
+    /// 0600, if missing) and drop the oldest keys beyond --keep. The file is
+    /// replaced atomically (a new file renamed over it, keeping its mode
+    /// and owner); proxies following it pick the keys up on their own.
+    Rotate {
+        /// The key file ([tls] ticket_keys).
+        #[arg(long)]
+        file: PathBuf,
+        /// Keys to keep, the new one included: it seals new tickets, the
+        /// others still open the tickets they sealed.
+        #[arg(long, default_value_t = mail_tls_proxy::tls::tickets::DEFAULT_KEEP, value_parser = clap::value_parser!(u16).range(1..))]
+        keep: u16,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
@@ -160,6 +182,9 @@ fn main() -> ExitCode {
         Command::Cert {
             command: CertCommand::SelfSigned { names, out },
         } => write_self_signed(&names, &out),
+        Command::Tickets {
+            command: TicketsCommand::Rotate { file, keep },
+        } => rotate_ticket_keys(&file, usize::from(keep)),
         Command::GenerateAssets { out } => generate_assets(&out),
     };
     match result {
@@ -177,7 +202,7 @@ fn main() -> ExitCode {
 
 /// Whether the configuration is at fault: the file cannot be read or is
 /// invalid, or a certificate or key file it names cannot be read, parsed or
-/// paired. Fixing the files is the only cure, so a service manager should
+/// paired, or its session ticket key file cannot be read or is invalid. Fixing the files is the only cure, so a service manager should
 /// not restart into the same error. Failing to bind a port, an open relay
 /// behind a listener, or failing to generate a key are not: they can pass
 /// on their own.
@@ -186,6 +211,13 @@ fn is_configuration_error(error: &anyhow::Error) -> bool {
         |error: &CertificateError| !matches!(error, CertificateError::Generate { .. });
     error.chain().any(|cause| {
         cause.is::<ConfigError>()
+            || cause
+                .downcast_ref::<TicketKeyError>()
+                .is_some_and(TicketKeyError::is_file_error)
+            || matches!(
+                cause.downcast_ref::<StartError>(),
+                Some(StartError::TicketKeys(error)) if error.is_file_error()
+            )
             || cause
                 .downcast_ref::<CertificateError>()
                 .is_some_and(certificate_files)
@@ -299,8 +331,21 @@ impl ShutdownSignals {
 fn check(file: &ConfigFile) -> anyhow::Result<()> {
     let (path, config) = file.load()?;
     let certificates = server::load_certificates(&config)?;
+    let ticket_keys = server::load_ticket_keys(&config)?;
     println!("configuration {}: OK", path.display());
     print_certificates(&config, &certificates.certificates());
+    let lifetime = config.tls.ticket_lifetime.as_secs();
+    match ticket_keys {
+        Some(keys) => println!(
+            "session tickets: {} keys from {} (newest {} seals new tickets), good for {lifetime} s",
+            keys.len(),
+            keys.path().display(),
+            keys.newest_name()
+        ),
+        None => println!(
+            "session tickets: keys of this process only (no [tls] ticket_keys: other replicas cannot resume its sessions), good for {lifetime} s"
+        ),
+    }
     for listener in &config.listeners {
         println!(
             "listener {}: {} with {} TLS on {} -> backend {}",
@@ -440,6 +485,24 @@ fn write_self_signed(names: &[String], out: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot write {}", cert.display()))?;
     write_private(&key, pair.key_pem.as_bytes())?;
     println!("wrote {} and {}", cert.display(), key.display());
+    Ok(())
+}
+
+/// `tickets rotate`: one line saying what the key file holds now.
+fn rotate_ticket_keys(file: &Path, keep: usize) -> anyhow::Result<()> {
+    let rotation = mail_tls_proxy::tls::tickets::rotate_key_file(file, keep)?;
+    println!(
+        "{}: {} new key {} seals new tickets; {} keys in the file, {} oldest dropped",
+        rotation.path.display(),
+        if rotation.created {
+            "created;"
+        } else {
+            "rotated;"
+        },
+        rotation.newest_name,
+        rotation.keys,
+        rotation.dropped
+    );
     Ok(())
 }
 

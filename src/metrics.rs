@@ -26,6 +26,9 @@ pub(crate) const ACTIVE_CONNECTIONS: &str = "mail_tls_proxy_active_connections";
 pub(crate) const TLS_HANDSHAKES_TOTAL: &str = "mail_tls_proxy_tls_handshakes_total";
 pub(crate) const TLS_HANDSHAKE_DURATION_SECONDS: &str =
     "mail_tls_proxy_tls_handshake_duration_seconds";
+/// Per listener: the successful handshakes that resumed a session from a
+/// ticket (a subset of `TLS_HANDSHAKES_TOTAL{result="ok"}`).
+pub(crate) const TLS_RESUMPTIONS_TOTAL: &str = "mail_tls_proxy_tls_resumptions_total";
 pub(crate) const STARTTLS_TOTAL: &str = "mail_tls_proxy_starttls_total";
 pub(crate) const BACKEND_CONNECT_ERRORS_TOTAL: &str = "mail_tls_proxy_backend_connect_errors_total";
 pub(crate) const BYTES_TOTAL: &str = "mail_tls_proxy_bytes_total";
@@ -48,6 +51,11 @@ pub(crate) const BACKEND_UP: &str = "mail_tls_proxy_backend_up";
 pub(crate) const RELAY_CHECK: &str = "mail_tls_proxy_relay_check";
 /// Process-wide: configuration reloads by `result` (ok, error).
 pub(crate) const CONFIG_RELOADS_TOTAL: &str = "mail_tls_proxy_config_reloads_total";
+/// Process-wide: reloads of the `[tls] ticket_keys` file by `result`.
+pub(crate) const TICKET_KEY_RELOADS_TOTAL: &str = "mail_tls_proxy_ticket_key_reloads_total";
+/// Process-wide: session ticket keys in use from the `ticket_keys` file (0:
+/// keys of this process only).
+pub(crate) const TICKET_KEYS: &str = "mail_tls_proxy_ticket_keys";
 /// Process-wide: always 1, with the running version as the `version` label.
 pub(crate) const BUILD_INFO: &str = "mail_tls_proxy_build_info";
 
@@ -125,13 +133,18 @@ pub(crate) fn collect_process_metrics() {
 static PROCESS_COLLECTOR: LazyLock<metrics_process::Collector> =
     LazyLock::new(|| metrics_process::Collector::new(""));
 
-/// The process-wide series that exist from start-up: the build, and the
-/// configuration reload counters at zero.
+/// The process-wide series that exist from start-up: the build, the
+/// configuration and ticket key reload counters at zero, and the number of
+/// ticket keys from a file (none yet).
 fn register_process_wide() {
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     for result in ConfigReloadResult::ALL {
         metrics::counter!(CONFIG_RELOADS_TOTAL, "result" => result.as_str()).increment(0);
     }
+    for result in ReloadResult::ALL {
+        metrics::counter!(TICKET_KEY_RELOADS_TOTAL, "result" => result.as_str()).increment(0);
+    }
+    metrics::gauge!(TICKET_KEYS).increment(0.0);
 }
 
 /// Counts one configuration reload by what it came to.
@@ -177,6 +190,10 @@ fn describe() {
     describe_counter!(
         TLS_HANDSHAKES_TOTAL,
         "TLS handshakes with clients, by result (ok, error)."
+    );
+    describe_counter!(
+        TLS_RESUMPTIONS_TOTAL,
+        "Successful TLS handshakes that resumed an earlier session from a session ticket (counted in tls_handshakes_total{result=\"ok\"} too)."
     );
     describe_histogram!(
         TLS_HANDSHAKE_DURATION_SECONDS,
@@ -234,6 +251,14 @@ fn describe() {
     describe_counter!(
         CONFIG_RELOADS_TOTAL,
         "Configuration reloads by result: ok (the new configuration is in use), error (it was refused; the previous one is still in use)."
+    );
+    describe_counter!(
+        TICKET_KEY_RELOADS_TOTAL,
+        "Reloads of the [tls] ticket_keys file by result: ok (its keys are in use), error (it was refused; the keys in use stay)."
+    );
+    describe_gauge!(
+        TICKET_KEYS,
+        "Session ticket keys in use from the [tls] ticket_keys file; 0 without one (keys of this process only)."
     );
     describe_gauge!(
         BUILD_INFO,
@@ -448,6 +473,7 @@ pub(crate) struct ListenerMetrics {
     pub(crate) active: Gauge,
     pub(crate) handshakes_ok: Counter,
     pub(crate) handshakes_error: Counter,
+    pub(crate) resumptions: Counter,
     pub(crate) handshake_duration: Histogram,
     pub(crate) starttls: Counter,
     pub(crate) backend_connect_errors: Counter,
@@ -484,6 +510,7 @@ impl ListenerMetrics {
             active: metrics::gauge!(ACTIVE_CONNECTIONS, "listener" => name.clone()),
             handshakes_ok: metrics::counter!(TLS_HANDSHAKES_TOTAL, "listener" => name.clone(), "result" => "ok"),
             handshakes_error: metrics::counter!(TLS_HANDSHAKES_TOTAL, "listener" => name.clone(), "result" => "error"),
+            resumptions: metrics::counter!(TLS_RESUMPTIONS_TOTAL, "listener" => name.clone()),
             handshake_duration: metrics::histogram!(TLS_HANDSHAKE_DURATION_SECONDS, "listener" => name.clone()),
             starttls: metrics::counter!(STARTTLS_TOTAL, "listener" => name.clone()),
             backend_connect_errors: metrics::counter!(BACKEND_CONNECT_ERRORS_TOTAL, "listener" => name.clone()),
@@ -497,6 +524,7 @@ impl ListenerMetrics {
             &metrics.connections,
             &metrics.handshakes_ok,
             &metrics.handshakes_error,
+            &metrics.resumptions,
             &metrics.starttls,
             &metrics.backend_connect_errors,
             &metrics.bytes_to_backend,
@@ -539,6 +567,12 @@ impl ListenerMetrics {
             None => metrics::counter!(TLS_HANDSHAKE_ERRORS_TOTAL, "listener" => self.listener.clone(), "reason" => reason.as_str())
                 .increment(1),
         }
+    }
+
+    /// A successful handshake that resumed a session (after
+    /// [`ListenerMetrics::handshake_finished`] counted it).
+    pub(crate) fn handshake_resumed(&self) {
+        self.resumptions.increment(1);
     }
 
     pub(crate) fn handshake_finished(&self, ok: bool, took: Duration) {
@@ -725,6 +759,7 @@ mod tests {
             format!("{ACTIVE_CONNECTIONS}{{listener=\"fresh\"}}"),
             format!("{TLS_HANDSHAKES_TOTAL}{{listener=\"fresh\",result=\"ok\"}}"),
             format!("{TLS_HANDSHAKES_TOTAL}{{listener=\"fresh\",result=\"error\"}}"),
+            format!("{TLS_RESUMPTIONS_TOTAL}{{listener=\"fresh\"}}"),
             format!("{STARTTLS_TOTAL}{{listener=\"fresh\"}}"),
             format!("{BACKEND_CONNECT_ERRORS_TOTAL}{{listener=\"fresh\"}}"),
             format!("{BYTES_TOTAL}{{listener=\"fresh\",direction=\"client_to_backend\"}}"),
@@ -750,6 +785,9 @@ mod tests {
             format!("{BUILD_INFO}{{version=\"{version}\"}} 1"),
             format!("{CONFIG_RELOADS_TOTAL}{{result=\"ok\"}} 0"),
             format!("{CONFIG_RELOADS_TOTAL}{{result=\"error\"}} 1"),
+            format!("{TICKET_KEY_RELOADS_TOTAL}{{result=\"ok\"}} 0"),
+            format!("{TICKET_KEY_RELOADS_TOTAL}{{result=\"error\"}} 0"),
+            format!("{TICKET_KEYS} 0"),
         ] {
             assert!(
                 rendered.lines().any(|each| each == line),

@@ -23,13 +23,20 @@ use crate::metrics::{self, ConfigReloadResult, ReloadResult};
 use crate::readiness::{self, BackendProbe, Readiness};
 use crate::relay_guard::{self, Guard, OpenRelay, Target};
 use crate::supervisor::{Supervisor, Unsupervised};
-use crate::tls::{count_reload, CertificateError, CertificateStore, ReloadStats, Reloader};
+use crate::tls::tickets::reload::{put_in_use, TicketKeyReloader};
+use crate::tls::{
+    count_reload, CertificateError, CertificateStore, ReloadStats, Reloader, SessionTicketer,
+    TicketKeyError, TicketKeyReloads, TicketKeys,
+};
 
 /// Why the proxy cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
     Certificate(#[from] CertificateError),
+    /// The `[tls] ticket_keys` file cannot be used.
+    #[error(transparent)]
+    TicketKeys(#[from] TicketKeyError),
     #[error("listener {name:?}: cannot listen on {address}: {source}")]
     Bind {
         name: String,
@@ -73,6 +80,8 @@ pub enum ReloadError {
     #[error(transparent)]
     Certificate(#[from] CertificateError),
     #[error(transparent)]
+    TicketKeys(#[from] TicketKeyError),
+    #[error(transparent)]
     Listener(#[from] PlanError),
     #[error(transparent)]
     OpenRelay(#[from] OpenRelay),
@@ -85,6 +94,17 @@ pub enum ReloadError {
 /// not trust it). The error names the file and the reason.
 pub fn load_certificates(config: &Config) -> Result<Reloader, CertificateError> {
     Reloader::load(&config.certificates, &config.hostname)
+}
+
+/// Reads and checks the `[tls] ticket_keys` file, if one is configured. The
+/// error names the file and the line.
+pub fn load_ticket_keys(config: &Config) -> Result<Option<TicketKeys>, TicketKeyError> {
+    config
+        .tls
+        .ticket_keys
+        .as_deref()
+        .map(TicketKeys::load)
+        .transpose()
 }
 
 /// Asks a running proxy to reload its configuration file (what SIGHUP
@@ -115,6 +135,13 @@ pub struct Proxy {
     /// process (a reload swaps its content).
     certificates: Arc<CertificateStore>,
     reload_stats: Arc<ReloadStats>,
+    /// The session ticketer of every listener, for the life of the process
+    /// (a reload or a new key file swaps its keys).
+    ticketer: Arc<SessionTicketer>,
+    ticket_key_reloads: Arc<TicketKeyReloads>,
+    /// What follows the `ticket_keys` file of the configuration served now
+    /// (until `run` starts it; a reload replaces it).
+    ticket_key_reloader: Option<TicketKeyReloader>,
     global_limit: Arc<GlobalLimit>,
     readiness: Arc<Readiness>,
     /// One periodic relay check per guarded SMTP listener (until `run`
@@ -135,6 +162,7 @@ pub struct Proxy {
 /// The tasks that belong to one configuration; a reload replaces them.
 struct Background {
     certificate_reloads: JoinSet<()>,
+    ticket_key_reloads: JoinSet<()>,
     relay_guards: JoinSet<()>,
 }
 
@@ -155,11 +183,21 @@ impl Proxy {
         let reloader = load_certificates(config)?;
         let certificates = reloader.store();
         let reload_stats = reloader.stats();
+        let ticket_keys = load_ticket_keys(config)?;
+        let ticketer = SessionTicketer::new(config.tls.ticket_lifetime)?;
+        let ticket_key_reloads = Arc::new(TicketKeyReloads::default());
+        let ticket_key_reloader = put_in_use(
+            &ticketer,
+            &ticket_key_reloads,
+            config.tls.ticket_lifetime,
+            ticket_keys,
+        );
         let global_limit = GlobalLimit::new(config.max_connections);
         let listeners = ListenerSet::new();
         let shared = Shared {
             certificates: certificates.clone(),
             global_limit: global_limit.clone(),
+            ticketer: ticketer.clone(),
         };
         let plan = listeners.plan(config, &shared).await?;
         let admin = match config.metrics_listen {
@@ -192,6 +230,9 @@ impl Proxy {
             reloader: Some(reloader),
             certificates,
             reload_stats,
+            ticketer,
+            ticket_key_reloads,
+            ticket_key_reloader,
             global_limit,
             readiness,
             relay_guards,
@@ -245,6 +286,11 @@ impl Proxy {
         self.reload_stats.clone()
     }
 
+    /// How many `ticket_keys` file reloads this proxy made, by result.
+    pub fn ticket_key_reloads(&self) -> Arc<TicketKeyReloads> {
+        self.ticket_key_reloads.clone()
+    }
+
     /// Serves until `shutdown` completes, reloading the configuration on
     /// SIGHUP when [`Proxy::reload_from`] named its file; then drains:
     /// readiness turns false at once, listeners stop accepting, sessions
@@ -254,6 +300,7 @@ impl Proxy {
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
         let mut background = Background {
             certificate_reloads: JoinSet::new(),
+            ticket_key_reloads: JoinSet::new(),
             relay_guards: JoinSet::new(),
         };
         if let Some(plan) = self.initial.take() {
@@ -268,6 +315,13 @@ impl Proxy {
             background
                 .certificate_reloads
                 .spawn(reloader.run(self.config.certificate_poll_interval));
+        }
+        // The ticket key file: the same triggers.
+        if let Some(reloader) = self.ticket_key_reloader.take() {
+            background.ticket_key_reloads.spawn(reloader.run(
+                self.config.certificate_poll_interval,
+                self.config_path.is_none(),
+            ));
         }
         for guard in std::mem::take(&mut self.relay_guards) {
             background
@@ -340,6 +394,7 @@ impl Proxy {
         admin_task.shutdown().await;
         readiness_task.shutdown().await;
         background.certificate_reloads.shutdown().await;
+        background.ticket_key_reloads.shutdown().await;
     }
 
     /// Re-reads the configuration file and applies it, or logs why not and
@@ -404,20 +459,25 @@ impl Proxy {
         // serve connections.
         let path_owned = path.to_path_buf();
         let stats = self.reload_stats.clone();
-        let (config, mut reloader) =
-            tokio::task::spawn_blocking(move || -> Result<(Config, Reloader), ReloadError> {
+        let ticket_stats = self.ticket_key_reloads.clone();
+        type Loaded = (Config, Reloader, Option<TicketKeys>);
+        let (config, mut reloader, ticket_keys) =
+            tokio::task::spawn_blocking(move || -> Result<Loaded, ReloadError> {
                 let config = Config::load(&path_owned)?;
                 // Certificates that fail here count as a failed certificate
-                // reload too.
+                // reload too, and a ticket key file as a failed key reload.
                 let reloader = load_certificates(&config)
                     .inspect_err(|_| count_reload(&stats, ReloadResult::Error))?;
-                Ok((config, reloader))
+                let ticket_keys = load_ticket_keys(&config)
+                    .inspect_err(|_| ticket_stats.count(ReloadResult::Error))?;
+                Ok((config, reloader, ticket_keys))
             })
             .await
             .map_err(|error| ReloadError::Task(error.to_string()))??;
         let shared = Shared {
             certificates: self.certificates.clone(),
             global_limit: self.global_limit.clone(),
+            ticketer: self.ticketer.clone(),
         };
         let plan = self.listeners.plan(&config, &shared).await?;
         // On refusal the plan is dropped here, closing what it bound.
@@ -430,6 +490,24 @@ impl Proxy {
         background
             .certificate_reloads
             .spawn(reloader.run(config.certificate_poll_interval));
+        // The same ticketer with the new configuration's keys and lifetime:
+        // tickets sealed with keys still in use go on resuming.
+        background.ticket_key_reloads.shutdown().await;
+        let from_file = ticket_keys.is_some();
+        let ticket_key_reloader = put_in_use(
+            &self.ticketer,
+            &self.ticket_key_reloads,
+            config.tls.ticket_lifetime,
+            ticket_keys,
+        );
+        if from_file {
+            self.ticket_key_reloads.count(ReloadResult::Ok);
+        }
+        if let Some(reloader) = ticket_key_reloader {
+            background
+                .ticket_key_reloads
+                .spawn(reloader.run(config.certificate_poll_interval, false));
+        }
         self.global_limit.set_max(config.max_connections);
         let changes = self.listeners.apply(plan, config.shutdown_grace);
         background.relay_guards.shutdown().await;

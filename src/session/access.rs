@@ -2,11 +2,11 @@
 //! listeners with `access_log = true` (the default).
 //!
 //! An [`AccessRecord`] is filled as the session goes (the client's address,
-//! its TLS session, whether it came by STARTTLS, refused commands, the bytes
-//! each way) and logged once, by [`AccessRecord::log`], with how the session
-//! ended ([`SessionEnd`]). Its fields are tracing fields, so `--log-format
-//! json` writes each as its own key; the connection span adds `listener`,
-//! `peer` and `connection_id`.
+//! its TLS session and whether it resumed an earlier one, whether it came
+//! by STARTTLS, refused commands, the bytes each way) and logged once, by
+//! [`AccessRecord::log`], with how the session ended ([`SessionEnd`]). Its
+//! fields are tracing fields, so `--log-format json` writes each as its own
+//! key; the connection span adds `listener`, `peer` and `connection_id`.
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -131,6 +131,8 @@ struct TlsSummary {
     /// OpenSSL's name, as Postfix and Dovecot log it.
     cipher: Cow<'static, str>,
     sni: Option<String>,
+    /// The handshake resumed an earlier session (a session ticket).
+    resumed: bool,
 }
 
 /// What the access line says about one session, filled as it goes. Shared
@@ -186,6 +188,7 @@ impl AccessRecord {
             version,
             cipher,
             sni: connection.server_name().map(str::to_string),
+            resumed: connection.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
         }));
     }
 
@@ -235,6 +238,7 @@ impl AccessRecord {
             sni = tls.and_then(|tls| tls.sni.as_deref()).unwrap_or(""),
             tls_version = tls.map_or("", |tls| &tls.version),
             cipher = tls.map_or("", |tls| &tls.cipher),
+            resumed = tls.is_some_and(|tls| tls.resumed),
             starttls = self.starttls.load(Ordering::Relaxed),
             outcome = end.outcome.as_str(),
             ended_by = end.ended_by.as_str(),

@@ -673,6 +673,9 @@ where
     match result {
         Ok(Ok(stream)) => {
             context.metrics.handshake_finished(true, took);
+            if stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                context.metrics.handshake_resumed();
+            }
             Ok(Box::new(stream))
         }
         Ok(Err(error)) => {

@@ -286,8 +286,11 @@ mod tests {
     }
 
     fn acceptor(store: &Arc<CertificateStore>, strict: bool) -> Acceptor {
-        let config = crate::tls::server_config(store.clone(), TlsVersion::Tls12, Protocol::Imap)
-            .expect("config");
+        let ticketer =
+            crate::tls::SessionTicketer::new(std::time::Duration::from_secs(60)).expect("ticketer");
+        let config =
+            crate::tls::server_config(store.clone(), TlsVersion::Tls12, Protocol::Imap, ticketer)
+                .expect("config");
         Acceptor::new(config, store.clone(), strict)
     }
 

@@ -14,6 +14,8 @@
 //!   (directory watch, SIGHUP).
 //! - `acceptor`: a listener's handshake with its SNI policy;
 //!   `provider`: the crypto backend.
+//! - `tickets`: session resumption: the process's one ticketer, the shared
+//!   `ticket_keys` file, its reloads and its rotation.
 
 pub(crate) mod acceptor;
 pub(crate) mod certs;
@@ -22,10 +24,12 @@ pub(crate) mod generate;
 pub(crate) mod provider;
 pub(crate) mod reload;
 pub(crate) mod resolver;
+pub mod tickets;
 pub(crate) mod watch;
 
 use std::sync::Arc;
 
+use rustls::server::ProducesTickets;
 use rustls::ServerConfig;
 
 use crate::config::TlsVersion;
@@ -36,13 +40,15 @@ pub use expiry::Expiry;
 pub use generate::{generate_pair, GeneratedPair};
 pub(crate) use reload::count_reload;
 pub use reload::{ReloadStats, Reloader};
+pub use tickets::{SessionTicketer, TicketKeyError, TicketKeyReloads, TicketKeys};
 
 pub(crate) use acceptor::Acceptor;
 pub(crate) use resolver::CertificateStore;
 
 /// One listener's server configuration: TLS 1.2 and 1.3 only (or 1.3 only),
 /// the provider's AEAD, forward-secret suites, certificates from `store`, and
-/// ALPN restricted to the listener's protocol.
+/// ALPN restricted to the listener's protocol, and session tickets from
+/// `ticketer` (the process's one: see [`tickets`]).
 ///
 /// ALPN defends against cross-protocol attacks (ALPACA): a client that offers
 /// ALPN must offer this listener's protocol id, or rustls refuses the
@@ -52,6 +58,7 @@ pub(crate) fn server_config(
     store: Arc<CertificateStore>,
     min_version: TlsVersion,
     protocol: Protocol,
+    ticketer: Arc<dyn ProducesTickets>,
 ) -> Result<Arc<ServerConfig>, rustls::Error> {
     let versions = match min_version {
         TlsVersion::Tls12 => provider::PROTOCOL_VERSIONS,
@@ -63,8 +70,9 @@ pub(crate) fn server_config(
         .with_cert_resolver(store);
     config.alpn_protocols = vec![protocol.as_str().as_bytes().to_vec()];
     // Mail clients keep long sessions; resumption mostly helps reconnect
-    // storms. Stateless tickets keep no per-client memory on the proxy.
-    config.ticketer = provider::ticketer()?;
+    // storms. Stateless tickets keep no per-client memory on the proxy, and
+    // replicas sharing `ticket_keys` resume each other's sessions.
+    config.ticketer = ticketer;
     config.send_tls13_tickets = 2;
     Ok(Arc::new(config))
 }

@@ -947,8 +947,22 @@ def test_readme_deploy_section_links_every_artifact():
                      "deploy/systemd/mail-tls-proxy.service", "deploy/grafana/mail-tls-proxy.json",
                      "deploy/prometheus/alerts.yaml", "docs/operations.md"):
         assert artifact in links, artifact
-    assert all((REPO_ROOT / link).exists() for link in links), links
+    for link in links:
+        path, _, anchor = link.partition("#")
+        assert (REPO_ROOT / path).exists(), link
+        if anchor:
+            assert anchor in _heading_anchors((REPO_ROOT / path).read_text()), link
     assert section.count("```sh") >= 5
+
+
+def _heading_anchors(markdown):
+    """The anchors a Markdown renderer gives the headings of `markdown`."""
+    anchors = set()
+    for line in markdown.splitlines():
+        if line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"[^a-z0-9 _-]", "", title).replace(" ", "-"))
+    return anchors
 
 
 def test_operations_guide_documents_every_metric_the_code_defines():

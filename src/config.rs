@@ -50,11 +50,16 @@ struct RawConfig {
     readiness_interval: Option<u64>,
     /// Seconds between relay-guard checks of the SMTP backends.
     relay_check_interval: Option<u64>,
+    /// Reload when the configuration file's content changes (checked every
+    /// two seconds), as SIGHUP does.
+    reload_on_change: Option<bool>,
     /// TLS settings shared by every listener.
     tls: Option<RawTls>,
     #[serde(default, rename = "certificate")]
     certificates: Vec<RawCertificate>,
     metrics: Option<RawMetrics>,
+    /// Certificates from an ACME CA (RFC 8555) for the entries with `acme`.
+    acme: Option<crate::acme::settings::RawAcme>,
     #[serde(default, rename = "listener")]
     listeners: Vec<RawListener>,
 }
@@ -62,8 +67,15 @@ struct RawConfig {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawCertificate {
-    cert: PathBuf,
-    key: PathBuf,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    /// DNS names to get the certificate for from the `[acme]` CA, instead
+    /// of `cert` and `key`.
+    acme: Option<Vec<String>>,
+    /// ACME entries: the private key type.
+    key_type: Option<crate::acme::settings::KeyType>,
+    /// ACME entries: keep the private key across renewals.
+    reuse_key: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -271,6 +283,12 @@ pub struct Config {
     pub(crate) readiness_interval: Duration,
     /// How often the relay guard asks each SMTP backend again.
     pub(crate) relay_check_interval: Duration,
+    /// Reload when the file's content changes, without a signal (a
+    /// Kubernetes ConfigMap update, a configuration management run).
+    pub(crate) reload_on_change: bool,
+    /// The `[acme]` table and the entries of `certificates` it issues
+    /// (their files are in its state directory).
+    pub acme: Option<crate::acme::settings::AcmeConfig>,
 }
 
 /// RFC 8314 and common practice: a TLS handshake finishes in seconds.
@@ -335,14 +353,69 @@ impl Config {
             None => machine_hostname(),
         };
 
-        let certificates = raw
-            .certificates
-            .into_iter()
-            .map(|raw| CertificateFiles {
-                cert: base.join(raw.cert),
-                key: base.join(raw.key),
-            })
-            .collect();
+        let acme_settings = raw
+            .acme
+            .map(|table| crate::acme::settings::parse_acme(table, base))
+            .transpose()
+            .map_err(|(key, reason)| invalid(key, reason))?;
+        let mut certificates = Vec::with_capacity(raw.certificates.len());
+        let mut acme_certificates = Vec::new();
+        for (index, raw) in raw.certificates.into_iter().enumerate() {
+            let key = |field: &str| format!("certificate[{index}].{field}");
+            let Some(names) = raw.acme else {
+                let (Some(cert), Some(key_file)) = (raw.cert, raw.key) else {
+                    return Err(invalid(
+                        key("cert"),
+                        "needs cert and key (files), or acme (DNS names for the [acme] CA)".into(),
+                    ));
+                };
+                if raw.key_type.is_some() || raw.reuse_key.is_some() {
+                    let field = if raw.key_type.is_some() { "key_type" } else { "reuse_key" };
+                    return Err(invalid(key(field), "applies to acme entries only".into()));
+                }
+                certificates.push(CertificateFiles {
+                    cert: base.join(cert),
+                    key: base.join(key_file),
+                });
+                continue;
+            };
+            if raw.cert.is_some() || raw.key.is_some() {
+                let field = if raw.cert.is_some() { "cert" } else { "key" };
+                return Err(invalid(
+                    key(field),
+                    "an acme entry gets its files from the [acme] CA; give either acme or cert and key".into(),
+                ));
+            }
+            let Some(settings) = &acme_settings else {
+                return Err(invalid(
+                    key("acme"),
+                    "needs an [acme] table (directory, state_dir, challenge)".into(),
+                ));
+            };
+            let names = crate::acme::settings::parse_acme_names(&names)
+                .map_err(|reason| invalid(key("acme"), reason))?;
+            let files = crate::acme::settings::acme_files(&settings.state_dir, &names[0]);
+            if acme_certificates
+                .iter()
+                .any(|other: &crate::acme::settings::AcmeCertificate| other.names[0] == names[0])
+            {
+                return Err(invalid(
+                    key("acme"),
+                    format!("{:?} is the first name of another acme entry (it names the entry's folder in state_dir)", names[0]),
+                ));
+            }
+            certificates.push(files.clone());
+            acme_certificates.push(crate::acme::settings::AcmeCertificate {
+                names,
+                key_type: raw.key_type.unwrap_or_default(),
+                reuse_key: raw.reuse_key.unwrap_or(false),
+                files,
+            });
+        }
+        let acme = acme_settings.map(|settings| crate::acme::settings::AcmeConfig {
+            settings,
+            certificates: acme_certificates,
+        });
 
         let metrics_listen = match raw.metrics {
             Some(metrics) => Some(metrics.listen.parse::<SocketAddr>().map_err(|_| {
@@ -621,6 +694,8 @@ impl Config {
             tls,
             readiness_interval,
             relay_check_interval,
+            reload_on_change: raw.reload_on_change.unwrap_or(false),
+            acme,
         })
     }
 }

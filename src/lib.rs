@@ -11,6 +11,8 @@
 //!   [`listeners`]: the listening sockets and accept loops, kept across
 //!   reloads.
 //! - [`tls`]: crypto provider, certificate loading, the swappable store.
+//! - [`acme`]: certificates from an ACME CA (HTTP-01, TLS-ALPN-01), their
+//!   renewal, and the DANE records for the served keys.
 //! - `metrics`: every metric name; `admin`: `/metrics`, `/healthz`, `/readyz`;
 //!   `readiness`: what `/readyz` checks (listeners, certificates, backends).
 //! - [`relay_guard`]: asks each SMTP backend whether it would relay for a
@@ -26,6 +28,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod acme;
 pub(crate) mod admin;
 pub mod config;
 pub mod healthcheck;

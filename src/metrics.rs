@@ -58,6 +58,13 @@ pub(crate) const TICKET_KEY_RELOADS_TOTAL: &str = "mail_tls_proxy_ticket_key_rel
 pub(crate) const TICKET_KEYS: &str = "mail_tls_proxy_ticket_keys";
 /// Process-wide: always 1, with the running version as the `version` label.
 pub(crate) const BUILD_INFO: &str = "mail_tls_proxy_build_info";
+/// Process-wide: ACME orders by `result` (ok, error), both from start-up
+/// (see [`crate::acme`]).
+pub(crate) const ACME_ORDERS_TOTAL: &str = "mail_tls_proxy_acme_orders_total";
+/// Per ACME certificate (`certificate`: its first name): when it is due
+/// for renewal, as a Unix time; 0 until known.
+pub(crate) const ACME_NEXT_RENEWAL_TIMESTAMP_SECONDS: &str =
+    "mail_tls_proxy_acme_next_renewal_timestamp_seconds";
 
 /// The process series, collected on each scrape (see
 /// [`collect_process_metrics`]). Unprefixed, as every Prometheus client
@@ -140,6 +147,9 @@ fn register_process_wide() {
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     for result in ConfigReloadResult::ALL {
         metrics::counter!(CONFIG_RELOADS_TOTAL, "result" => result.as_str()).increment(0);
+    }
+    for result in AcmeOrderResult::ALL {
+        metrics::counter!(ACME_ORDERS_TOTAL, "result" => result.as_str()).increment(0);
     }
     for result in ReloadResult::ALL {
         metrics::counter!(TICKET_KEY_RELOADS_TOTAL, "result" => result.as_str()).increment(0);
@@ -259,6 +269,15 @@ fn describe() {
     describe_gauge!(
         TICKET_KEYS,
         "Session ticket keys in use from the [tls] ticket_keys file; 0 without one (keys of this process only)."
+    );
+    describe_counter!(
+        ACME_ORDERS_TOTAL,
+        "ACME certificate orders by result: ok (a certificate was issued and stored), error (the order failed; it is retried with backoff and the served certificate stays)."
+    );
+    describe_gauge!(
+        ACME_NEXT_RENEWAL_TIMESTAMP_SECONDS,
+        Unit::Seconds,
+        "When each ACME certificate is due for renewal, as a Unix time, by certificate (its first name); 0 until known. In the past while renewal keeps failing."
     );
     describe_gauge!(
         BUILD_INFO,
@@ -413,6 +432,27 @@ impl ReloadResult {
         match self {
             ReloadResult::Ok => "ok",
             ReloadResult::Error => "error",
+        }
+    }
+}
+
+/// What an ACME order came to: the `result` of [`ACME_ORDERS_TOTAL`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AcmeOrderResult {
+    /// A certificate was issued, checked and stored.
+    Ok,
+    /// The order failed; it is retried later.
+    Error,
+}
+
+impl AcmeOrderResult {
+    pub(crate) const ALL: [AcmeOrderResult; 2] = [AcmeOrderResult::Ok, AcmeOrderResult::Error];
+
+    /// The label value.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            AcmeOrderResult::Ok => "ok",
+            AcmeOrderResult::Error => "error",
         }
     }
 }
@@ -636,6 +676,10 @@ mod tests {
             labels(&ConfigReloadResult::ALL, ConfigReloadResult::as_str),
             ["ok", "error"]
         );
+        assert_eq!(
+            labels(&AcmeOrderResult::ALL, AcmeOrderResult::as_str),
+            ["ok", "error"]
+        );
     }
 
     /// Each label enum's `ALL` holds every variant exactly once: `ordinal`
@@ -649,6 +693,10 @@ mod tests {
 
     #[test]
     fn every_label_enum_lists_all_its_variants() {
+        covers_every_variant(&AcmeOrderResult::ALL, 2, |each| match each {
+            AcmeOrderResult::Ok => 0,
+            AcmeOrderResult::Error => 1,
+        });
         covers_every_variant(&HandshakeFailure::ALL, 9, |each| match each {
             HandshakeFailure::Eof => 0,
             HandshakeFailure::UnrecognizedName => 1,

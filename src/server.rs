@@ -93,7 +93,7 @@ pub enum ReloadError {
 /// self-signed default when none is configured (with a warning: clients will
 /// not trust it). The error names the file and the reason.
 pub fn load_certificates(config: &Config) -> Result<Reloader, CertificateError> {
-    Reloader::load(&config.certificates, &config.hostname)
+    Reloader::load_sources(&crate::acme::certificate_sources(config), &config.hostname)
 }
 
 /// Reads and checks the `[tls] ticket_keys` file, if one is configured. The
@@ -157,6 +157,10 @@ pub struct Proxy {
     hangup: Option<Signal>,
     reload_requests: mpsc::UnboundedReceiver<()>,
     reload_handle: ReloadHandle,
+    /// ACME challenge responder and renewals (see [`crate::acme`]).
+    acme: crate::acme::AcmeService,
+    /// The ACME responder of `config`, bound, started once `run` starts.
+    acme_responder: Option<crate::acme::PreparedResponder>,
 }
 
 /// The tasks that belong to one configuration; a reload replaces them.
@@ -219,6 +223,8 @@ impl Proxy {
             config.listeners.iter().map(backend_probe).collect(),
             config.readiness_interval,
         );
+        let acme = crate::acme::AcmeService::new();
+        let acme_responder = acme.prepare(config).await?;
         let relay_guards = guard_relays(config, &plan, &readiness).await?;
         let (requests, reload_requests) = mpsc::unbounded_channel();
         Ok(Proxy {
@@ -241,6 +247,8 @@ impl Proxy {
             hangup,
             reload_requests,
             reload_handle: ReloadHandle(requests),
+            acme,
+            acme_responder: Some(acme_responder),
         })
     }
 
@@ -311,6 +319,11 @@ impl Proxy {
         if let Some(mut reloader) = self.reloader.take() {
             if self.config_path.is_some() {
                 reloader.leave_hangup_to_caller();
+            }
+            if let Some(responder) = self.acme_responder.take() {
+                self.acme
+                    .apply(&self.config, responder, reloader.reload_now())
+                    .await;
             }
             background
                 .certificate_reloads
@@ -394,6 +407,7 @@ impl Proxy {
         admin_task.shutdown().await;
         readiness_task.shutdown().await;
         background.certificate_reloads.shutdown().await;
+        self.acme.stop().await;
         background.ticket_key_reloads.shutdown().await;
     }
 
@@ -480,12 +494,16 @@ impl Proxy {
             ticketer: self.ticketer.clone(),
         };
         let plan = self.listeners.plan(&config, &shared).await?;
+        let acme_responder = self.acme.prepare(&config).await?;
         // On refusal the plan is dropped here, closing what it bound.
         let guards = guard_relays(&config, &plan, &self.readiness).await?;
 
         // Everything checked: swap in.
         reloader.take_over(self.certificates.clone(), self.reload_stats.clone());
         reloader.leave_hangup_to_caller();
+        self.acme
+            .apply(&config, acme_responder, reloader.reload_now())
+            .await;
         background.certificate_reloads.shutdown().await;
         background
             .certificate_reloads

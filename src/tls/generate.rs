@@ -1,5 +1,6 @@
 //! Generated self-signed certificates: the default served when no
-//! `[[certificate]]` is configured, and the pairs `mail-tls-proxy cert
+//! `[[certificate]]` is configured, the placeholder of an ACME entry
+//! before its first issuance, and the pairs `mail-tls-proxy cert
 //! self-signed` and the tests write. Nothing here is ever trusted by a
 //! client; it only lets a proxy start (and a test run) without a CA.
 
@@ -51,6 +52,32 @@ pub(crate) fn self_signed(
         reason,
     };
     let pair = generate_pair(&names)?;
+    let info = leaf_info(&pair.cert_der).map_err(failed)?;
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pair.key_der));
+    let signing_key = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|error| failed(error.to_string()))?;
+    Ok(LoadedCertificate {
+        certified_key: Arc::new(CertifiedKey::new(vec![pair.cert_der], signing_key)),
+        files: None,
+        names: info.names,
+        not_before: info.not_before,
+        not_after: info.not_after,
+    })
+}
+
+/// What an ACME entry serves until its first certificate is issued:
+/// self-signed for its `names`, generated in memory, never written.
+pub(crate) fn placeholder(
+    names: &[String],
+    provider: &CryptoProvider,
+) -> Result<LoadedCertificate, CertificateError> {
+    let failed = |reason: String| CertificateError::Generate {
+        name: names.join(","),
+        reason,
+    };
+    let pair = generate_pair(names)?;
     let info = leaf_info(&pair.cert_der).map_err(failed)?;
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pair.key_der));
     let signing_key = provider

@@ -16,6 +16,13 @@
 //! see it, established sessions keep the certificate they were made with.
 //! Every reload is counted in the certificate metrics; expiry warnings come
 //! from [`super::expiry`].
+//!
+//! An ACME entry (see [`crate::acme`]) is a source like any other whose
+//! files are in the ACME state directory, with one difference: until its
+//! first certificate is issued its files are missing, and a self-signed
+//! placeholder for its names is served instead of refusing to start. The
+//! ACME renewal asks for a reload at once ([`ReloadNow`]) after it wrote a
+//! new pair, rather than waiting for the watch.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -24,7 +31,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::crypto::CryptoProvider;
-use tracing::{error, info, warn};
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, warn};
 
 use super::certs::{parse_certified_key, read_file, CertificateError, LoadedCertificate};
 use super::expiry::{warn_about_expiry, EXPIRY_WARNING_INTERVAL};
@@ -44,6 +52,8 @@ pub(crate) enum Trigger {
     Poll,
     /// SIGHUP: re-read and re-check everything, changed or not.
     Signal,
+    /// The ACME renewal wrote a new pair.
+    Acme,
 }
 
 impl Trigger {
@@ -52,6 +62,7 @@ impl Trigger {
             Trigger::Watch => "watch",
             Trigger::Poll => "poll",
             Trigger::Signal => "sighup",
+            Trigger::Acme => "acme",
         }
     }
 }
@@ -92,9 +103,41 @@ enum Observation {
     Unreadable(String),
 }
 
+/// One `[[certificate]]` as the reloader is given it: its files and, for
+/// an ACME entry, the names of the placeholder served while the files are
+/// missing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SourceSpec {
+    pub(crate) files: CertificateFiles,
+    pub(crate) placeholder_names: Option<Vec<String>>,
+}
+
+/// Asks a running [`Reloader`] to re-read its files now (after the ACME
+/// renewal wrote a pair).
+#[derive(Debug, Clone)]
+pub(crate) struct ReloadNow(mpsc::UnboundedSender<()>);
+
+impl ReloadNow {
+    /// A handle and the receiving end it sends to (for tests).
+    pub(crate) fn channel() -> (ReloadNow, mpsc::UnboundedReceiver<()>) {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        (ReloadNow(sender), receiver)
+    }
+
+    /// Requests a reload; nothing happens if the reloader is gone.
+    pub(crate) fn request(&self) {
+        let _ = self.0.send(());
+    }
+}
+
 /// One configured `[[certificate]]`.
 struct Source {
     files: CertificateFiles,
+    /// ACME entries: the placeholder's names (missing files are expected
+    /// until the first issuance).
+    placeholder_names: Option<Vec<String>>,
+    /// Whether the placeholder is what is served now.
+    serving_placeholder: bool,
     /// The metrics label, fixed at start-up so a series never goes stale.
     label: String,
     /// What was read last, whether it could be used or not.
@@ -121,6 +164,8 @@ pub struct Reloader {
     /// Whether SIGHUP re-reads the certificates here; false when SIGHUP
     /// reloads the whole configuration (which re-reads them too).
     reload_on_hangup: bool,
+    /// [`ReloadNow`] requests, until [`Reloader::run`] takes them.
+    reload_now: (ReloadNow, Option<mpsc::UnboundedReceiver<()>>),
 }
 
 fn read_pair(files: &CertificateFiles) -> Result<(Vec<u8>, Vec<u8>), CertificateError> {
@@ -150,23 +195,72 @@ impl Reloader {
         certificates: &[CertificateFiles],
         hostname: &str,
     ) -> Result<Reloader, CertificateError> {
+        let specs: Vec<SourceSpec> = certificates
+            .iter()
+            .map(|files| SourceSpec {
+                files: files.clone(),
+                placeholder_names: None,
+            })
+            .collect();
+        Reloader::load_sources(&specs, hostname)
+    }
+
+    /// [`Reloader::load`], where an ACME entry (`placeholder_names`) whose
+    /// pair is missing or unusable serves a self-signed placeholder for
+    /// its names (with a warning) until its first certificate is issued.
+    pub(crate) fn load_sources(
+        certificates: &[SourceSpec],
+        hostname: &str,
+    ) -> Result<Reloader, CertificateError> {
         let provider = super::provider::provider();
         let mut sources: Vec<Source> = Vec::with_capacity(certificates.len());
-        for files in certificates {
-            let (cert, key) = read_pair(files)?;
-            let loaded = Arc::new(parse_certified_key(files, &cert, &key, &provider)?);
+        for spec in certificates {
+            let files = &spec.files;
+            let read = read_pair(files).and_then(|(cert, key)| {
+                parse_certified_key(files, &cert, &key, &provider).map(|loaded| (loaded, cert, key))
+            });
+            let (loaded, observed, served_bytes, serving_placeholder) = match (read, &spec.placeholder_names) {
+                (Ok((loaded, cert, key)), _) => (
+                    Arc::new(loaded),
+                    Observation::Read {
+                        cert: cert.clone(),
+                        key: key.clone(),
+                    },
+                    (cert, key),
+                    false,
+                ),
+                (Err(error), None) => return Err(error),
+                (Err(error), Some(names)) => {
+                    match &error {
+                        CertificateError::Read { .. } => warn!(
+                            names = %names.join(","),
+                            "acme: no certificate issued yet: serving a self-signed placeholder that clients will not trust until the first issuance"
+                        ),
+                        _ => error!(
+                            names = %names.join(","),
+                            %error,
+                            "acme: the stored certificate is unusable: serving a self-signed placeholder until a new one is issued"
+                        ),
+                    }
+                    let placeholder = super::generate::placeholder(names, &provider)?;
+                    let observed = match read_pair(files) {
+                        Ok((cert, key)) => Observation::Read { cert, key },
+                        Err(error) => Observation::Unreadable(error.to_string()),
+                    };
+                    (Arc::new(placeholder), observed, (Vec::new(), Vec::new()), true)
+                }
+            };
             let mut label = loaded.label();
             if sources.iter().any(|source| source.label == label) {
                 label = files.cert.display().to_string();
             }
             sources.push(Source {
                 files: files.clone(),
+                placeholder_names: spec.placeholder_names.clone(),
+                serving_placeholder,
                 label,
-                observed: Observation::Read {
-                    cert: cert.clone(),
-                    key: key.clone(),
-                },
-                served_bytes: (cert, key),
+                observed,
+                served_bytes,
                 served: loaded,
                 failing: None,
             });
@@ -193,6 +287,10 @@ impl Reloader {
             stats: Arc::new(ReloadStats::default()),
             triggers: None,
             reload_on_hangup: true,
+            reload_now: {
+                let (handle, requests) = ReloadNow::channel();
+                (handle, Some(requests))
+            },
         };
         let now = unix_now();
         for (label, certificate) in reloader.labelled() {
@@ -236,6 +334,11 @@ impl Reloader {
         self.store = store;
         self.stats = stats;
         count_reload(&self.stats, ReloadResult::Ok);
+    }
+
+    /// Asks this reloader, once running, to re-read its files now.
+    pub(crate) fn reload_now(&self) -> ReloadNow {
+        self.reload_now.0.clone()
     }
 
     /// What is served now, in configuration order.
@@ -306,6 +409,12 @@ impl Reloader {
             }
             source.observed = observed.clone();
             let result = match observed {
+                // An ACME entry before its first issuance: the placeholder
+                // stays until both files are there.
+                Observation::Unreadable(message) if source.serving_placeholder => {
+                    debug!(certificate = %source.label, %message, "acme: still no certificate issued: serving the placeholder");
+                    Ok(None)
+                }
                 Observation::Unreadable(message) => Err(message),
                 Observation::Read { cert, key } => {
                     if (&cert, &key) == (&source.served_bytes.0, &source.served_bytes.1) {
@@ -341,6 +450,7 @@ impl Reloader {
                         "certificate reloaded: new handshakes get the new certificate"
                     );
                     warn_about_expiry(&source.label, &loaded, now);
+                    source.serving_placeholder = false;
                     source.served = loaded;
                     source.served_bytes = (cert, key);
                     outcome.replaced.push(source.label.clone());
@@ -412,6 +522,13 @@ impl Reloader {
         if self.triggers.is_some() {
             return;
         }
+        // An ACME entry's folder may not exist before its first issuance;
+        // made now, its files are watched from the start.
+        for source in &self.sources {
+            if source.placeholder_names.is_some() {
+                let _ = crate::acme::store::create_private_dir(&parent_directory(&source.files.cert));
+            }
+        }
         self.triggers = Some(Triggers::start(
             &self.watched_directories(),
             self.reload_on_hangup,
@@ -430,9 +547,16 @@ impl Reloader {
         let mut daily =
             tokio::time::interval_at(start + EXPIRY_WARNING_INTERVAL, EXPIRY_WARNING_INTERVAL);
         daily.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reload_now = self.reload_now.1.take();
         let mut reloader = self;
         loop {
             let trigger = tokio::select! {
+                Some(()) = async {
+                    match reload_now.as_mut() {
+                        Some(requests) => requests.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => Trigger::Acme,
                 trigger = triggers.next() => {
                     if trigger == Trigger::Watch {
                         triggers.settle().await;

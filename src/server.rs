@@ -152,6 +152,8 @@ pub struct Proxy {
     /// The configuration file reloads re-read (SIGHUP); none: SIGHUP
     /// re-reads certificates only.
     config_path: Option<PathBuf>,
+    /// The content of that file when it was last read, to tell a change.
+    config_bytes: Option<Vec<u8>>,
     /// SIGHUP, registered at bind so that from then on it never ends the
     /// process.
     hangup: Option<Signal>,
@@ -244,6 +246,7 @@ impl Proxy {
             relay_guards,
             supervisor: Arc::new(Unsupervised),
             config_path: None,
+            config_bytes: None,
             hangup,
             reload_requests,
             reload_handle: ReloadHandle(requests),
@@ -255,7 +258,10 @@ impl Proxy {
     /// Reloads (SIGHUP, [`Proxy::reload_handle`]) re-read the whole
     /// configuration from `path`, not only the certificates.
     pub fn reload_from(mut self, path: impl Into<PathBuf>) -> Proxy {
-        self.config_path = Some(path.into());
+        let path = path.into();
+        // What `reload_on_change` compares the file with.
+        self.config_bytes = std::fs::read(&path).ok();
+        self.config_path = Some(path);
         self
     }
 
@@ -373,6 +379,8 @@ impl Proxy {
             .ready(&status_line(&self.listeners.names(), "serving"));
 
         tokio::pin!(shutdown);
+        let mut change_poll = tokio::time::interval(CONFIG_CHANGE_POLL);
+        change_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut hangup = if self.config_path.is_some() {
             self.hangup.take()
         } else {
@@ -392,6 +400,12 @@ impl Proxy {
                 }
                 Some(()) = self.reload_requests.recv() => {
                     self.reload(&mut background).await;
+                }
+                _ = change_poll.tick(), if self.reloads_on_change() => {
+                    if self.config_file_changed().await {
+                        info!("configuration file changed: reloading the configuration");
+                        self.reload(&mut background).await;
+                    }
                 }
             }
         }
@@ -471,13 +485,29 @@ impl Proxy {
     ) -> Result<(Changes, Vec<String>), ReloadError> {
         // Reading files and parsing keys blocks: not on the threads that
         // serve connections.
+        let bytes = tokio::fs::read(path)
+            .await
+            .map_err(|source| ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        // Read is read: `reload_on_change` waits for the next change, even
+        // if this one is refused.
+        self.config_bytes = Some(bytes.clone());
         let path_owned = path.to_path_buf();
         let stats = self.reload_stats.clone();
         let ticket_stats = self.ticket_key_reloads.clone();
         type Loaded = (Config, Reloader, Option<TicketKeys>);
         let (config, mut reloader, ticket_keys) =
             tokio::task::spawn_blocking(move || -> Result<Loaded, ReloadError> {
-                let config = Config::load(&path_owned)?;
+                let text = String::from_utf8(bytes).map_err(|_| ConfigError::Read {
+                    path: path_owned.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "the file is not UTF-8 text",
+                    ),
+                })?;
+                let config = Config::parse(&text, &path_owned)?;
                 // Certificates that fail here count as a failed certificate
                 // reload too, and a ticket key file as a failed key reload.
                 let reloader = load_certificates(&config)
@@ -551,6 +581,31 @@ impl Proxy {
         Ok((changes, needs_restart))
     }
 }
+
+impl Proxy {
+    /// Whether a change of the configuration file's content reloads it.
+    fn reloads_on_change(&self) -> bool {
+        self.config_path.is_some() && self.config.reload_on_change
+    }
+
+    /// Whether the configuration file's content differs from what was last
+    /// read (a file that cannot be read now is no change: SIGHUP would say
+    /// why).
+    async fn config_file_changed(&self) -> bool {
+        let Some(path) = &self.config_path else {
+            return false;
+        };
+        match tokio::fs::read(path).await {
+            Ok(bytes) => self.config_bytes.as_deref() != Some(bytes.as_slice()),
+            Err(_) => false,
+        }
+    }
+}
+
+/// How often `reload_on_change` looks at the configuration file. Polling,
+/// not a directory watch: a Kubernetes ConfigMap update swaps a symlink,
+/// and a small file read every two seconds costs nothing.
+const CONFIG_CHANGE_POLL: Duration = Duration::from_secs(2);
 
 /// The one-line status a supervisor shows: what the proxy is doing and
 /// which listeners it serves.

@@ -296,3 +296,62 @@ async fn a_removed_listeners_sessions_go_on_for_the_grace_period_then_close() {
         "closed {closed_after:?} after the reload, grace is 2 s"
     );
 }
+
+/// With `reload_on_change = true` a change of the file's content reloads it
+/// without a signal; a refused file is not tried again until it changes.
+/// Without it, only SIGHUP reloads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_on_change_follows_the_file_without_a_signal() {
+    let dir = TempDir::new("config-reload-on-change");
+    let ca = TestCa::new();
+    let connector = ca.connector();
+    let pair = PairPaths::in_dir(dir.path(), "mail");
+    pair.write_in_place(&ca.issue(&["localhost"]));
+    let first = FakeBackend::start(Script::imap()).await;
+    let other = FakeBackend::start(Script {
+        greeting: OTHER_GREETING.to_vec(),
+        ..Script::imap()
+    })
+    .await;
+    let config = |backend: SocketAddr, on_change: bool| {
+        TestConfig::new()
+            .certificate(&pair)
+            .reload_on_change(on_change)
+            .metrics()
+            .listener(listener("follows", "imap", "implicit", backend))
+    };
+    let path = config(first.address, false).write_in(dir.path());
+    let proxy = ProxyProcess::spawn(&path);
+    let metrics = proxy.address(&["serving /metrics"]).await;
+    let address = proxy.address(&["listening", "listener=follows "]).await;
+    assert_eq!(greeting_at(address, &connector).await, FIRST_GREETING);
+
+    // Off: a changed file waits for SIGHUP.
+    config(other.address, true).write_in(dir.path());
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(metric(metrics, RELOADS_OK).await, 0.0);
+    assert_eq!(greeting_at(address, &connector).await, FIRST_GREETING);
+    proxy.signal("HUP");
+    wait_for_metric(metrics, RELOADS_OK, 1.0).await;
+    assert_eq!(greeting_at(address, &connector).await, OTHER_GREETING);
+
+    // On: the next change reloads by itself.
+    config(first.address, true).write_in(dir.path());
+    wait_for_metric(metrics, RELOADS_OK, 2.0).await;
+    proxy
+        .wait_for_log(&["configuration file changed: reloading the configuration"])
+        .await;
+    assert_eq!(greeting_at(address, &connector).await, FIRST_GREETING);
+
+    // A broken file is refused once, not every poll.
+    std::fs::write(&path, "hostname = \n").expect("write a broken file");
+    wait_for_metric(metrics, RELOADS_ERROR, 1.0).await;
+    tokio::time::sleep(std::time::Duration::from_millis(4500)).await;
+    assert_eq!(metric(metrics, RELOADS_ERROR).await, 1.0);
+    assert_eq!(greeting_at(address, &connector).await, FIRST_GREETING);
+
+    // Fixed: applied.
+    config(other.address, true).write_in(dir.path());
+    wait_for_metric(metrics, RELOADS_OK, 3.0).await;
+    assert_eq!(greeting_at(address, &connector).await, OTHER_GREETING);
+}

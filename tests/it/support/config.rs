@@ -22,6 +22,8 @@ pub struct TestConfig {
     readiness_interval: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     relay_check_interval: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reload_on_change: Option<bool>,
     #[serde(rename = "certificate", skip_serializing_if = "Vec::is_empty")]
     certificates: Vec<PairPaths>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -69,6 +71,11 @@ impl TestConfig {
 
     pub fn readiness_interval(mut self, seconds: u64) -> Self {
         self.readiness_interval = Some(seconds);
+        self
+    }
+
+    pub fn reload_on_change(mut self, on: bool) -> Self {
+        self.reload_on_change = Some(on);
         self
     }
 

@@ -97,6 +97,18 @@ enum Command {
         #[command(subcommand)]
         command: TicketsCommand,
     },
+    /// Certificates from the [acme] CA.
+    Acme {
+        #[command(subcommand)]
+        command: AcmeCommand,
+    },
+    /// Print the DANE TLSA records of the served keys: one line
+    /// `_PORT._tcp.NAME. IN TLSA 3 1 1 HEX` (SHA-256 of the public key) per
+    /// certificate, DNS name and SMTP listener port; `;` lines are comments.
+    Tlsa {
+        #[command(flatten)]
+        file: ConfigFile,
+    },
     /// Write the manual pages (man/) and the bash, zsh and fish completions
     /// (completions/) made from this command line into OUT, for packaging.
     #[command(hide = true)]
@@ -153,6 +165,21 @@ enum CertCommand {
 }
 
 #[derive(Subcommand)]
+enum AcmeCommand {
+    /// Ask the running proxy (the instance holding state_dir/lock) to renew
+    /// now: leaves state_dir/renew-requests/<first name>, which it picks up
+    /// and removes within a second or so.
+    Renew {
+        #[command(flatten)]
+        file: ConfigFile,
+        /// Renew only the certificate that lists this name (default: every
+        /// acme certificate).
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
 enum TicketsCommand {
     /// Append a fresh random key to a ticket key file (creating it, mode
     /// 0600, if missing) and drop the oldest keys beyond --keep. The file is
@@ -185,6 +212,10 @@ fn main() -> ExitCode {
         Command::Tickets {
             command: TicketsCommand::Rotate { file, keep },
         } => rotate_ticket_keys(&file, usize::from(keep)),
+        Command::Acme {
+            command: AcmeCommand::Renew { file, name },
+        } => request_acme_renewal(&file, name.as_deref()),
+        Command::Tlsa { file } => print_tlsa(&file),
         Command::GenerateAssets { out } => generate_assets(&out),
     };
     match result {
@@ -334,6 +365,9 @@ fn check(file: &ConfigFile) -> anyhow::Result<()> {
     let ticket_keys = server::load_ticket_keys(&config)?;
     println!("configuration {}: OK", path.display());
     print_certificates(&config, &certificates.certificates());
+    for line in mail_tls_proxy::acme::operator::status_lines(&config) {
+        println!("{line}");
+    }
     let lifetime = config.tls.ticket_lifetime.as_secs();
     match ticket_keys {
         Some(keys) => println!(
@@ -436,6 +470,10 @@ fn print_certificates(
                 certificate.certified_key.cert.len(),
                 files.key.display()
             ),
+            None if config.acme.is_some() => println!(
+                "certificate {}{role}: acme, no certificate issued yet: a self-signed placeholder is served (clients will not trust it)",
+                index + 1
+            ),
             None => println!(
                 "certificate: none configured; a self-signed one for {:?} is generated at start-up (clients will not trust it)",
                 config.hostname
@@ -474,6 +512,29 @@ fn print_certificates(
             strict.join(", ")
         );
     }
+}
+
+/// `acme renew`: leaves a renewal request for the running proxy.
+fn request_acme_renewal(file: &ConfigFile, name: Option<&str>) -> anyhow::Result<()> {
+    let (path, config) = file.load()?;
+    let requested = mail_tls_proxy::acme::operator::request_renewal(&config, name)
+        .with_context(|| format!("{}", path.display()))?;
+    for (certificate, request) in requested {
+        println!(
+            "renewal of {certificate} requested ({}): the running proxy that holds the issuance lock picks it up within a second or so",
+            request.display()
+        );
+    }
+    Ok(())
+}
+
+/// `tlsa`: the DANE records of what the configuration serves now.
+fn print_tlsa(file: &ConfigFile) -> anyhow::Result<()> {
+    let (_, config) = file.load()?;
+    for line in mail_tls_proxy::acme::tlsa::tlsa_for_config(&config)? {
+        println!("{line}");
+    }
+    Ok(())
 }
 
 fn write_self_signed(names: &[String], out: &Path) -> anyhow::Result<()> {

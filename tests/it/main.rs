@@ -19,7 +19,6 @@
 mod support;
 
 mod access_log;
-mod acme;
 mod all_listener_kinds;
 mod backend_failures;
 mod certificate_process;
@@ -39,6 +38,7 @@ mod package_assets;
 mod proxy_protocol_from_balancers;
 mod readiness;
 mod relay_guard;
+mod session_tickets;
 mod starttls_integrity;
 mod starttls_upgrade;
 mod systemd_notify;

@@ -28,6 +28,8 @@ pub struct TestConfig {
     certificates: Vec<PairPaths>,
     #[serde(skip_serializing_if = "Option::is_none")]
     metrics: Option<Metrics>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls: Option<Tls>,
     #[serde(rename = "listener", skip_serializing_if = "Vec::is_empty")]
     pub(super) listeners: Vec<ListenerSpec>,
 }
@@ -35,6 +37,15 @@ pub struct TestConfig {
 #[derive(Clone, Debug, Serialize)]
 struct Metrics {
     listen: String,
+}
+
+/// The `[tls]` table.
+#[derive(Clone, Debug, Default, Serialize)]
+struct Tls {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ticket_keys: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ticket_lifetime: Option<u64>,
 }
 
 /// Where a certificate and its key live on disk: a `[[certificate]]` table.
@@ -113,6 +124,18 @@ impl TestConfig {
 
     pub(super) fn has_metrics(&self) -> bool {
         self.metrics.is_some()
+    }
+
+    /// `[tls] ticket_keys`: session ticket keys shared with other proxies.
+    pub fn ticket_keys(mut self, path: &Path) -> Self {
+        self.tls.get_or_insert_with(Tls::default).ticket_keys = Some(path.to_path_buf());
+        self
+    }
+
+    /// `[tls] ticket_lifetime`, in seconds.
+    pub fn ticket_lifetime(mut self, seconds: u64) -> Self {
+        self.tls.get_or_insert_with(Tls::default).ticket_lifetime = Some(seconds);
+        self
     }
 
     pub fn listener(mut self, listener: ListenerSpec) -> Self {

@@ -19,6 +19,7 @@
 mod support;
 
 mod access_log;
+mod acme;
 mod all_listener_kinds;
 mod backend_failures;
 mod certificate_process;

@@ -24,6 +24,7 @@ failure; elsewhere the test is skipped with the reason.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -284,6 +285,290 @@ def test_kubernetes_proxy_configuration_passes_check():
     result = run([str(binary), "check"], env={**os.environ, "MAIL_TLS_PROXY_CONFIG": str(config)})
     assert result.returncode == 0, result.stdout + result.stderr
     assert len([line for line in result.stdout.splitlines() if line.startswith("listener ")]) == 7, result.stdout
+
+
+# -- Kubernetes front tier (deploy/kubernetes/front-tier/) -------------------------------
+
+FRONT = K8S / "front-tier"
+TICKET_KEY_BYTES = 80
+
+
+def front_objects() -> list[tuple[Path, dict]]:
+    objects = []
+    for path in sorted(FRONT.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        objects += [(path, document) for document in yaml.safe_load_all(path.read_text()) if document]
+    return objects
+
+
+def front_object(kind: str) -> dict:
+    matches = [obj for _, obj in front_objects() if obj["kind"] == kind]
+    assert len(matches) == 1, f"expected one {kind} in the front tier, found {len(matches)}"
+    return matches[0]
+
+
+def front_config() -> tuple[str, dict]:
+    text = front_object("ConfigMap")["data"]["config.toml"]
+    return text, tomllib.loads(text)
+
+
+def front_ticket_secret() -> dict:
+    secrets = [obj for _, obj in front_objects() if obj["kind"] == "Secret"]
+    assert len(secrets) == 1, secrets
+    return secrets[0]
+
+
+def is_ticket_key(line: str) -> bool:
+    try:
+        return len(base64.b64decode(line, validate=True)) == TICKET_KEY_BYTES
+    except ValueError:
+        return False
+
+
+def test_front_tier_manifests_validate_against_the_kubernetes_schemas():
+    need("kubernetes-validate")
+    files = sorted({str(path) for path, _ in front_objects()})
+    result = run(["kubernetes-validate", "--strict", *files])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("passed for resource") == len(front_objects()), result.stdout
+    kinds = sorted(obj["kind"] for _, obj in front_objects())
+    assert kinds == sorted(["ConfigMap", "CronJob", "Deployment", "HorizontalPodAutoscaler", "NetworkPolicy",
+                            "PodDisruptionBudget", "Role", "RoleBinding", "Secret", "Service",
+                            "ServiceAccount"]), kinds
+
+
+def test_front_tier_kustomization_applies_everything_but_the_ticket_key_secret():
+    """`kubectl apply -k` must never reset the live, rotated ticket keys to
+    the placeholder."""
+    kustomization = yaml.safe_load((FRONT / "kustomization.yaml").read_text())
+    files = {path.name for path in FRONT.glob("*.yaml")} - {"kustomization.yaml", "ticket-keys-secret.yaml"}
+    assert sorted(kustomization["resources"]) == sorted(files)
+    result = run([need("kubectl"), "kustomize", str(FRONT)])
+    assert result.returncode == 0, result.stderr
+    rendered = [obj for obj in yaml.safe_load_all(result.stdout) if obj]
+    assert "Secret" not in {obj["kind"] for obj in rendered}
+    assert len(rendered) == len(front_objects()) - 1
+
+
+def test_front_tier_pieces_fit_together():
+    text, config = front_config()
+    deployment = front_object("Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    (proxy,) = pod["containers"]
+    service = front_object("Service")
+
+    # Listeners: container ports, published by the Service on the mail ports.
+    listen_ports = {listener["name"]: int(listener["listen"].rsplit(":", 1)[1]) for listener in config["listener"]}
+    container_ports = {p["name"]: p["containerPort"] for p in proxy["ports"]}
+    assert container_ports.pop("metrics") == int(config["metrics"]["listen"].rsplit(":", 1)[1])
+    assert container_ports == listen_ports
+    assert {p["targetPort"] for p in service["spec"]["ports"]} == set(listen_ports)
+    assert {p["port"] for p in service["spec"]["ports"]} == {25, 465, 587, 993, 995, 143, 110}
+    assert service["spec"]["type"] == "LoadBalancer" and service["spec"]["externalTrafficPolicy"] == "Local"
+    assert service["spec"]["selector"].items() <= labels.items()
+
+    # The load balancer sends PROXY v2 and every listener trusts it from the
+    # balancer's addresses only; both ends, with the why next to them.
+    annotations = service["metadata"]["annotations"]
+    assert annotations["service.beta.kubernetes.io/aws-load-balancer-proxy-protocol"] == "*"
+    assert annotations["service.beta.kubernetes.io/aws-load-balancer-nlb-target-type"] == "ip"
+    assert "preserve_client_ip.enabled=false" in annotations[
+        "service.beta.kubernetes.io/aws-load-balancer-target-group-attributes"]
+    assert annotations["service.beta.kubernetes.io/aws-load-balancer-healthcheck-path"] == "/readyz"
+    assert annotations["service.beta.kubernetes.io/aws-load-balancer-healthcheck-port"] == \
+        str(container_ports.get("metrics", 9464))
+    for listener in config["listener"]:
+        trusted = listener.get("accept_proxy_from", [])
+        assert trusted and "0.0.0.0/0" not in trusted, listener["name"]
+        assert listener.get("client_identity") in ("proxy-v2", "xclient"), listener["name"]
+        assert listener.get("relay_check", "refuse") == "refuse", listener["name"]
+    service_text = (FRONT / "service.yaml").read_text()
+    for other_cloud in ("do-loadbalancer-enable-proxy-protocol", "load-balancer.hetzner.cloud/uses-proxyprotocol",
+                        "linode-loadbalancer-default-proxy-protocol", "accept_proxy_from = []"):
+        assert other_cloud in service_text, other_cloud
+    assert "accept_proxy_from" in (FRONT / "configmap.yaml").read_text().split("apiVersion:")[0]
+
+    # Probes, drain timing.
+    assert proxy["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert proxy["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    pre_stop = proxy["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + config["shutdown_grace"]
+
+    # Every Secret (certificate, ticket keys) and the ConfigMap mounted as
+    # directories, and the configuration names files inside them.
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in proxy["volumeMounts"]}
+    assert set(mounts) == set(volumes) == {"config", "tls", "tickets"}
+    assert all("subPath" not in m and "subPathExpr" not in m for m in mounts.values())
+    assert all(m["readOnly"] is True for m in mounts.values())
+    assert volumes["config"]["configMap"]["name"] == front_object("ConfigMap")["metadata"]["name"]
+    env = {e["name"]: e["value"] for e in proxy["env"]}
+    assert env["MAIL_TLS_PROXY_CONFIG"] == f"{mounts['config']['mountPath']}/config.toml"
+    tls_dir = mounts["tls"]["mountPath"]
+    assert config["certificate"][0] == {"cert": f"{tls_dir}/tls.crt", "key": f"{tls_dir}/tls.key"}
+    secret = front_ticket_secret()
+    assert volumes["tickets"]["secret"]["secretName"] == secret["metadata"]["name"]
+    (data_key,) = secret["stringData"]
+    assert config["tls"]["ticket_keys"] == f"{mounts['tickets']['mountPath']}/{data_key}"
+    # The placeholder is not a key anyone could end up using.
+    assert not any(is_ticket_key(line) for line in secret["stringData"][data_key].splitlines())
+    assert "openssl rand 80 | base64 -w0" in (FRONT / "ticket-keys-secret.yaml").read_text()
+    assert "openssl rand 80 | base64 -w0" in (FRONT / "README.md").read_text()
+
+    # A fleet: replicas owned by the HPA (on CPU, so the CPU request must be
+    # set), at most one down voluntarily, spread over nodes.
+    assert "replicas" not in deployment["spec"]
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    hpa = front_object("HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                             "name": deployment["metadata"]["name"]}
+    assert hpa["spec"]["minReplicas"] >= 3 and hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
+    assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+    assert proxy["resources"]["requests"]["cpu"] and proxy["resources"]["requests"]["memory"]
+    assert "cpu" not in proxy["resources"].get("limits", {})
+    pdb = front_object("PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    (anti,) = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert anti["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert anti["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= labels.items()
+    assert "requiredDuringSchedulingIgnoredDuringExecution" not in pod["affinity"]["podAntiAffinity"]
+
+    # The sidecar's container hardening.
+    context = proxy["securityContext"]
+    assert context["runAsNonRoot"] is True and context["runAsUser"] == 65532
+    assert context["readOnlyRootFilesystem"] is True and context["allowPrivilegeEscalation"] is False
+    assert context["capabilities"]["drop"] == ["ALL"]
+    assert pod["securityContext"]["fsGroup"] == 65532
+
+    # Only the proxies reach the backend's ports, which are the ones configured.
+    policy = front_object("NetworkPolicy")
+    (rule,) = policy["spec"]["ingress"]
+    backend_ports = {int(listener["backend"].rsplit(":", 1)[1]) for listener in config["listener"]}
+    assert {p["port"] for p in rule["ports"]} == backend_ports
+    assert rule["from"][0]["podSelector"]["matchLabels"].items() <= labels.items()
+
+
+def test_front_tier_ticket_rotation_is_limited_to_the_one_secret():
+    secret_name = front_ticket_secret()["metadata"]["name"]
+    role, binding = front_object("Role"), front_object("RoleBinding")
+    account, cronjob = front_object("ServiceAccount"), front_object("CronJob")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "resourceNames": [secret_name],
+                              "verbs": ["get", "patch"]}]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"]}]
+    pod = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == account["metadata"]["name"]
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+    assert pod["restartPolicy"] == "OnFailure"
+    containers = pod["initContainers"] + pod["containers"]
+    assert [c["name"] for c in containers] == ["read", "rotate", "write"]
+    for container in containers:
+        image, _, tag = container["image"].rpartition(":")
+        assert image and tag and tag != "latest", container["image"]
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert containers[0]["image"].startswith("bitnami/kubectl:")
+    assert containers[1]["image"] == front_object("Deployment")["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert containers[1]["args"][:4] == ["tickets", "rotate", "--file", "/work/ticket-keys"]
+    write = containers[2]["command"][-1]
+    assert f"kubectl create secret generic {secret_name}" in write
+    assert "--dry-run=client -o yaml" in write and "| kubectl apply -f -" in write
+
+
+def test_front_tier_configuration_passes_check_and_refuses_the_placeholder(tmp_path):
+    binary = debug_binary()
+    text, config = front_config()
+    chain, key = new_certificate(tmp_path / "tls")
+    keys = tmp_path / "ticket-keys"
+    keys.write_text(base64.b64encode(os.urandom(TICKET_KEY_BYTES)).decode() + "\n")
+    # The backend by address (no cluster DNS here); nothing listens there, so
+    # the relay guard cannot tell, which never stops check.
+    text = (text.replace("/etc/mail-tls-proxy/tls/tls.crt", str(chain))
+            .replace("/etc/mail-tls-proxy/tls/tls.key", str(key))
+            .replace(config["tls"]["ticket_keys"], str(keys))
+            .replace('"mail-backend:', '"127.0.0.1:'))
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(text)
+    result = run([str(binary), "check", "--config", str(config_file)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len([line for line in result.stdout.splitlines() if line.startswith("listener ")]) == 7, result.stdout
+    # The Secret's placeholder is refused, naming the file.
+    secret = front_ticket_secret()
+    keys.write_text(next(iter(secret["stringData"].values())))
+    result = run([str(binary), "check", "--config", str(config_file)])
+    assert result.returncode == 78, result.stdout + result.stderr
+    assert str(keys) in result.stderr, result.stderr
+
+
+def test_front_tier_ticket_rotation_job_steps_run_against_a_stand_in_api_server(tmp_path):
+    """The CronJob's three containers, in order, on this machine: the real
+    kubectl for `create secret --dry-run=client -o yaml`, a stand-in for
+    `kubectl get` and `kubectl apply` holding the Secret in a file, and the
+    real `mail-tls-proxy tickets rotate`."""
+    binary = debug_binary()
+    kubectl = need("kubectl")
+    bash = need("bash")
+    secret_name = front_ticket_secret()["metadata"]["name"]
+    work = tmp_path / "work"
+    work.mkdir()
+    state = tmp_path / "secret.json"
+    first_key = base64.b64encode(os.urandom(TICKET_KEY_BYTES)).decode()
+    state.write_text(json.dumps({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": secret_name},
+                                 "data": {"ticket-keys": base64.b64encode(f"{first_key}\n".encode()).decode()}}))
+    calls = tmp_path / "calls"
+    stand_in = tmp_path / "bin" / "kubectl"
+    stand_in.parent.mkdir()
+    stand_in.write_text(f"""#!{sys.executable}
+import json, re, subprocess, sys
+args = sys.argv[1:]
+with open({str(calls)!r}, "a") as calls:
+    calls.write(" ".join(args) + "\\n")
+if args[0] == "create":
+    sys.exit(subprocess.run([{kubectl!r}, *args]).returncode)
+secret = json.load(open({str(state)!r}))
+if args[:2] == ["get", "secret"]:
+    assert args[2] == secret["metadata"]["name"], args
+    key = re.fullmatch(r"\\{{\\.data\\.([\\w-]+)\\}}", args[args.index("-o") + 1].split("=", 1)[1]).group(1)
+    sys.stdout.write(secret["data"][key])
+elif args[:3] == ["apply", "-f", "-"]:
+    import yaml
+    applied = yaml.safe_load(sys.stdin)
+    assert applied["metadata"]["name"] == secret["metadata"]["name"], applied
+    json.dump(applied, open({str(state)!r}, "w"))
+else:
+    sys.exit("unexpected: " + " ".join(args))
+""")
+    stand_in.chmod(0o755)
+    pod = front_object("CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    read, rotate = pod["initContainers"]
+    (write,) = pod["containers"]
+    environment = {**os.environ, "PATH": f"{stand_in.parent}:{os.environ['PATH']}", "HOME": str(work)}
+
+    def run_job() -> list[str]:
+        for container in (read, rotate, write):
+            here = [part.replace("/work/", f"{work}/") for part in container.get("command") or container["args"]]
+            if "command" in container:  # the kubectl image: bash -c SCRIPT
+                command = [bash, *here[1:]]
+            else:  # the proxy image, whose entrypoint is the binary
+                command = [str(binary), *here]
+            result = run(command, env=environment)
+            assert result.returncode == 0, (container["name"], result.stdout + result.stderr)
+        data = json.loads(state.read_text())["data"]["ticket-keys"]
+        return base64.b64decode(data).decode().splitlines()
+
+    keys = run_job()
+    assert len(keys) == 2 and keys[0] == first_key and all(is_ticket_key(k) for k in keys), keys
+    keys = run_job()
+    assert len(keys) == 3 and keys[0] == first_key
+    third = run_job()
+    assert len(third) == 3 and third[:2] == keys[1:] and third[2] not in keys, third
+    # What it asked of the API server: reads and applies of that one Secret.
+    verbs = [line.split()[0] for line in calls.read_text().splitlines()]
+    assert set(verbs) == {"get", "create", "apply"}, verbs
+
 
 
 # -- the sidecar's configuration, run: readiness, login, Secret-style rotation -------

@@ -237,7 +237,8 @@ impl<I: Issuer> Renewal<I> {
         let label = self.certificate.label().to_string();
         let folder = self.state.certificate_dir(&label);
         let next_key = folder.join(NEXT_PRIVKEY);
-        let key_pem = private_key(&self.certificate, &folder.join(PRIVKEY), &next_key)?;
+        let (key_pem, next_key_used) =
+            private_key(&self.certificate, &folder.join(PRIVKEY), &next_key)?;
         let key = rcgen::KeyPair::from_pem(&key_pem)
             .map_err(|error| OrderFailure::new(format!("the private key: {error}")))?;
         let mut params = rcgen::CertificateParams::new(self.certificate.names.clone())
@@ -276,7 +277,10 @@ impl<I: Issuer> Renewal<I> {
         self.state
             .write_pair(&label, chain.as_bytes(), key_pem.as_bytes())
             .map_err(|error| OrderFailure::new(format!("cannot store the certificate: {error}")))?;
-        let _ = std::fs::remove_file(&next_key);
+        if next_key_used {
+            // Now in privkey.pem.
+            let _ = std::fs::remove_file(&next_key);
+        }
         self.reload.request();
         ::metrics::counter!(metrics::ACME_ORDERS_TOTAL, "result" => AcmeOrderResult::Ok.as_str())
             .increment(1);
@@ -312,35 +316,36 @@ impl<I: Issuer> Renewal<I> {
     }
 }
 
-/// The private key for the next CSR: a prepared next key if there is one,
-/// else the current key with `reuse_key` (if it is of the configured
-/// type), else a new key of the configured type.
+/// The private key for the next CSR, and whether it is the prepared next
+/// key: that one if there is one (of the configured type), else the
+/// current key with `reuse_key` (if it is of the configured type), else a
+/// new key of the configured type.
 fn private_key(
     certificate: &AcmeCertificate,
     current: &std::path::Path,
     next: &std::path::Path,
-) -> Result<String, OrderFailure> {
+) -> Result<(String, bool), OrderFailure> {
     let usable = |path: &std::path::Path| -> Option<String> {
         let pem = std::fs::read_to_string(path).ok()?;
         let key = rcgen::KeyPair::from_pem(&pem).ok()?;
         (key_type_of(&key) == Some(certificate.key_type)).then_some(pem)
     };
     if let Some(pem) = usable(next) {
-        return Ok(pem);
+        return Ok((pem, true));
     }
     if certificate.reuse_key {
         if let Some(pem) = usable(current) {
-            return Ok(pem);
+            return Ok((pem, false));
         }
     }
-    generate_key(certificate.key_type)
+    generate_key(certificate.key_type).map(|pem| (pem, false))
 }
 
 fn key_type_of(key: &rcgen::KeyPair) -> Option<KeyType> {
     let algorithm = key.algorithm();
     if algorithm == &rcgen::PKCS_ECDSA_P256_SHA256 {
         Some(KeyType::EcdsaP256)
-    } else if algorithm == &rcgen::PKCS_RSA_SHA256 && key.public_key_raw().len() > 256 {
+    } else if algorithm == &rcgen::PKCS_RSA_SHA256 {
         Some(KeyType::Rsa2048)
     } else {
         None

@@ -584,18 +584,23 @@ def test_without_a_working_acme_server_the_placeholder_is_served_and_issuance_re
     failed = proxy.wait_for(ORDER_FAILED)
     assert failed["level"] == "WARN" and failed.get("certificate") == NAME, failed
     next_retry = parse_utc(failed["next_retry"])
+    if pebble_at_start == "refusing":
+        assert "badNonce" in failed["reason"], failed
+
+    # The failure is in the state directory for `check` to tell.
+    deadline = time.monotonic() + 5
+    while "last error at " not in (line := check_line(binary, proxy)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ("not issued yet (a self-signed placeholder is served until the first issuance), last error at "
+            in line and "(next retry at " in line), line
 
     if pebble.running:
         pebble.stop_pebble()
     pebble.start(authz_reuse_percent=0)
-    assert pebble.order_count() == 0
-    line = check_line(binary, proxy)
-    assert "not issued yet (a self-signed placeholder is served until the first issuance), last error at " in line, line
 
     if pebble_at_start == "refusing":
         renew = run_cli(binary, "acme", "renew", "-c", str(proxy.config_file))
         assert renew.returncode == 0, (renew.stdout, renew.stderr)
-        proxy.wait_for("acme: renewal requested: retrying now")
         issued = proxy.wait_for(ISSUED)
     else:
         # The scheduled retry (at most a minute after the failure).
@@ -639,9 +644,7 @@ def issued_retrying_failures_now(binary: Path, proxy: AcmeProxy, count: int) -> 
         if len(failed) - failed_before > retried:
             assert retried < 2, f"three orders failed:\n{proxy.log_tail()}"
             retried += 1
-            requests_before = len(proxy.acme_records("acme: renewal requested: retrying now"))
             assert run_cli(binary, "acme", "renew", "-c", str(proxy.config_file)).returncode == 0
-            proxy.wait_for("acme: renewal requested: retrying now", count=requests_before + 1)
         assert time.monotonic() < deadline, f"not issued within {ISSUANCE_TIMEOUT_SECONDS} s:\n{proxy.log_tail()}"
         time.sleep(0.05)
     return proxy.acme_records(ISSUED)[count - 1], retried
@@ -660,7 +663,7 @@ def test_injected_failures_are_survived(binary, pebble, acme_dir, mail_servers, 
     proxies.append(proxy)
     issued, failed_orders = issued_retrying_failures_now(binary, proxy, count=1)
     assert "Configured to reject 20% of good nonces" in pebble.log_since_start()
-    assert pebble.order_count() == failed_orders + 1
+    assert pebble.order_count() >= failed_orders + 1
     wait_until_served(proxy, pebble.issuing_root, issued)
     assert_served_chain_verifies(proxy, pebble.issuing_root, mail_servers)
 

@@ -537,12 +537,18 @@ def test_forced_renewal_under_continuous_handshakes(binary, pebble, acme_dir, ma
         assert tlsa_after != tlsa_before
 
 
-def test_a_restart_serves_the_stored_pair_without_ordering(binary, pebble, acme_dir, mail_servers, proxies):
+@pytest.mark.parametrize("pebble_at_restart", ["up", "down"])
+def test_a_restart_serves_the_stored_pair_without_ordering(binary, pebble, acme_dir, mail_servers, proxies,
+                                                           pebble_at_restart):
+    """The stored pair is served from the first handshake and nothing is
+    ordered, whether or not the ACME server can be reached."""
     pebble.start(authz_reuse_percent=0)
     proxy = start_acme_proxy(binary, acme_dir, pebble, mail_servers)
     proxies.append(proxy)
     issued_leaf = issued_and_served(proxy, pebble.issuing_root)
     stop_proxy(proxy.running)
+    if pebble_at_restart == "down":
+        pebble.stop_pebble()
 
     restarted = start_acme_proxy(binary, acme_dir, pebble, mail_servers, stem="restarted",
                                  state_dir=proxy.state_dir)
@@ -558,8 +564,12 @@ def test_a_restart_serves_the_stored_pair_without_ordering(binary, pebble, acme_
                     "acme: the configured names changed"):
         assert restarted.acme_records(message) == [], restarted.log_tail()
     assert restarted.acme_records(PLACEHOLDER_WARNING) == []
-    orders = metric_samples(restarted.metrics(), "mail_tls_proxy_acme_orders_total")
+    metrics = restarted.metrics()
+    orders = metric_samples(metrics, "mail_tls_proxy_acme_orders_total")
     assert sum(orders.values()) == 0, orders
+    not_after = ssl.cert_time_to_seconds(issued_leaf.openssl_text("-enddate").strip().split("=", 1)[1])
+    next_renewal = metric_samples(metrics, "mail_tls_proxy_acme_next_renewal_timestamp_seconds")
+    assert time.time() < next_renewal.get(f'{{certificate="{NAME}"}}', 0) < not_after, next_renewal
     line = check_line(binary, restarted)
     assert "issued until " in line and line.endswith(", last error: none"), line
 

@@ -91,6 +91,11 @@ async def serve_backend(protocol: str) -> tuple[asyncio.AbstractServer, int]:
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
+            if protocol == "smtp":
+                # The ConfigMap's SMTP listeners send a PROXY v2 header, as
+                # the backend is told to expect (smtpd_upstream_proxy_protocol).
+                fixed = await reader.readexactly(16)
+                await reader.readexactly(int.from_bytes(fixed[14:16], "big"))
             writer.write(greeting)
             await writer.drain()
             while line := await reader.readline():
@@ -100,7 +105,11 @@ async def serve_backend(protocol: str) -> tuple[asyncio.AbstractServer, int]:
                     writer.write(b"* BYE\r\n" + tag + b" OK bye\r\n" if protocol == "imap" else b"+OK bye\r\n" if protocol == "pop3" else b"221 bye\r\n")
                     await writer.drain()
                     break
-                writer.write(b"x OK\r\n" if protocol == "imap" else b"+OK\r\n" if protocol == "pop3" else b"250 ok\r\n")
+                if protocol == "smtp" and word.startswith(b"RCPT"):
+                    # A closed relay, as a backend behind the proxy must be.
+                    writer.write(b"554 5.7.1 Relay access denied\r\n")
+                else:
+                    writer.write(b"x OK\r\n" if protocol == "imap" else b"+OK\r\n" if protocol == "pop3" else b"250 ok\r\n")
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
             pass

@@ -2,7 +2,7 @@
 # Install what the end-to-end tests need: stock Debian Dovecot (IMAP, POP3),
 # Postfix, HAProxy, swaks, curl, openssl, and pytest for the python3 on PATH;
 # for the deployment tests (test_deploy.py) promtool (Debian's prometheus),
-# systemd-analyze, setpriv, readelf; for the Debian package test
+# systemd-analyze, setpriv, readelf, kubectl; for the Debian package test
 # (test_package.py) lintian, man and cargo-deb (cargo install, pinned in
 # packaging/install-cargo-deb.sh); for the ACME tests (test_acme.py) Pebble;
 # and from PyPI kubernetes-validate,
@@ -30,6 +30,11 @@ DEBIAN_PACKAGES+=(lintian man-db)
 # The ACME tests (test_acme.py): Pebble, the test ACME server, and
 # pebble-challtestsrv from the same package as its DNS server.
 DEBIAN_PACKAGES+=(pebble)
+# kubectl (kustomize, `create secret --dry-run=client`) for the front-tier
+# manifests; Debian's kubernetes-client unless a kubectl is already there.
+if ! command -v kubectl >/dev/null 2>&1; then
+    DEBIAN_PACKAGES+=(kubernetes-client)
+fi
 if [ "${CI:-}" = true ]; then
     DEBIAN_PACKAGES+=(podman runc catatonit)
 fi

@@ -35,8 +35,9 @@ from proxy_process import REPO_ROOT, unavailable
 
 UNIT = "usr/lib/systemd/system/mail-tls-proxy.service"
 CONFIG = "etc/mail-tls-proxy/config.toml"
-SUBCOMMAND_PAGES = ("run", "check", "healthcheck", "cert", "cert-self-signed")
-VISIBLE_SUBCOMMANDS = ("run", "check", "healthcheck", "cert")
+SUBCOMMAND_PAGES = ("run", "check", "healthcheck", "cert", "cert-self-signed", "tickets",
+                    "tickets-rotate", "acme", "acme-renew", "tlsa")
+VISIBLE_SUBCOMMANDS = ("run", "check", "healthcheck", "cert", "tickets", "acme", "tlsa")
 
 
 def need(program: str) -> str:

@@ -7,12 +7,17 @@ use std::path::Path;
 
 use crate::support::{run_binary, TempDir};
 
-const MANUAL_PAGES: [&str; 6] = [
+const MANUAL_PAGES: [&str; 11] = [
+    "mail-tls-proxy-acme-renew.1",
+    "mail-tls-proxy-acme.1",
     "mail-tls-proxy-cert-self-signed.1",
     "mail-tls-proxy-cert.1",
     "mail-tls-proxy-check.1",
     "mail-tls-proxy-healthcheck.1",
     "mail-tls-proxy-run.1",
+    "mail-tls-proxy-tickets-rotate.1",
+    "mail-tls-proxy-tickets.1",
+    "mail-tls-proxy-tlsa.1",
     "mail-tls-proxy.1",
 ];
 
@@ -22,7 +27,15 @@ const COMPLETIONS: [&str; 3] = [
     "mail-tls-proxy.fish",
 ];
 
-const VISIBLE_SUBCOMMANDS: [&str; 4] = ["run", "check", "healthcheck", "cert"];
+const VISIBLE_SUBCOMMANDS: [&str; 7] = [
+    "run",
+    "check",
+    "healthcheck",
+    "cert",
+    "tickets",
+    "acme",
+    "tlsa",
+];
 
 fn file_names(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
@@ -81,7 +94,7 @@ fn generate_assets_writes_a_manual_page_per_subcommand_and_three_completions() {
 
     let bash = read(&out.join("completions/mail-tls-proxy.bash"));
     assert!(
-        bash.contains("run check healthcheck cert help"),
+        bash.contains("run check healthcheck cert tickets acme tlsa help"),
         "the bash completion offers the subcommands: {bash}"
     );
     assert!(read(&out.join("completions/_mail-tls-proxy")).starts_with("#compdef mail-tls-proxy"));

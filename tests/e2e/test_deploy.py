@@ -847,7 +847,7 @@ def test_alert_rules_pass_promtool_check():
         pytest.skip("promtool not installed; only the rule structure was checked")
     result = run([need("promtool"), "check", "rules", str(DEPLOY / "prometheus" / "alerts.yaml")])
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 9 rules found" in result.stdout
+    assert "SUCCESS: 12 rules found" in result.stdout
 
 
 def test_alerts_fire_when_they_should_promtool_unit_tests():

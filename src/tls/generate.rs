@@ -21,19 +21,29 @@ pub struct GeneratedPair {
     pub(crate) key_der: Vec<u8>,
 }
 
-/// Generates an ECDSA P-256 self-signed certificate for `names`.
+/// Generates an ECDSA P-256 self-signed certificate for `names`, its
+/// subject's common name the first of them.
 pub fn generate_pair(names: &[String]) -> Result<GeneratedPair, CertificateError> {
-    let generated = rcgen::generate_simple_self_signed(names.to_vec()).map_err(|error| {
-        CertificateError::Generate {
-            name: names.join(","),
-            reason: error.to_string(),
-        }
-    })?;
+    let failed = |reason: String| CertificateError::Generate {
+        name: names.join(","),
+        reason,
+    };
+    let mut params =
+        rcgen::CertificateParams::new(names.to_vec()).map_err(|error| failed(error.to_string()))?;
+    if let Some(first) = names.first() {
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, first.as_str());
+    }
+    let signing_key = rcgen::KeyPair::generate().map_err(|error| failed(error.to_string()))?;
+    let cert = params
+        .self_signed(&signing_key)
+        .map_err(|error| failed(error.to_string()))?;
     Ok(GeneratedPair {
-        cert_pem: generated.cert.pem(),
-        key_pem: generated.signing_key.serialize_pem(),
-        cert_der: generated.cert.der().clone(),
-        key_der: generated.signing_key.serialize_der(),
+        cert_pem: cert.pem(),
+        key_pem: signing_key.serialize_pem(),
+        cert_der: cert.der().clone(),
+        key_der: signing_key.serialize_der(),
     })
 }
 
@@ -47,29 +57,20 @@ pub(crate) fn self_signed(
     if hostname != "localhost" {
         names.push("localhost".to_string());
     }
-    let failed = |reason: String| CertificateError::Generate {
-        name: hostname.to_string(),
-        reason,
-    };
-    let pair = generate_pair(&names)?;
-    let info = leaf_info(&pair.cert_der).map_err(failed)?;
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pair.key_der));
-    let signing_key = provider
-        .key_provider
-        .load_private_key(key)
-        .map_err(|error| failed(error.to_string()))?;
-    Ok(LoadedCertificate {
-        certified_key: Arc::new(CertifiedKey::new(vec![pair.cert_der], signing_key)),
-        files: None,
-        names: info.names,
-        not_before: info.not_before,
-        not_after: info.not_after,
-    })
+    generated_in_memory(&names, provider)
 }
 
 /// What an ACME entry serves until its first certificate is issued:
 /// self-signed for its `names`, generated in memory, never written.
 pub(crate) fn placeholder(
+    names: &[String],
+    provider: &CryptoProvider,
+) -> Result<LoadedCertificate, CertificateError> {
+    generated_in_memory(names, provider)
+}
+
+/// A self-signed pair for `names`, ready to serve, never written to disk.
+fn generated_in_memory(
     names: &[String],
     provider: &CryptoProvider,
 ) -> Result<LoadedCertificate, CertificateError> {
@@ -91,22 +92,4 @@ pub(crate) fn placeholder(
         not_before: info.not_before,
         not_after: info.not_after,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::tls::provider::provider;
-
-    #[test]
-    fn the_self_signed_default_names_the_host() {
-        let loaded = self_signed("mx.example.org", &provider()).expect("generate");
-        assert!(loaded.files.is_none());
-        assert_eq!(loaded.certified_key.cert.len(), 1);
-        assert_eq!(loaded.names, vec!["mx.example.org", "localhost"]);
-        loaded
-            .certified_key
-            .keys_match()
-            .expect("generated key matches");
-    }
 }

@@ -370,7 +370,11 @@ impl Config {
                     ));
                 };
                 if raw.key_type.is_some() || raw.reuse_key.is_some() {
-                    let field = if raw.key_type.is_some() { "key_type" } else { "reuse_key" };
+                    let field = if raw.key_type.is_some() {
+                        "key_type"
+                    } else {
+                        "reuse_key"
+                    };
                     return Err(invalid(key(field), "applies to acme entries only".into()));
                 }
                 certificates.push(CertificateFiles {

@@ -219,7 +219,10 @@ impl Reloader {
             let read = read_pair(files).and_then(|(cert, key)| {
                 parse_certified_key(files, &cert, &key, &provider).map(|loaded| (loaded, cert, key))
             });
-            let (loaded, observed, served_bytes, serving_placeholder) = match (read, &spec.placeholder_names) {
+            let (loaded, observed, served_bytes, serving_placeholder) = match (
+                read,
+                &spec.placeholder_names,
+            ) {
                 (Ok((loaded, cert, key)), _) => (
                     Arc::new(loaded),
                     Observation::Read {
@@ -247,7 +250,12 @@ impl Reloader {
                         Ok((cert, key)) => Observation::Read { cert, key },
                         Err(error) => Observation::Unreadable(error.to_string()),
                     };
-                    (Arc::new(placeholder), observed, (Vec::new(), Vec::new()), true)
+                    (
+                        Arc::new(placeholder),
+                        observed,
+                        (Vec::new(), Vec::new()),
+                        true,
+                    )
                 }
             };
             let mut label = loaded.label();
@@ -526,7 +534,8 @@ impl Reloader {
         // made now, its files are watched from the start.
         for source in &self.sources {
             if source.placeholder_names.is_some() {
-                let _ = crate::acme::store::create_private_dir(&parent_directory(&source.files.cert));
+                let _ =
+                    crate::acme::store::create_private_dir(&parent_directory(&source.files.cert));
             }
         }
         self.triggers = Some(Triggers::start(

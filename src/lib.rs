@@ -43,5 +43,7 @@ pub mod server;
 pub mod session;
 pub mod supervisor;
 pub mod systemd;
+#[cfg(test)]
+pub(crate) mod test_dir;
 pub mod time;
 pub mod tls;

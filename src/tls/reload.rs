@@ -599,34 +599,13 @@ impl Reloader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_dir::TestDir;
     use crate::tls::generate::{generate_pair, GeneratedPair};
 
-    struct Dir(PathBuf);
-
-    impl Dir {
-        fn new(label: &str) -> Dir {
-            use std::sync::atomic::AtomicUsize;
-            static NEXT: AtomicUsize = AtomicUsize::new(0);
-            let path = std::env::temp_dir().join(format!(
-                "mail-tls-proxy-reload-{label}-{}-{}",
-                std::process::id(),
-                NEXT.fetch_add(1, Ordering::Relaxed)
-            ));
-            std::fs::create_dir_all(&path).expect("temp dir");
-            Dir(path)
-        }
-
-        fn files(&self, name: &str) -> CertificateFiles {
-            CertificateFiles {
-                cert: self.0.join(format!("{name}.crt")),
-                key: self.0.join(format!("{name}.key")),
-            }
-        }
-    }
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
+    fn pair_files(dir: &TestDir, name: &str) -> CertificateFiles {
+        CertificateFiles {
+            cert: dir.join(format!("{name}.crt")),
+            key: dir.join(format!("{name}.key")),
         }
     }
 
@@ -647,8 +626,8 @@ mod tests {
 
     #[test]
     fn a_changed_pair_is_swapped_in_and_an_unchanged_one_is_skipped() {
-        let dir = Dir::new("swap");
-        let files = dir.files("a");
+        let dir = TestDir::new("reload-swap");
+        let files = pair_files(&dir, "a");
         let first = write(&files, &["a.example"]);
         let mut reloader = Reloader::load(std::slice::from_ref(&files), "unused").expect("load");
         assert_eq!(served(&reloader, 0), first.cert_der.to_vec());
@@ -665,8 +644,8 @@ mod tests {
 
     #[test]
     fn a_broken_replacement_keeps_the_old_pair_until_fixed() {
-        let dir = Dir::new("broken");
-        let files = dir.files("a");
+        let dir = TestDir::new("reload-broken");
+        let files = pair_files(&dir, "a");
         let first = write(&files, &["a.example"]);
         let mut reloader = Reloader::load(std::slice::from_ref(&files), "unused").expect("load");
 
@@ -699,8 +678,8 @@ mod tests {
 
     #[test]
     fn a_missing_file_is_an_error_and_the_old_pair_stays() {
-        let dir = Dir::new("missing");
-        let files = dir.files("a");
+        let dir = TestDir::new("reload-missing");
+        let files = pair_files(&dir, "a");
         let first = write(&files, &["a.example"]);
         let mut reloader = Reloader::load(std::slice::from_ref(&files), "unused").expect("load");
         std::fs::remove_file(&files.cert).expect("remove");
@@ -717,8 +696,8 @@ mod tests {
 
     #[test]
     fn each_pair_is_judged_on_its_own() {
-        let dir = Dir::new("pairs");
-        let (a, b) = (dir.files("a"), dir.files("b"));
+        let dir = TestDir::new("reload-pairs");
+        let (a, b) = (pair_files(&dir, "a"), pair_files(&dir, "b"));
         write(&a, &["a.example"]);
         let b_first = write(&b, &["b.example"]);
         let mut reloader = Reloader::load(&[a.clone(), b.clone()], "unused").expect("load");
@@ -733,8 +712,8 @@ mod tests {
 
     #[test]
     fn sighup_rechecks_even_without_a_change() {
-        let dir = Dir::new("sighup");
-        let files = dir.files("a");
+        let dir = TestDir::new("reload-sighup");
+        let files = pair_files(&dir, "a");
         write(&files, &["a.example"]);
         let mut reloader = Reloader::load(std::slice::from_ref(&files), "unused").expect("load");
         assert_eq!(reloader.reload(Trigger::Signal), ReloadOutcome::default());
@@ -743,8 +722,8 @@ mod tests {
 
     #[test]
     fn start_up_errors_name_the_file() {
-        let dir = Dir::new("startup");
-        let files = dir.files("a");
+        let dir = TestDir::new("reload-startup");
+        let files = pair_files(&dir, "a");
         write(&files, &["a.example"]);
         std::fs::write(&files.key, "").expect("write");
         let error = Reloader::load(std::slice::from_ref(&files), "unused")
@@ -765,8 +744,8 @@ mod tests {
 
     #[test]
     fn duplicate_first_names_get_distinct_labels_and_directories_are_watched_once() {
-        let dir = Dir::new("labels");
-        let (a, b) = (dir.files("rsa"), dir.files("ecdsa"));
+        let dir = TestDir::new("reload-labels");
+        let (a, b) = (pair_files(&dir, "rsa"), pair_files(&dir, "ecdsa"));
         write(&a, &["mail.example"]);
         write(&b, &["mail.example"]);
         let reloader = Reloader::load(&[a, b.clone()], "unused").expect("load");
@@ -775,6 +754,9 @@ mod tests {
             labels,
             vec!["mail.example".to_string(), b.cert.display().to_string()]
         );
-        assert_eq!(reloader.watched_directories(), vec![dir.0.clone()]);
+        assert_eq!(
+            reloader.watched_directories(),
+            vec![dir.path().to_path_buf()]
+        );
     }
 }

@@ -170,29 +170,8 @@ fn write_temporary(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_dir::TestDir;
     use crate::tls::tickets::TicketKeys;
-
-    struct Dir(PathBuf);
-
-    impl Dir {
-        fn new(label: &str) -> Dir {
-            use std::sync::atomic::{AtomicUsize, Ordering};
-            static NEXT: AtomicUsize = AtomicUsize::new(0);
-            let path = std::env::temp_dir().join(format!(
-                "mail-tls-proxy-tickets-{label}-{}-{}",
-                std::process::id(),
-                NEXT.fetch_add(1, Ordering::Relaxed)
-            ));
-            std::fs::create_dir_all(&path).expect("temp dir");
-            Dir(path)
-        }
-    }
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 
     fn key_lines(path: &Path) -> Vec<String> {
         std::fs::read_to_string(path)
@@ -213,8 +192,8 @@ mod tests {
 
     #[test]
     fn a_missing_file_is_made_private_with_one_key() {
-        let dir = Dir::new("new");
-        let path = dir.0.join("keys");
+        let dir = TestDir::new("tickets-new");
+        let path = dir.join("keys");
         let rotation = rotate_key_file(&path, usize::from(DEFAULT_KEEP)).expect("rotate");
         assert_eq!(
             (rotation.created, rotation.keys, rotation.dropped),
@@ -231,8 +210,8 @@ mod tests {
 
     #[test]
     fn each_rotation_appends_and_keeps_the_newest_n() {
-        let dir = Dir::new("keep");
-        let path = dir.0.join("keys");
+        let dir = TestDir::new("tickets-keep");
+        let path = dir.join("keys");
         let mut names = Vec::new();
         for round in 0..5 {
             let rotation = rotate_key_file(&path, 3).expect("rotate");
@@ -259,8 +238,8 @@ mod tests {
 
     #[test]
     fn comments_mode_and_owner_are_kept_and_the_file_is_replaced_by_rename() {
-        let dir = Dir::new("replace");
-        let path = dir.0.join("keys");
+        let dir = TestDir::new("tickets-replace");
+        let path = dir.join("keys");
         let first = base64::engine::general_purpose::STANDARD.encode([5u8; KEY_LENGTH]);
         std::fs::write(&path, format!("# ours\n\n{first}\n")).expect("write");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
@@ -278,7 +257,7 @@ mod tests {
         );
         assert_eq!(key_lines(&path).len(), 2);
         // No temporary file is left behind.
-        let names: Vec<String> = std::fs::read_dir(&dir.0)
+        let names: Vec<String> = std::fs::read_dir(dir.path())
             .expect("list")
             .map(|entry| {
                 entry
@@ -293,8 +272,8 @@ mod tests {
 
     #[test]
     fn a_broken_file_is_not_touched_and_a_comment_only_file_gets_its_first_key() {
-        let dir = Dir::new("broken");
-        let path = dir.0.join("keys");
+        let dir = TestDir::new("tickets-broken");
+        let path = dir.join("keys");
         std::fs::write(&path, "not a key\n").expect("write");
         let error = rotate_key_file(&path, 3).expect_err("refused");
         assert!(error.to_string().contains("line 1: not base64"), "{error}");

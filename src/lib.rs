@@ -22,6 +22,8 @@
 //!   (ready, reloading, stopping).
 //! - [`systemd`]: those moments told to systemd (`Type=notify`), and its
 //!   watchdog's keep-alive.
+//! - `atomic_file`: files written for other readers (ACME state, ticket
+//!   key files), replaced atomically.
 //! - [`logging`]: text or JSON log lines; [`healthcheck`]: the container
 //!   health check client; [`time`]: Unix times as UTC dates (one calendar
 //!   for logs and certificates).
@@ -30,6 +32,7 @@
 
 pub mod acme;
 pub(crate) mod admin;
+pub(crate) mod atomic_file;
 pub mod config;
 pub mod healthcheck;
 pub(crate) mod limits;

@@ -12,11 +12,12 @@
 //! state_dir/renew-requests/<first name>         `acme renew` asks for a renewal
 //! ```
 
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+use crate::atomic_file::{self, FileMode, WriteError};
 
 /// The issued chain, leaf first.
 pub(crate) const FULLCHAIN: &str = "fullchain.pem";
@@ -154,17 +155,18 @@ impl StateDir {
         create_private_dir(&dir)?;
         let key = dir.join(PRIVKEY);
         let chain = dir.join(FULLCHAIN);
-        let key_temp = write_temporary(&key, key_pem, 0o600)?;
-        let chain_temp = match write_temporary(&chain, chain_pem, 0o644) {
-            Ok(temp) => temp,
-            Err(error) => {
-                let _ = std::fs::remove_file(&key_temp);
-                return Err(error);
-            }
-        };
+        let key_temp = atomic_file::write_beside(&key, key_pem, FileMode::Exactly(0o600))?;
+        let chain_temp =
+            match atomic_file::write_beside(&chain, chain_pem, FileMode::Exactly(0o644)) {
+                Ok(temp) => temp,
+                Err(error) => {
+                    let _ = std::fs::remove_file(&key_temp);
+                    return Err(error.into());
+                }
+            };
         std::fs::rename(&key_temp, &key).map_err(at(&key))?;
         std::fs::rename(&chain_temp, &chain).map_err(at(&chain))?;
-        sync_directory(&dir)
+        Ok(atomic_file::sync_directory(&dir)?)
     }
 
     /// Asks the issuing instance to renew the entry `first_name` now.
@@ -203,43 +205,19 @@ pub(crate) fn create_private_dir(dir: &Path) -> Result<(), StateError> {
         .map_err(at(dir))
 }
 
-/// Writes `bytes` next to `path` under a temporary name, synced to disk.
-fn write_temporary(path: &Path, bytes: &[u8], mode: u32) -> Result<PathBuf, StateError> {
-    let name = path
-        .file_name()
-        .map(|name| name.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let temp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&temp)
-        .map_err(at(&temp))?;
-    let written = file.write_all(bytes).and_then(|()| file.sync_all());
-    if let Err(error) = written {
-        let _ = std::fs::remove_file(&temp);
-        return Err(at(&temp)(error));
-    }
-    Ok(temp)
-}
-
 /// Replaces `path` with `bytes` atomically (temporary file, fsync, rename,
 /// fsync of the directory).
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StateError> {
-    let temp = write_temporary(path, bytes, mode)?;
-    std::fs::rename(&temp, path).map_err(at(path))?;
-    match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => sync_directory(dir),
-        _ => Ok(()),
-    }
+    atomic_file::replace(path, bytes, FileMode::Exactly(mode)).map_err(StateError::from)
 }
 
-fn sync_directory(dir: &Path) -> Result<(), StateError> {
-    std::fs::File::open(dir)
-        .and_then(|file| file.sync_all())
-        .map_err(at(dir))
+impl From<WriteError> for StateError {
+    fn from(error: WriteError) -> StateError {
+        StateError {
+            path: error.path,
+            source: error.source,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -11,14 +11,13 @@
 //! touched (the error names the line); one that holds only comments gets
 //! its first key.
 
-use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
 
 use super::file::{parse_key_file, KeyLine};
 use super::{hex, TicketKeyError, KEY_LENGTH, NAME_LENGTH};
+use crate::atomic_file::{self, FileMode};
 use crate::tls::provider::fill_random;
 
 /// Keys a rotation keeps by default: the new one and the two before it.
@@ -112,59 +111,15 @@ fn fresh_key(keys: &[KeyLine]) -> Result<[u8; KEY_LENGTH], TicketKeyError> {
     Err(TicketKeyError::Random)
 }
 
-/// Replaces `path` with `content` atomically (see the module documentation).
+/// Replaces `path` with `content` atomically, keeping its mode and owner
+/// (see the module documentation).
 fn replace_file(path: &Path, content: &[u8]) -> Result<(), TicketKeyError> {
-    let write_error = |source| TicketKeyError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
-    let directory = super::super::watch::parent_directory(path);
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| {
-            write_error(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "not a file name",
-            ))
-        })?
-        .to_string_lossy()
-        .into_owned();
-    let temporary = directory.join(format!(".{file_name}.{}.tmp", std::process::id()));
-    let previous = std::fs::metadata(path).ok();
-    let written = write_temporary(&temporary, content, previous.as_ref())
-        .and_then(|()| std::fs::rename(&temporary, path))
-        .and_then(|()| std::fs::File::open(&directory)?.sync_all());
-    if written.is_err() {
-        let _ = std::fs::remove_file(&temporary);
-    }
-    written.map_err(write_error)
-}
-
-/// Writes `content` to a new file at `temporary` (mode 0600, or the mode
-/// and owner of `previous`) and flushes it to disk.
-fn write_temporary(
-    temporary: &Path,
-    content: &[u8],
-    previous: Option<&std::fs::Metadata>,
-) -> std::io::Result<()> {
-    // A leftover of an interrupted rotation by this same process id.
-    let _ = std::fs::remove_file(temporary);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(temporary)?;
-    file.write_all(content)?;
-    if let Some(previous) = previous {
-        let ours = file.metadata()?;
-        if (ours.uid(), ours.gid()) != (previous.uid(), previous.gid()) {
-            std::os::unix::fs::fchown(&file, Some(previous.uid()), Some(previous.gid()))?;
+    atomic_file::replace(path, content, FileMode::KeepReplaced).map_err(|error| {
+        TicketKeyError::Write {
+            path: path.to_path_buf(),
+            source: error.source,
         }
-        file.set_permissions(std::fs::Permissions::from_mode(
-            previous.permissions().mode() & 0o7777,
-        ))?;
-    }
-    file.sync_all()
+    })
 }
 
 #[cfg(test)]
@@ -172,6 +127,7 @@ mod tests {
     use super::*;
     use crate::test_dir::TestDir;
     use crate::tls::tickets::TicketKeys;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     fn key_lines(path: &Path) -> Vec<String> {
         std::fs::read_to_string(path)

@@ -5,10 +5,8 @@
 //! a clean TLS close; refusals are logged by command word, never with the
 //! command's arguments; `access_log = false` silences the line.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -19,8 +17,7 @@ use crate::support::*;
 /// The binary with JSON log lines at debug level, collected; killed when
 /// dropped.
 struct JsonProxy {
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
+    process: ProxyProcess,
     pki: TestPki,
     _dir: TempDir,
 }
@@ -33,36 +30,21 @@ impl JsonProxy {
             .certificate(&pki.pair)
             .listeners(listeners)
             .write_in(dir.path());
-        let mut child = Command::new(BINARY)
+        let mut command = Command::new(BINARY);
+        command
             .args(["run", "--config"])
             .arg(&config)
-            .env("NO_COLOR", "1")
-            .env("MAIL_TLS_PROXY_LOG", "mail_tls_proxy=debug")
-            .env("MAIL_TLS_PROXY_LOG_FORMAT", "json")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the proxy binary");
-        let stderr = child.stderr.take().expect("stderr");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().expect("lock").push(line);
-            }
-        });
+            .env("MAIL_TLS_PROXY_LOG_FORMAT", "json");
+        let process = ProxyProcess::spawn_with_log_filter(command, "mail_tls_proxy=debug");
         JsonProxy {
-            child,
-            log,
+            process,
             pki,
             _dir: dir,
         }
     }
 
     fn lines(&self) -> Vec<String> {
-        self.log.lock().expect("lock").clone()
+        self.process.log_lines()
     }
 
     /// Waits for a line holding every one of `parts`; returns it.
@@ -73,23 +55,11 @@ impl JsonProxy {
     /// As [`JsonProxy::wait_for`], among the lines of connection `id` only
     /// (when given).
     async fn wait_for_in(&self, id: Option<&str>, parts: &[&str]) -> String {
-        let find = || {
-            self.lines().into_iter().find(|line| {
+        self.process
+            .wait_for_log_line(parts, |line| {
                 id.is_none_or(|id| try_field(line, "connection_id").as_deref() == Some(id))
-                    && parts.iter().all(|part| line.contains(part))
             })
-        };
-        eventually(
-            || find().is_some(),
-            || {
-                format!(
-                    "no log line with {parts:?}; log:\n{}",
-                    self.lines().join("\n")
-                )
-            },
-        )
-        .await;
-        find().expect("found")
+            .await
     }
 
     /// The access line of the session of the client at `client`.
@@ -129,13 +99,6 @@ impl JsonProxy {
         .await
         .expect("handshake in time")
         .expect("handshake succeeds")
-    }
-}
-
-impl Drop for JsonProxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -104,10 +104,16 @@ impl ProxyProcess {
 
     /// Starts `command` (the binary, or a shell that execs it) with its log
     /// lines collected.
-    pub fn spawn_command(mut command: Command) -> ProxyProcess {
+    pub fn spawn_command(command: Command) -> ProxyProcess {
+        ProxyProcess::spawn_with_log_filter(command, "info")
+    }
+
+    /// Starts `command` logging what `filter` (`MAIL_TLS_PROXY_LOG`) lets
+    /// through, with its log lines collected.
+    pub fn spawn_with_log_filter(mut command: Command, filter: &str) -> ProxyProcess {
         let mut child = command
             .env("NO_COLOR", "1")
-            .env("MAIL_TLS_PROXY_LOG", "info")
+            .env("MAIL_TLS_PROXY_LOG", filter)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -125,14 +131,24 @@ impl ProxyProcess {
         ProxyProcess { child, log }
     }
 
+    /// The log lines collected so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().expect("lock").clone()
+    }
+
     /// Waits for a log line containing every one of `parts`; returns it.
     pub async fn wait_for_log(&self, parts: &[&str]) -> String {
+        self.wait_for_log_line(parts, |_| true).await
+    }
+
+    /// As [`ProxyProcess::wait_for_log`], among the lines `also` accepts.
+    pub async fn wait_for_log_line(&self, parts: &[&str], also: impl Fn(&str) -> bool) -> String {
         let find = || {
             self.log
                 .lock()
                 .expect("lock")
                 .iter()
-                .find(|line| parts.iter().all(|part| line.contains(part)))
+                .find(|line| also(line) && parts.iter().all(|part| line.contains(part)))
                 .cloned()
         };
         eventually(

@@ -47,7 +47,7 @@ struct Replica {
 
 impl Replica {
     /// Starts `config` (with the shared certificate and a metrics endpoint)
-    /// from `dir/config.toml`.
+    /// from `dir/config.toml`, making `dir` if needed.
     async fn start(dir: &Path, pki: &TestPki, config: TestConfig) -> Replica {
         Replica::try_start(dir, pki, config)
             .await
@@ -59,6 +59,7 @@ impl Replica {
         pki: &TestPki,
         config: TestConfig,
     ) -> Result<Replica, StartError> {
+        std::fs::create_dir_all(dir).expect("replica folder");
         let path = config.certificate(&pki.pair).metrics().write_in(dir);
         let loaded = Config::load(&path).expect("valid configuration");
         let proxy = Proxy::bind(&loaded).await?.reload_from(&path);
@@ -115,6 +116,12 @@ impl Replica {
         )
         .await;
     }
+}
+
+/// A configuration with one implicit-TLS IMAP listener `name` in front of
+/// `backend`.
+fn imaps(name: &str, backend: SocketAddr) -> TestConfig {
+    TestConfig::new().listener(listener(name, "imap", "implicit", backend))
 }
 
 /// A client that keeps the tickets it gets, speaking only `versions`.
@@ -182,42 +189,23 @@ async fn a_ticket_from_one_replica_resumes_on_another_with_tls_1_3_and_1_2() {
     let pki = TestPki::new();
     let dir = TempDir::new("tickets-fleet");
     let file = key_file(&dir);
-    let (a_dir, b_dir, c_dir) = (dir.join("a"), dir.join("b"), dir.join("c"));
-    for each in [&a_dir, &b_dir, &c_dir] {
-        std::fs::create_dir_all(each).expect("dir");
-    }
     let a = Replica::start(
-        &a_dir,
+        &dir.join("a"),
         &pki,
-        TestConfig::new().ticket_keys(&file).listener(listener(
-            "tickets-fleet-a",
-            "imap",
-            "implicit",
-            backend.address,
-        )),
+        imaps("tickets-fleet-a", backend.address).ticket_keys(&file),
     )
     .await;
     let b = Replica::start(
-        &b_dir,
+        &dir.join("b"),
         &pki,
-        TestConfig::new().ticket_keys(&file).listener(listener(
-            "tickets-fleet-b",
-            "imap",
-            "implicit",
-            backend.address,
-        )),
+        imaps("tickets-fleet-b", backend.address).ticket_keys(&file),
     )
     .await;
     // A replica with keys of its own.
     let c = Replica::start(
-        &c_dir,
+        &dir.join("c"),
         &pki,
-        TestConfig::new().listener(listener(
-            "tickets-fleet-c",
-            "imap",
-            "implicit",
-            backend.address,
-        )),
+        imaps("tickets-fleet-c", backend.address),
     )
     .await;
     let (on_a, on_b, on_c) = (
@@ -261,30 +249,16 @@ async fn after_a_rotation_old_tickets_resume_until_their_key_is_dropped() {
     let pki = TestPki::new();
     let dir = TempDir::new("tickets-rotation");
     let file = key_file(&dir);
-    let (a_dir, b_dir) = (dir.join("a"), dir.join("b"));
-    for each in [&a_dir, &b_dir] {
-        std::fs::create_dir_all(each).expect("dir");
-    }
     let a = Replica::start(
-        &a_dir,
+        &dir.join("a"),
         &pki,
-        TestConfig::new().ticket_keys(&file).listener(listener(
-            "tickets-rotation-a",
-            "imap",
-            "implicit",
-            backend.address,
-        )),
+        imaps("tickets-rotation-a", backend.address).ticket_keys(&file),
     )
     .await;
     let b = Replica::start(
-        &b_dir,
+        &dir.join("b"),
         &pki,
-        TestConfig::new().ticket_keys(&file).listener(listener(
-            "tickets-rotation-b",
-            "imap",
-            "implicit",
-            backend.address,
-        )),
+        imaps("tickets-rotation-b", backend.address).ticket_keys(&file),
     )
     .await;
     let (on_a, on_b) = (
@@ -342,12 +316,7 @@ async fn a_broken_key_file_is_refused_and_the_keys_in_use_stay() {
     let replica = Replica::start(
         dir.path(),
         &pki,
-        TestConfig::new().ticket_keys(&file).listener(listener(
-            "tickets-broken",
-            "imap",
-            "implicit",
-            backend.address,
-        )),
+        imaps("tickets-broken", backend.address).ticket_keys(&file),
     )
     .await;
     let on_replica = replica.address("tickets-broken");
@@ -389,12 +358,7 @@ async fn a_broken_key_file_is_refused_and_the_keys_in_use_stay() {
     let refused = Replica::try_start(
         other.path(),
         &pki,
-        TestConfig::new().ticket_keys(&file).listener(listener(
-            "tickets-broken-start",
-            "imap",
-            "implicit",
-            backend.address,
-        )),
+        imaps("tickets-broken-start", backend.address).ticket_keys(&file),
     )
     .await;
     match refused {
@@ -424,12 +388,7 @@ async fn without_ticket_keys_a_configuration_reload_keeps_the_tickets() {
     let replica = Replica::start(
         dir.path(),
         &pki,
-        TestConfig::new().ticket_lifetime(3600).listener(listener(
-            "tickets-reload",
-            "imap",
-            "implicit",
-            backend.address,
-        )),
+        imaps("tickets-reload", backend.address).ticket_lifetime(3600),
     )
     .await;
     let on_replica = replica.address("tickets-reload");

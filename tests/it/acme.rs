@@ -6,7 +6,7 @@
 //! request for the running proxy.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use mail_tls_proxy::config::Config;
@@ -41,6 +41,17 @@ backend = "{backend}"
 "#,
         state = dir.join("state").display().to_string(),
     )
+}
+
+/// Writes [`acme_config`] to `dir/config.toml`; returns its path.
+fn write_config(dir: &TempDir, backend: &str, directory: &str, certificates: &str) -> PathBuf {
+    let config = dir.join("config.toml");
+    std::fs::write(
+        &config,
+        acme_config(dir.path(), backend, directory, certificates),
+    )
+    .expect("write");
+    config
 }
 
 /// A URL of a port nothing listens on.
@@ -96,17 +107,12 @@ async fn start(config_path: &Path) -> (tokio::task::JoinHandle<()>, SocketAddr) 
 async fn before_the_first_issuance_a_placeholder_serves_the_acme_names() {
     let dir = TempDir::new("acme-placeholder");
     let imap = FakeBackend::start(Script::imap()).await;
-    let config = dir.join("config.toml");
-    std::fs::write(
-        &config,
-        acme_config(
-            dir.path(),
-            &imap.address.to_string(),
-            &dead_directory(),
-            "[[certificate]]\nacme = [\"mail.placeholder.test\", \"smtp.placeholder.test\"]\n",
-        ),
-    )
-    .expect("write");
+    let config = write_config(
+        &dir,
+        &imap.address.to_string(),
+        &dead_directory(),
+        "[[certificate]]\nacme = [\"mail.placeholder.test\", \"smtp.placeholder.test\"]\n",
+    );
     let (running, address) = start(&config).await;
     for sni in ["mail.placeholder.test", "smtp.placeholder.test"] {
         let leaf = leaf_for(address, sni).await;
@@ -137,17 +143,12 @@ async fn a_pair_in_the_state_directory_is_served_at_start_without_an_order() {
     // The directory is a socket that counts what reaches it: a stored pair
     // valid for centuries needs no order, so nothing but (at most) a look at
     // the CA's renewal window may arrive, and no order may fail.
-    let config = dir.join("config.toml");
-    std::fs::write(
-        &config,
-        acme_config(
-            dir.path(),
-            &imap.address.to_string(),
-            &dead_directory(),
-            "[[certificate]]\nacme = [\"mail.stored.test\", \"smtp.stored.test\"]\nreuse_key = true\n",
-        ),
-    )
-    .expect("write");
+    let config = write_config(
+        &dir,
+        &imap.address.to_string(),
+        &dead_directory(),
+        "[[certificate]]\nacme = [\"mail.stored.test\", \"smtp.stored.test\"]\nreuse_key = true\n",
+    );
     let (running, address) = start(&config).await;
     for sni in ["mail.stored.test", "smtp.stored.test"] {
         assert_eq!(leaf_for(address, sni).await, pair.cert_der);
@@ -220,17 +221,7 @@ fn check_reports_each_acme_certificate_and_acme_renew_leaves_a_request() {
         r#"{"names":["mail.check.test"],"next_renewal":4000000000,"last_error":"rate limited","last_error_at":1700000000,"next_retry":1700000060}"#,
     )
     .expect("write");
-    let config = dir.join("config.toml");
-    std::fs::write(
-        &config,
-        acme_config(
-            dir.path(),
-            "127.0.0.1:143",
-            "https://acme.invalid/directory",
-            "[[certificate]]\nacme = [\"mail.check.test\"]\n\n[[certificate]]\nacme = [\"new.check.test\", \"other.check.test\"]\nkey_type = \"rsa-2048\"\n",
-        ),
-    )
-    .expect("write");
+    let config = write_config(&dir, "127.0.0.1:143", "https://acme.invalid/directory", "[[certificate]]\nacme = [\"mail.check.test\"]\n\n[[certificate]]\nacme = [\"new.check.test\", \"other.check.test\"]\nkey_type = \"rsa-2048\"\n");
     let config_arg = config.to_str().expect("path");
     let (ok, stdout, stderr) = run_binary(&["check", "-c", config_arg], None);
     assert!(ok, "{stderr}\n{stdout}");

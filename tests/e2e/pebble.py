@@ -34,7 +34,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import ssl
 import subprocess
 import time
@@ -42,7 +41,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from servers import pick_free_loopback_ports, tail_of_file
+from servers import pick_free_loopback_ports, stop_child, tail_of_file
 
 PEBBLE_PROGRAMS = ("pebble", "pebble-challtestsrv")
 STARTUP_TIMEOUT_SECONDS = 20
@@ -235,12 +234,12 @@ class Pebble:
     def stop_pebble(self) -> None:
         """Stops Pebble (its state, orders and roots are gone); the DNS
         server stays."""
-        stop_process(self._pebble)
+        stop_child(self._pebble)
         self._pebble = None
 
     def stop(self) -> None:
         self.stop_pebble()
-        stop_process(self._dns)
+        stop_child(self._dns)
         self._dns = None
 
     # -- what Pebble saw ---------------------------------------------------
@@ -261,14 +260,3 @@ class Pebble:
         """Serial numbers of the certificates the running Pebble issued."""
         return [int(serial, 16)
                 for serial in re.findall(r"Issued certificate serial ([0-9a-f]+) for order", self.log_since_start())]
-
-
-def stop_process(process: subprocess.Popen | None) -> None:
-    if process is None or process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -15,7 +14,7 @@ from typing import Callable
 import pytest
 
 from proxy_config import CertificateConfig, ListenerConfig, ProxyConfig
-from servers import MailServerEndpoints, pick_free_loopback_ports, tail_of_file, terminate_pid
+from servers import MailServerEndpoints, pick_free_loopback_ports, stop_child, tail_of_file, terminate_pid
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROXY_STARTUP_TIMEOUT_SECONDS = 30
@@ -219,12 +218,4 @@ def stop_abandoned_proxy(certificate_dir: Path) -> None:
 
 
 def stop_proxy(running: RunningProxy) -> None:
-    process = running.process
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
+    stop_child(running.process)

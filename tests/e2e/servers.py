@@ -146,6 +146,19 @@ def terminate_pid(pid: int, grace_seconds: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+def stop_child(process: subprocess.Popen | None, grace_seconds: float = 10.0) -> None:
+    """SIGTERM a child of this process, SIGKILL it if it is still running
+    after grace_seconds; reaps it either way."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_seconds)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
 def read_pid_file(path: Path) -> int | None:
     try:
         return int(path.read_text().split()[0])

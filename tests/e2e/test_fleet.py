@@ -66,6 +66,7 @@ from servers import (
     missing_programs,
     pick_free_loopback_ports,
     stop_abandoned_instances,
+    stop_child,
     tail_of_file,
 )
 from source_address import CLIENT_TIMEOUT_SECONDS, Imaps, connect_from
@@ -213,15 +214,7 @@ def wait_until_ready(replica: Replica, seconds: float = 30) -> str | None:
 
 
 def stop_replica(replica: Replica) -> None:
-    process = replica.process
-    if process is None or process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
+    stop_child(replica.process, grace_seconds=15)
 
 
 def new_ticket_key() -> str:

@@ -126,7 +126,7 @@ fn write_new(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_dir::TestDir;
+    use crate::test_dir::{file_names, TestDir};
 
     fn mode(path: &Path) -> u32 {
         std::fs::metadata(path)
@@ -134,21 +134,6 @@ mod tests {
             .permissions()
             .mode()
             & 0o7777
-    }
-
-    fn names(dir: &Path) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(dir)
-            .expect("list")
-            .map(|entry| {
-                entry
-                    .expect("entry")
-                    .file_name()
-                    .to_string_lossy()
-                    .into_owned()
-            })
-            .collect();
-        names.sort();
-        names
     }
 
     #[test]
@@ -160,7 +145,7 @@ mod tests {
         replace(&path, b"new", FileMode::Exactly(0o600)).expect("replace");
         assert_eq!(std::fs::read(&path).expect("read"), b"new");
         assert_eq!(mode(&path), 0o600);
-        assert_eq!(names(dir.path()), ["state.json"]);
+        assert_eq!(file_names(dir.path()), ["state.json"]);
     }
 
     #[test]
@@ -180,7 +165,7 @@ mod tests {
         );
         assert_eq!(mode(&path), 0o640);
         assert_eq!(std::fs::read(&path).expect("read"), b"second");
-        assert_eq!(names(dir.path()), ["keys"]);
+        assert_eq!(file_names(dir.path()), ["keys"]);
     }
 
     #[test]
@@ -189,7 +174,7 @@ mod tests {
         let path = dir.join("missing-folder").join("file");
         let error = replace(&path, b"x", FileMode::Exactly(0o600)).expect_err("no folder");
         assert!(error.path.starts_with(dir.join("missing-folder")));
-        assert_eq!(names(dir.path()), Vec::<String>::new());
+        assert_eq!(file_names(dir.path()), Vec::<String>::new());
         let error = replace(Path::new("/"), b"x", FileMode::Exactly(0o600)).expect_err("no name");
         assert_eq!(error.path, PathBuf::from("/"));
     }

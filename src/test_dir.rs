@@ -1,5 +1,6 @@
 //! Scratch directories for unit tests: one fresh folder under the system's
-//! temporary directory per call, removed with everything in it when dropped.
+//! temporary directory per call, removed with everything in it when dropped;
+//! and what a folder holds, to check nothing was left behind.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -33,4 +34,20 @@ impl Drop for TestDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// The names of the entries in `dir`, sorted.
+pub(crate) fn file_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("list")
+        .map(|entry| {
+            entry
+                .expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    names.sort();
+    names
 }

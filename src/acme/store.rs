@@ -223,6 +223,7 @@ impl From<WriteError> for StateError {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::test_dir::file_names;
     use std::os::unix::fs::PermissionsExt;
 
     pub(crate) fn temp_state(label: &str) -> StateDir {
@@ -251,16 +252,7 @@ pub(crate) mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
-        let names: Vec<String> = std::fs::read_dir(&dir)
-            .expect("list")
-            .map(|entry| {
-                entry
-                    .expect("entry")
-                    .file_name()
-                    .to_string_lossy()
-                    .into_owned()
-            })
-            .collect();
+        let names = file_names(&dir);
         assert_eq!(names.len(), 2, "{names:?}");
         let _ = std::fs::remove_dir_all(state.root());
     }

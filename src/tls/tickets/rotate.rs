@@ -125,7 +125,7 @@ fn replace_file(path: &Path, content: &[u8]) -> Result<(), TicketKeyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_dir::TestDir;
+    use crate::test_dir::{file_names, TestDir};
     use crate::tls::tickets::TicketKeys;
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
@@ -213,16 +213,7 @@ mod tests {
         );
         assert_eq!(key_lines(&path).len(), 2);
         // No temporary file is left behind.
-        let names: Vec<String> = std::fs::read_dir(dir.path())
-            .expect("list")
-            .map(|entry| {
-                entry
-                    .expect("entry")
-                    .file_name()
-                    .to_string_lossy()
-                    .into_owned()
-            })
-            .collect();
+        let names = file_names(dir.path());
         assert_eq!(names, ["keys"]);
     }
 

@@ -2,6 +2,10 @@
 # Side-by-side benchmark: mail-tls-proxy against HAProxy (mode tcp, ssl crt)
 # and stunnel (server mode; protocol = imap|pop3|smtp for STARTTLS), all in
 # front of the same fast plaintext backend, on this machine, over loopback.
+# Figure 6 measures TLS 1.3 session resumption (mail-tls-proxy and HAProxy
+# with one ticket-key file, stunnel with its session cache); figure 7 a fleet
+# of mail-tls-proxy replicas behind a round-robin load balancer, with shared
+# and with per-process ticket keys.
 #
 # Each proxy gets exactly one core (taskset: the proxy on CPU 0, the load
 # generator and the backend on CPU 1), the same certificate (ECDSA P-256,
@@ -16,7 +20,7 @@
 # Options:
 #   --reps N            repetitions per figure (default 3)
 #   --duration S        measured seconds per run (default 10; warm-up 1 s more)
-#   --figures "1 2 3 4 5"   which figures (default all)
+#   --figures "1 2 3 4 5 6 7"   which figures (default all)
 #   --proxies "ours haproxy stunnel"
 #   --certs "ecdsa rsa" key types (default both; RSA runs figures --rsa-figures)
 #   --rsa-figures "1 2" figures repeated with the RSA-2048 certificate
@@ -25,6 +29,7 @@
 #   --idle-states "login greeting"  where idle sessions wait: after LOGIN
 #                       (every proxy copying), after the greeting (ours
 #                       still reading lines)
+#   --fleet-replicas N  mail-tls-proxy replicas in figure 7 (default 3)
 #   --out DIR           results folder (default target/bench/<date>)
 #   --wait-quiet MIN    first wait up to MIN minutes for load average < 0.5
 #                       and no rustc running
@@ -50,13 +55,14 @@ ROOT=$(pwd)
 REPS=3
 DURATION=10
 WARMUP=1
-FIGURES="1 2 3 4 5"
+FIGURES="1 2 3 4 5 6 7"
 PROXIES="ours haproxy stunnel"
 CERTS="ecdsa rsa"
 RSA_FIGURES="1 2"
 CONCURRENCY=32
 IDLE_COUNTS="1000 10000"
 IDLE_STATES="login greeting"
+FLEET_REPLICAS=3
 OUT=""
 WAIT_QUIET=0
 BUILD=1
@@ -78,6 +84,7 @@ while [ $# -gt 0 ]; do
         --concurrency) CONCURRENCY=$2; shift 2 ;;
         --idle-counts) IDLE_COUNTS=$2; shift 2 ;;
         --idle-states) IDLE_STATES=$2; shift 2 ;;
+        --fleet-replicas) FLEET_REPLICAS=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
         --wait-quiet) WAIT_QUIET=$2; shift 2 ;;
         --no-build) BUILD=0; shift ;;
@@ -254,6 +261,16 @@ make_certs() {
     for kind in ecdsa rsa; do
         cat "$dir/$kind/cert.pem" "$dir/$kind/key.pem" >"$dir/$kind/combined.pem"
     done
+    # Session ticket keys, one base64 line of 80 random bytes each (a 16-byte
+    # name, then the secret), the format mail-tls-proxy's [tls] ticket_keys
+    # and HAProxy's tls-ticket-keys share. HAProxy wants at least three (it
+    # seals with the second newest); ours seals with the newest.
+    mkdir -p "$WORK/tickets"
+    for _ in 1 2 3; do
+        openssl rand 80 | openssl base64 -A
+        echo
+    done >"$WORK/tickets/keys"
+    chmod 600 "$WORK/tickets/keys"
 }
 
 # ---------------------------------------------------------------- configurations
@@ -264,6 +281,9 @@ write_configs() { # write_configs CERT
     {
         echo "hostname = \"localhost\""
         echo "max_connections = $MAXCONN"
+        echo
+        echo "[tls]"
+        echo "ticket_keys = \"$WORK/tickets/keys\""
         echo
         echo "[[certificate]]"
         echo "cert = \"$dir/cert.pem\""
@@ -298,13 +318,13 @@ defaults
     timeout client 30m
     timeout server 30m
 listen imaps
-    bind 127.0.0.1:$(port haproxy imaps) ssl crt $dir/combined.pem
+    bind 127.0.0.1:$(port haproxy imaps) ssl crt $dir/combined.pem tls-ticket-keys $WORK/tickets/keys
     server backend 127.0.0.1:$B_IMAP
 listen smtps
-    bind 127.0.0.1:$(port haproxy smtps) ssl crt $dir/combined.pem
+    bind 127.0.0.1:$(port haproxy smtps) ssl crt $dir/combined.pem tls-ticket-keys $WORK/tickets/keys
     server backend 127.0.0.1:$B_SMTP
 listen echo
-    bind 127.0.0.1:$(port haproxy echo) ssl crt $dir/combined.pem
+    bind 127.0.0.1:$(port haproxy echo) ssl crt $dir/combined.pem tls-ticket-keys $WORK/tickets/keys
     server backend 127.0.0.1:$B_ECHO
 EOF
 
@@ -316,6 +336,13 @@ socket = l:TCP_NODELAY=1
 socket = r:TCP_NODELAY=1
 cert = $dir/combined.pem
 sslVersionMin = TLSv1.3
+; Resumption (figure 6): stunnel's session cache, sized and timed as an
+; operator would. With TLS 1.3 stunnel 5.68 on OpenSSL 3 resumes from
+; stateless tickets (OpenSSL's default; sessionCacheTimeout is their
+; lifetime hint, the keys are the process's own). options = NO_TICKET
+; (session IDs only) resumed no TLS 1.3 session in a check with s_client.
+sessionCacheSize = 20000
+sessionCacheTimeout = 43200
 
 [imaps]
 accept = 127.0.0.1:$(port stunnel imaps)
@@ -381,6 +408,79 @@ stop_proxy() { # stop_proxy NAME
     PID[$1]=""
 }
 
+# ---------------------------------------------------------------- fleet (figure 7)
+# FLEET_REPLICAS mail-tls-proxy replicas (all on the proxy core) behind one
+# HAProxy in plain TCP round robin (on the load core: it is not measured),
+# for each key mode: "shared" replicas read the same ticket_keys file, "own"
+# replicas keep keys of their own process (no [tls] ticket_keys).
+FLEET_BASE=$((PORT_BASE + 5000))
+fleet_port() { # fleet_port MODE REPLICA (0: the load balancer)
+    local base=$FLEET_BASE
+    [ "$1" = shared ] || base=$((FLEET_BASE + 100))
+    echo $((base + $2))
+}
+
+start_fleet() { # start_fleet MODE CERT
+    local mode=$1 cert=$2 dir=$WORK/certs/$2 conf=$WORK/fleet-$1 i
+    mkdir -p "$conf"
+    for i in $(seq "$FLEET_REPLICAS"); do
+        {
+            echo "hostname = \"localhost\""
+            echo "max_connections = $MAXCONN"
+            if [ "$mode" = shared ]; then
+                echo
+                echo "[tls]"
+                echo "ticket_keys = \"$WORK/tickets/keys\""
+            fi
+            echo
+            echo "[[certificate]]"
+            echo "cert = \"$dir/cert.pem\""
+            echo "key = \"$dir/key.pem\""
+            echo
+            echo "[[listener]]"
+            echo "name = \"imaps\""
+            echo "protocol = \"imap\""
+            echo "tls = \"implicit\""
+            echo "listen = \"127.0.0.1:$(fleet_port "$mode" "$i")\""
+            echo "backend = \"127.0.0.1:$B_IMAP\""
+            echo "max_connections_per_ip = $MAXCONN"
+        } >"$conf/replica-$i.toml"
+        MAIL_TLS_PROXY_LOG=warn taskset -c "$PROXY_CPU" "${RT[@]}" "$PROXY_BIN" run \
+            --config "$conf/replica-$i.toml" 2>>"$OUT/logs/fleet-$mode-$i.log" &
+        PID[fleet-$mode-$i]=$!
+    done
+    {
+        echo "global"
+        echo "    nbthread 1"
+        echo "    maxconn $MAXCONN"
+        echo "defaults"
+        echo "    mode tcp"
+        echo "    maxconn $MAXCONN"
+        echo "    timeout connect 5s"
+        echo "    timeout client 30m"
+        echo "    timeout server 30m"
+        echo "listen fleet"
+        echo "    bind 127.0.0.1:$(fleet_port "$mode" 0)"
+        echo "    balance roundrobin"
+        for i in $(seq "$FLEET_REPLICAS"); do
+            echo "    server replica$i 127.0.0.1:$(fleet_port "$mode" "$i")"
+        done
+    } >"$conf/balancer.cfg"
+    taskset -c "$LOAD_CPU" "${RT[@]}" haproxy -db -f "$conf/balancer.cfg" >>"$OUT/logs/fleet-$mode-balancer.log" 2>&1 &
+    PID[fleet-$mode-balancer]=$!
+    for i in $(seq "$FLEET_REPLICAS"); do
+        wait_port "$(fleet_port "$mode" "$i")" "${PID[fleet-$mode-$i]}" \
+            || die "fleet replica $i ($mode keys) did not start (see $OUT/logs/fleet-$mode-$i.log)"
+    done
+    wait_port "$(fleet_port "$mode" 0)" "${PID[fleet-$mode-balancer]}" \
+        || die "the fleet's load balancer did not start (see $OUT/logs/fleet-$mode-balancer.log)"
+}
+
+stop_fleet() { # stop_fleet MODE
+    local i
+    for i in $(seq "$FLEET_REPLICAS") balancer; do stop_proxy "fleet-$1-$i"; done
+}
+
 # ---------------------------------------------------------------- runs
 # loadgen SECONDS_LIMIT SUBCOMMAND ARGS...: one bounded run, records appended.
 # With --perf, the proxy named by --proxy is profiled during its first
@@ -396,7 +496,8 @@ loadgen() {
             --rep) rep=${args[$((i + 1))]} ;;
         esac
     done
-    if [ "$PERF" = 1 ] && [ "$rep" = 1 ] && [ -n "${PID[$proxy]:-}" ] && [ "$proxy" != backend ]; then
+    if [ "$PERF" = 1 ] && [ "$rep" = 1 ] && [ -n "${PID[$proxy]:-}" ] && [ "$proxy" != backend ] \
+        && [ "${PERF_TAG:-}" = "${PERF_TAG#fleet}" ]; then
         mkdir -p "$OUT/perf"
         local data=$OUT/perf/${PERF_TAG:-run}-$proxy.data
         perf record -q -F 1999 --call-graph "${PERF_CALLGRAPH:-fp}" -p "${PID[$proxy]}" -o "$data" 2>>"$OUT/logs/perf.log" &
@@ -506,6 +607,42 @@ run_figure() { # run_figure FIGURE CERT
                 done
             done
         done ;;
+    6)
+        log "figure 6 ($cert): TLS 1.3 sessions resumed from a ticket, and full, $CONCURRENCY at once (handshake, greeting, close)"
+        local handshakes
+        for rep in $(seq "$REPS"); do
+            for proxy in $PROXIES; do
+                for handshakes in resumed full; do
+                    PERF_TAG=resumption-$handshakes-$cert
+                    # shellcheck disable=SC2046
+                    # A proxy that sends no ticket on a resumed session gets
+                    # each slot's tickets collected first (up to 90 s).
+                    loadgen $((session_limit + 100)) resumption $(common "$proxy" "$cert" "$rep" imaps) \
+                        --handshakes "$handshakes" --protocol imap --concurrency "$CONCURRENCY" \
+                        --warmup "$WARMUP" --duration "$DURATION"
+                done
+            done
+        done ;;
+    7)
+        log "figure 7 ($cert): $FLEET_REPLICAS replicas of ours behind a round-robin balancer, clients offering their last ticket, shared and own ticket keys"
+        local mode pids i
+        case " $PROXIES " in *" ours "*) ;; *) log "  (figure 7 measures ours only: skipped)"; return 0 ;; esac
+        for mode in shared own; do start_fleet "$mode" "$cert"; done
+        for rep in $(seq "$REPS"); do
+            for mode in shared own; do
+                pids=""
+                for i in $(seq 2 "$FLEET_REPLICAS"); do pids="${pids:+$pids,}${PID[fleet-$mode-$i]}"; done
+                PERF_TAG=fleet-$mode-$cert
+                loadgen $((session_limit + 100)) resumption --target "127.0.0.1:$(fleet_port "$mode" 0)" \
+                    --proxy-pid "${PID[fleet-$mode-1]}" ${pids:+--replica-pids "$pids"} \
+                    --backend-pid "${PID[backend]}" --expect-cert "$WORK/certs/$cert/cert.pem" \
+                    --proxy ours --cert "$cert" --rep "$rep" \
+                    --handshakes resumed --protocol imap --concurrency "$CONCURRENCY" \
+                    --warmup "$WARMUP" --duration "$DURATION" \
+                    --figure fleet --variant "$mode-keys-$FLEET_REPLICAS" --min-resumed-pct 0
+            done
+        done
+        for mode in shared own; do stop_fleet "$mode"; done ;;
     esac
 }
 
@@ -517,7 +654,8 @@ describe_machine() {
         echo "- mail-tls-proxy $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD -- src Cargo.toml 2>/dev/null || echo ' (with uncommitted changes in src/)'), $(rustc --version 2>/dev/null), rustls with aws-lc-rs"
         echo "- $(haproxy -v 2>/dev/null | head -1 | cut -d' ' -f1-3); $("$STUNNEL" -version 2>&1 | grep -m1 '^stunnel' | cut -d' ' -f1-2) on $("$STUNNEL" -version 2>&1 | grep -m1 -o 'OpenSSL [0-9.]*'); $(openssl version | cut -d' ' -f1-2) for certificates"
         echo "- proxy pinned to CPU $PROXY_CPU; load generator and backend pinned to CPU $LOAD_CPU; loopback only; $NICE_NOTE"
-        echo "- TLS 1.3, TLS13_AES_256_GCM_SHA384, X25519, full handshakes (client resumption off), certificates: ECDSA P-256 and RSA-2048"
+        echo "- TLS 1.3, TLS13_AES_256_GCM_SHA384, X25519, full handshakes (client resumption off) except the resumed runs of figures 6-7 (a ticket per connection slot, offered on its next connection), certificates: ECDSA P-256 and RSA-2048"
+        echo "- figures 6-7: session tickets from one key file for ours and HAProxy (tls-ticket-keys), stunnel's own (sessionCacheSize/sessionCacheTimeout); figure 7: $FLEET_REPLICAS replicas of ours on CPU $PROXY_CPU behind HAProxy round robin (plain TCP) on CPU $LOAD_CPU"
         echo "- $REPS repetitions, interleaved; $DURATION s measured after $WARMUP s warm-up; $CONCURRENCY sessions at once for figures 1-2; $LATENCY_SAMPLES NOOPs per latency run"
         echo "- open-file limit $FD_LIMIT; idle session counts: $IDLE_LIST"
         echo "- at start: load average $LOAD_AT_START, rustc processes running: $RUSTC_AT_START; $(date -u '+%Y-%m-%d %H:%M UTC')"

@@ -2,8 +2,10 @@
 //! dialogue steps each figure is made of.
 //!
 //! Every proxy is offered exactly the same thing: TLS 1.3 only,
-//! TLS13_AES_256_GCM_SHA384, X25519 key exchange, no session resumption (every
-//! handshake is a full one), and SNI `localhost`.
+//! TLS13_AES_256_GCM_SHA384, X25519 key exchange, and SNI `localhost`; no
+//! session resumption (every handshake is a full one) except from a
+//! [`resuming_connector`], which keeps the TLS 1.3 tickets it is given in a
+//! [`TicketPool`] and offers the newest on its next connection.
 //!
 //! The client checks cheaply: the server's certificate must be byte-for-byte
 //! the expected one (when given), and the handshake signature is verified on
@@ -11,11 +13,12 @@
 //! load generator's own core does not become the bottleneck of the handshake
 //! figures while a proxy that signed wrongly would still fail the run.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context, Result};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -73,6 +76,166 @@ impl Mode {
 /// Builds the TLS connector every figure uses. `expected` is the PEM file of
 /// the certificate the proxies serve (checked byte for byte when given).
 pub fn connector(expected: Option<&std::path::Path>) -> Result<TlsConnector> {
+    Ok(TlsConnector::from(Arc::new(client_config(expected)?)))
+}
+
+/// Two connectors around one ticket pool, both with the same offer as
+/// [`connector`]: the first resumes, offering a ticket from `pool` on every
+/// connection (newest first, each used once, as RFC 8446 asks of a TLS 1.3
+/// client and rustls does); the second offers no ticket (every handshake a
+/// full one) and puts the tickets it is given into `pool` (how a pool is
+/// filled). They share one configuration's verifier: rustls resumes only a
+/// session made with the same one. One pair per connection slot, so slots
+/// do not take each other's tickets.
+pub fn resuming_connectors(
+    expected: Option<&std::path::Path>,
+    pool: Arc<TicketPool>,
+) -> Result<(TlsConnector, TlsConnector)> {
+    let mut resuming = client_config(expected)?;
+    let mut filling = resuming.clone();
+    filling.resumption = rustls::client::Resumption::store(Arc::new(Filler(pool.clone())));
+    resuming.resumption = rustls::client::Resumption::store(pool);
+    Ok((
+        TlsConnector::from(Arc::new(resuming)),
+        TlsConnector::from(Arc::new(filling)),
+    ))
+}
+
+/// A client's TLS 1.3 session tickets, for one server: what the server sent
+/// is kept (the oldest dropped beyond `capacity`), the newest is offered
+/// next and then forgotten. It also counts the tickets received, so a run
+/// can tell how many a server issues per session.
+#[derive(Debug)]
+pub struct TicketPool {
+    tickets: Mutex<VecDeque<rustls::client::Tls13ClientSessionValue>>,
+    kx_hint: Mutex<Option<rustls::NamedGroup>>,
+    capacity: usize,
+    received: AtomicU64,
+}
+
+impl TicketPool {
+    pub fn new(capacity: usize) -> Arc<TicketPool> {
+        Arc::new(TicketPool {
+            tickets: Mutex::new(VecDeque::new()),
+            kx_hint: Mutex::new(None),
+            capacity: capacity.max(1),
+            received: AtomicU64::new(0),
+        })
+    }
+
+    /// Tickets held now.
+    pub fn len(&self) -> usize {
+        self.tickets.lock().map_or(0, |tickets| tickets.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Tickets received so far.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+}
+
+impl rustls::client::ClientSessionStore for TicketPool {
+    fn set_kx_hint(&self, _: ServerName<'static>, group: rustls::NamedGroup) {
+        if let Ok(mut hint) = self.kx_hint.lock() {
+            *hint = Some(group);
+        }
+    }
+
+    fn kx_hint(&self, _: &ServerName<'_>) -> Option<rustls::NamedGroup> {
+        self.kx_hint.lock().ok().and_then(|hint| *hint)
+    }
+
+    // TLS 1.3 only: no TLS 1.2 sessions.
+    fn set_tls12_session(
+        &self,
+        _: ServerName<'static>,
+        _: rustls::client::Tls12ClientSessionValue,
+    ) {
+    }
+
+    fn tls12_session(&self, _: &ServerName<'_>) -> Option<rustls::client::Tls12ClientSessionValue> {
+        None
+    }
+
+    fn remove_tls12_session(&self, _: &ServerName<'static>) {}
+
+    fn insert_tls13_ticket(
+        &self,
+        _: ServerName<'static>,
+        value: rustls::client::Tls13ClientSessionValue,
+    ) {
+        self.received.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut tickets) = self.tickets.lock() {
+            if tickets.len() >= self.capacity {
+                tickets.pop_front();
+            }
+            tickets.push_back(value);
+        }
+    }
+
+    fn take_tls13_ticket(
+        &self,
+        _: &ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        self.tickets
+            .lock()
+            .ok()
+            .and_then(|mut tickets| tickets.pop_back())
+    }
+}
+
+/// Takes tickets into a pool, never offers one.
+#[derive(Debug)]
+struct Filler(Arc<TicketPool>);
+
+impl rustls::client::ClientSessionStore for Filler {
+    fn set_kx_hint(&self, name: ServerName<'static>, group: rustls::NamedGroup) {
+        self.0.set_kx_hint(name, group);
+    }
+
+    fn kx_hint(&self, name: &ServerName<'_>) -> Option<rustls::NamedGroup> {
+        self.0.kx_hint(name)
+    }
+
+    fn set_tls12_session(
+        &self,
+        _: ServerName<'static>,
+        _: rustls::client::Tls12ClientSessionValue,
+    ) {
+    }
+
+    fn tls12_session(&self, _: &ServerName<'_>) -> Option<rustls::client::Tls12ClientSessionValue> {
+        None
+    }
+
+    fn remove_tls12_session(&self, _: &ServerName<'static>) {}
+
+    fn insert_tls13_ticket(
+        &self,
+        name: ServerName<'static>,
+        value: rustls::client::Tls13ClientSessionValue,
+    ) {
+        self.0.insert_tls13_ticket(name, value);
+    }
+
+    fn take_tls13_ticket(
+        &self,
+        _: &ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        None
+    }
+}
+
+/// Whether the handshake of `stream` resumed a session from a ticket.
+pub fn resumed(stream: &TlsStream<TcpStream>) -> bool {
+    stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+}
+
+fn client_config(expected: Option<&std::path::Path>) -> Result<rustls::ClientConfig> {
     let expected = match expected {
         Some(path) => Some(
             CertificateDer::pem_file_iter(path)
@@ -99,7 +262,7 @@ pub fn connector(expected: Option<&std::path::Path>) -> Result<TlsConnector> {
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
     config.resumption = rustls::client::Resumption::disabled();
-    Ok(TlsConnector::from(Arc::new(config)))
+    Ok(config)
 }
 
 struct SampledVerifier {

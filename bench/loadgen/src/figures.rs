@@ -29,6 +29,9 @@ pub struct Context {
     pub proxy_pid: Option<u32>,
     /// The backend, which shares the load generator's core.
     pub backend_pid: Option<u32>,
+    /// More processes whose CPU time counts as the proxy's: the other
+    /// replicas of a fleet (figure 7).
+    pub replica_pids: Vec<u32>,
 }
 
 /// Warm-up, then the measured window.
@@ -50,7 +53,10 @@ impl Context {
         let backend: Vec<u32> = self.backend_pid.into_iter().collect();
         Snapshot {
             at: Instant::now(),
-            proxy: self.proxy_pid.and_then(|pid| procstat::cpu_time(pid).ok()),
+            proxy: self
+                .proxy_pid
+                .and_then(|pid| procstat::cpu_time(pid).ok())
+                .map(|own| own + procstat::cpu_time_of(&self.replica_pids)),
             client: procstat::own_cpu_time() + procstat::cpu_time_of(&backend),
         }
     }
@@ -196,6 +202,302 @@ pub async fn sessions(
     );
     errors.report("sessions");
     Ok(records)
+}
+
+/// Which handshakes the resumption figure makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Handshakes {
+    /// Every connection offers a session ticket from the slot's previous
+    /// connection.
+    Resumed,
+    /// Every connection makes a full handshake (no ticket offered): the
+    /// same session shape, for comparison.
+    Full,
+}
+
+impl Handshakes {
+    pub fn name(self) -> &'static str {
+        match self {
+            Handshakes::Resumed => "resumed",
+            Handshakes::Full => "full",
+        }
+    }
+}
+
+/// Below this share of resumed handshakes a resumed run does not measure
+/// resumption: the report calls it invalid.
+pub const MIN_RESUMED_PCT: f64 = 99.0;
+
+/// What a resumption run is labelled with and how it is judged.
+#[derive(Debug, Clone)]
+pub struct ResumptionRun {
+    pub handshakes: Handshakes,
+    pub protocol: Protocol,
+    pub concurrency: usize,
+    /// The certificate every full handshake must present (as
+    /// [`client::connector`]).
+    pub expect_cert: Option<std::path::PathBuf>,
+    /// Figure and variant of the records (`resumption` and the handshake
+    /// kind unless a caller such as the fleet figure names its own).
+    pub figure: String,
+    pub variant: String,
+    /// A resumed run below this share of resumed handshakes says it is
+    /// invalid (the records are kept; the report marks them).
+    pub min_resumed_pct: f64,
+    /// Sessions per second the ticket pools are sized for when the server
+    /// issues no new ticket on a resumed session (see [`resumption`]).
+    pub pool_rate: f64,
+}
+
+/// Sessions per second a slot's ticket pool is sized for by default: above
+/// what any proxy here resumes on one core.
+pub const POOL_RATE: f64 = 6000.0;
+
+/// How long filling the ticket pools may take.
+const POOL_LIMIT: Duration = Duration::from_secs(90);
+
+/// Figure 6 (and 7): short implicit-TLS sessions, each connect, handshake,
+/// the greeting, close (close_notify, FIN, wait for the server's close),
+/// `concurrency` at once. With [`Handshakes::Resumed`] every slot first
+/// makes one full handshake and reads the greeting (so the TLS 1.3
+/// NewSessionTicket messages, sent before it, have arrived), then every
+/// connection of that slot offers the newest ticket the slot holds, once;
+/// each handshake is counted as resumed or full (rustls' `handshake_kind`).
+///
+/// A server that sends new tickets on a resumed session keeps every slot
+/// supplied. One that sends none (HAProxy with `tls-ticket-keys`) would see
+/// every third connection of a client that uses a ticket once make a full
+/// handshake; for it each slot first collects, from full handshakes made
+/// before anything is measured, enough tickets for `pool_rate` sessions per
+/// second over the whole run. Either way every measured connection offers
+/// a ticket the server issued.
+///
+/// Records sessions/s, proxy CPU µs per session, the resumed share and the
+/// tickets the server sent per session.
+pub async fn resumption(
+    context: &Context,
+    target: SocketAddr,
+    run: &ResumptionRun,
+    window: Window,
+    session_timeout: Duration,
+) -> Result<Vec<Record>> {
+    let completed = Arc::new(AtomicU64::new(0));
+    let resumed = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(Errors::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let protocol = run.protocol;
+    let concurrency = run.concurrency.max(1);
+    let run_seconds = (window.warmup + window.measure).as_secs_f64() + 2.0;
+    let pool_size = (run.pool_rate * run_seconds / concurrency as f64).ceil() as usize + 4;
+    let mut pools = Vec::with_capacity(concurrency);
+    let mut connectors = Vec::with_capacity(concurrency);
+    let mut fillers = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        let pool = client::TicketPool::new(pool_size + 64);
+        let expected = run.expect_cert.as_deref();
+        match run.handshakes {
+            Handshakes::Resumed => {
+                let (resuming, filling) = client::resuming_connectors(expected, pool.clone())?;
+                connectors.push(resuming);
+                fillers.push(filling);
+            }
+            Handshakes::Full => connectors.push(context.connector.clone()),
+        }
+        pools.push(pool);
+    }
+    if run.handshakes == Handshakes::Resumed {
+        // Every slot holds a ticket before anything is measured.
+        let fill = |size| {
+            fill_pools(
+                &fillers,
+                &pools,
+                size,
+                target,
+                protocol,
+                session_timeout,
+                &errors,
+            )
+        };
+        fill(1).await?;
+        // Does the server send a new ticket on a resumed session?
+        let before = pools[0].received();
+        let probe = short_session(&connectors[0], target, protocol);
+        let probed = tokio::time::timeout(session_timeout, probe).await;
+        let renews = pools[0].received() > before;
+        match probed {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => eprintln!("  the first resumption attempt made a full handshake"),
+            Ok(Err(error)) => errors.add(&error.context("first resumption")),
+            Err(_) => errors.add(&anyhow::anyhow!("first resumption timed out")),
+        }
+        if !renews {
+            eprintln!(
+                "  {} sends no new ticket on a resumed session: {pool_size} tickets per slot first, from full handshakes",
+                context.labels.proxy
+            );
+            fill(pool_size).await?;
+        }
+        fill(1).await?;
+    }
+    let received = |pools: &[Arc<client::TicketPool>]| -> u64 {
+        pools.iter().map(|pool| pool.received()).sum()
+    };
+    let mut workers = JoinSet::new();
+    for connector in connectors {
+        let (completed, resumed, errors, stop) = (
+            completed.clone(),
+            resumed.clone(),
+            errors.clone(),
+            stop.clone(),
+        );
+        workers.spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let session = short_session(&connector, target, protocol);
+                match tokio::time::timeout(session_timeout, session).await {
+                    Ok(Ok(was_resumed)) => {
+                        // Resumed first: a reader never sees more resumed
+                        // sessions than completed ones.
+                        if was_resumed {
+                            resumed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        completed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(Err(error)) => {
+                        errors.add(&error);
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    Err(_) => errors.add(&anyhow::anyhow!("session timed out")),
+                }
+            }
+        });
+    }
+    tokio::time::sleep(window.warmup).await;
+    let (start, done_before, resumed_before, errors_before, tickets_before) = (
+        context.snapshot(),
+        completed.load(Ordering::Relaxed),
+        resumed.load(Ordering::Relaxed),
+        errors.count.load(Ordering::Relaxed),
+        received(&pools),
+    );
+    tokio::time::sleep(window.measure).await;
+    let (end, done_after, resumed_after, errors_after, tickets_after) = (
+        context.snapshot(),
+        completed.load(Ordering::Relaxed),
+        resumed.load(Ordering::Relaxed),
+        errors.count.load(Ordering::Relaxed),
+        received(&pools),
+    );
+    stop.store(true, Ordering::Relaxed);
+    drain(workers, session_timeout + Duration::from_secs(1)).await;
+
+    let wall = end.at.duration_since(start.at).as_secs_f64();
+    let done = done_after - done_before;
+    let resumed_pct = if done > 0 {
+        100.0 * (resumed_after - resumed_before) as f64 / done as f64
+    } else {
+        0.0
+    };
+    let (proxy_seconds, proxy_pct, client_pct) = cpu_between(&start, &end);
+    let (figure, variant) = (run.figure.as_str(), run.variant.as_str());
+    let rate = done as f64 / wall;
+    let mut records = vec![
+        context.record(figure, variant, "sessions_per_s", rate),
+        context.record(figure, variant, "resumed_pct", resumed_pct),
+        context.record(figure, variant, "client_cpu_pct", client_pct),
+        context.record(
+            figure,
+            variant,
+            "errors",
+            (errors_after - errors_before) as f64,
+        ),
+    ];
+    if run.handshakes == Handshakes::Resumed && done > 0 {
+        records.push(context.record(
+            figure,
+            variant,
+            "tickets_per_session",
+            (tickets_after - tickets_before) as f64 / done as f64,
+        ));
+    }
+    if let (Some(seconds), Some(pct)) = (proxy_seconds, proxy_pct) {
+        if done > 0 {
+            records.push(context.record(
+                figure,
+                variant,
+                "cpu_us_per_session",
+                seconds * 1e6 / done as f64,
+            ));
+        }
+        records.push(context.record(figure, variant, "proxy_cpu_pct", pct));
+    }
+    eprintln!(
+        "  {figure} {variant} via {}: {rate:.0} sessions/s, {resumed_pct:.1}% resumed, proxy CPU {}, client core {client_pct:.0}%",
+        context.labels.proxy,
+        match (proxy_seconds, proxy_pct) {
+            (Some(s), Some(p)) if done > 0 =>
+                format!("{:.0} µs/session ({p:.0}%)", s * 1e6 / done as f64),
+            _ => "n/a".into(),
+        }
+    );
+    if run.handshakes == Handshakes::Resumed && resumed_pct < run.min_resumed_pct {
+        eprintln!(
+            "  INVALID: only {resumed_pct:.1}% of the handshakes resumed (at least {:.0}% needed): this run does not measure resumption",
+            run.min_resumed_pct
+        );
+    }
+    errors.report("resumption");
+    Ok(records)
+}
+
+/// Full handshakes on every slot until its pool holds `size` tickets (or
+/// [`POOL_LIMIT`] has passed: the run then shows fewer resumed handshakes).
+async fn fill_pools(
+    connectors: &[TlsConnector],
+    pools: &[Arc<client::TicketPool>],
+    size: usize,
+    target: SocketAddr,
+    protocol: Protocol,
+    session_timeout: Duration,
+    errors: &Errors,
+) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + POOL_LIMIT;
+    let mut filling = JoinSet::new();
+    for (connector, pool) in connectors.iter().cloned().zip(pools.iter().cloned()) {
+        filling.spawn(async move {
+            while pool.len() < size && tokio::time::Instant::now() < deadline {
+                let session = short_session(&connector, target, protocol);
+                match tokio::time::timeout(session_timeout, session).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(error)) => return Some(error.context("collecting tickets")),
+                    Err(_) => return Some(anyhow::anyhow!("collecting tickets: timed out")),
+                }
+            }
+            None
+        });
+    }
+    while let Some(failure) = filling.join_next().await {
+        if let Some(error) = failure? {
+            errors.add(&error);
+        }
+    }
+    Ok(())
+}
+
+/// One session of the resumption figure: connect, implicit TLS handshake
+/// (offering a ticket if the connector holds one), the greeting, close.
+/// Whether the handshake resumed.
+async fn short_session(
+    connector: &TlsConnector,
+    target: SocketAddr,
+    protocol: Protocol,
+) -> Result<bool> {
+    let tcp = client::connect(target).await?;
+    let tls = client::tls_handshake(connector, tcp).await?;
+    let resumed = client::resumed(&tls);
+    let mut lines = Lines::new(tls);
+    client::greeting(&mut lines, protocol).await?;
+    client::close_tls(lines.stream).await;
+    Ok(resumed)
 }
 
 /// Waits for workers to finish, aborting what is still running at `limit`.

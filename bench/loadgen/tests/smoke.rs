@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use mail_tls_bench::backend::{self, Service};
 use mail_tls_bench::client::{self, Mode, Protocol};
-use mail_tls_bench::figures::{self, Bulk, Context, IdleState, Window};
+use mail_tls_bench::figures::{self, Bulk, Context, Handshakes, IdleState, ResumptionRun, Window};
 use mail_tls_bench::record::{Labels, Record};
 use mail_tls_bench::report;
 use mail_tls_proxy::config::Config;
@@ -114,6 +114,7 @@ async fn every_figure_runs_and_the_report_renders() {
         },
         proxy_pid: Some(std::process::id()),
         backend_pid: None,
+        replica_pids: Vec::new(),
     };
     let timeout = Duration::from_secs(10);
     let mut all = Vec::new();
@@ -224,13 +225,42 @@ async fn every_figure_runs_and_the_report_renders() {
         all.extend(records);
     }
 
+    // Figure 6: every measured connection resumes from the ticket its slot
+    // was given; the full-handshake comparison resumes none.
+    for handshakes in [Handshakes::Resumed, Handshakes::Full] {
+        let run = ResumptionRun {
+            handshakes,
+            protocol: Protocol::Imap,
+            concurrency: 4,
+            expect_cert: Some(proxy.cert.clone()),
+            figure: "resumption".into(),
+            variant: handshakes.name().into(),
+            min_resumed_pct: figures::MIN_RESUMED_PCT,
+            pool_rate: 200.0,
+        };
+        let records = figures::resumption(&context, at("imaps"), &run, WINDOW, timeout)
+            .await
+            .expect("resumption");
+        no_errors(&records);
+        assert!(value(&records, "sessions_per_s") > 0.0, "{records:?}");
+        match handshakes {
+            Handshakes::Resumed => {
+                assert_eq!(value(&records, "resumed_pct"), 100.0, "{records:?}");
+                // The proxy sends new tickets on a resumed session too.
+                assert!(value(&records, "tickets_per_session") >= 1.0, "{records:?}");
+            }
+            Handshakes::Full => assert_eq!(value(&records, "resumed_pct"), 0.0),
+        }
+        all.extend(records);
+    }
+
     // The records survive their text form, and the report has every figure.
     let text: String = all.iter().map(|r| format!("{r}\n")).collect();
     let parsed = Record::parse_all(&text).expect("parse");
     assert_eq!(parsed.len(), all.len());
     let rendered = report::render(&parsed, "");
     for title in [
-        "Figure 1", "Figure 2", "Figure 3", "Figure 4", "Figure 5", "Targets",
+        "Figure 1", "Figure 2", "Figure 3", "Figure 4", "Figure 5", "Figure 6", "Targets",
     ] {
         assert!(
             rendered.markdown.contains(title),
@@ -239,6 +269,14 @@ async fn every_figure_runs_and_the_report_renders() {
         );
     }
     assert!(rendered.markdown.contains("added p50"));
+    assert!(
+        rendered
+            .markdown
+            .contains("| resumption: CPU per resumed session ≤ 0.5× our CPU per full handshake |"),
+        "{}",
+        rendered.markdown
+    );
+    assert!(!rendered.markdown.contains("**Invalid**"));
     assert!(
         rendered.charts.len() >= 4,
         "{:?}",

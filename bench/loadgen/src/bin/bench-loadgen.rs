@@ -35,6 +35,10 @@ struct Common {
     /// The backend (it shares the load generator's core).
     #[arg(long)]
     backend_pid: Option<u32>,
+    /// More processes whose CPU counts as the proxy's (comma-separated):
+    /// the other replicas of a fleet.
+    #[arg(long, value_delimiter = ',')]
+    replica_pids: Vec<u32>,
     /// PEM certificate the target must present (checked byte for byte).
     #[arg(long)]
     expect_cert: Option<PathBuf>,
@@ -60,6 +64,38 @@ enum Command {
         /// Seconds measured.
         #[arg(long, default_value_t = 10.0)]
         duration: f64,
+    },
+    /// Figures 6 and 7: short implicit-TLS sessions (handshake, greeting,
+    /// close), each resuming the slot's previous session or all full.
+    Resumption {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, value_enum, default_value = "resumed")]
+        handshakes: figures::Handshakes,
+        #[arg(long, value_enum, default_value = "imap")]
+        protocol: Protocol,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// Seconds of warm-up (not measured).
+        #[arg(long, default_value_t = 1.0)]
+        warmup: f64,
+        /// Seconds measured.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// The records' figure name.
+        #[arg(long, default_value = "resumption")]
+        figure: String,
+        /// The records' variant (default: the handshake kind).
+        #[arg(long)]
+        variant: Option<String>,
+        /// A resumed run below this share of resumed handshakes is invalid
+        /// (0 for a fleet whose replicas do not share ticket keys).
+        #[arg(long, default_value_t = figures::MIN_RESUMED_PCT)]
+        min_resumed_pct: f64,
+        /// Sessions/s the ticket pools are sized for, for a server that
+        /// sends no new ticket on a resumed session.
+        #[arg(long, default_value_t = figures::POOL_RATE)]
+        pool_rate: f64,
     },
     /// Figure 3: IMAP NOOP round trips on one established session.
     Latency {
@@ -149,6 +185,7 @@ fn context(common: &Common) -> Result<Context> {
         labels: common.labels.clone(),
         proxy_pid: common.proxy_pid,
         backend_pid: common.backend_pid,
+        replica_pids: common.replica_pids.clone(),
     })
 }
 
@@ -176,6 +213,41 @@ async fn run(command: Command) -> Result<Vec<Record>> {
                 mode,
                 protocol,
                 concurrency,
+                window,
+                Duration::from_secs(10),
+            )
+            .await
+        }
+        Command::Resumption {
+            common,
+            handshakes,
+            protocol,
+            concurrency,
+            warmup,
+            duration,
+            figure,
+            variant,
+            min_resumed_pct,
+            pool_rate,
+        } => {
+            let window = Window {
+                warmup: seconds(warmup),
+                measure: seconds(duration),
+            };
+            let run = figures::ResumptionRun {
+                handshakes,
+                protocol,
+                concurrency,
+                expect_cert: common.expect_cert.clone(),
+                figure,
+                variant: variant.unwrap_or_else(|| handshakes.name().to_string()),
+                min_resumed_pct,
+                pool_rate,
+            };
+            figures::resumption(
+                &context(&common)?,
+                common.target,
+                &run,
                 window,
                 Duration::from_secs(10),
             )

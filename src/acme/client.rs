@@ -32,6 +32,9 @@ use super::store::{write_atomically, StateDir};
 pub(crate) struct OrderFailure {
     pub(crate) reason: String,
     pub(crate) retry_after: Option<Duration>,
+    /// The CA refused a nonce (RFC 8555 `badNonce`): nothing is wrong with
+    /// the order, a new try at once usually passes.
+    pub(crate) bad_nonce: bool,
 }
 
 impl OrderFailure {
@@ -39,9 +42,13 @@ impl OrderFailure {
         OrderFailure {
             reason: reason.into(),
             retry_after: None,
+            bad_nonce: false,
         }
     }
 }
+
+/// The problem type of a refused nonce (RFC 8555 section 6.5).
+const BAD_NONCE: &str = "urn:ietf:params:acme:error:badNonce";
 
 impl From<instant_acme::Error> for OrderFailure {
     fn from(error: instant_acme::Error) -> OrderFailure {
@@ -51,9 +58,12 @@ impl From<instant_acme::Error> for OrderFailure {
             }
             _ => None,
         };
+        let bad_nonce = matches!(&error, instant_acme::Error::Api(problem)
+            if problem.r#type.as_deref() == Some(BAD_NONCE));
         OrderFailure {
             reason: error.to_string(),
             retry_after,
+            bad_nonce,
         }
     }
 }

@@ -39,6 +39,10 @@ pub(crate) const RETRY_CAP: Duration = Duration::from_secs(6 * 3600);
 const RECHECK_INTERVAL: Duration = Duration::from_secs(6 * 3600);
 /// One order may take this long in all (validation, issuance, download).
 const ORDER_TIMEOUT: Duration = Duration::from_secs(300);
+/// Orders that failed only on a refused nonce are tried again after this
+/// pause, this many times per renewal, before the backoff applies.
+const BAD_NONCE_PAUSE: Duration = Duration::from_secs(1);
+const BAD_NONCE_RETRIES: u32 = 3;
 /// A key waiting to replace the current one at the next renewal (a
 /// planned key change: publish its TLSA record first).
 pub(crate) const NEXT_PRIVKEY: &str = "next-privkey.pem";
@@ -190,8 +194,8 @@ impl<I: Issuer> Renewal<I> {
     /// Orders until an order succeeds, backing off between failures.
     async fn renew_until_done(&mut self) {
         let mut attempt = 0u32;
+        let mut bad_nonce_retries = 0u32;
         loop {
-            attempt += 1;
             let result = match tokio::time::timeout(ORDER_TIMEOUT, self.renew_once()).await {
                 Ok(result) => result,
                 Err(_) => Err(OrderFailure::new(format!(
@@ -205,6 +209,17 @@ impl<I: Issuer> Renewal<I> {
             };
             ::metrics::counter!(metrics::ACME_ORDERS_TOTAL, "result" => AcmeOrderResult::Error.as_str())
                 .increment(1);
+            if failure.bad_nonce && bad_nonce_retries < BAD_NONCE_RETRIES {
+                bad_nonce_retries += 1;
+                info!(
+                    certificate = %self.certificate.label(),
+                    reason = %failure.reason,
+                    "acme: the CA refused a nonce; ordering again at once"
+                );
+                tokio::time::sleep(BAD_NONCE_PAUSE).await;
+                continue;
+            }
+            attempt += 1;
             let delay = retry_delay(attempt, failure.retry_after, self.jitter);
             let now = unix_now();
             let next_retry = now + delay.as_secs() as i64;

@@ -7,18 +7,25 @@ use crate::acme::client::RenewalWindow;
 use crate::acme::settings::{acme_files, KeyType};
 use crate::acme::store::tests::temp_state;
 
-/// A CA that fails every order (with an optional Retry-After on the
-/// first) and records when it was asked.
+/// A CA that fails every order (refusing the nonce of the first
+/// `bad_nonces`, then with an optional Retry-After on the next) and records
+/// when it was asked.
 struct FailingCa {
     asked_at: Mutex<Vec<tokio::time::Instant>>,
     first_retry_after: Option<Duration>,
+    bad_nonces: usize,
 }
 
 impl FailingCa {
     fn new(first_retry_after: Option<Duration>) -> Arc<FailingCa> {
+        FailingCa::refusing_nonces(0, first_retry_after)
+    }
+
+    fn refusing_nonces(bad_nonces: usize, first_retry_after: Option<Duration>) -> Arc<FailingCa> {
         Arc::new(FailingCa {
             asked_at: Mutex::new(Vec::new()),
             first_retry_after,
+            bad_nonces,
         })
     }
 
@@ -36,13 +43,21 @@ impl Issuer for FailingCa {
     async fn issue(&self, _names: &[String], _csr: &[u8]) -> Result<String, OrderFailure> {
         let mut asked = self.asked_at.lock().expect("lock");
         asked.push(tokio::time::Instant::now());
+        if asked.len() <= self.bad_nonces {
+            return Err(OrderFailure {
+                reason: "urn:ietf:params:acme:error:badNonce".into(),
+                retry_after: None,
+                bad_nonce: true,
+            });
+        }
         Err(OrderFailure {
             reason: "urn:ietf:params:acme:error:rateLimited".into(),
-            retry_after: if asked.len() == 1 {
+            retry_after: if asked.len() == self.bad_nonces + 1 {
                 self.first_retry_after
             } else {
                 None
             },
+            bad_nonce: false,
         })
     }
 
@@ -179,6 +194,21 @@ async fn retry_after_postpones_the_retry_and_a_request_retries_at_once() {
     requests.send(()).expect("send");
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(ca.offsets(start), [0, 7200, 7230]);
+    running.abort();
+    let _ = std::fs::remove_dir_all(state.root());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_nonce_is_ordered_again_at_once_three_times_then_backs_off() {
+    let state = temp_state("bad-nonce");
+    let ca = FailingCa::refusing_nonces(5, None);
+    let (task, _requests) = renewal(ca.clone(), &state, entry(&state, &["mail.example.org"]));
+    let start = tokio::time::Instant::now();
+    let running = tokio::spawn(task.run());
+    tokio::time::sleep(Duration::from_secs(3 + 60 + 120 + 30)).await;
+    // Three quick retries, then the schedule as for any failure, from its
+    // first step.
+    assert_eq!(ca.offsets(start), [0, 1, 2, 3, 63, 183]);
     running.abort();
     let _ = std::fs::remove_dir_all(state.root());
 }

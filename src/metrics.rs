@@ -287,6 +287,18 @@ fn describe() {
 
 /// Records the latest relay guard result of `listener`: 1 for `result`, 0
 /// for the others, so all three series always exist.
+/// A listener a configuration reload removed: its gauges of state it no
+/// longer has (backend up, relay check) turn NaN, "not measured", so no
+/// alert keeps firing on its last value. The recorder cannot drop a series;
+/// it goes at the next restart.
+pub(crate) fn retire_listener(listener: &str) {
+    metrics::gauge!(BACKEND_UP, "listener" => listener.to_string()).set(f64::NAN);
+    for each in crate::relay_guard::RelayResult::ALL {
+        metrics::gauge!(RELAY_CHECK, "listener" => listener.to_string(), "result" => each.as_str())
+            .set(f64::NAN);
+    }
+}
+
 pub(crate) fn set_relay_check(listener: &str, result: crate::relay_guard::RelayResult) {
     for each in crate::relay_guard::RelayResult::ALL {
         metrics::gauge!(RELAY_CHECK, "listener" => listener.to_string(), "result" => each.as_str())

@@ -570,6 +570,17 @@ impl Proxy {
         }
         self.readiness
             .set_probes(config.listeners.iter().map(backend_probe).collect());
+        // No check of a removed listener runs from here on (a name that
+        // moved to a new address is still served).
+        for removed in &changes.removed {
+            if !config
+                .listeners
+                .iter()
+                .any(|listener| &listener.name == removed)
+            {
+                metrics::retire_listener(removed);
+            }
+        }
         let mut needs_restart = Vec::new();
         if config.metrics_listen != self.config.metrics_listen {
             needs_restart.push("[metrics] listen".to_string());

@@ -201,6 +201,10 @@ async fn twenty_reloads_add_remove_and_change_listeners_without_failing_a_connec
                     },
                 )
                 .await;
+                // Its gauges no longer claim a state: no alert fires on them.
+                let scrape = Scrape::fetch(metrics).await;
+                let series = format!("mail_tls_proxy_backend_up{{listener=\"{name}\"}}");
+                assert!(scrape.value(&series).is_nan(), "{series}");
             }
             _ => {
                 let expected = if changing_backend == other_imap.address {

@@ -154,8 +154,9 @@ impl ListenerSet {
             }
             let (place, bound, shutdown, per_ip_limit) = match existing {
                 Some(index) => {
+                    // The new cap is set by `apply`: a plan that is dropped
+                    // (a reload refused later) changes nothing.
                     let slot = &self.slots[index];
-                    slot.per_ip_limit.set_max(settings.max_connections_per_ip);
                     (
                         Place::Existing(index),
                         slot.bound,
@@ -226,6 +227,8 @@ impl ListenerSet {
                     } else {
                         changes.changed.push(name);
                     }
+                    slot.per_ip_limit
+                        .set_max(planned.settings.max_connections_per_ip);
                     slot.context.send_replace(planned.context);
                     slot.settings = planned.settings;
                     slots.push(slot);
@@ -492,5 +495,70 @@ impl Drop for TrackedSession {
         if self.0.inner.open.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0.inner.all_closed.notify_waiters();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::{acquire, LimitReached};
+    use std::net::IpAddr;
+    use std::path::Path;
+
+    fn config(max_connections_per_ip: usize) -> Config {
+        let text = format!(
+            r#"
+[[listener]]
+name = "imaps"
+protocol = "imap"
+tls = "implicit"
+listen = "127.0.0.1:0"
+backend = "127.0.0.1:1"
+max_connections_per_ip = {max_connections_per_ip}
+"#
+        );
+        Config::parse(&text, Path::new("/etc/mail-tls-proxy/config.toml")).expect("config")
+    }
+
+    /// How many connections one address gets on the set's only listener.
+    fn room_for_one_address(set: &ListenerSet) -> usize {
+        let global = GlobalLimit::new(1000);
+        let ip: IpAddr = "192.0.2.7".parse().expect("address");
+        let mut slots = Vec::new();
+        loop {
+            match acquire(&global, &set.slots[0].per_ip_limit, ip) {
+                Ok(slot) => slots.push(slot),
+                Err(LimitReached::PerIp) => return slots.len(),
+                Err(other) => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_plan_that_is_not_applied_changes_no_limit() {
+        let first = config(2);
+        let shared = Shared {
+            certificates: crate::server::load_certificates(&first)
+                .expect("certificates")
+                .store(),
+            global_limit: GlobalLimit::new(100),
+            ticketer: crate::tls::SessionTicketer::new(Duration::from_secs(60)).expect("ticketer"),
+        };
+        let mut set = ListenerSet::new();
+        let plan = set.plan(&first, &shared).await.expect("plan");
+        set.apply(plan, Duration::ZERO);
+        assert_eq!(room_for_one_address(&set), 2);
+
+        // A reload refused after planning (a later check failed): the
+        // running listener keeps its limit.
+        let refused = set.plan(&config(5), &shared).await.expect("plan");
+        drop(refused);
+        assert_eq!(room_for_one_address(&set), 2);
+
+        let applied = set.plan(&config(5), &shared).await.expect("plan");
+        let changes = set.apply(applied, Duration::ZERO);
+        assert_eq!(changes.changed, ["imaps"]);
+        assert_eq!(room_for_one_address(&set), 5);
+        set.stop(Duration::ZERO).await;
     }
 }

@@ -2,7 +2,8 @@
 //! `GET /.well-known/acme-challenge/<token>` for a published token with the
 //! key authorization (200, `text/plain`) and everything else with 404.
 //! Nothing else is served on the port. Requests are small and quick or
-//! cut off: headers within 5 s and 8 KiB, a connection within 15 s.
+//! cut off: headers within 5 s and 8 KiB, a connection within 15 s, and
+//! at most [`super::RESPONDER_CONNECTIONS`] connections at once.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
 use super::challenges::PendingChallenges;
@@ -28,9 +30,16 @@ const MAX_HEADER_BYTES: usize = 8192;
 
 /// Serves HTTP-01 challenges on `listener` until the task is dropped.
 pub(crate) async fn serve(listener: TcpListener, challenges: Arc<PendingChallenges>) {
+    serve_at_most(listener, challenges, super::RESPONDER_CONNECTIONS).await
+}
+
+/// [`serve`] with at most `limit` connections open at once: one more is
+/// closed at once, unread.
+async fn serve_at_most(listener: TcpListener, challenges: Arc<PendingChallenges>, limit: usize) {
     if let Ok(address) = listener.local_addr() {
         info!(%address, "acme: answering HTTP-01 challenges");
     }
+    let open = Arc::new(Semaphore::new(limit));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -40,8 +49,13 @@ pub(crate) async fn serve(listener: TcpListener, challenges: Arc<PendingChalleng
                 continue;
             }
         };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            debug!(%peer, limit, "acme: HTTP-01 responder: too many connections; closed");
+            continue;
+        };
         let challenges = challenges.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let service = hyper::service::service_fn(move |request| {
                 let response = respond(&request, &challenges);
                 async move { Ok::<_, Infallible>(response) }
@@ -178,6 +192,70 @@ mod tests {
         huge.extend_from_slice(b"\r\n\r\n");
         let response = exchange(address, &huge).await;
         assert!(response.starts_with("HTTP/1.1 431"), "{response}");
+        server.abort();
+    }
+
+    /// What the responder answers to `request`; empty when it closed (or
+    /// reset) the connection without an answer.
+    async fn answer_or_nothing(address: std::net::SocketAddr, request: &[u8]) -> String {
+        let mut stream = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connect");
+        let _ = stream.write_all(request).await;
+        let mut response = Vec::new();
+        let _ = stream.read_to_end(&mut response).await;
+        String::from_utf8_lossy(&response).into_owned()
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_limit_are_closed_unread() {
+        let challenges = PendingChallenges::new();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let server = tokio::spawn(serve_at_most(listener, challenges.clone(), 2));
+        let _published = challenges.publish_http01("tok", "tok.thumbprint");
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut stream = tokio::net::TcpStream::connect(address)
+                .await
+                .expect("connect");
+            stream
+                .write_all(b"GET / HTTP/1.1\r\n")
+                .await
+                .expect("write");
+            held.push(stream);
+        }
+        // Both slots taken by clients that have not finished their
+        // headers: the next one is closed before any answer.
+        let refused = tokio::time::timeout(
+            Duration::from_secs(2),
+            answer_or_nothing(
+                address,
+                b"GET /.well-known/acme-challenge/tok HTTP/1.1\r\nHost: a\r\n\r\n",
+            ),
+        )
+        .await
+        .expect("closed at once");
+        assert_eq!(refused, "");
+
+        // A slot given back serves again.
+        drop(held.pop());
+        let answered = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                let response = answer_or_nothing(
+                    address,
+                    b"GET /.well-known/acme-challenge/tok HTTP/1.1\r\nHost: a\r\n\r\n",
+                )
+                .await;
+                if !response.is_empty() {
+                    return response;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("served again");
+        assert!(answered.starts_with("HTTP/1.1 200"), "{answered}");
         server.abort();
     }
 

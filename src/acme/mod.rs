@@ -40,6 +40,12 @@ use crate::tls::reload::{ReloadNow, SourceSpec};
 use challenges::PendingChallenges;
 use settings::ChallengeKind;
 
+/// Connections one challenge responder serves at once. A CA validates from
+/// a few vantage points at a time; further connections (a scan, a flood on
+/// the open port 80 or 443) are closed at once instead of each holding a
+/// file descriptor and a task the proxy's mail listeners need.
+pub(crate) const RESPONDER_CONNECTIONS: usize = 64;
+
 /// Every `[[certificate]]` of `config` as the certificate reload takes
 /// them: ACME entries with their placeholder names.
 pub(crate) fn certificate_sources(config: &Config) -> Vec<SourceSpec> {

@@ -3,7 +3,8 @@
 //! offers ALPN `acme-tls/1` and names (SNI) a host with a published
 //! challenge, serving that challenge's certificate; then it closes. Every
 //! other handshake is refused with a fatal alert: nothing is served on
-//! the port.
+//! the port. At most [`super::RESPONDER_CONNECTIONS`] connections are open
+//! at once, each for at most 10 s.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +14,7 @@ use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
 use super::challenges::PendingChallenges;
@@ -25,9 +27,16 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves TLS-ALPN-01 challenges on `listener` until the task is dropped.
 pub(crate) async fn serve(listener: TcpListener, challenges: Arc<PendingChallenges>) {
+    serve_at_most(listener, challenges, super::RESPONDER_CONNECTIONS).await
+}
+
+/// [`serve`] with at most `limit` connections open at once: one more is
+/// closed at once, unread.
+async fn serve_at_most(listener: TcpListener, challenges: Arc<PendingChallenges>, limit: usize) {
     if let Ok(address) = listener.local_addr() {
         info!(%address, "acme: answering TLS-ALPN-01 challenges");
     }
+    let open = Arc::new(Semaphore::new(limit));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -37,8 +46,13 @@ pub(crate) async fn serve(listener: TcpListener, challenges: Arc<PendingChalleng
                 continue;
             }
         };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            debug!(%peer, limit, "acme: TLS-ALPN-01 responder: too many connections; closed");
+            continue;
+        };
         let challenges = challenges.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, answer(stream, &challenges)).await {
                 Ok(Ok(name)) => debug!(%peer, %name, "acme: TLS-ALPN-01 challenge answered"),
                 Ok(Err(reason)) => debug!(%peer, %reason, "acme: TLS-ALPN-01 handshake refused"),
@@ -180,6 +194,39 @@ mod tests {
         let (_, connection) = tls.get_ref();
         assert_eq!(connection.alpn_protocol(), Some(ACME_TLS_ALPN));
         Ok(connection.peer_certificates().expect("certificate")[0].to_vec())
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_limit_are_closed_before_a_handshake() {
+        let challenges = PendingChallenges::new();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let server = tokio::spawn(serve_at_most(listener, challenges.clone(), 1));
+        let certificate = tls_alpn01_certificate("mail.example.org", &[1; 32]).expect("cert");
+        let _published = challenges.publish_tls_alpn01("mail.example.org", certificate);
+        // One client that never sends its ClientHello holds the only slot.
+        let held = TcpStream::connect(address).await.expect("connect");
+        let refused = tokio::time::timeout(
+            Duration::from_secs(2),
+            handshake(address, "mail.example.org", &[ACME_TLS_ALPN]),
+        )
+        .await
+        .expect("closed at once");
+        assert!(refused.is_err(), "{refused:?}");
+
+        drop(held);
+        let served = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                if let Ok(served) = handshake(address, "mail.example.org", &[ACME_TLS_ALPN]).await {
+                    return served;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("served again");
+        assert!(!served.is_empty());
+        server.abort();
     }
 
     #[tokio::test]

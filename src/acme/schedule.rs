@@ -39,6 +39,9 @@ pub(crate) const RETRY_CAP: Duration = Duration::from_secs(6 * 3600);
 const RECHECK_INTERVAL: Duration = Duration::from_secs(6 * 3600);
 /// One order may take this long in all (validation, issuance, download).
 const ORDER_TIMEOUT: Duration = Duration::from_secs(300);
+/// The CA's renewal window (ACME Renewal Information) may take this long to
+/// ask for; without an answer by then the certificate's own dates decide.
+pub(crate) const RENEWAL_INFO_TIMEOUT: Duration = Duration::from_secs(60);
 /// Orders that failed only on a refused nonce are tried again after this
 /// pause, this many times per renewal, before the backoff applies.
 const BAD_NONCE_PAUSE: Duration = Duration::from_secs(1);
@@ -161,7 +164,13 @@ impl<I: Issuer> Renewal<I> {
                     now
                 }
                 Some(current) => {
-                    let window = self.issuer.renewal_window(&current.leaf).await;
+                    // A CA that never answers must not hold up the renewal.
+                    let window = tokio::time::timeout(
+                        RENEWAL_INFO_TIMEOUT,
+                        self.issuer.renewal_window(&current.leaf),
+                    )
+                    .await
+                    .unwrap_or_default();
                     let position =
                         full_jitter(Duration::from_secs(1_000_000)).as_secs_f64() / 1_000_000.0;
                     renewal_due(

@@ -212,3 +212,48 @@ async fn a_refused_nonce_is_ordered_again_at_once_three_times_then_backs_off() {
     running.abort();
     let _ = std::fs::remove_dir_all(state.root());
 }
+
+/// A CA that never answers a renewal information request and refuses every
+/// order, counting them.
+#[derive(Default)]
+struct SilentRenewalInfoCa {
+    orders: std::sync::atomic::AtomicUsize,
+}
+
+impl Issuer for SilentRenewalInfoCa {
+    async fn issue(&self, _names: &[String], _csr: &[u8]) -> Result<String, OrderFailure> {
+        self.orders
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Err(OrderFailure::new("refused"))
+    }
+
+    async fn renewal_window(
+        &self,
+        _leaf: &rustls_pki_types::CertificateDer<'static>,
+    ) -> Option<RenewalWindow> {
+        std::future::pending().await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_ca_that_never_answers_for_the_renewal_window_does_not_stop_renewals() {
+    let state = temp_state("silent-renewal-info");
+    let certificate = entry(&state, &["mail.example.org"]);
+    let pair = crate::tls::generate::generate_pair(&certificate.names).expect("pair");
+    state
+        .write_pair(
+            certificate.label(),
+            pair.cert_pem.as_bytes(),
+            pair.key_pem.as_bytes(),
+        )
+        .expect("stored pair");
+    let ca = Arc::new(SilentRenewalInfoCa::default());
+    let (mut task, _requests) = renewal(ca.clone(), &state, certificate);
+    // Due long ago: only the window request stands before the order.
+    task.renew_before = Some(Duration::from_secs(10_000 * 365 * 86_400));
+    let running = tokio::spawn(task.run());
+    tokio::time::sleep(RENEWAL_INFO_TIMEOUT + Duration::from_secs(5)).await;
+    assert!(ca.orders.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    running.abort();
+    let _ = std::fs::remove_dir_all(state.root());
+}

@@ -13,7 +13,7 @@
 # for each proxy in turn, repeated and interleaved (A B C A B C ...); the
 # report gives median [min–max] and our ratio to each peer.
 #
-#   bash bench/compare.sh                 # the full comparison (~25 minutes)
+#   bash bench/compare.sh                 # the full comparison (~32 minutes)
 #   bash bench/compare.sh --quick         # 1 repetition, short windows (~3 minutes)
 #   bash bench/compare.sh --update-docs   # also rewrite docs/benchmarks.md's tables
 #

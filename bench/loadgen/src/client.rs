@@ -81,8 +81,8 @@ pub fn connector(expected: Option<&std::path::Path>) -> Result<TlsConnector> {
 
 /// Two connectors around one ticket pool, both with the same offer as
 /// [`connector`]: the first resumes, offering a ticket from `pool` on every
-/// connection (newest first, each used once, as RFC 8446 asks of a TLS 1.3
-/// client and rustls does); the second offers no ticket (every handshake a
+/// connection (newest first, each used once, as RFC 8446 recommends for
+/// TLS 1.3 clients and rustls does); the second offers no ticket (every handshake a
 /// full one) and puts the tickets it is given into `pool` (how a pool is
 /// filled). They share one configuration's verifier: rustls resumes only a
 /// session made with the same one. One pair per connection slot, so slots

@@ -299,6 +299,13 @@ pub(crate) fn retire_listener(listener: &str) {
     }
 }
 
+/// A certificate a configuration reload removed: its expiry turns NaN
+/// (nothing served to expire), so the expiry alerts stop firing on it.
+pub(crate) fn retire_certificate(label: &str) {
+    metrics::gauge!(CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS, "certificate" => label.to_string())
+        .set(f64::NAN);
+}
+
 pub(crate) fn set_relay_check(listener: &str, result: crate::relay_guard::RelayResult) {
     for each in crate::relay_guard::RelayResult::ALL {
         metrics::gauge!(RELAY_CHECK, "listener" => listener.to_string(), "result" => each.as_str())

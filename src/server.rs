@@ -135,6 +135,8 @@ pub struct Proxy {
     /// process (a reload swaps its content).
     certificates: Arc<CertificateStore>,
     reload_stats: Arc<ReloadStats>,
+    /// The metrics labels of the certificates served now.
+    certificate_labels: Vec<String>,
     /// The session ticketer of every listener, for the life of the process
     /// (a reload or a new key file swaps its keys).
     ticketer: Arc<SessionTicketer>,
@@ -187,6 +189,8 @@ impl Proxy {
             }
         };
         let reloader = load_certificates(config)?;
+        reloader.export_metrics();
+        let certificate_labels = reloader.labels();
         let certificates = reloader.store();
         let reload_stats = reloader.stats();
         let ticket_keys = load_ticket_keys(config)?;
@@ -238,6 +242,7 @@ impl Proxy {
             reloader: Some(reloader),
             certificates,
             reload_stats,
+            certificate_labels,
             ticketer,
             ticket_key_reloads,
             ticket_key_reloader,
@@ -530,6 +535,15 @@ impl Proxy {
 
         // Everything checked: swap in.
         reloader.take_over(self.certificates.clone(), self.reload_stats.clone());
+        let certificate_labels = reloader.labels();
+        for gone in self
+            .certificate_labels
+            .iter()
+            .filter(|label| !certificate_labels.contains(label))
+        {
+            metrics::retire_certificate(gone);
+        }
+        self.certificate_labels = certificate_labels;
         reloader.leave_hangup_to_caller();
         self.acme
             .apply(&config, acme_responder, reloader.reload_now())

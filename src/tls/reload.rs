@@ -312,7 +312,9 @@ impl Reloader {
             );
             warn_about_expiry(&label, &certificate, now);
         }
-        reloader.export_metrics();
+        // The metrics follow what is served: the caller exports them once
+        // this set is in use (start-up, or a reload's take-over), never for
+        // a set a refused reload only read.
         Ok(reloader)
     }
 
@@ -341,7 +343,16 @@ impl Reloader {
         store.replace_with(self.store.current());
         self.store = store;
         self.stats = stats;
+        self.export_metrics();
         count_reload(&self.stats, ReloadResult::Ok);
+    }
+
+    /// The metrics label of each certificate served.
+    pub(crate) fn labels(&self) -> Vec<String> {
+        self.labelled()
+            .into_iter()
+            .map(|(label, _)| label)
+            .collect()
     }
 
     /// Asks this reloader, once running, to re-read its files now.
@@ -381,7 +392,8 @@ impl Reloader {
         }
     }
 
-    fn export_metrics(&self) {
+    /// Sets the certificate series for the set served now.
+    pub(crate) fn export_metrics(&self) {
         for (label, certificate) in self.labelled() {
             ::metrics::gauge!(metrics::CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS, "certificate" => label)
                 .set(certificate.not_after as f64);

@@ -359,3 +359,65 @@ async fn reload_on_change_follows_the_file_without_a_signal() {
     wait_for_metric(metrics, RELOADS_OK, 3.0).await;
     assert_eq!(greeting_at(address, &connector).await, OTHER_GREETING);
 }
+
+/// The certificate series follow what is served: a refused reload adds no
+/// series for the certificates it only read, and a certificate an applied
+/// reload removed has its expiry turned NaN (no expiry alert on it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_series_follow_the_certificates_served() {
+    let dir = TempDir::new("config-reload-certificates");
+    let ca = TestCa::new();
+    let (main, other, third) = (
+        PairPaths::in_dir(dir.path(), "main"),
+        PairPaths::in_dir(dir.path(), "other"),
+        PairPaths::in_dir(dir.path(), "third"),
+    );
+    main.write_in_place(&ca.issue(&["localhost"]));
+    other.write_in_place(&ca.issue(&["other.example"]));
+    third.write_in_place(&ca.issue(&["third.example"]));
+    let backends = Backends::start().await;
+    let config = |pairs: &[&PairPaths]| {
+        TestConfig::new()
+            .certificates(pairs.iter().copied())
+            .metrics()
+            .listeners(backends.listeners(&[Kind::named("imaps")]))
+    };
+    let path = config(&[&main, &other]).write_in(dir.path());
+    let proxy = ProxyProcess::spawn(&path);
+    let metrics = proxy.address(&["serving /metrics"]).await;
+    let expiry = |name: &str| {
+        format!("mail_tls_proxy_certificate_expiry_timestamp_seconds{{certificate=\"{name}\"}}")
+    };
+    let scrape = Scrape::fetch(metrics).await;
+    assert!(scrape.value(&expiry("localhost")) > 0.0);
+    assert!(scrape.value(&expiry("other.example")) > 0.0);
+
+    // Refused after the certificates were read (the new address is taken):
+    // nothing of it shows.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken_address = taken.local_addr().expect("address");
+    // The listener's address (the last `listen`; the first is the metrics
+    // endpoint's).
+    let mut refused = config(&[&main, &other, &third]).to_toml();
+    let at = refused
+        .rfind("listen = \"127.0.0.1:0\"")
+        .expect("a listener");
+    refused.replace_range(
+        at..at + "listen = \"127.0.0.1:0\"".len(),
+        &format!("listen = \"{taken_address}\""),
+    );
+    std::fs::write(&path, refused).expect("write");
+    proxy.signal("HUP");
+    wait_for_metric(metrics, RELOADS_ERROR, 1.0).await;
+    assert!(!Scrape::fetch(metrics)
+        .await
+        .contains("certificate=\"third.example\""));
+
+    // Applied without `other`: its expiry is no longer a date.
+    config(&[&main]).write_in(dir.path());
+    proxy.signal("HUP");
+    wait_for_metric(metrics, RELOADS_OK, 1.0).await;
+    let scrape = Scrape::fetch(metrics).await;
+    assert!(scrape.value(&expiry("other.example")).is_nan());
+    assert!(scrape.value(&expiry("localhost")) > 0.0);
+}

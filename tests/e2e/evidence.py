@@ -4,6 +4,7 @@ that prove who the backend saw."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -28,6 +29,26 @@ def wait_for_log_line(path: Path, pattern: str, start: int = 0) -> re.Match:
         if time.monotonic() > deadline:
             raise AssertionError(f"no line matching {pattern!r} in {path}; tail:\n{tail_of_file(path)}")
         time.sleep(0.1)
+
+
+def dovecot_login_line(dovecot_log: Path, service: str, user: str, start: int = 0) -> str:
+    """Dovecot's login line for `user` on `service` ("imap", "pop3") after
+    byte offset start; it names the client (rip=) Dovecot saw."""
+    return wait_for_log_line(dovecot_log, rf"{service}-login: (?:Info: )?Login: user=<{user}>.*$", start).group(0)
+
+
+def json_log_records(path: Path, start: int = 0) -> list[dict]:
+    """The proxy's JSON log records after byte offset start (other lines
+    skipped)."""
+    records = []
+    for line in path.read_bytes()[start:].decode(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def topmost_received(delivered: bytes) -> str:

@@ -73,6 +73,14 @@ def proxy_binary_path() -> Path:
     return target_dir / "debug" / "mail-tls-proxy"
 
 
+def built_proxy_binary() -> Path:
+    """proxy_binary_path(), skipping (or failing in CI) when it is not built."""
+    binary = proxy_binary_path()
+    if not (binary.is_file() and os.access(binary, os.X_OK)):
+        unavailable(f"proxy binary {binary} not built (cargo build, or set MAIL_TLS_PROXY_BIN)")
+    return binary
+
+
 def write_proxy_config(path: Path, backends: MailServerEndpoints, ports: dict[str, int], metrics_port: int) -> None:
     backend_port = {"smtp": backends.smtp_port, "imap": backends.imap_port, "pop3": backends.pop3_port}
     ProxyConfig(

@@ -17,7 +17,6 @@ expect the PROXY header looks like to the client and in the proxy's log."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import smtplib
 import ssl
 import subprocess
@@ -25,34 +24,26 @@ from pathlib import Path
 
 import pytest
 
-from evidence import log_offset, queue_id_of, topmost_received, wait_for_log_line
+from evidence import dovecot_login_line, log_offset, queue_id_of, topmost_received, wait_for_log_line
+from identity_backends import SMTPD_PROXY_PROTOCOL, SMTPD_XCLIENT_FROM_PROXY, identity_backends
 from mail_clients import SENDER_ADDRESS, MailMessage, make_message, wait_for_delivery
 from proxy_config import CertificateConfig, ListenerConfig, ProxyConfig
 from proxy_process import (
     RunningProxy,
+    built_proxy_binary,
     proxy_binary_path,
+    start_proxy_with_config,
     stop_proxy,
-    unavailable,
-    wait_for_proxy_ports,
 )
 from source_address import (
     CLIENT_TIMEOUT_SECONDS,
-    Imap,
-    Imaps,
-    Pop3,
-    Pop3s,
     connect_from,
+    imap_login_from,
+    pop3_login_from,
     read_until_closed,
+    smtp_from,
 )
-from servers import (
-    MailServerEndpoints,
-    MailServers,
-    ServerSetupError,
-    missing_programs,
-    pick_free_loopback_ports,
-    stop_abandoned_instances,
-    tail_of_file,
-)
+from servers import MailServerEndpoints, MailServers
 
 CLIENT_IP = "127.0.0.2"
 PROXY_HOSTNAME = "proxy.e2e.test"
@@ -101,36 +92,14 @@ class IdentitySetup:
 
 @pytest.fixture(scope="module")
 def identity_servers(scratch_dir) -> MailServers:
-    if os.geteuid() != 0:
-        unavailable("the end-to-end backends (Dovecot, Postfix) must be started as root")
-    missing = missing_programs()
-    if missing:
-        unavailable(f"{', '.join(missing)} not installed; run tests/e2e/install-deps.sh")
-    stop_abandoned_instances(f"/tmp/mail-e2e-*/{SERVERS_DIR_NAME}")
-    servers = MailServers(
-        scratch_dir / SERVERS_DIR_NAME,
-        owner_pid=os.getpid(),
-        extra_smtpd={
-            # Postfix trusts the header from anyone who can reach this
-            # port; in production only the proxy must be able to.
-            "smtp_haproxy": ["smtpd_upstream_proxy_protocol=haproxy"],
-            "smtp_xclient": ["smtpd_authorized_xclient_hosts=127.0.0.1"],
-        },
-        dovecot_haproxy_trusted_networks="127.0.0.1/32",
-    )
-    try:
-        servers.start()
-    except ServerSetupError as exc:
-        pytest.fail(f"could not start the mail servers: {exc}", pytrace=False)
-    try:
-        yield servers
-    finally:
-        servers.stop()
+    yield from identity_backends(scratch_dir, SERVERS_DIR_NAME, {
+        "smtp_haproxy": [SMTPD_PROXY_PROTOCOL],
+        "smtp_xclient": [SMTPD_XCLIENT_FROM_PROXY],
+    })
 
 
-def write_identity_config(path: Path, ports: dict[str, int], metrics_port: int,
-                          backend_ports: dict[str, int]) -> None:
-    ProxyConfig(
+def identity_config_text(ports: dict[str, int], metrics_port: int, backend_ports: dict[str, int]) -> str:
+    return ProxyConfig(
         hostname=PROXY_HOSTNAME,
         certificates=[CertificateConfig("fullchain.pem", "privkey.pem")],
         metrics_port=metrics_port,
@@ -143,41 +112,20 @@ def write_identity_config(path: Path, ports: dict[str, int], metrics_port: int,
             )
             for spec in IDENTITY_LISTENERS
         ],
-    ).write(path)
+    ).to_toml()
 
 
 @pytest.fixture(scope="module")
 def identity(identity_servers, test_certificate, scratch_dir) -> IdentitySetup:
-    binary = proxy_binary_path()
-    if not (binary.is_file() and os.access(binary, os.X_OK)):
-        unavailable(f"proxy binary {binary} not built (cargo build, or set MAIL_TLS_PROXY_BIN)")
+    binary = built_proxy_binary()
     endpoints = identity_servers.endpoints
     backend_ports = {"smtp": endpoints.smtp_port, "imap": endpoints.imap_port, "pop3": endpoints.pop3_port,
                      **endpoints.extra_ports}
-    directory = test_certificate.chain.parent  # holds fullchain.pem / privkey.pem
-    config_file = directory / "identity.toml"
-    log_file = directory / "identity-proxy.log"
-    names = [spec.name for spec in IDENTITY_LISTENERS]
-    for attempt in range(3):
-        *listener_ports, metrics_port = pick_free_loopback_ports(len(names) + 1)
-        ports = dict(zip(names, listener_ports))
-        write_identity_config(config_file, ports, metrics_port, backend_ports)
-        environment = dict(os.environ, NO_COLOR="1")
-        environment.setdefault("RUST_LOG", "info")
-        with open(log_file, "ab") as log:
-            process = subprocess.Popen(
-                [str(binary), "run", "--config", str(config_file)], cwd=scratch_dir,
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=environment,
-            )
-        running = RunningProxy(ports=ports, metrics_port=metrics_port, ca_file=test_certificate.chain,
-                               hostname="localhost", config_file=config_file, log_file=log_file,
-                               process=process)
-        problem = wait_for_proxy_ports(running)
-        if problem is None:
-            break
-        stop_proxy(running)
-        if "address" not in tail_of_file(log_file).lower() or attempt == 2:
-            pytest.fail(f"{problem}; log:\n{tail_of_file(log_file)}", pytrace=False)
+    # identity.toml and identity.log next to fullchain.pem / privkey.pem.
+    running = start_proxy_with_config(
+        binary, test_certificate.chain.parent, "identity", [spec.name for spec in IDENTITY_LISTENERS],
+        lambda ports, metrics_port: identity_config_text(ports, metrics_port, backend_ports),
+        working_dir=scratch_dir)
     try:
         yield IdentitySetup(servers=endpoints, proxy=running, postfix_log=identity_servers.postfix_log,
                             dovecot_log=identity_servers.dovecot_log)
@@ -189,17 +137,7 @@ def identity(identity_servers, test_certificate, scratch_dir) -> IdentitySetup:
 
 def smtp_session(setup: IdentitySetup, listener: str, tls_context: ssl.SSLContext) -> smtplib.SMTP:
     spec = next(spec for spec in IDENTITY_LISTENERS if spec.name == listener)
-    if spec.tls == "implicit":
-        client = smtplib.SMTP_SSL("localhost", setup.port(listener), context=tls_context,
-                                  timeout=CLIENT_TIMEOUT_SECONDS, source_address=(CLIENT_IP, 0))
-        client.ehlo("client.e2e.test")
-        return client
-    client = smtplib.SMTP("localhost", setup.port(listener), timeout=CLIENT_TIMEOUT_SECONDS,
-                          source_address=(CLIENT_IP, 0))
-    client.ehlo("client.e2e.test")
-    client.starttls(context=tls_context)
-    client.ehlo("client.e2e.test")
-    return client
+    return smtp_from("localhost", setup.port(listener), spec.tls, CLIENT_IP, tls_context)
 
 
 def send_through(setup: IdentitySetup, listener: str, tls_context: ssl.SSLContext, label: str) -> MailMessage:
@@ -272,8 +210,7 @@ def test_a_client_xclient_is_refused_and_postfix_never_sees_it(identity, tls_con
 # -- Dovecot: PROXY protocol v2 ---------------------------------------------------------------
 
 def login_line(setup: IdentitySetup, service: str, start: int) -> str:
-    return wait_for_log_line(setup.dovecot_log,
-                             rf"{service}-login: (?:Info: )?Login: user=<{setup.servers.user}>.*$", start).group(0)
+    return dovecot_login_line(setup.dovecot_log, service, setup.servers.user, start)
 
 
 def assert_tls_known_only_on_implicit_listeners(line: str, listener: str) -> None:
@@ -288,18 +225,9 @@ def assert_tls_known_only_on_implicit_listeners(line: str, listener: str) -> Non
 @pytest.mark.parametrize("listener", ["imaps-v2", "imap-v2"])
 def test_dovecot_imap_behind_proxy_v2_sees_the_client_address(identity, tls_context, listener):
     start = log_offset(identity.dovecot_log)
-    if listener == "imaps-v2":
-        client = Imaps("localhost", identity.port(listener), CLIENT_IP, tls_context)
-    else:
-        client = Imap("localhost", identity.port(listener), CLIENT_IP)
-        client.starttls(ssl_context=tls_context)
-    try:
-        assert client.sock.getsockname()[0] == CLIENT_IP
-        client.login(identity.servers.user, identity.servers.password)
-        status, _ = client.select("INBOX", readonly=True)
-        assert status == "OK"
-    finally:
-        client.logout()
+    client = imap_login_from("localhost", identity.port(listener), "implicit" if listener == "imaps-v2" else "starttls",
+                             CLIENT_IP, tls_context, identity.servers.user, identity.servers.password)
+    assert client[0] == CLIENT_IP
     line = login_line(identity, "imap", start)
     assert f"rip={CLIENT_IP}," in line, line
     assert "rip=127.0.0.1," not in line, line
@@ -309,18 +237,9 @@ def test_dovecot_imap_behind_proxy_v2_sees_the_client_address(identity, tls_cont
 @pytest.mark.parametrize("listener", ["pop3s-v2", "pop3-v2"])
 def test_dovecot_pop3_behind_proxy_v2_sees_the_client_address(identity, tls_context, listener):
     start = log_offset(identity.dovecot_log)
-    if listener == "pop3s-v2":
-        client = Pop3s("localhost", identity.port(listener), CLIENT_IP, tls_context)
-    else:
-        client = Pop3("localhost", identity.port(listener), CLIENT_IP)
-        client.stls(context=tls_context)
-    try:
-        assert client.sock.getsockname()[0] == CLIENT_IP
-        client.user(identity.servers.user)
-        client.pass_(identity.servers.password)
-        client.stat()
-    finally:
-        client.quit()
+    client = pop3_login_from("localhost", identity.port(listener), "implicit" if listener == "pop3s-v2" else "starttls",
+                             CLIENT_IP, tls_context, identity.servers.user, identity.servers.password)
+    assert client[0] == CLIENT_IP
     line = login_line(identity, "pop3", start)
     assert f"rip={CLIENT_IP}," in line, line
     assert "rip=127.0.0.1," not in line, line

@@ -32,7 +32,6 @@ import base64
 import dataclasses
 import imaplib
 import itertools
-import json
 import os
 import re
 import signal
@@ -48,7 +47,14 @@ from pathlib import Path
 
 import pytest
 
-from evidence import LOG_WAIT_SECONDS, log_offset, topmost_received, wait_for_log_line
+from evidence import (
+    LOG_WAIT_SECONDS,
+    dovecot_login_line,
+    json_log_records,
+    log_offset,
+    topmost_received,
+    wait_for_log_line,
+)
 from haproxy import (
     RunningHaproxy,
     find_haproxy,
@@ -59,17 +65,10 @@ from haproxy import (
 )
 from mail_clients import SENDER_ADDRESS, make_message, wait_for_delivery
 from proxy_config import CertificateConfig, ListenerConfig, ProxyConfig, key_values
-from proxy_process import proxy_binary_path, unavailable
-from servers import (
-    MailServers,
-    ServerSetupError,
-    missing_programs,
-    pick_free_loopback_ports,
-    stop_abandoned_instances,
-    stop_child,
-    tail_of_file,
-)
-from source_address import CLIENT_TIMEOUT_SECONDS, Imaps, connect_from
+from identity_backends import SMTPD_XCLIENT_FROM_PROXY, identity_backends
+from proxy_process import built_proxy_binary
+from servers import MailServers, pick_free_loopback_ports, stop_child, tail_of_file
+from source_address import CLIENT_TIMEOUT_SECONDS, Imaps, connect_from, imap_login_from, smtp_from
 
 CLIENT_IP = "127.0.0.2"
 BALANCER_IP = "127.0.0.1"  # HAProxy connects to the replicas from here (`source`)
@@ -144,15 +143,7 @@ class Replica:
 
     def records(self, start: int = 0) -> list[dict]:
         """The JSON log records after byte offset start."""
-        records = []
-        for line in self.log_file.read_bytes()[start:].decode(errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-        return records
+        return json_log_records(self.log_file, start)
 
     def access_lines(self, start: int = 0) -> list[dict]:
         return [r for r in self.records(start) if r.get("message") == "session"]
@@ -280,36 +271,18 @@ class Fleet:
 
 @pytest.fixture(scope="module")
 def fleet_servers(scratch_dir) -> MailServers:
-    if os.geteuid() != 0:
-        unavailable("the end-to-end backends (Dovecot, Postfix) must be started as root")
-    missing = missing_programs()
-    if missing:
-        unavailable(f"{', '.join(missing)} not installed; run tests/e2e/install-deps.sh")
-    find_haproxy()
-    for abandoned in stop_abandoned_instances(f"/tmp/mail-e2e-*/{SERVERS_DIR_NAME}"):
-        stop_abandoned_processes(abandoned.parent / FLEET_DIR_NAME, ABANDONED_CONFIGS)
-    servers = MailServers(
-        scratch_dir / SERVERS_DIR_NAME, owner_pid=os.getpid(),
+    yield from identity_backends(
+        scratch_dir, SERVERS_DIR_NAME,
         # Each trusts only the replicas' address (127.0.0.1) for what they
         # say about the client.
-        extra_smtpd={"smtp_xclient": ["smtpd_authorized_xclient_hosts=127.0.0.1"]},
-        dovecot_haproxy_trusted_networks="127.0.0.1/32",
-    )
-    try:
-        servers.start()
-    except ServerSetupError as exc:
-        pytest.fail(f"could not start the mail servers: {exc}", pytrace=False)
-    try:
-        yield servers
-    finally:
-        servers.stop()
+        {"smtp_xclient": [SMTPD_XCLIENT_FROM_PROXY]},
+        before_start=find_haproxy,
+        on_abandoned=lambda abandoned: stop_abandoned_processes(abandoned.parent / FLEET_DIR_NAME, ABANDONED_CONFIGS))
 
 
 @pytest.fixture(scope="module")
 def fleet(fleet_servers, test_certificate, scratch_dir) -> Fleet:
-    binary = proxy_binary_path()
-    if not (binary.is_file() and os.access(binary, os.X_OK)):
-        unavailable(f"proxy binary {binary} not built (cargo build, or set MAIL_TLS_PROXY_BIN)")
+    binary = built_proxy_binary()
     fleet_dir = scratch_dir / FLEET_DIR_NAME
     fleet_dir.mkdir(exist_ok=True)
     ticket_keys = fleet_dir / "ticket-keys"
@@ -541,24 +514,13 @@ def test_rotation_keeps_old_tickets_while_their_key_is_in_the_file(fleet, client
 
 def test_dovecot_and_postfix_log_the_real_client_not_the_balancer_or_a_replica(fleet, client_context):
     start = fleet.offsets()
-    client = Imaps("127.0.0.1", fleet.via("imaps"), CLIENT_IP, client_context)
-    try:
-        imap_client = client.sock.getsockname()
-        assert client.login(fleet.servers.endpoints.user, fleet.servers.endpoints.password)[0] == "OK"
-        assert client.select("INBOX", readonly=True)[0] == "OK"
-    finally:
-        client.logout()
-    login = wait_for_log_line(fleet.servers.dovecot_log,
-                              rf"imap-login: (?:Info: )?Login: user=<{fleet.servers.endpoints.user}>.*$",
-                              start["dovecot"]).group(0)
+    imap_client = imap_login_from("127.0.0.1", fleet.via("imaps"), "implicit", CLIENT_IP, client_context,
+                                  fleet.servers.endpoints.user, fleet.servers.endpoints.password)
+    login = dovecot_login_line(fleet.servers.dovecot_log, "imap", fleet.servers.endpoints.user, start["dovecot"])
     assert f"rip={CLIENT_IP}," in login and "rip=127.0.0.1," not in login, login
 
     message = make_message("fleet-identity", fleet.servers.endpoints.address)
-    with smtplib.SMTP("127.0.0.1", fleet.via("submission"), timeout=CLIENT_TIMEOUT_SECONDS,
-                      source_address=(CLIENT_IP, 0)) as smtp:
-        smtp.ehlo("client.e2e.test")
-        smtp.starttls(context=client_context)
-        smtp.ehlo("client.e2e.test")
+    with smtp_from("127.0.0.1", fleet.via("submission"), "starttls", CLIENT_IP, client_context) as smtp:
         assert smtp.sendmail(SENDER_ADDRESS, [fleet.servers.endpoints.address], message.raw) == {}
     received = topmost_received(wait_for_delivery(fleet.servers.endpoints, message))
     assert f"(unknown [{CLIENT_IP}])" in received and "[127.0.0.1]" not in received, received

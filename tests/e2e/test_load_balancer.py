@@ -23,7 +23,6 @@ address it connected to the proxy from (`%bi:%bp`)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import smtplib
@@ -36,7 +35,14 @@ from pathlib import Path
 
 import pytest
 
-from evidence import LOG_WAIT_SECONDS, log_offset, topmost_received, wait_for_log_line
+from evidence import (
+    LOG_WAIT_SECONDS,
+    dovecot_login_line as dovecot_login,
+    json_log_records,
+    log_offset,
+    topmost_received,
+    wait_for_log_line,
+)
 from haproxy import (
     RunningHaproxy,
     find_haproxy,
@@ -47,24 +53,17 @@ from haproxy import (
 )
 from mail_clients import SENDER_ADDRESS, make_message, wait_for_delivery
 from proxy_config import CertificateConfig, ListenerConfig, ProxyConfig
-from proxy_process import RunningProxy, proxy_binary_path, stop_proxy, unavailable
+from identity_backends import SMTPD_PROXY_PROTOCOL, SMTPD_XCLIENT_FROM_PROXY, identity_backends
+from proxy_process import RunningProxy, built_proxy_binary, stop_proxy
 from source_address import (
     CLIENT_TIMEOUT_SECONDS,
-    Imap,
-    Imaps,
-    Pop3,
-    Pop3s,
     connect_from as connect_from_address,
+    imap_login_from,
+    pop3_login_from,
     read_until_closed,
+    smtp_from,
 )
-from servers import (
-    MailServers,
-    ServerSetupError,
-    missing_programs,
-    pick_free_loopback_ports,
-    stop_abandoned_instances,
-    tail_of_file,
-)
+from servers import MailServers, pick_free_loopback_ports, tail_of_file
 
 CLIENT_IP = "127.0.0.2"
 OTHER_CLIENT_IP = "127.0.0.3"
@@ -188,35 +187,18 @@ class LbSetup:
 
 @pytest.fixture(scope="module")
 def lb_servers(scratch_dir) -> MailServers:
-    if os.geteuid() != 0:
-        unavailable("the end-to-end backends (Dovecot, Postfix) must be started as root")
-    missing = missing_programs()
-    if missing:
-        unavailable(f"{', '.join(missing)} not installed; run tests/e2e/install-deps.sh")
-    find_haproxy()  # before starting anything for it
-    # Backends whose test process is gone, and the balancer and proxy that
-    # run left in front of them.
-    for abandoned in stop_abandoned_instances(f"/tmp/mail-e2e-*/{SERVERS_DIR_NAME}"):
-        stop_abandoned_processes(abandoned.parent / LB_DIR_NAME, ABANDONED_CONFIGS)
-    servers = MailServers(
-        scratch_dir / SERVERS_DIR_NAME,
-        owner_pid=os.getpid(),
-        extra_smtpd={
+    # HAProxy is looked for before anything is started for it; a run that
+    # was killed left a balancer and a proxy in front of its backends.
+    yield from identity_backends(
+        scratch_dir, SERVERS_DIR_NAME,
+        {
             # Each trusts only the proxy (127.0.0.1) for what it says about
             # the client; relaying is then judged on the client's address.
-            "smtp_haproxy": ["smtpd_upstream_proxy_protocol=haproxy"],
-            "smtp_xclient": ["smtpd_authorized_xclient_hosts=127.0.0.1"],
+            "smtp_haproxy": [SMTPD_PROXY_PROTOCOL],
+            "smtp_xclient": [SMTPD_XCLIENT_FROM_PROXY],
         },
-        dovecot_haproxy_trusted_networks="127.0.0.1/32",
-    )
-    try:
-        servers.start()
-    except ServerSetupError as exc:
-        pytest.fail(f"could not start the mail servers: {exc}", pytrace=False)
-    try:
-        yield servers
-    finally:
-        servers.stop()
+        before_start=find_haproxy,
+        on_abandoned=lambda abandoned: stop_abandoned_processes(abandoned.parent / LB_DIR_NAME, ABANDONED_CONFIGS))
 
 
 def write_proxy_config(path: Path, certificate_dir: Path, ports: dict[str, int], metrics_port: int,
@@ -265,9 +247,7 @@ def wait_for_lb_proxy(running: RunningProxy) -> str | None:
 
 @pytest.fixture(scope="module")
 def lb(lb_servers, test_certificate, scratch_dir) -> LbSetup:
-    binary = proxy_binary_path()
-    if not (binary.is_file() and os.access(binary, os.X_OK)):
-        unavailable(f"proxy binary {binary} not built (cargo build, or set MAIL_TLS_PROXY_BIN)")
+    binary = built_proxy_binary()
     lb_dir = scratch_dir / LB_DIR_NAME
     lb_dir.mkdir(exist_ok=True)
     endpoints = lb_servers.endpoints
@@ -316,20 +296,6 @@ def connect_from(source_ip: str, port: int, timeout: float | None = CLIENT_TIMEO
     return connect_from_address(source_ip, "127.0.0.1", port, timeout)
 
 
-def smtp_session(port: int, tls: str, source_ip: str, context: ssl.SSLContext) -> smtplib.SMTP:
-    """EHLO done, inside TLS (the certificate has IP:127.0.0.1)."""
-    if tls == "implicit":
-        client = smtplib.SMTP_SSL("127.0.0.1", port, context=context, timeout=CLIENT_TIMEOUT_SECONDS,
-                                  source_address=(source_ip, 0))
-    else:
-        client = smtplib.SMTP("127.0.0.1", port, timeout=CLIENT_TIMEOUT_SECONDS, source_address=(source_ip, 0))
-        client.ehlo("client.e2e.test")
-        client.starttls(context=context)
-    client.ehlo("client.e2e.test")
-    assert client.sock.getsockname()[0] == source_ip
-    return client
-
-
 def client_hello() -> bytes:
     """The first flight of a real TLS client, as raw bytes."""
     context = ssl.create_default_context()
@@ -354,15 +320,7 @@ def without_waiting_line(received: bytes) -> list[bytes]:
 # -- evidence: logs and metrics -------------------------------------------------------
 
 def proxy_log_records(setup: LbSetup, start: int = 0) -> list[dict]:
-    records = []
-    for line in setup.proxy.log_file.read_bytes()[start:].decode(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+    return json_log_records(setup.proxy.log_file, start)
 
 
 def wait_for_proxy_record(setup: LbSetup, start: int, predicate, what: str) -> dict:
@@ -425,9 +383,7 @@ def rejected_for_proxy_header(setup: LbSetup, listener: str) -> float:
 
 
 def dovecot_login_line(setup: LbSetup, service: str, start: int) -> str:
-    return wait_for_log_line(setup.servers.dovecot_log,
-                             rf"{service}-login: (?:Info: )?Login: user=<{setup.servers.endpoints.user}>.*$",
-                             start).group(0)
+    return dovecot_login(setup.servers.dovecot_log, service, setup.servers.endpoints.user, start)
 
 
 def assert_backends_never_heard_of(setup: LbSetup, address: str, start: dict[str, int]) -> None:
@@ -481,7 +437,8 @@ def test_postfix_sees_the_client_behind_haproxy(lb, tls_context, listener, versi
     spec = LISTENER_BY_NAME[listener]
     start = offsets(lb)
     message = make_message(f"lb-{listener}-{version}", lb.servers.endpoints.address)
-    with smtp_session(lb.via(listener, version), spec.tls, CLIENT_IP, tls_context) as client:
+    # The certificate has IP:127.0.0.1.
+    with smtp_from("127.0.0.1", lb.via(listener, version), spec.tls, CLIENT_IP, tls_context) as client:
         client_address = client.sock.getsockname()
         refused = client.sendmail(SENDER_ADDRESS, [lb.servers.endpoints.address], message.raw)
         assert refused == {}
@@ -507,19 +464,8 @@ def test_postfix_sees_the_client_behind_haproxy(lb, tls_context, listener, versi
 @pytest.mark.parametrize("listener", ["imap", "imaps"])
 def test_dovecot_imap_sees_the_client_behind_haproxy(lb, tls_context, listener, version):
     start = offsets(lb)
-    port = lb.via(listener, version)
-    if LISTENER_BY_NAME[listener].tls == "implicit":
-        client = Imaps("127.0.0.1", port, CLIENT_IP, tls_context)
-    else:
-        client = Imap("127.0.0.1", port, CLIENT_IP)
-        client.starttls(ssl_context=tls_context)
-    try:
-        client_address = client.sock.getsockname()
-        client.login(lb.servers.endpoints.user, lb.servers.endpoints.password)
-        status, _ = client.select("INBOX", readonly=True)
-        assert status == "OK"
-    finally:
-        client.logout()
+    client_address = imap_login_from("127.0.0.1", lb.via(listener, version), LISTENER_BY_NAME[listener].tls,
+                                     CLIENT_IP, tls_context, lb.servers.endpoints.user, lb.servers.endpoints.password)
     line = dovecot_login_line(lb, "imap", start["dovecot"])
     assert f"rip={CLIENT_IP}," in line, line
     assert "rip=127.0.0.1," not in line, line
@@ -531,19 +477,8 @@ def test_dovecot_imap_sees_the_client_behind_haproxy(lb, tls_context, listener, 
 @pytest.mark.parametrize("listener", ["pop3", "pop3s"])
 def test_dovecot_pop3_sees_the_client_behind_haproxy(lb, tls_context, listener, version):
     start = offsets(lb)
-    port = lb.via(listener, version)
-    if LISTENER_BY_NAME[listener].tls == "implicit":
-        client = Pop3s("127.0.0.1", port, CLIENT_IP, tls_context)
-    else:
-        client = Pop3("127.0.0.1", port, CLIENT_IP)
-        client.stls(context=tls_context)
-    try:
-        client_address = client.sock.getsockname()
-        client.user(lb.servers.endpoints.user)
-        client.pass_(lb.servers.endpoints.password)
-        client.stat()
-    finally:
-        client.quit()
+    client_address = pop3_login_from("127.0.0.1", lb.via(listener, version), LISTENER_BY_NAME[listener].tls,
+                                     CLIENT_IP, tls_context, lb.servers.endpoints.user, lb.servers.endpoints.password)
     line = dovecot_login_line(lb, "pop3", start["dovecot"])
     assert f"rip={CLIENT_IP}," in line, line
     assert "rip=127.0.0.1," not in line, line

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 import re
-import smtplib
 import subprocess
 import time
 import tomllib
@@ -37,26 +36,19 @@ from pathlib import Path
 import pytest
 
 from evidence import LOG_WAIT_SECONDS, log_offset, wait_for_log_line
+from identity_backends import SMTPD_PROXY_PROTOCOL, SMTPD_XCLIENT_FROM_PROXY, identity_backends
 from mail_clients import SENDER_ADDRESS, make_message
 from proxy_config import CertificateConfig, ListenerConfig, ProxyConfig
 from proxy_process import (
     REPO_ROOT,
     RunningProxy,
-    proxy_binary_path,
+    built_proxy_binary,
     run_check,
     start_proxy_with_config,
     stop_proxy,
-    unavailable,
 )
-from servers import (
-    MailServerEndpoints,
-    MailServers,
-    ServerSetupError,
-    find_program,
-    missing_programs,
-    pick_free_loopback_ports,
-    stop_abandoned_instances,
-)
+from servers import MailServerEndpoints, MailServers, find_program, pick_free_loopback_ports
+from source_address import smtp_from
 
 yaml = pytest.importorskip("yaml")  # PyYAML comes with yamllint (install-deps.sh)
 
@@ -64,7 +56,6 @@ SERVERS_DIR_NAME = "relay-servers"
 CLIENT_IP = "127.0.0.2"
 PROXY_HOSTNAME = "guard.e2e.test"
 STRANGER_RECIPIENT = "someone@elsewhere.example"
-CLIENT_TIMEOUT_SECONDS = 15
 # `run` refusing to start: the guard's dialogue takes milliseconds, the rest
 # is start-up on a loaded 2-core machine.
 RUN_EXIT_TIMEOUT_SECONDS = 60
@@ -92,40 +83,17 @@ SHIPPED_CONFIGURATIONS = {
 
 @pytest.fixture(scope="module")
 def relay_servers(scratch_dir) -> MailServers:
-    if os.geteuid() != 0:
-        unavailable("the end-to-end backends (Dovecot, Postfix) must be started as root")
-    missing = missing_programs()
-    if missing:
-        unavailable(f"{', '.join(missing)} not installed; run tests/e2e/install-deps.sh")
-    stop_abandoned_instances(f"/tmp/mail-e2e-*/{SERVERS_DIR_NAME}")
-    servers = MailServers(
-        scratch_dir / SERVERS_DIR_NAME,
-        owner_pid=os.getpid(),
-        mynetworks="127.0.0.0/8",
-        extra_smtpd={
-            "smtp_proxied": ["smtpd_upstream_proxy_protocol=haproxy"],
-            "smtp_xclient": ["smtpd_authorized_xclient_hosts=127.0.0.1"],
-            "smtp_proxied_host": ["smtpd_upstream_proxy_protocol=haproxy", "mynetworks=127.0.0.1/32"],
-            "smtp_xclient_host": ["smtpd_authorized_xclient_hosts=127.0.0.1", "mynetworks=127.0.0.1/32"],
-        },
-        dovecot_haproxy_trusted_networks="127.0.0.1/32",
-    )
-    try:
-        servers.start()
-    except ServerSetupError as exc:
-        pytest.fail(f"could not start the mail servers: {exc}", pytrace=False)
-    try:
-        yield servers
-    finally:
-        servers.stop()
+    yield from identity_backends(scratch_dir, SERVERS_DIR_NAME, {
+        "smtp_proxied": [SMTPD_PROXY_PROTOCOL],
+        "smtp_xclient": [SMTPD_XCLIENT_FROM_PROXY],
+        "smtp_proxied_host": [SMTPD_PROXY_PROTOCOL, "mynetworks=127.0.0.1/32"],
+        "smtp_xclient_host": [SMTPD_XCLIENT_FROM_PROXY, "mynetworks=127.0.0.1/32"],
+    }, mynetworks="127.0.0.0/8")
 
 
 @pytest.fixture(scope="module")
 def binary() -> Path:
-    found = proxy_binary_path()
-    if not (found.is_file() and os.access(found, os.X_OK)):
-        unavailable(f"proxy binary {found} not built (cargo build, or set MAIL_TLS_PROXY_BIN)")
-    return found
+    return built_proxy_binary()
 
 
 # -- configurations ------------------------------------------------------------------------
@@ -283,12 +251,8 @@ def test_a_stranger_cannot_relay_but_local_mail_is_delivered(guarded_proxy, rela
     servers: MailServerEndpoints = relay_servers.endpoints
     start = log_offset(relay_servers.postfix_log)
     message = make_message(f"relay-guard-{listener}", servers.address)
-    with smtplib.SMTP("localhost", guarded_proxy.ports[listener], timeout=CLIENT_TIMEOUT_SECONDS,
-                      source_address=(CLIENT_IP, 0)) as client:
+    with smtp_from("localhost", guarded_proxy.ports[listener], "starttls", CLIENT_IP, tls_context) as client:
         assert client.sock.getsockname()[0] == CLIENT_IP
-        client.ehlo("client.e2e.test")
-        client.starttls(context=tls_context)
-        client.ehlo("client.e2e.test")
         assert client.mail(SENDER_ADDRESS)[0] == 250
         assert client.rcpt(STRANGER_RECIPIENT) == (554, f"5.7.1 <{STRANGER_RECIPIENT}>: Relay access denied".encode())
         assert client.rcpt(servers.address)[0] == 250

@@ -126,15 +126,7 @@ fn write_new(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_dir::{file_names, TestDir};
-
-    fn mode(path: &Path) -> u32 {
-        std::fs::metadata(path)
-            .expect("metadata")
-            .permissions()
-            .mode()
-            & 0o7777
-    }
+    use crate::test_dir::{file_mode as mode, file_names, TestDir};
 
     #[test]
     fn an_exact_mode_is_given_even_over_a_file_with_another() {

@@ -1,6 +1,7 @@
 //! Scratch directories for unit tests: one fresh folder under the system's
 //! temporary directory per call, removed with everything in it when dropped;
-//! and what a folder holds, to check nothing was left behind.
+//! and what a folder holds, to check nothing was left behind, and a file's
+//! permission bits.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -50,4 +51,14 @@ pub(crate) fn file_names(dir: &Path) -> Vec<String> {
         .collect();
     names.sort();
     names
+}
+
+/// The permission bits of `path` (`0o600` for a private file).
+pub(crate) fn file_mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .expect("metadata")
+        .permissions()
+        .mode()
+        & 0o7777
 }

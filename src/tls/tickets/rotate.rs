@@ -125,7 +125,7 @@ fn replace_file(path: &Path, content: &[u8]) -> Result<(), TicketKeyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_dir::{file_names, TestDir};
+    use crate::test_dir::{file_mode as mode, file_names, TestDir};
     use crate::tls::tickets::TicketKeys;
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
@@ -136,14 +136,6 @@ mod tests {
             .filter(|line| !line.is_empty() && !line.starts_with('#'))
             .map(str::to_string)
             .collect()
-    }
-
-    fn mode(path: &Path) -> u32 {
-        std::fs::metadata(path)
-            .expect("metadata")
-            .permissions()
-            .mode()
-            & 0o7777
     }
 
     #[test]

@@ -341,6 +341,27 @@ impl FakeBackend {
     }
 }
 
+/// Reads what the connection sends next into its recording and into the
+/// bytes not handled yet; false once the connection closed or failed.
+async fn read_more(
+    stream: &mut TcpStream,
+    chunk: &mut [u8],
+    record: &Mutex<Vec<u8>>,
+    pending: &mut Vec<u8>,
+) -> bool {
+    match stream.read(chunk).await {
+        Ok(0) | Err(_) => false,
+        Ok(read) => {
+            record
+                .lock()
+                .expect("lock")
+                .extend_from_slice(&chunk[..read]);
+            pending.extend_from_slice(&chunk[..read]);
+            true
+        }
+    }
+}
+
 async fn serve_script(
     mut stream: TcpStream,
     mut script: Script,
@@ -382,32 +403,20 @@ async fn serve_script(
                     break;
                 }
             }
-            let read = match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(read) => read,
-            };
-            record
-                .lock()
-                .expect("lock")
-                .extend_from_slice(&chunk[..read]);
+            if !read_more(&mut stream, &mut chunk, &record, &mut pending).await {
+                return;
+            }
             classify(&record);
-            pending.extend_from_slice(&chunk[..read]);
         }
     }
     if stream.write_all(&script.greeting).await.is_err() {
         return;
     }
     loop {
-        let read = match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(read) => read,
-        };
-        record
-            .lock()
-            .expect("lock")
-            .extend_from_slice(&chunk[..read]);
+        if !read_more(&mut stream, &mut chunk, &record, &mut pending).await {
+            return;
+        }
         classify(&record);
-        pending.extend_from_slice(&chunk[..read]);
         while let Some(end) = pending.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = pending.drain(..=end).collect();
             let matches = |(prefix, _): &(Vec<u8>, Vec<u8>)| {
@@ -437,15 +446,9 @@ async fn serve_script(
                         pending.drain(..consumed);
                         break;
                     }
-                    let read = match stream.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(read) => read,
-                    };
-                    record
-                        .lock()
-                        .expect("lock")
-                        .extend_from_slice(&chunk[..read]);
-                    pending.extend_from_slice(&chunk[..read]);
+                    if !read_more(&mut stream, &mut chunk, &record, &mut pending).await {
+                        return;
+                    }
                 }
                 if stream.write_all(b"250 2.0.0 Ok: queued\r\n").await.is_err() {
                     return;

@@ -176,6 +176,11 @@ impl AccessRecord {
 
     /// The client's TLS session is established.
     pub(crate) fn tls_established(&self, connection: &rustls::ServerConnection) {
+        // Only the access line reads it: no copy of the SNI per session
+        // where that line is off.
+        if !self.enabled {
+            return;
+        }
         let version = connection
             .protocol_version()
             .map(proxy_header::tls_version_name)

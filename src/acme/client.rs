@@ -112,6 +112,9 @@ pub(crate) struct AcmeIssuer {
     state: StateDir,
     challenges: Arc<PendingChallenges>,
     account: tokio::sync::Mutex<Option<Account>>,
+    /// The Retry-After of the CA's latest refusal (instant-acme's errors
+    /// do not carry it; the HTTP client under it records it here).
+    retry_after: RetryAfterCell,
 }
 
 impl AcmeIssuer {
@@ -121,6 +124,7 @@ impl AcmeIssuer {
             settings,
             challenges,
             account: tokio::sync::Mutex::new(None),
+            retry_after: RetryAfterCell::default(),
         }
     }
 
@@ -131,7 +135,10 @@ impl AcmeIssuer {
         if let Some(account) = &*slot {
             return Ok(account.clone());
         }
-        let http = http_client(self.settings.ca_bundle.as_deref())?;
+        let http = Box::new(RecordingRetryAfter {
+            inner: http_client(self.settings.ca_bundle.as_deref())?,
+            latest: self.retry_after.clone(),
+        });
         let path = self.state.account();
         let stored = std::fs::read(&path)
             .ok()
@@ -252,7 +259,13 @@ impl AcmeIssuer {
 
 impl Issuer for AcmeIssuer {
     async fn issue(&self, names: &[String], csr_der: &[u8]) -> Result<String, OrderFailure> {
-        self.order(names, csr_der).await
+        self.retry_after.take();
+        self.order(names, csr_der).await.map_err(|mut failure| {
+            if let Some(wait) = self.retry_after.take() {
+                failure.retry_after = Some(failure.retry_after.map_or(wait, |own| own.max(wait)));
+            }
+            failure
+        })
     }
 
     async fn renewal_window(&self, leaf: &CertificateDer<'static>) -> Option<RenewalWindow> {
@@ -263,6 +276,69 @@ impl Issuer for AcmeIssuer {
             start: info.suggested_window.start.unix_timestamp(),
             end: info.suggested_window.end.unix_timestamp(),
         })
+    }
+}
+
+/// Where the HTTP client under instant-acme leaves the Retry-After of the
+/// CA's latest refusal, as the time to wait from when it was read.
+#[derive(Clone, Default)]
+struct RetryAfterCell(Arc<std::sync::Mutex<Option<std::time::SystemTime>>>);
+
+impl RetryAfterCell {
+    fn record(&self, until: std::time::SystemTime) {
+        if let Ok(mut latest) = self.0.lock() {
+            *latest = Some(until);
+        }
+    }
+
+    /// The wait still left of the latest Retry-After, and forgets it.
+    fn take(&self) -> Option<Duration> {
+        let until = self.0.lock().ok()?.take()?;
+        until.duration_since(std::time::SystemTime::now()).ok()
+    }
+}
+
+/// The directory's HTTP client, recording the `Retry-After` of every
+/// refusal (4xx/5xx: rate limits, a CA in maintenance) so a failed order
+/// waits at least that long before the next (RFC 8555 section 6.6).
+struct RecordingRetryAfter {
+    inner: Box<dyn HttpClient>,
+    latest: RetryAfterCell,
+}
+
+impl HttpClient for RecordingRetryAfter {
+    fn request(
+        &self,
+        request: hyper::Request<instant_acme::BodyWrapper<bytes::Bytes>>,
+    ) -> std::pin::Pin<
+        Box<dyn Future<Output = Result<instant_acme::BytesResponse, instant_acme::Error>> + Send>,
+    > {
+        let response = self.inner.request(request);
+        let latest = self.latest.clone();
+        Box::pin(async move {
+            let response = response.await?;
+            let status = response.parts.status;
+            if status.is_client_error() || status.is_server_error() {
+                if let Some(until) = retry_after(&response.parts.headers) {
+                    latest.record(until);
+                }
+            }
+            Ok(response)
+        })
+    }
+}
+
+/// `Retry-After` as a point in time: delay-seconds or an HTTP-date
+/// (RFC 9110 section 10.2.3).
+fn retry_after(headers: &hyper::HeaderMap) -> Option<std::time::SystemTime> {
+    let value = headers
+        .get(hyper::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    match value.parse::<u64>() {
+        Ok(seconds) => std::time::SystemTime::now().checked_add(Duration::from_secs(seconds)),
+        Err(_) => httpdate::parse_http_date(value).ok(),
     }
 }
 
@@ -305,4 +381,85 @@ fn http_client(ca_bundle: Option<&Path>) -> Result<Box<dyn HttpClient>, OrderFai
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build::<_, instant_acme::BodyWrapper<bytes::Bytes>>(connector);
     Ok(Box::new(client))
+}
+
+#[cfg(test)]
+mod retry_after_tests {
+    use super::*;
+
+    /// Answers every request with `status` and these headers.
+    struct Answering {
+        status: u16,
+        retry_after: Option<String>,
+    }
+
+    impl HttpClient for Answering {
+        fn request(
+            &self,
+            _: hyper::Request<instant_acme::BodyWrapper<bytes::Bytes>>,
+        ) -> std::pin::Pin<
+            Box<
+                dyn Future<Output = Result<instant_acme::BytesResponse, instant_acme::Error>>
+                    + Send,
+            >,
+        > {
+            let mut response = hyper::Response::builder().status(self.status);
+            if let Some(value) = &self.retry_after {
+                response = response.header(hyper::header::RETRY_AFTER, value.as_str());
+            }
+            let (parts, ()) = response.body(()).expect("response").into_parts();
+            Box::pin(async move {
+                Ok(instant_acme::BytesResponse {
+                    parts,
+                    body: Box::new(bytes::Bytes::new()),
+                })
+            })
+        }
+    }
+
+    async fn recorded(status: u16, retry_after: Option<&str>) -> Option<Duration> {
+        let latest = RetryAfterCell::default();
+        let client = RecordingRetryAfter {
+            inner: Box::new(Answering {
+                status,
+                retry_after: retry_after.map(str::to_string),
+            }),
+            latest: latest.clone(),
+        };
+        let request = hyper::Request::builder()
+            .uri("https://ca.example/acme/new-order")
+            .body(instant_acme::BodyWrapper::default())
+            .expect("request");
+        client.request(request).await.expect("answer");
+        latest.take()
+    }
+
+    #[tokio::test]
+    async fn a_refusal_with_retry_after_is_recorded_in_seconds_or_as_a_date() {
+        let seconds = recorded(429, Some("120")).await.expect("recorded");
+        assert!(seconds > Duration::from_secs(118) && seconds <= Duration::from_secs(120));
+        let in_an_hour =
+            httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(3600));
+        let date = recorded(503, Some(&in_an_hour)).await.expect("recorded");
+        assert!(date > Duration::from_secs(3590) && date <= Duration::from_secs(3600));
+    }
+
+    #[tokio::test]
+    async fn success_garbage_and_the_past_are_not_waits() {
+        assert_eq!(recorded(200, Some("120")).await, None);
+        assert_eq!(recorded(429, Some("soon")).await, None);
+        assert_eq!(recorded(429, None).await, None);
+        assert_eq!(
+            recorded(429, Some("Fri, 31 Dec 1999 23:59:59 GMT")).await,
+            None
+        );
+    }
+
+    #[test]
+    fn taking_forgets() {
+        let cell = RetryAfterCell::default();
+        cell.record(std::time::SystemTime::now() + Duration::from_secs(60));
+        assert!(cell.take().is_some());
+        assert_eq!(cell.take(), None);
+    }
 }

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the cargo-fuzz targets in fuzz/ (smtp, imap, pop3, line, proxy_header) on the stable
+# Runs the cargo-fuzz targets in fuzz/ (smtp, imap, pop3, line, proxy_header, client_hello) on the stable
 # toolchain and prints how many inputs each ran clean.
 #
 #   scripts/fuzz.sh [TARGET|all] [SECONDS]     (defaults: all, 60 s each)
@@ -26,7 +26,7 @@ target=${1:-all}
 seconds=${2:-60}
 sanitizer=${FUZZ_SANITIZER:-none}
 niceness=${FUZZ_NICE:-10}
-all_targets=(smtp imap pop3 line proxy_header)
+all_targets=(smtp imap pop3 line proxy_header client_hello)
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "cargo-fuzz is missing: cargo install cargo-fuzz --locked" >&2
@@ -37,7 +37,7 @@ if [[ $target == all ]]; then
 elif [[ " ${all_targets[*]} " == *" $target "* ]]; then
     targets=("$target")
 else
-    echo "usage: $0 [all|smtp|imap|pop3|line|proxy_header] [SECONDS]" >&2
+    echo "usage: $0 [all|smtp|imap|pop3|line|proxy_header|client_hello] [SECONDS]" >&2
     exit 2
 fi
 

@@ -1660,6 +1660,52 @@ pub fn run_proxy_header(data: &[u8]) -> Result<(), Violation> {
     Ok(())
 }
 
+// ----- the ClientHello reader target ---------------------------------------
+
+/// The fuzz target body for the ClientHello reader: panics on a violation.
+pub fn fuzz_client_hello(data: &[u8]) {
+    if let Err(violation) = run_client_hello(data) {
+        panic!("{violation}\n--- input ---\n{}", escape(data));
+    }
+}
+
+/// Input: a fragment size byte (0 reads as 16384), then the bytes of a
+/// handshake message as a client would send them. Invariants: the answer
+/// to "does the ClientHello offer a pre-shared key" is the same whatever
+/// the record sizes the message is split into, and bytes that are not a
+/// handshake record at all never read as one.
+pub fn run_client_hello(data: &[u8]) -> Result<(), Violation> {
+    use mail_tls_proxy::tls::client_hello::offers_pre_shared_key;
+    let Some((&size, message)) = data.split_first() else {
+        return Ok(());
+    };
+    let fragment = if size == 0 { 16384 } else { usize::from(size) };
+    let framed = |fragment: usize| -> Vec<u8> {
+        let mut records = Vec::new();
+        for chunk in message.chunks(fragment) {
+            records.extend_from_slice(&[22, 3, 1]);
+            records.extend_from_slice(&(chunk.len() as u16).to_be_bytes());
+            records.extend_from_slice(chunk);
+        }
+        records
+    };
+    let whole = offers_pre_shared_key(&framed(16384));
+    let split = offers_pre_shared_key(&framed(fragment));
+    if whole != split {
+        return Err(Violation {
+            id: "client-hello-framing",
+            detail: format!("one record says {whole}, records of {fragment} say {split}"),
+        });
+    }
+    if offers_pre_shared_key(message) && message.first() != Some(&22) {
+        return Err(Violation {
+            id: "client-hello-not-a-record",
+            detail: "bytes that do not start with a handshake record read as resuming".into(),
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1708,6 +1754,7 @@ mod tests {
         }
         assert!(replay_dir(&root.join("line"), &run_line) > 0);
         assert!(replay_dir(&root.join("proxy_header"), &run_proxy_header) > 0);
+        assert!(replay_dir(&root.join("client_hello"), &run_client_hello) > 0);
     }
 
     /// Findings reported but not yet fixed in src/ (see README.md).

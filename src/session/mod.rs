@@ -36,6 +36,7 @@ use crate::protocol::proxy_header::{self, TlsFacts};
 use crate::protocol::{
     self, ClientIdentity, InspectorOptions, Protocol, Refusal, RequireTls, TlsMode,
 };
+use crate::tls::cork::Corked;
 
 use access::{AccessRecord, EndedBy, Outcome, SessionEnd};
 use balancer::BalancerHeaderError;
@@ -662,7 +663,7 @@ where
 async fn handshake<IO>(
     context: &ListenerContext,
     io: IO,
-) -> Result<Box<TlsStream<IO>>, SessionError>
+) -> Result<Box<TlsStream<Corked<IO>>>, SessionError>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {

@@ -1,11 +1,13 @@
 //! One listener's TLS acceptor: the rustls server configuration plus the
-//! listener's SNI policy.
+//! listener's SNI policy and session-ticket count.
 //!
-//! Without `sni_strict` this is tokio-rustls' acceptor as is: a client whose
-//! SNI names no certificate gets the default one. With `sni_strict`, the
-//! ClientHello is read first; if its SNI names a host no certificate covers,
-//! the proxy answers with a fatal `unrecognized_name` alert (RFC 6066) and
-//! ends the handshake. A ClientHello without SNI still gets the default.
+//! The ClientHello is read first. With `sni_strict`, if its SNI names a host
+//! no certificate covers, the proxy answers with a fatal `unrecognized_name`
+//! alert (RFC 6066) and ends the handshake; without it (and for a
+//! ClientHello without SNI) such a client gets the default certificate. A
+//! client offering a session ticket is sent one new ticket, others two.
+//! The stream comes back corked: the tickets go out with the session's
+//! first write.
 
 use std::future::poll_fn;
 use std::io;
@@ -17,13 +19,18 @@ use rustls::server::Accepted;
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_rustls::server::TlsStream;
-use tokio_rustls::{StartHandshake, TlsAcceptor};
+use tokio_rustls::StartHandshake;
 
+use super::client_hello::offers_pre_shared_key;
+use super::cork::Corked;
 use super::resolver::CertificateStore;
 use crate::metrics::HandshakeFailure;
 
 /// A plaintext TLS record: fatal alert, unrecognized_name (112).
 const UNRECOGNIZED_NAME_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70];
+
+/// How long a failed handshake's alert may take to write.
+const ALERT_WRITE_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The handshake was refused: strict SNI, and no certificate names the host.
 /// Carried inside the [`io::Error`] that [`Acceptor::accept`] returns.
@@ -82,7 +89,11 @@ pub(crate) fn handshake_failure(error: &io::Error) -> HandshakeFailure {
 /// Accepts TLS for one listener.
 #[derive(Clone)]
 pub(crate) struct Acceptor {
-    inner: TlsAcceptor,
+    /// For a client that does not offer a session ticket.
+    full: Arc<ServerConfig>,
+    /// The same, sending one new ticket instead of two: for a client that
+    /// offers one (see [`super::client_hello`]).
+    resuming: Arc<ServerConfig>,
     store: Arc<CertificateStore>,
     sni_strict: bool,
 }
@@ -94,49 +105,71 @@ impl Acceptor {
         store: Arc<CertificateStore>,
         sni_strict: bool,
     ) -> Self {
+        let mut resuming = (*config).clone();
+        resuming.send_tls13_tickets = resuming.send_tls13_tickets.min(1);
         Self {
-            inner: TlsAcceptor::from(config),
+            full: config,
+            resuming: Arc::new(resuming),
             store,
             sni_strict,
         }
     }
 
     /// Runs the server side of a TLS handshake over `io`.
-    pub(crate) async fn accept<IO>(&self, io: IO) -> io::Result<TlsStream<IO>>
+    ///
+    /// The stream comes back corked (see [`Corked`]): TLS 1.3 session
+    /// tickets go out with the session's first write. A failed handshake
+    /// still sends its alert.
+    pub(crate) async fn accept<IO>(&self, io: IO) -> io::Result<TlsStream<Corked<IO>>>
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
-        if !self.sni_strict {
-            return self.inner.accept(io).await;
-        }
-        let mut io = io;
-        let accepted = read_client_hello(&mut io).await?;
-        if let Some(name) = accepted.client_hello().server_name() {
-            if !self.store.current().covers(name) {
-                let refusal = UnrecognizedName {
-                    name: name.to_string(),
-                };
-                // Best effort: the client may already be gone.
-                let _ = io.write_all(&UNRECOGNIZED_NAME_ALERT).await;
-                let _ = io.flush().await;
-                return Err(io::Error::new(io::ErrorKind::InvalidData, refusal));
+        let mut io = Corked::new(io);
+        let (accepted, resuming) = read_client_hello(&mut io).await?;
+        if self.sni_strict {
+            if let Some(name) = accepted.client_hello().server_name() {
+                if !self.store.current().covers(name) {
+                    let refusal = UnrecognizedName {
+                        name: name.to_string(),
+                    };
+                    // Best effort: the client may already be gone.
+                    let _ = io.write_all(&UNRECOGNIZED_NAME_ALERT).await;
+                    let _ = io.flush().await;
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, refusal));
+                }
             }
         }
-        StartHandshake::from_parts(accepted, io)
-            .into_stream(self.inner.config().clone())
-            .await
+        let config = if resuming { &self.resuming } else { &self.full };
+        let accept = StartHandshake::from_parts(accepted, io).into_stream(config.clone());
+        match accept.into_fallible().await {
+            Ok(mut stream) => {
+                stream.get_mut().0.handshake_done();
+                Ok(stream)
+            }
+            Err((error, mut io)) => {
+                // Best effort, like any alert: the client may be gone.
+                let _ = tokio::time::timeout(ALERT_WRITE_LIMIT, io.release()).await;
+                Err(error)
+            }
+        }
     }
 }
 
 /// Reads exactly as much of `io` as the ClientHello takes (rustls buffers
-/// anything after it for the handshake that follows).
-async fn read_client_hello<IO>(io: &mut IO) -> io::Result<Accepted>
+/// anything after it for the handshake that follows); also whether the
+/// client offers a session ticket.
+async fn read_client_hello<IO>(io: &mut IO) -> io::Result<(Accepted, bool)>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
     let mut acceptor = rustls::server::Acceptor::default();
+    let mut received = Vec::new();
     let outcome = poll_fn(|cx| loop {
-        let mut reader = SyncReader { io: &mut *io, cx };
+        let mut reader = SyncReader {
+            io: &mut *io,
+            cx,
+            received: &mut received,
+        };
         match acceptor.read_tls(&mut reader) {
             Ok(0) => return Poll::Ready(Err(io::Error::from(io::ErrorKind::UnexpectedEof))),
             Ok(_) => {}
@@ -151,7 +184,7 @@ where
     })
     .await?;
     match outcome {
-        Ok(accepted) => Ok(accepted),
+        Ok(accepted) => Ok((accepted, offers_pre_shared_key(&received))),
         Err((error, mut alert)) => {
             let mut bytes = Vec::new();
             let _ = alert.write_all(&mut bytes);
@@ -162,17 +195,22 @@ where
     }
 }
 
-/// Adapts a non-blocking async reader to [`io::Read`] inside a poll.
+/// Adapts a non-blocking async reader to [`io::Read`] inside a poll, keeping
+/// a copy of what it read.
 struct SyncReader<'a, 'b, IO> {
     io: &'a mut IO,
     cx: &'a mut Context<'b>,
+    received: &'a mut Vec<u8>,
 }
 
 impl<IO: AsyncRead + Unpin> io::Read for SyncReader<'_, '_, IO> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let mut buf = ReadBuf::new(buf);
         match Pin::new(&mut *self.io).poll_read(self.cx, &mut buf) {
-            Poll::Ready(Ok(())) => Ok(buf.filled().len()),
+            Poll::Ready(Ok(())) => {
+                self.received.extend_from_slice(buf.filled());
+                Ok(buf.filled().len())
+            }
             Poll::Ready(Err(error)) => Err(error),
             Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
         }
@@ -265,14 +303,7 @@ mod tests {
         acceptor: &Acceptor,
         sni: &str,
     ) -> (Result<CertificateDer<'static>, String>, Option<String>) {
-        let provider = crate::tls::provider::provider();
-        let config = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
-            .with_no_client_auth();
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let connector = connector(rustls::DEFAULT_VERSIONS);
         let (client_io, server_io) = tokio::io::duplex(64 * 1024);
         let name = ServerName::try_from(sni.to_string()).expect("name");
         let (client, server) = tokio::join!(
@@ -283,6 +314,20 @@ mod tests {
             .map(|stream| stream.get_ref().1.peer_certificates().expect("certs")[0].clone())
             .map_err(|error| error.to_string());
         (served, server.err().map(|error| error.to_string()))
+    }
+
+    /// A client of `versions` that accepts any certificate.
+    fn connector(
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> tokio_rustls::TlsConnector {
+        let provider = crate::tls::provider::provider();
+        let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(versions)
+            .expect("versions")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+            .with_no_client_auth();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
     }
 
     fn acceptor(store: &Arc<CertificateStore>, strict: bool) -> Acceptor {
@@ -339,6 +384,214 @@ mod tests {
             .expect("write");
         let error = accept.await.expect("join").expect("an error");
         assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{error}");
+    }
+
+    /// A socket that records the size of each write, takes at most `limit`
+    /// bytes per write, and (when `tamper`) flips the last byte of every
+    /// write after the first.
+    struct Recorded<S> {
+        inner: S,
+        writes: Arc<std::sync::Mutex<Vec<usize>>>,
+        limit: usize,
+        tamper: bool,
+    }
+
+    impl<S> Recorded<S> {
+        fn new(inner: S) -> (Self, Arc<std::sync::Mutex<Vec<usize>>>) {
+            let writes = Arc::default();
+            let recorded = Self {
+                inner,
+                writes: Arc::clone(&writes),
+                limit: usize::MAX,
+                tamper: false,
+            };
+            (recorded, writes)
+        }
+
+        fn write_count(writes: &std::sync::Mutex<Vec<usize>>) -> usize {
+            writes.lock().expect("writes").len()
+        }
+    }
+
+    impl<S: AsyncRead + Unpin> AsyncRead for Recorded<S> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl<S: AsyncWrite + Unpin> AsyncWrite for Recorded<S> {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
+        }
+
+        /// One write of everything offered, like `writev` on a socket.
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let mut bytes: Vec<u8> = bufs.iter().flat_map(|buf| buf.iter().copied()).collect();
+            bytes.truncate(self.limit);
+            if self.tamper && Self::write_count(&self.writes) > 0 {
+                if let Some(last) = bytes.last_mut() {
+                    *last ^= 1;
+                }
+            }
+            let written = std::task::ready!(Pin::new(&mut self.inner).poll_write(cx, &bytes))?;
+            self.writes.lock().expect("writes").push(written);
+            Poll::Ready(Ok(written))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    const GREETING: &[u8] = b"* OK [CAPABILITY IMAP4rev1] ready\r\n";
+
+    /// Handshakes over a socket that takes at most `limit` bytes per write,
+    /// then the server sends the greeting. The server's writes, the greeting
+    /// as the client read it and the tickets the client holds by then.
+    async fn greeted(
+        versions: &[&'static rustls::SupportedProtocolVersion],
+        limit: usize,
+    ) -> (Vec<usize>, usize, Vec<u8>, u32) {
+        let (store, _) = store(&[&["mail.example"]]);
+        let acceptor = acceptor(&store, false);
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let (mut server_io, writes) = Recorded::new(server_io);
+        server_io.limit = limit;
+        let name = ServerName::try_from("mail.example").expect("name");
+        let (client, server) = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            tokio::join!(
+                connector(versions).connect(name, client_io),
+                acceptor.accept(server_io)
+            )
+        })
+        .await
+        .expect("no hang");
+        let (mut client, mut server) = (client.expect("client"), server.expect("server"));
+        let held = server.get_ref().0.holds();
+        server.write_all(GREETING).await.expect("greeting");
+        server.flush().await.expect("flush");
+        let mut greeting = vec![0; GREETING.len()];
+        tokio::io::AsyncReadExt::read_exact(&mut client, &mut greeting)
+            .await
+            .expect("read");
+        let tickets = client.get_ref().1.tls13_tickets_received();
+        let writes = writes.lock().expect("writes").clone();
+        (writes, held, greeting, tickets)
+    }
+
+    #[tokio::test]
+    async fn tls13_session_tickets_go_out_with_the_first_write() {
+        let (writes, held, greeting, tickets) =
+            greeted(&[&rustls::version::TLS13], usize::MAX).await;
+        assert!(held > 0, "the tickets are held after the handshake");
+        assert_eq!(
+            writes.len(),
+            2,
+            "the server's flight, then tickets and greeting in one write: {writes:?}"
+        );
+        assert!(writes[1] > held + GREETING.len(), "{writes:?}, {held} held");
+        assert_eq!(greeting, GREETING);
+        assert_eq!(tickets, 2);
+    }
+
+    #[tokio::test]
+    async fn tls12_holds_nothing() {
+        let (writes, held, greeting, tickets) =
+            greeted(&[&rustls::version::TLS12], usize::MAX).await;
+        assert_eq!(held, 0);
+        assert_eq!(
+            writes.len(),
+            3,
+            "two handshake flights, then the greeting: {writes:?}"
+        );
+        assert_eq!(greeting, GREETING);
+        assert_eq!(tickets, 0);
+    }
+
+    #[tokio::test]
+    async fn a_socket_taking_a_few_bytes_at_a_time_still_completes() {
+        for versions in [&[&rustls::version::TLS13], &[&rustls::version::TLS12]] {
+            let (writes, _, greeting, _) = greeted(versions, 100).await;
+            assert!(writes.len() > 5, "{writes:?}");
+            assert_eq!(greeting, GREETING);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_resumed_session_gets_one_new_ticket_a_full_handshake_two() {
+        let (store, _) = store(&[&["mail.example"]]);
+        let acceptor = acceptor(&store, false);
+        // One client configuration: its session store keeps the tickets.
+        let connector = connector(&[&rustls::version::TLS13]);
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+            let name = ServerName::try_from("mail.example").expect("name");
+            let (client, server) = tokio::join!(
+                connector.connect(name, client_io),
+                acceptor.accept(server_io)
+            );
+            let (mut client, mut server) = (client.expect("client"), server.expect("server"));
+            server.write_all(GREETING).await.expect("greeting");
+            server.flush().await.expect("flush");
+            let mut greeting = vec![0; GREETING.len()];
+            tokio::io::AsyncReadExt::read_exact(&mut client, &mut greeting)
+                .await
+                .expect("read");
+            let resumed =
+                server.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+            seen.push((resumed, client.get_ref().1.tls13_tickets_received()));
+        }
+        assert_eq!(seen, [(false, 2), (true, 1), (true, 1)]);
+    }
+
+    #[tokio::test]
+    async fn a_bad_client_finished_still_gets_the_alert() {
+        let (store, _) = store(&[&["mail.example"]]);
+        let acceptor = acceptor(&store, false);
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let (mut client_io, _) = Recorded::new(client_io);
+        client_io.tamper = true;
+        let name = ServerName::try_from("mail.example").expect("name");
+        let (client, server) = tokio::join!(
+            connector(&[&rustls::version::TLS13]).connect(name, client_io),
+            acceptor.accept(server_io)
+        );
+        let server_error = server.err().expect("the server refuses the Finished");
+        assert_eq!(
+            server_error.kind(),
+            io::ErrorKind::InvalidData,
+            "{server_error}"
+        );
+        let mut client = client.expect("the client's side of the handshake is done");
+        let mut byte = [0; 1];
+        let client_error = tokio::io::AsyncReadExt::read(&mut client, &mut byte)
+            .await
+            .expect_err("an alert");
+        assert!(
+            client_error.to_string().contains("BadRecordMac"),
+            "client saw: {client_error}"
+        );
     }
 
     #[test]

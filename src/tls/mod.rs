@@ -12,13 +12,17 @@
 //! - `resolver`: the swappable store and SNI selection.
 //! - `reload`: whether and what to swap; `watch`: what sets a reload off
 //!   (directory watch, SIGHUP).
-//! - `acceptor`: a listener's handshake with its SNI policy;
+//! - `acceptor`: a listener's handshake with its SNI policy; `cork`: the
+//!   TLS 1.3 session tickets sent with the session's first write;
+//!   `client_hello`: whether a client asks to resume (how many tickets);
 //!   `provider`: the crypto backend.
 //! - `tickets`: session resumption: the process's one ticketer, the shared
 //!   `ticket_keys` file, its reloads and its rotation.
 
 pub(crate) mod acceptor;
 pub(crate) mod certs;
+pub mod client_hello;
+pub(crate) mod cork;
 pub(crate) mod expiry;
 pub(crate) mod generate;
 pub(crate) mod provider;

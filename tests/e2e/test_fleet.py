@@ -425,13 +425,19 @@ def test_a_session_resumes_on_every_replica_through_the_load_balancer(fleet, cli
 
 def s_client(port: int, ca_file: Path, session_option: list[str], starttls: str | None, commands: str) -> str:
     command = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "localhost",
-               "-CAfile", str(ca_file), "-verify_return_error", "-tls1_3", "-crlf", "-ign_eof", *session_option]
+               "-CAfile", str(ca_file), "-verify_return_error", "-tls1_3", "-crlf", "-ign_eof", "-msg",
+               *session_option]
     if starttls:
         command += ["-starttls", starttls]
     result = subprocess.run(command, input=commands, capture_output=True, text=True, timeout=30)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     return output
+
+
+def tickets_received(output: str) -> int:
+    """NewSessionTicket messages s_client received (its -msg trace)."""
+    return sum(1 for line in output.splitlines() if line.startswith("<<<") and "NewSessionTicket" in line)
 
 
 @pytest.mark.parametrize("listener, starttls, commands", [
@@ -447,6 +453,8 @@ def test_openssl_session_from_replica_a_is_reused_on_replica_b(fleet, tmp_path, 
     start = fleet.offsets()
     second = s_client(fleet.via_only("b", listener), fleet.certificate, ["-sess_in", str(session)], starttls, commands)
     assert "Reused, TLSv1.3" in second, second
+    # Two new tickets after the full handshake, one after the resumed one.
+    assert (tickets_received(first), tickets_received(second)) == (2, 1), first + second
     # Replica b's access line: the client is s_client's address (HAProxy's
     # header names it), and the session was resumed.
     b = fleet.replicas["b"]

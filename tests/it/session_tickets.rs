@@ -138,6 +138,14 @@ fn resuming_client(
 /// brings the TLS 1.3 tickets sent after the handshake along), a clean
 /// close. Returns how the client's handshake went.
 async fn session(address: SocketAddr, client: &Arc<ClientConfig>) -> HandshakeKind {
+    session_and_tickets(address, client).await.0
+}
+
+/// [`session`], and how many TLS 1.3 tickets came with the greeting.
+async fn session_and_tickets(
+    address: SocketAddr,
+    client: &Arc<ClientConfig>,
+) -> (HandshakeKind, u32) {
     let tcp = TcpStream::connect(address).await.expect("connect");
     let mut tls = tokio::time::timeout(
         STEP,
@@ -150,8 +158,9 @@ async fn session(address: SocketAddr, client: &Arc<ClientConfig>) -> HandshakeKi
     let kind = tls.get_ref().1.handshake_kind().expect("handshake over");
     let greeting = read_until(&mut tls, b"\r\n").await;
     assert!(greeting.starts_with(b"* OK"), "{}", text(&greeting));
+    let tickets = tls.get_ref().1.tls13_tickets_received();
     let _ = tls.shutdown().await;
-    kind
+    (kind, tickets)
 }
 
 /// A key file with one key, made as an operator would: `tickets rotate`.
@@ -215,8 +224,15 @@ async fn a_ticket_from_one_replica_resumes_on_another_with_tls_1_3_and_1_2() {
     );
 
     let tls13 = resuming_client(&pki, &[&rustls::version::TLS13]);
-    assert_eq!(session(on_a, &tls13).await, HandshakeKind::Full);
-    assert_eq!(session(on_b, &tls13).await, HandshakeKind::Resumed);
+    // Two new tickets after a full handshake, one after a resumed one.
+    assert_eq!(
+        session_and_tickets(on_a, &tls13).await,
+        (HandshakeKind::Full, 2)
+    );
+    assert_eq!(
+        session_and_tickets(on_b, &tls13).await,
+        (HandshakeKind::Resumed, 1)
+    );
     assert_eq!(b.resumptions("tickets-fleet-b").await, 1.0);
     assert_eq!(a.resumptions("tickets-fleet-a").await, 0.0);
 

@@ -32,13 +32,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tracing::info;
 
 use crate::config::Config;
 use crate::listeners::PlanError;
 use crate::tls::reload::{ReloadNow, SourceSpec};
 use challenges::PendingChallenges;
-use settings::ChallengeKind;
+use settings::{AcmeConfig, ChallengeKind};
 
 /// Connections one challenge responder serves at once. A CA validates from
 /// a few vantage points at a time; further connections (a scan, a flood on
@@ -96,6 +98,15 @@ pub(crate) struct AcmeService {
     challenges: Arc<PendingChallenges>,
     responder: Option<(ResponderAddress, JoinSet<()>)>,
     manager: JoinSet<()>,
+    /// The `[acme]` table the running manager serves.
+    managed: Option<AcmeConfig>,
+    /// Where the manager's requests to pick up a new pair go: the
+    /// certificate reload of the configuration being served, replaced at
+    /// each reload while the manager runs on.
+    reload_target: watch::Sender<ReloadNow>,
+    /// Managers started (for tests).
+    #[cfg(test)]
+    managers_started: usize,
 }
 
 impl AcmeService {
@@ -104,6 +115,10 @@ impl AcmeService {
             challenges: PendingChallenges::new(),
             responder: None,
             manager: JoinSet::new(),
+            managed: None,
+            reload_target: watch::Sender::new(ReloadNow::channel().0),
+            #[cfg(test)]
+            managers_started: 0,
         }
     }
 
@@ -130,7 +145,9 @@ impl AcmeService {
 
     /// Serves `config`'s ACME work from now on: its responder (`prepared`)
     /// and its renewal manager, which asks `reload` to pick up new pairs.
-    /// The previous configuration's manager stops (an order in flight is
+    /// A manager serving the same `[acme]` table and entries runs on (an
+    /// order in flight goes on, nothing is asked of the CA again); for a
+    /// changed one the previous manager stops (an order in flight is
     /// abandoned; the next one starts over).
     pub(crate) async fn apply(
         &mut self,
@@ -161,31 +178,151 @@ impl AcmeService {
                 self.responder = Some((address, task));
             }
         }
+        self.reload_target.send_replace(reload);
+        let wanted = config
+            .acme
+            .as_ref()
+            .filter(|acme| !acme.certificates.is_empty());
+        if wanted.is_some() && wanted == self.managed.as_ref() && !self.manager.is_empty() {
+            info!("acme: [acme] and its certificates unchanged; renewals go on");
+            return;
+        }
         self.manager.shutdown().await;
-        if let Some(acme) = &config.acme {
-            if !acme.certificates.is_empty() {
-                let issuer = Arc::new(client::AcmeIssuer::new(
-                    acme.settings.clone(),
-                    self.challenges.clone(),
-                ));
-                self.manager.spawn(
-                    manager::Manager {
-                        issuer,
-                        config: acme.clone(),
-                        reload,
-                        jitter: schedule::full_jitter,
-                    }
-                    .run(),
-                );
+        self.managed = None;
+        if let Some(acme) = wanted {
+            let issuer = Arc::new(client::AcmeIssuer::new(
+                acme.settings.clone(),
+                self.challenges.clone(),
+            ));
+            let reload = self.forwarded_reloads();
+            self.manager.spawn(
+                manager::Manager {
+                    issuer,
+                    config: acme.clone(),
+                    reload,
+                    jitter: schedule::full_jitter,
+                }
+                .run(),
+            );
+            self.managed = Some(acme.clone());
+            #[cfg(test)]
+            {
+                self.managers_started += 1;
             }
         }
+    }
+
+    /// A reload handle for a manager: its requests go to whichever
+    /// certificate reload is current (forwarded by a task of the manager's).
+    fn forwarded_reloads(&mut self) -> ReloadNow {
+        let (reload, mut requests) = ReloadNow::channel();
+        let target = self.reload_target.subscribe();
+        self.manager.spawn(async move {
+            while requests.recv().await.is_some() {
+                target.borrow().request();
+            }
+        });
+        reload
     }
 
     /// Stops the responder and the renewals.
     pub(crate) async fn stop(&mut self) {
         self.manager.shutdown().await;
+        self.managed = None;
         if let Some((_, mut task)) = self.responder.take() {
             task.shutdown().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A configuration with an `[acme]` table (its CA never answers) and
+    /// `certificates` (TOML `[[certificate]]` tables).
+    fn config(state: &std::path::Path, backend: &str, certificates: &str) -> Config {
+        let text = format!(
+            r#"hostname = "proxy.test"
+
+[acme]
+directory = "https://127.0.0.1:9/directory"
+contact = "mailto:postmaster@example.org"
+state_dir = {state:?}
+challenge = "http-01"
+http_listen = "127.0.0.1:0"
+
+{certificates}
+
+[[listener]]
+name = "imaps"
+protocol = "imap"
+tls = "implicit"
+listen = "127.0.0.1:0"
+backend = "{backend}"
+"#,
+            state = state.display().to_string(),
+        );
+        Config::parse(&text, std::path::Path::new("config.toml")).expect("valid configuration")
+    }
+
+    const ONE: &str = "[[certificate]]\nacme = [\"mail.example.test\"]\n";
+    const TWO: &str = "[[certificate]]\nacme = [\"mail.example.test\"]\n\n[[certificate]]\nacme = [\"smtp.example.test\"]\n";
+
+    async fn apply(service: &mut AcmeService, config: Config) {
+        let prepared = service.prepare(&config).await.expect("prepare");
+        service
+            .apply(&config, prepared, ReloadNow::channel().0)
+            .await;
+    }
+
+    #[tokio::test]
+    async fn a_reload_that_leaves_acme_as_it_was_keeps_the_renewals_going() {
+        let dir = crate::test_dir::TestDir::new("acme-keep");
+        let state = dir.join("state");
+        let mut service = AcmeService::new();
+        apply(&mut service, config(&state, "127.0.0.1:143", ONE)).await;
+        assert_eq!(service.managers_started, 1);
+        // Another backend, the same [acme] and entries: the manager runs on.
+        apply(&mut service, config(&state, "127.0.0.1:1143", ONE)).await;
+        assert_eq!(service.managers_started, 1);
+        // An entry more: a manager for the new set.
+        apply(&mut service, config(&state, "127.0.0.1:1143", TWO)).await;
+        assert_eq!(service.managers_started, 2);
+        // No ACME entry left: no manager.
+        apply(&mut service, config(&state, "127.0.0.1:1143", "")).await;
+        assert!(service.manager.is_empty());
+        assert_eq!(service.managed, None);
+        apply(&mut service, config(&state, "127.0.0.1:1143", ONE)).await;
+        assert_eq!(service.managers_started, 3);
+        service.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_running_manager_asks_the_current_certificate_reload() {
+        let mut service = AcmeService::new();
+        let (first, mut first_requests) = ReloadNow::channel();
+        service.reload_target.send_replace(first);
+        let manager = service.forwarded_reloads();
+        manager.request();
+        let within = Duration::from_secs(5);
+        tokio::time::timeout(within, first_requests.recv())
+            .await
+            .expect("forwarded in time")
+            .expect("a request");
+        // A reload replaces the certificate reload the manager asks.
+        let (second, mut second_requests) = ReloadNow::channel();
+        service.reload_target.send_replace(second);
+        manager.request();
+        tokio::time::timeout(within, second_requests.recv())
+            .await
+            .expect("forwarded in time")
+            .expect("a request");
+        assert!(
+            first_requests.try_recv().is_err(),
+            "the old reload is not asked"
+        );
+        service.stop().await;
     }
 }

@@ -12,8 +12,9 @@ Python verify; the self-signed placeholder before the first issuance; a
 forced renewal under continuous handshakes (no failure, the new certificate
 served within a second of its log line, TLSA unchanged with reuse_key and
 changed without it); a restart serving the stored pair without ordering; a
-start with Pebble down or refusing, retried until issuance; Pebble's
-injected failures (bad nonces) survived."""
+configuration reload that leaves [acme] as it was keeping the renewal work
+(no second lock, no order); a start with Pebble down or refusing, retried
+until issuance; Pebble's injected failures (bad nonces) survived."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -53,6 +55,7 @@ CONTACT = "mailto:postmaster@example.org"
 ISSUED = "acme: certificate issued"
 ORDER_FAILED = "acme: order failed"         # the start of the message
 PLACEHOLDER_WARNING = "acme: no certificate issued yet: serving a self-signed placeholder"
+LOCK_HELD = "acme: this instance holds the issuance lock"
 # An order against Pebble at full speed takes a second or two; the bound
 # leaves room for a loaded machine.
 ISSUANCE_TIMEOUT_SECONDS = 30
@@ -557,7 +560,7 @@ def test_a_restart_serves_the_stored_pair_without_ordering(binary, pebble, acme_
     assert assert_served_chain_verifies(restarted, pebble.issuing_root, mail_servers) == issued_leaf
     # It holds the issuance lock and has planned the renewal, and orders
     # nothing.
-    restarted.wait_for("acme: this instance holds the issuance lock")
+    restarted.wait_for(LOCK_HELD)
     time.sleep(2)
     assert pebble.order_count() == 1
     for message in (ISSUED, ORDER_FAILED, "acme: account registered", "acme: renewal requested",
@@ -572,6 +575,28 @@ def test_a_restart_serves_the_stored_pair_without_ordering(binary, pebble, acme_
     assert time.time() < next_renewal.get(f'{{certificate="{NAME}"}}', 0) < not_after, next_renewal
     line = check_line(binary, restarted)
     assert "issued until " in line and line.endswith(", last error: none"), line
+
+
+def test_a_reload_that_leaves_acme_as_it_was_keeps_the_renewals_going(binary, pebble, acme_dir, mail_servers,
+                                                                     proxies):
+    """SIGHUP with the [acme] table and entries unchanged: the renewal work
+    runs on (it does not take the issuance lock again or ask the CA for
+    anything) and the issued certificate stays served."""
+    pebble.start(authz_reuse_percent=0)
+    proxy = start_acme_proxy(binary, acme_dir, pebble, mail_servers)
+    proxies.append(proxy)
+    issued_leaf = issued_and_served(proxy, pebble.issuing_root)
+    assert len(proxy.acme_records(LOCK_HELD)) == 1
+    for count in (1, 2):
+        proxy.running.process.send_signal(signal.SIGHUP)
+        proxy.wait_for("configuration reloaded", count=count, timeout=30)
+        proxy.wait_for("acme: [acme] and its certificates unchanged; renewals go on", count=count, timeout=5)
+    time.sleep(2)
+    assert len(proxy.acme_records(LOCK_HELD)) == 1, proxy.log_tail()
+    assert proxy.acme_records(ORDER_FAILED) == [], proxy.log_tail()
+    assert len(proxy.acme_records(ISSUED)) == 1
+    assert pebble.order_count() == 1
+    assert assert_served_chain_verifies(proxy, pebble.issuing_root, mail_servers) == issued_leaf
 
 
 @pytest.mark.parametrize("pebble_at_start", ["down", "refusing"])

@@ -118,6 +118,8 @@ pub(crate) struct Shared {
     /// The process's one session ticketer (kept across reloads, so tickets
     /// survive them).
     pub(crate) ticketer: Arc<dyn rustls::server::ProducesTickets>,
+    /// The process's one TLS 1.2 session-ID cache (kept likewise).
+    pub(crate) session_ids: Arc<dyn rustls::server::StoresServerSessions>,
 }
 
 impl Plan {
@@ -358,6 +360,7 @@ fn listener_context(
             settings.min_tls_version,
             settings.protocol,
             shared.ticketer.clone(),
+            shared.session_ids.clone(),
         )
         .map_err(tls_error)?,
         shared.certificates.clone(),
@@ -543,6 +546,7 @@ max_connections_per_ip = {max_connections_per_ip}
                 .store(),
             global_limit: GlobalLimit::new(100),
             ticketer: crate::tls::SessionTicketer::new(Duration::from_secs(60)).expect("ticketer"),
+            session_ids: crate::tls::session_id_cache(),
         };
         let mut set = ListenerSet::new();
         let plan = set.plan(&first, &shared).await.expect("plan");

@@ -140,6 +140,9 @@ pub struct Proxy {
     /// The session ticketer of every listener, for the life of the process
     /// (a reload or a new key file swaps its keys).
     ticketer: Arc<SessionTicketer>,
+    /// The TLS 1.2 session-ID cache of every listener, for the life of
+    /// the process.
+    session_ids: Arc<dyn rustls::server::StoresServerSessions>,
     ticket_key_reloads: Arc<TicketKeyReloads>,
     /// What follows the `ticket_keys` file of the configuration served now
     /// (until `run` starts it; a reload replaces it).
@@ -204,10 +207,12 @@ impl Proxy {
         );
         let global_limit = GlobalLimit::new(config.max_connections);
         let listeners = ListenerSet::new();
+        let session_ids = crate::tls::session_id_cache();
         let shared = Shared {
             certificates: certificates.clone(),
             global_limit: global_limit.clone(),
             ticketer: ticketer.clone(),
+            session_ids: session_ids.clone(),
         };
         let plan = listeners.plan(config, &shared).await?;
         let admin = match config.metrics_listen {
@@ -244,6 +249,7 @@ impl Proxy {
             reload_stats,
             certificate_labels,
             ticketer,
+            session_ids,
             ticket_key_reloads,
             ticket_key_reloader,
             global_limit,
@@ -527,6 +533,7 @@ impl Proxy {
             certificates: self.certificates.clone(),
             global_limit: self.global_limit.clone(),
             ticketer: self.ticketer.clone(),
+            session_ids: self.session_ids.clone(),
         };
         let plan = self.listeners.plan(&config, &shared).await?;
         let acme_responder = self.acme.prepare(&config).await?;

@@ -333,9 +333,14 @@ mod tests {
     fn acceptor(store: &Arc<CertificateStore>, strict: bool) -> Acceptor {
         let ticketer =
             crate::tls::SessionTicketer::new(std::time::Duration::from_secs(60)).expect("ticketer");
-        let config =
-            crate::tls::server_config(store.clone(), TlsVersion::Tls12, Protocol::Imap, ticketer)
-                .expect("config");
+        let config = crate::tls::server_config(
+            store.clone(),
+            TlsVersion::Tls12,
+            Protocol::Imap,
+            ticketer,
+            crate::tls::session_id_cache(),
+        )
+        .expect("config");
         Acceptor::new(config, store.clone(), strict)
     }
 

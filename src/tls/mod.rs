@@ -33,7 +33,7 @@ pub(crate) mod watch;
 
 use std::sync::Arc;
 
-use rustls::server::ProducesTickets;
+use rustls::server::{ProducesTickets, StoresServerSessions};
 use rustls::ServerConfig;
 
 use crate::config::TlsVersion;
@@ -52,7 +52,8 @@ pub(crate) use resolver::CertificateStore;
 /// One listener's server configuration: TLS 1.2 and 1.3 only (or 1.3 only),
 /// the provider's AEAD, forward-secret suites, certificates from `store`, and
 /// ALPN restricted to the listener's protocol, and session tickets from
-/// `ticketer` (the process's one: see [`tickets`]).
+/// `ticketer` (the process's one: see [`tickets`]), and TLS 1.2 session IDs
+/// from `session_ids` (the process's one: [`session_id_cache`]).
 ///
 /// ALPN defends against cross-protocol attacks (ALPACA): a client that offers
 /// ALPN must offer this listener's protocol id, or rustls refuses the
@@ -63,6 +64,7 @@ pub(crate) fn server_config(
     min_version: TlsVersion,
     protocol: Protocol,
     ticketer: Arc<dyn ProducesTickets>,
+    session_ids: Arc<dyn StoresServerSessions>,
 ) -> Result<Arc<ServerConfig>, rustls::Error> {
     let versions = match min_version {
         TlsVersion::Tls12 => provider::PROTOCOL_VERSIONS,
@@ -77,6 +79,19 @@ pub(crate) fn server_config(
     // storms. Stateless tickets keep no per-client memory on the proxy, and
     // replicas sharing `ticket_keys` resume each other's sessions.
     config.ticketer = ticketer;
+    config.session_storage = session_ids;
     config.send_tls13_tickets = 2;
     Ok(Arc::new(config))
 }
+
+/// TLS 1.2 sessions a client without ticket support resumes by session ID:
+/// one cache for every listener, kept for the life of the process (across
+/// configuration reloads, like the ticketer). Bounded: the least recently
+/// used entries make room (each holds a session's secret and parameters,
+/// a few hundred bytes).
+pub(crate) fn session_id_cache() -> Arc<dyn StoresServerSessions> {
+    rustls::server::ServerSessionMemoryCache::new(SESSION_IDS_KEPT)
+}
+
+/// How many TLS 1.2 session IDs [`session_id_cache`] keeps.
+const SESSION_IDS_KEPT: usize = 4096;

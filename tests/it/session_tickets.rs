@@ -15,7 +15,8 @@
 //!   stay; `run` refuses to start with it and `check` exits 78 naming the
 //!   line;
 //! - without `ticket_keys`, a configuration reload keeps the process's keys,
-//!   so its tickets still resume.
+//!   so its tickets still resume, and its TLS 1.2 session-ID cache, so a
+//!   client without tickets resumes too.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -410,8 +411,19 @@ async fn without_ticket_keys_a_configuration_reload_keeps_the_tickets() {
     let on_replica = replica.address("tickets-reload");
     let tls13 = resuming_client(&pki, &[&rustls::version::TLS13]);
     let tls12 = resuming_client(&pki, &[&rustls::version::TLS12]);
+    // A TLS 1.2 client without ticket support resumes by session ID.
+    let session_id_only = {
+        let mut config = client_config(roots(&pki.cert_der), &[&rustls::version::TLS12]);
+        config.resumption = rustls::client::Resumption::in_memory_sessions(64)
+            .tls12_resumption(rustls::client::Tls12Resumption::SessionIdOnly);
+        Arc::new(config)
+    };
     assert_eq!(session(on_replica, &tls13).await, HandshakeKind::Full);
     assert_eq!(session(on_replica, &tls12).await, HandshakeKind::Full);
+    assert_eq!(
+        session(on_replica, &session_id_only).await,
+        HandshakeKind::Full
+    );
 
     assert!(replica.reload.reload());
     // A configuration reload re-reads the certificates and counts it.
@@ -422,6 +434,10 @@ async fn without_ticket_keys_a_configuration_reload_keeps_the_tickets() {
     .await;
     assert_eq!(session(on_replica, &tls13).await, HandshakeKind::Resumed);
     assert_eq!(session(on_replica, &tls12).await, HandshakeKind::Resumed);
-    assert_eq!(replica.resumptions("tickets-reload").await, 2.0);
+    assert_eq!(
+        session(on_replica, &session_id_only).await,
+        HandshakeKind::Resumed
+    );
+    assert_eq!(replica.resumptions("tickets-reload").await, 3.0);
     assert_eq!(replica.ticket_key_reloads.ok(), 0);
 }

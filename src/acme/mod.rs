@@ -91,6 +91,29 @@ pub(crate) enum PreparedResponder {
     Nothing,
 }
 
+/// What a renewal manager serves: the `[acme]` table with its entries, and
+/// the content of the CA bundle it names (a reload re-reads the files a
+/// configuration names, so a new bundle under the same path is a change).
+#[derive(Debug, PartialEq)]
+struct Managed {
+    config: AcmeConfig,
+    ca_bundle: Option<Vec<u8>>,
+}
+
+impl Managed {
+    fn of(config: &AcmeConfig) -> Managed {
+        Managed {
+            config: config.clone(),
+            // Unreadable reads as empty: the manager that starts reports it.
+            ca_bundle: config
+                .settings
+                .ca_bundle
+                .as_deref()
+                .map(|path| std::fs::read(path).unwrap_or_default()),
+        }
+    }
+}
+
 /// The ACME work of the configuration being served: the challenge
 /// responder and the renewal manager. Challenges in flight are shared for
 /// the life of the process.
@@ -98,8 +121,8 @@ pub(crate) struct AcmeService {
     challenges: Arc<PendingChallenges>,
     responder: Option<(ResponderAddress, JoinSet<()>)>,
     manager: JoinSet<()>,
-    /// The `[acme]` table the running manager serves.
-    managed: Option<AcmeConfig>,
+    /// What the running manager serves.
+    managed: Option<Managed>,
     /// Where the manager's requests to pick up a new pair go: the
     /// certificate reload of the configuration being served, replaced at
     /// each reload while the manager runs on.
@@ -182,14 +205,16 @@ impl AcmeService {
         let wanted = config
             .acme
             .as_ref()
-            .filter(|acme| !acme.certificates.is_empty());
-        if wanted.is_some() && wanted == self.managed.as_ref() && !self.manager.is_empty() {
+            .filter(|acme| !acme.certificates.is_empty())
+            .map(Managed::of);
+        if wanted.is_some() && wanted == self.managed {
             info!("acme: [acme] and its certificates unchanged; renewals go on");
             return;
         }
         self.manager.shutdown().await;
         self.managed = None;
-        if let Some(acme) = wanted {
+        if let Some(managed) = wanted {
+            let acme = &managed.config;
             let issuer = Arc::new(client::AcmeIssuer::new(
                 acme.settings.clone(),
                 self.challenges.clone(),
@@ -204,7 +229,7 @@ impl AcmeService {
                 }
                 .run(),
             );
-            self.managed = Some(acme.clone());
+            self.managed = Some(managed);
             #[cfg(test)]
             {
                 self.managers_started += 1;
@@ -250,6 +275,7 @@ mod tests {
 directory = "https://127.0.0.1:9/directory"
 contact = "mailto:postmaster@example.org"
 state_dir = {state:?}
+ca_bundle = {bundle:?}
 challenge = "http-01"
 http_listen = "127.0.0.1:0"
 
@@ -263,6 +289,7 @@ listen = "127.0.0.1:0"
 backend = "{backend}"
 "#,
             state = state.display().to_string(),
+            bundle = state.with_file_name("ca.pem").display().to_string(),
         );
         Config::parse(&text, std::path::Path::new("config.toml")).expect("valid configuration")
     }
@@ -281,6 +308,7 @@ backend = "{backend}"
     async fn a_reload_that_leaves_acme_as_it_was_keeps_the_renewals_going() {
         let dir = crate::test_dir::TestDir::new("acme-keep");
         let state = dir.join("state");
+        std::fs::write(dir.join("ca.pem"), "first bundle").expect("write");
         let mut service = AcmeService::new();
         apply(&mut service, config(&state, "127.0.0.1:143", ONE)).await;
         assert_eq!(service.managers_started, 1);
@@ -290,12 +318,16 @@ backend = "{backend}"
         // An entry more: a manager for the new set.
         apply(&mut service, config(&state, "127.0.0.1:1143", TWO)).await;
         assert_eq!(service.managers_started, 2);
+        // A new CA bundle under the same path: a manager that reads it.
+        std::fs::write(dir.join("ca.pem"), "second bundle").expect("write");
+        apply(&mut service, config(&state, "127.0.0.1:1143", TWO)).await;
+        assert_eq!(service.managers_started, 3);
         // No ACME entry left: no manager.
         apply(&mut service, config(&state, "127.0.0.1:1143", "")).await;
         assert!(service.manager.is_empty());
         assert_eq!(service.managed, None);
         apply(&mut service, config(&state, "127.0.0.1:1143", ONE)).await;
-        assert_eq!(service.managers_started, 3);
+        assert_eq!(service.managers_started, 4);
         service.stop().await;
     }
 

@@ -470,6 +470,21 @@ mod tests {
 
     const GREETING: &[u8] = b"* OK [CAPABILITY IMAP4rev1] ready\r\n";
 
+    /// The server sends the greeting; what the client reads of it.
+    async fn greet<S, C>(server: &mut S, client: &mut C) -> Vec<u8>
+    where
+        S: AsyncWrite + Unpin,
+        C: AsyncRead + Unpin,
+    {
+        server.write_all(GREETING).await.expect("greeting");
+        server.flush().await.expect("flush");
+        let mut greeting = vec![0; GREETING.len()];
+        tokio::io::AsyncReadExt::read_exact(client, &mut greeting)
+            .await
+            .expect("read");
+        greeting
+    }
+
     /// Handshakes over a socket that takes at most `limit` bytes per write,
     /// then the server sends the greeting. The server's writes, the greeting
     /// as the client read it and the tickets the client holds by then.
@@ -493,12 +508,7 @@ mod tests {
         .expect("no hang");
         let (mut client, mut server) = (client.expect("client"), server.expect("server"));
         let held = server.get_ref().0.holds();
-        server.write_all(GREETING).await.expect("greeting");
-        server.flush().await.expect("flush");
-        let mut greeting = vec![0; GREETING.len()];
-        tokio::io::AsyncReadExt::read_exact(&mut client, &mut greeting)
-            .await
-            .expect("read");
+        let greeting = greet(&mut server, &mut client).await;
         let tickets = client.get_ref().1.tls13_tickets_received();
         let writes = writes.lock().expect("writes").clone();
         (writes, held, greeting, tickets)
@@ -557,12 +567,7 @@ mod tests {
                 acceptor.accept(server_io)
             );
             let (mut client, mut server) = (client.expect("client"), server.expect("server"));
-            server.write_all(GREETING).await.expect("greeting");
-            server.flush().await.expect("flush");
-            let mut greeting = vec![0; GREETING.len()];
-            tokio::io::AsyncReadExt::read_exact(&mut client, &mut greeting)
-                .await
-                .expect("read");
+            assert_eq!(greet(&mut server, &mut client).await, GREETING);
             let resumed =
                 server.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
             seen.push((resumed, client.get_ref().1.tls13_tickets_received()));

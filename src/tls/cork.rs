@@ -82,7 +82,7 @@ impl<S> Corked<S> {
         };
     }
 
-    /// Whether bytes are held (for tests).
+    /// How many bytes are held (for tests).
     #[cfg(test)]
     pub(crate) fn holds(&self) -> usize {
         self.held.len() - self.held_written

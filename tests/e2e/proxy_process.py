@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -26,6 +27,20 @@ def unavailable(reason: str) -> None:
     if RUNNING_IN_CI:
         pytest.fail(f"{reason} (CI=true, so this is a failure, not a skip)", pytrace=False)
     pytest.skip(reason)
+
+
+def need(program: str) -> str:
+    """The path of `program` (sbin directories included), or unavailable."""
+    found = shutil.which(program, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    if found is None:
+        unavailable(f"{program} is not installed (tests/e2e/install-deps.sh installs it)")
+    return found
+
+
+def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """Runs `command` capturing its text output (5 minutes unless told)."""
+    kwargs.setdefault("timeout", 300)
+    return subprocess.run(command, capture_output=True, text=True, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)

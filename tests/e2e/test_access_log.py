@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import socket
-import ssl
 import time
 
 import pytest

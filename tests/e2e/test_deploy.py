@@ -43,7 +43,7 @@ from pathlib import Path
 import pytest
 
 from proxy_config import CertificateConfig, ListenerConfig, ProxyConfig
-from proxy_process import REPO_ROOT, RUNNING_IN_CI, proxy_binary_path, unavailable
+from proxy_process import REPO_ROOT, RUNNING_IN_CI, need, proxy_binary_path, run, unavailable
 from servers import pick_free_loopback_ports, tail_of_file
 
 yaml = pytest.importorskip("yaml")  # PyYAML comes with yamllint
@@ -53,18 +53,6 @@ K8S = DEPLOY / "kubernetes"
 E2E = Path(__file__).resolve().parent
 STATIC_DIR = REPO_ROOT / "target" / "static"
 CRD_VALIDATE_CACHE = REPO_ROOT / "target" / "crd-validate"
-
-
-def need(program: str) -> str:
-    found = shutil.which(program, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
-    if found is None:
-        unavailable(f"{program} is not installed (tests/e2e/install-deps.sh installs it)")
-    return found
-
-
-def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
-    kwargs.setdefault("timeout", 300)
-    return subprocess.run(command, capture_output=True, text=True, **kwargs)
 
 
 def debug_binary() -> Path:

@@ -25,31 +25,18 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from proxy_process import REPO_ROOT, unavailable
+from proxy_process import REPO_ROOT, need, run, unavailable
 
 UNIT = "usr/lib/systemd/system/mail-tls-proxy.service"
 CONFIG = "etc/mail-tls-proxy/config.toml"
 SUBCOMMAND_PAGES = ("run", "check", "healthcheck", "cert", "cert-self-signed", "tickets",
                     "tickets-rotate", "acme", "acme-renew", "tlsa")
 VISIBLE_SUBCOMMANDS = ("run", "check", "healthcheck", "cert", "tickets", "acme", "tlsa")
-
-
-def need(program: str) -> str:
-    found = shutil.which(program, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
-    if found is None:
-        unavailable(f"{program} is not installed (tests/e2e/install-deps.sh installs it)")
-    return found
-
-
-def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
-    kwargs.setdefault("timeout", 300)
-    return subprocess.run(command, capture_output=True, text=True, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -246,8 +246,11 @@ async fn every_figure_runs_and_the_report_renders() {
         match handshakes {
             Handshakes::Resumed => {
                 assert_eq!(value(&records, "resumed_pct"), 100.0, "{records:?}");
-                // The proxy sends new tickets on a resumed session too.
-                assert!(value(&records, "tickets_per_session") >= 1.0, "{records:?}");
+                // One new ticket per resumed session (a client offering a
+                // ticket gets one, as with OpenSSL), give or take the few
+                // sessions in flight at the edges of the measured window.
+                let tickets = value(&records, "tickets_per_session");
+                assert!((0.9..1.1).contains(&tickets), "{records:?}");
             }
             Handshakes::Full => assert_eq!(value(&records, "resumed_pct"), 0.0),
         }

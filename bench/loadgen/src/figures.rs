@@ -64,6 +64,29 @@ impl Context {
     fn record(&self, figure: &str, variant: &str, metric: &str, value: f64) -> Record {
         Record::new(&self.labels, figure, variant, metric, value)
     }
+
+    /// The proxy's CPU records of a sessions run (µs per session, CPU %),
+    /// added to `records`, and the same as text for the progress line.
+    fn proxy_cpu_per_session(
+        &self,
+        figure: &str,
+        variant: &str,
+        (seconds, pct): (Option<f64>, Option<f64>),
+        sessions: u64,
+        records: &mut Vec<Record>,
+    ) -> String {
+        let (Some(seconds), Some(pct)) = (seconds, pct) else {
+            return "n/a".into();
+        };
+        let per_session = (sessions > 0).then(|| seconds * 1e6 / sessions as f64);
+        if let Some(per_session) = per_session {
+            records.push(self.record(figure, variant, "cpu_us_per_session", per_session));
+        }
+        records.push(self.record(figure, variant, "proxy_cpu_pct", pct));
+        per_session.map_or("n/a".into(), |per_session| {
+            format!("{per_session:.0} µs/session ({pct:.0}%)")
+        })
+    }
 }
 
 /// CPU used between two snapshots: (proxy seconds, proxy %, client core %).
@@ -180,25 +203,17 @@ pub async fn sessions(
             (errors_after - errors_before) as f64,
         ),
     ];
-    if let (Some(seconds), Some(pct)) = (proxy_seconds, proxy_pct) {
-        if done > 0 {
-            records.push(context.record(
-                figure,
-                variant,
-                "cpu_us_per_session",
-                seconds * 1e6 / done as f64,
-            ));
-        }
-        records.push(context.record(figure, variant, "proxy_cpu_pct", pct));
-    }
+    let proxy_cpu = context.proxy_cpu_per_session(
+        figure,
+        variant,
+        (proxy_seconds, proxy_pct),
+        done,
+        &mut records,
+    );
     eprintln!(
         "  {figure} {variant} via {}: {rate:.0} sessions/s, proxy CPU {}, client core {client_pct:.0}%",
         context.labels.proxy,
-        match (proxy_seconds, proxy_pct) {
-            (Some(s), Some(p)) if done > 0 =>
-                format!("{:.0} µs/session ({p:.0}%)", s * 1e6 / done as f64),
-            _ => "n/a".into(),
-        }
+        proxy_cpu
     );
     errors.report("sessions");
     Ok(records)
@@ -419,25 +434,17 @@ pub async fn resumption(
             (tickets_after - tickets_before) as f64 / done as f64,
         ));
     }
-    if let (Some(seconds), Some(pct)) = (proxy_seconds, proxy_pct) {
-        if done > 0 {
-            records.push(context.record(
-                figure,
-                variant,
-                "cpu_us_per_session",
-                seconds * 1e6 / done as f64,
-            ));
-        }
-        records.push(context.record(figure, variant, "proxy_cpu_pct", pct));
-    }
+    let proxy_cpu = context.proxy_cpu_per_session(
+        figure,
+        variant,
+        (proxy_seconds, proxy_pct),
+        done,
+        &mut records,
+    );
     eprintln!(
         "  {figure} {variant} via {}: {rate:.0} sessions/s, {resumed_pct:.1}% resumed, proxy CPU {}, client core {client_pct:.0}%",
         context.labels.proxy,
-        match (proxy_seconds, proxy_pct) {
-            (Some(s), Some(p)) if done > 0 =>
-                format!("{:.0} µs/session ({p:.0}%)", s * 1e6 / done as f64),
-            _ => "n/a".into(),
-        }
+        proxy_cpu
     );
     if run.handshakes == Handshakes::Resumed && resumed_pct < run.min_resumed_pct {
         eprintln!(

@@ -244,11 +244,7 @@ fn check_prints_every_certificate_with_names_and_not_after() {
 #[test]
 fn check_and_run_refuse_a_broken_pair_naming_the_file_and_the_reason() {
     let dir = TempDir::new("refuse");
-    let ca = TestCa::new();
-    let (one, two) = (ca.issue(&["localhost"]), ca.issue(&["localhost"]));
-    let pair = PairPaths::in_dir(dir.path(), "mail");
-    std::fs::write(&pair.cert, &one.fullchain_pem).expect("write");
-    std::fs::write(&pair.key, &two.key_pem).expect("write");
+    let pair = PairPaths::mismatched_in(dir.path(), "mail", &TestCa::new());
     let config = imaps_only().certificate(&pair).write_in(dir.path());
     let expected = format!(
         "{}: the private key does not belong to the certificate in {}",

@@ -53,11 +53,7 @@ fn configuration_errors_exit_78_naming_the_file() {
 #[test]
 fn a_certificate_file_the_configuration_names_is_a_configuration_error() {
     let dir = TempDir::new("exit-78-certificate");
-    let ca = TestCa::new();
-    let (one, two) = (ca.issue(&["localhost"]), ca.issue(&["localhost"]));
-    let pair = PairPaths::in_dir(dir.path(), "mail");
-    std::fs::write(&pair.cert, &one.fullchain_pem).expect("write");
-    std::fs::write(&pair.key, &two.key_pem).expect("write");
+    let pair = PairPaths::mismatched_in(dir.path(), "mail", &TestCa::new());
     let config = imaps_only().certificate(&pair).write_in(dir.path());
     for command in ["check", "run"] {
         let finished = binary(&[command, "--config"], &config);

@@ -180,6 +180,17 @@ impl PairPaths {
         }
     }
 
+    /// A pair in `dir` whose key does not belong to its certificate (two
+    /// certificates of `ca`, the first one's chain and the second one's
+    /// key).
+    pub fn mismatched_in(dir: &Path, stem: &str, ca: &TestCa) -> PairPaths {
+        let (one, two) = (ca.issue(&["localhost"]), ca.issue(&["localhost"]));
+        let pair = PairPaths::in_dir(dir, stem);
+        std::fs::write(&pair.cert, &one.fullchain_pem).expect("write");
+        std::fs::write(&pair.key, &two.key_pem).expect("write");
+        pair
+    }
+
     /// Overwrites both files in place, key first, one after the other (what
     /// `cp` or a naive script does).
     pub fn write_in_place(&self, issued: &Issued) {

@@ -274,35 +274,47 @@ make_certs() {
 }
 
 # ---------------------------------------------------------------- configurations
+# The top of a mail-tls-proxy configuration: limits, the shared ticket keys
+# (with "shared"), the certificate; one listener follows per ours_listener.
+ours_config_head() { # ours_config_head CERT_DIR shared|own
+    echo "hostname = \"localhost\""
+    echo "max_connections = $MAXCONN"
+    if [ "$2" = shared ]; then
+        echo
+        echo "[tls]"
+        echo "ticket_keys = \"$WORK/tickets/keys\""
+    fi
+    echo
+    echo "[[certificate]]"
+    echo "cert = \"$1/cert.pem\""
+    echo "key = \"$1/key.pem\""
+}
+
+ours_listener() { # ours_listener NAME PROTOCOL TLS PORT BACKEND_PORT
+    echo
+    echo "[[listener]]"
+    echo "name = \"$1\""
+    echo "protocol = \"$2\""
+    echo "tls = \"$3\""
+    echo "listen = \"127.0.0.1:$4\""
+    echo "backend = \"127.0.0.1:$5\""
+    echo "max_connections_per_ip = $MAXCONN"
+    # The benchmark's SMTP backend is a sink that accepts every recipient:
+    # the relay guard would rightly refuse to front it.
+    if [ "$2" = smtp ]; then echo 'relay_check = "off"'; fi
+}
+
 write_configs() { # write_configs CERT
     local cert=$1 dir=$WORK/certs/$1
     local conf=$WORK/$1
     mkdir -p "$conf"
     {
-        echo "hostname = \"localhost\""
-        echo "max_connections = $MAXCONN"
-        echo
-        echo "[tls]"
-        echo "ticket_keys = \"$WORK/tickets/keys\""
-        echo
-        echo "[[certificate]]"
-        echo "cert = \"$dir/cert.pem\""
-        echo "key = \"$dir/key.pem\""
+        ours_config_head "$dir" shared
         local spec name protocol tls backend
         for spec in "imaps imap implicit $B_IMAP" "smtps smtp implicit $B_SMTP" "echo imap implicit $B_ECHO" \
                     "imap imap starttls $B_IMAP" "pop3 pop3 starttls $B_POP3" "submission smtp starttls $B_SMTP"; do
             read -r name protocol tls backend <<<"$spec"
-            echo
-            echo "[[listener]]"
-            echo "name = \"$name\""
-            echo "protocol = \"$protocol\""
-            echo "tls = \"$tls\""
-            echo "listen = \"127.0.0.1:$(port ours "$name")\""
-            echo "backend = \"127.0.0.1:$backend\""
-            echo "max_connections_per_ip = $MAXCONN"
-            # The benchmark's SMTP backend is a sink that accepts every
-            # recipient: the relay guard would rightly refuse to front it.
-            if [ "$protocol" = smtp ]; then echo 'relay_check = "off"'; fi
+            ours_listener "$name" "$protocol" "$tls" "$(port ours "$name")" "$backend"
         done
     } >"$conf/ours.toml"
 
@@ -425,25 +437,8 @@ start_fleet() { # start_fleet MODE CERT
     mkdir -p "$conf"
     for i in $(seq "$FLEET_REPLICAS"); do
         {
-            echo "hostname = \"localhost\""
-            echo "max_connections = $MAXCONN"
-            if [ "$mode" = shared ]; then
-                echo
-                echo "[tls]"
-                echo "ticket_keys = \"$WORK/tickets/keys\""
-            fi
-            echo
-            echo "[[certificate]]"
-            echo "cert = \"$dir/cert.pem\""
-            echo "key = \"$dir/key.pem\""
-            echo
-            echo "[[listener]]"
-            echo "name = \"imaps\""
-            echo "protocol = \"imap\""
-            echo "tls = \"implicit\""
-            echo "listen = \"127.0.0.1:$(fleet_port "$mode" "$i")\""
-            echo "backend = \"127.0.0.1:$B_IMAP\""
-            echo "max_connections_per_ip = $MAXCONN"
+            ours_config_head "$dir" "$mode"
+            ours_listener imaps imap implicit "$(fleet_port "$mode" "$i")" "$B_IMAP"
         } >"$conf/replica-$i.toml"
         MAIL_TLS_PROXY_LOG=warn taskset -c "$PROXY_CPU" "${RT[@]}" "$PROXY_BIN" run \
             --config "$conf/replica-$i.toml" 2>>"$OUT/logs/fleet-$mode-$i.log" &

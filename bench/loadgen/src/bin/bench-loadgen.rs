@@ -24,6 +24,26 @@ struct Cli {
     command: Command,
 }
 
+/// The measured window of a run.
+#[derive(ClapArgs, Clone)]
+struct WindowArgs {
+    /// Seconds of warm-up (not measured).
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Seconds measured.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+}
+
+impl WindowArgs {
+    fn measured(&self) -> Window {
+        Window {
+            warmup: seconds(self.warmup),
+            measure: seconds(self.duration),
+        }
+    }
+}
+
 #[derive(ClapArgs, Clone)]
 struct Common {
     /// host:port to load.
@@ -58,12 +78,8 @@ enum Command {
         protocol: Protocol,
         #[arg(long, default_value_t = 32)]
         concurrency: usize,
-        /// Seconds of warm-up (not measured).
-        #[arg(long, default_value_t = 1.0)]
-        warmup: f64,
-        /// Seconds measured.
-        #[arg(long, default_value_t = 10.0)]
-        duration: f64,
+        #[command(flatten)]
+        window: WindowArgs,
     },
     /// Figures 6 and 7: short implicit-TLS sessions (handshake, greeting,
     /// close), each resuming the slot's previous session or all full.
@@ -76,12 +92,8 @@ enum Command {
         protocol: Protocol,
         #[arg(long, default_value_t = 32)]
         concurrency: usize,
-        /// Seconds of warm-up (not measured).
-        #[arg(long, default_value_t = 1.0)]
-        warmup: f64,
-        /// Seconds measured.
-        #[arg(long, default_value_t = 10.0)]
-        duration: f64,
+        #[command(flatten)]
+        window: WindowArgs,
         /// The records' figure name.
         #[arg(long, default_value = "resumption")]
         figure: String,
@@ -120,10 +132,8 @@ enum Command {
         kind: Bulk,
         #[arg(long, default_value_t = 1)]
         connections: usize,
-        #[arg(long, default_value_t = 1.0)]
-        warmup: f64,
-        #[arg(long, default_value_t = 10.0)]
-        duration: f64,
+        #[command(flatten)]
+        window: WindowArgs,
     },
     /// Figure 5: the proxy's RSS at 0 and each count of idle TLS sessions.
     Idle {
@@ -200,20 +210,15 @@ async fn run(command: Command) -> Result<Vec<Record>> {
             mode,
             protocol,
             concurrency,
-            warmup,
-            duration,
+            window,
         } => {
-            let window = Window {
-                warmup: seconds(warmup),
-                measure: seconds(duration),
-            };
             figures::sessions(
                 &context(&common)?,
                 common.target,
                 mode,
                 protocol,
                 concurrency,
-                window,
+                window.measured(),
                 Duration::from_secs(10),
             )
             .await
@@ -223,17 +228,12 @@ async fn run(command: Command) -> Result<Vec<Record>> {
             handshakes,
             protocol,
             concurrency,
-            warmup,
-            duration,
+            window,
             figure,
             variant,
             min_resumed_pct,
             pool_rate,
         } => {
-            let window = Window {
-                warmup: seconds(warmup),
-                measure: seconds(duration),
-            };
             let run = figures::ResumptionRun {
                 handshakes,
                 protocol,
@@ -248,7 +248,7 @@ async fn run(command: Command) -> Result<Vec<Record>> {
                 &context(&common)?,
                 common.target,
                 &run,
-                window,
+                window.measured(),
                 Duration::from_secs(10),
             )
             .await
@@ -273,20 +273,15 @@ async fn run(command: Command) -> Result<Vec<Record>> {
             mode,
             kind,
             connections,
-            warmup,
-            duration,
+            window,
         } => {
-            let window = Window {
-                warmup: seconds(warmup),
-                measure: seconds(duration),
-            };
             figures::bulk(
                 &context(&common)?,
                 common.target,
                 mode,
                 kind,
                 connections,
-                window,
+                window.measured(),
             )
             .await
         }
